@@ -1,0 +1,51 @@
+"""ddpmkit: a plugin-based toolkit for Denoising Diffusion Probabilistic Models.
+
+Importing ddpmkit is cheap: torch is imported only when a component is built or a run starts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import CheckpointError, ConfigError, DataError, DdpmkitError, PluginError
+from .factory import create_denoiser, create_sampler, create_schedule
+from .hookspecs import hookimpl
+from .plugins import list_plugins
+
+__version__ = "0.1.0"
+#: The plugin API version; a plugin states the versions it supports (see docs/writing-plugins.md).
+PLUGIN_API_VERSION = 1
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "DdpmkitError",
+    "Denoiser",
+    "NoiseSchedule",
+    "PluginError",
+    "Sampler",
+    "create_denoiser",
+    "create_sampler",
+    "create_schedule",
+    "hookimpl",
+    "list_plugins",
+    "load_config",
+]
+
+_LAZY = {"NoiseSchedule": "interfaces", "Denoiser": "interfaces", "Sampler": "interfaces"}
+
+
+def load_config(path: Any, overrides: list[str] | None = None):
+    """Read and validate a run config from a TOML file (see :mod:`ddpmkit.config`)."""
+    from .config import load_config as _load
+
+    return _load(path, overrides)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'ddpmkit' has no attribute {name!r}")

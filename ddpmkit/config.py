@@ -1,0 +1,312 @@
+"""The run config: pydantic models, TOML loading, ``--set`` overrides, and errors that point at file:line.
+
+Validation happens in two stages: the tables themselves, then each component's ``options`` table
+with the Options model of the plugin it names (so ``denoiser.options.channels`` is checked by the
+denoiser's own rules).
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import ConfigError, PluginError
+
+TUTORIAL_TRAJECTORY_STEPS = [0, 15, 50, 100, 200, 300, 400, 550, 700, 999]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RunSection(Section):
+    name: str = Field("default", description="run directory name under run.dir")
+    dir: str = Field("runs", description="parent folder of run directories (relative to the current directory)")
+    seed: int = Field(0, ge=0, description="seed of every random stream of the run")
+    device: str = Field("auto", description="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", v):
+            raise ValueError("use letters, digits, '.', '_' and '-' only, starting with a letter or digit")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v):
+            raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
+        return v
+
+
+class DataSection(Section):
+    dataset: Literal["mnist", "image-folder", "synthetic"] = "mnist"
+    root: str = Field("data", description="where the dataset lives (MNIST: the folder holding MNIST/raw)")
+    download: bool = Field(True, description="download MNIST when it is not under root")
+    image_size: int = Field(32, ge=4, description="side of the square images the model sees")
+    channels: Literal[1, 3] = Field(1, description="1 (grayscale) or 3 (RGB)")
+    num_samples: int = Field(256, ge=1, description="synthetic dataset only: number of images")
+    limit: int | None = Field(None, ge=1, description="use only the first N training images")
+
+
+class ComponentSection(Section):
+    name: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class TrainSection(Section):
+    epochs: int = Field(75, ge=0)
+    max_steps: int | None = Field(None, ge=0, description="stop after this many optimizer steps in all")
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(2e-5, gt=0)
+    ema_decay: float = Field(0.9999, ge=0, lt=1)
+    ema_warmup: bool = Field(False, description="ramp the EMA decay up from 0 (timm's warm-up), for short runs")
+    grad_clip: float | None = Field(None, gt=0, description="clip the gradient norm to this value")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 autocast (fast on recent CPUs and GPUs)")
+    checkpoint_every: int = Field(1000, ge=1, description="steps between checkpoints (one is always written at the end)")
+    keep_checkpoints: int = Field(3, ge=1)
+
+
+class SampleSection(Section):
+    num_images: int = Field(64, ge=0, description="images written to samples.png/.npz after training")
+    batch_size: int = Field(64, ge=1)
+    seed: int = Field(0, ge=0)
+    use_ema: bool = True
+    trajectory_images: int = Field(4, ge=0, description="rows of trajectory.png")
+    trajectory_steps: list[int] = Field(default_factory=lambda: list(TUTORIAL_TRAJECTORY_STEPS))
+
+    @field_validator("trajectory_steps")
+    @classmethod
+    def _steps(cls, v: list[int]) -> list[int]:
+        if any(s < 0 for s in v):
+            raise ValueError("steps must be >= 0")
+        return v
+
+
+class RunConfig(Section):
+    run: RunSection = Field(default_factory=RunSection)
+    data: DataSection = Field(default_factory=DataSection)
+    schedule: ComponentSection = Field(default_factory=lambda: ComponentSection(name="linear"))
+    denoiser: ComponentSection = Field(default_factory=lambda: ComponentSection(name="unet"))
+    sampler: ComponentSection = Field(default_factory=lambda: ComponentSection(name="ddpm"))
+    train: TrainSection = Field(default_factory=TrainSection)
+    sample: SampleSection = Field(default_factory=SampleSection)
+
+    @property
+    def num_timesteps(self) -> int:
+        return int(self.schedule.options.get("num_timesteps", 1000))
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (self.data.channels, self.data.image_size, self.data.image_size)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.dir) / self.run.name
+
+    def identity(self) -> dict[str, Any]:
+        """The flattened keys that define the model and the process; a resume must match them."""
+        d = self.model_dump()
+        keep = {
+            "schedule": d["schedule"],
+            "denoiser": d["denoiser"],
+            "data": {k: d["data"][k] for k in ("dataset", "image_size", "channels", "num_samples", "limit")},
+            "train": {k: d["train"][k] for k in ("batch_size", "precision")},
+            "run": {"seed": d["run"]["seed"]},
+        }
+        return flatten(keep)
+
+
+COMPONENT_KINDS = ("schedule", "denoiser", "sampler")
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+# --- locating keys in the TOML text -----------------------------------------------------------
+
+_HEADER = re.compile(r"^\s*\[\[?\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
+_KEY = re.compile(r"^\s*([A-Za-z0-9_.\-\"' ]+?)\s*=")
+
+
+def _key_lines(text: str) -> dict[str, int]:
+    """Map each dotted key path (and each table) to the 1-based line where it is written."""
+    lines: dict[str, int] = {}
+    table = ""
+    for number, line in enumerate(text.splitlines(), start=1):
+        if m := _HEADER.match(line):
+            table = ".".join(p.strip().strip("\"'") for p in m.group(1).split("."))
+            lines.setdefault(table, number)
+            continue
+        if m := _KEY.match(line):
+            key = ".".join(p.strip().strip("\"'") for p in m.group(1).split("."))
+            lines.setdefault(f"{table}.{key}" if table else key, number)
+    return lines
+
+
+class _Source:
+    """Where each key of a config came from: a file's lines or a --set override."""
+
+    def __init__(self, path: Path | None, text: str, overrides: dict[str, str]):
+        self.path = path
+        self.lines = _key_lines(text)
+        self.overrides = overrides
+
+    def where(self, key: str) -> str:
+        probe = key
+        while probe:
+            if probe in self.overrides:
+                return f"--set {probe}={self.overrides[probe]}"
+            if probe in self.lines and self.path is not None:
+                return f"{self.path}:{self.lines[probe]}"
+            probe = probe.rpartition(".")[0]
+        return str(self.path) if self.path is not None else "config"
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return list(model.model_fields)
+
+
+def _messages(exc: ValidationError, model: type[BaseModel], prefix: tuple, source: _Source) -> list[str]:
+    out = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        key = ".".join(str(p) for p in prefix + loc)
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+            close = difflib.get_close_matches(str(loc[-1]), _allowed_keys(model, loc), n=1)
+            if close:
+                msg += f" (did you mean '{close[0]}'?)"
+        out.append(f"{source.where(key)}: {key}: {msg}")
+    return out
+
+
+# --- overrides --------------------------------------------------------------------------------
+
+
+def parse_override(item: str) -> tuple[str, Any, str]:
+    """'train.lr=1e-4' -> ('train.lr', 1e-4, '1e-4'); a value that is not TOML is taken as a string."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key or not re.fullmatch(r"[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*", key):
+        raise ConfigError(f"--set {item}: expected KEY.PATH=VALUE, e.g. --set train.batch_size=128")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key, value, raw
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, str]:
+    """Set each ``key.path=value`` in ``data``; returns {key: raw value} for error locations."""
+    seen: dict[str, str] = {}
+    for item in overrides:
+        key, value, raw = parse_override(item)
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item}: '{part}' is not a table")
+            node = child
+        node[parts[-1]] = value
+        seen[key] = raw
+    return seen
+
+
+# --- loading ----------------------------------------------------------------------------------
+
+
+def read_toml(path: Path) -> tuple[dict[str, Any], str]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc}") from None
+    try:
+        return tomllib.loads(text), text
+    except tomllib.TOMLDecodeError as exc:
+        m = re.search(r"\(at line (\d+), column (\d+)\)", str(exc))
+        where = f"{path}:{m.group(1)}" if m else str(path)
+        reason = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(exc))
+        raise ConfigError(f"{where}: invalid TOML: {reason}") from None
+
+
+def config_from_dict(
+    data: dict[str, Any], *, path: Path | None = None, text: str = "", overrides: list[str] | None = None
+) -> RunConfig:
+    """Validate a config given as a dict (plus overrides); ConfigError lists every problem."""
+    data = _deep_copy(data)
+    source = _Source(path, text, apply_overrides(data, overrides or []))
+    try:
+        cfg = RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError("\n".join(_messages(exc, RunConfig, (), source))) from None
+    _validate_components(cfg, source)
+    _validate_cross(cfg, source)
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read ``path`` (TOML), apply ``--set`` overrides and validate everything, plugin options included."""
+    path = Path(path)
+    data, text = read_toml(path)
+    return config_from_dict(data, path=path, text=text, overrides=overrides)
+
+
+def _validate_components(cfg: RunConfig, source: _Source) -> None:
+    from . import plugins
+
+    problems = []
+    for kind in COMPONENT_KINDS:
+        section: ComponentSection = getattr(cfg, kind)
+        try:
+            model = plugins.options_model(kind, section.name)
+        except PluginError as exc:
+            problems.append(f"{source.where(f'{kind}.name')}: {kind}.name: {exc}")
+            continue
+        try:
+            section.options = model.model_validate(section.options).model_dump(mode="json")
+        except ValidationError as exc:
+            problems.extend(_messages(exc, model, (kind, "options"), source))
+    if problems:
+        raise ConfigError("\n".join(problems))
+
+
+def _validate_cross(cfg: RunConfig, source: _Source) -> None:
+    T = cfg.num_timesteps
+    bad = [s for s in cfg.sample.trajectory_steps if s >= T]
+    if bad:
+        key = "sample.trajectory_steps"
+        raise ConfigError(f"{source.where(key)}: {key}: steps {bad} are not below T = {T}")
+
+
+def _deep_copy(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {k: _deep_copy(v) for k, v in d.items()}
+    if isinstance(d, list):
+        return [_deep_copy(v) for v in d]
+    return d

@@ -1,0 +1,143 @@
+"""Datasets, held in memory as one uint8 tensor [N, C, H, W] (0-255).
+
+The training loop turns a batch into [-1, 1] with :func:`to_model_scale`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .config import DataSection
+from .errors import DataError
+
+DATA_ROOT_ENV = "DDPMKIT_DATA_ROOT"
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif"}
+
+
+@dataclass
+class Dataset:
+    images: torch.Tensor  # uint8 [N, C, H, W]
+    description: str
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def fingerprint(self) -> str:
+        """sha256 of the images' bytes and shape: equal fingerprints mean equal training data."""
+        h = hashlib.sha256(str(tuple(self.images.shape)).encode())
+        h.update(self.images.contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+
+def to_model_scale(images: torch.Tensor) -> torch.Tensor:
+    """uint8 0..255 -> float32 in [-1, 1]."""
+    return images.float().div_(127.5).sub_(1.0)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Model scale [-1, 1] -> uint8 0..255 (rounded, clamped)."""
+    return ((images.float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
+
+
+def resolve_root(section: DataSection, override: str | Path | None = None) -> Path:
+    """The data root: the command line's, else $DDPMKIT_DATA_ROOT, else the config's."""
+    if override is not None:
+        return Path(override)
+    env = os.environ.get(DATA_ROOT_ENV)
+    return Path(env) if env else Path(section.root)
+
+
+def load_dataset(section: DataSection, *, root_override: str | Path | None = None, seed: int = 0) -> Dataset:
+    """Load the configured dataset at the configured size and channel count."""
+    if section.dataset == "mnist":
+        ds = _mnist(resolve_root(section, root_override), section.download, section.image_size)
+    elif section.dataset == "image-folder":
+        ds = _image_folder(resolve_root(section, root_override), section.image_size, section.channels)
+    else:
+        ds = _synthetic(section.num_samples, section.image_size, section.channels, seed=1234)
+    if section.dataset == "mnist" and section.channels == 3:
+        ds.images = ds.images.expand(-1, 3, -1, -1).contiguous()
+    if section.limit is not None:
+        ds.images = ds.images[: section.limit]
+    if len(ds) == 0:
+        raise DataError(f"{ds.description}: no images")
+    return ds
+
+
+def _fit(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Pad 28 -> 32 with zeros as the tutorial does; otherwise resize (uint8 in and out)."""
+    h = images.shape[-1]
+    if size >= h and (size - h) % 2 == 0:
+        p = (size - h) // 2
+        return F.pad(images, (p, p, p, p))
+    resized = F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return resized.round().clamp(0, 255).to(torch.uint8)
+
+
+def _mnist(root: Path, download: bool, size: int) -> Dataset:
+    from torchvision.datasets import MNIST
+
+    try:
+        mnist = MNIST(str(root), train=True, download=False)
+    except RuntimeError:
+        if not download:
+            raise DataError(
+                f"MNIST not found under {root / 'MNIST' / 'raw'} and data.download is false; "
+                f"point at existing files with --data-root PATH or {DATA_ROOT_ENV}=PATH (e.g. ../shared/data)"
+            ) from None
+        try:
+            mnist = MNIST(str(root), train=True, download=True)
+        except Exception as exc:  # network errors come in many types
+            raise DataError(
+                f"MNIST not found under {root / 'MNIST' / 'raw'} and the download failed ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}); point at existing files with --data-root PATH "
+                f"or {DATA_ROOT_ENV}=PATH (e.g. ../shared/data)"
+            ) from None
+    images = mnist.data.unsqueeze(1)  # uint8 [60000, 1, 28, 28]
+    return Dataset(_fit(images, size), f"MNIST train ({root})")
+
+
+def _image_folder(root: Path, size: int, channels: int) -> Dataset:
+    from PIL import Image, UnidentifiedImageError
+
+    if not root.is_dir():
+        raise DataError(f"image folder {root} does not exist")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise DataError(f"image folder {root} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    mode = "L" if channels == 1 else "RGB"
+    out = torch.empty((len(files), channels, size, size), dtype=torch.uint8)
+    for i, path in enumerate(files):
+        try:
+            with Image.open(path) as im:
+                im = im.convert(mode)
+                w, h = im.size
+                scale = size / min(w, h)  # resize the shorter side to `size`, then center-crop
+                im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+                w, h = im.size
+                left, top = (w - size) // 2, (h - size) // 2
+                im = im.crop((left, top, left + size, top + size))
+                data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
+        except (OSError, UnidentifiedImageError) as exc:
+            raise DataError(f"{path}: cannot read image ({exc})") from None
+        out[i] = data.view(size, size, channels).permute(2, 0, 1)
+    return Dataset(out, f"image folder {root} ({len(files)} images)")
+
+
+def _synthetic(n: int, size: int, channels: int, seed: int) -> Dataset:
+    """Bright axis-aligned rectangles on black: quick to learn, structured enough to see."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.zeros((n, channels, size, size), dtype=torch.uint8)
+    lo = max(1, size // 4)
+    for i in range(n):
+        h, w = torch.randint(lo, size // 2 + 1, (2,), generator=g).tolist()
+        y = int(torch.randint(0, size - h + 1, (1,), generator=g))
+        x = int(torch.randint(0, size - w + 1, (1,), generator=g))
+        images[i, :, y : y + h, x : x + w] = 255
+    return Dataset(images, f"synthetic rectangles ({n} images)")

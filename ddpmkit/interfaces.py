@@ -1,0 +1,154 @@
+"""The three kinds of component: NoiseSchedule, Denoiser and Sampler.
+
+Each component declares its constructor options as a nested pydantic ``Options`` model
+(``extra="forbid"``); a plugin subclasses the model to add its own fields.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Callable, ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from .errors import ConfigError
+
+#: Called by a sampler after every reverse step with (step index, t, current x).
+SamplerCallback = Callable[[int, int, torch.Tensor], None]
+
+
+class ComponentOptions(BaseModel):
+    """Base of every component's options: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NoiseSchedule(abc.ABC):
+    """A variance schedule beta_1..beta_T and the quantities of Ho et al. (2020) derived from it.
+
+    Subclasses implement :meth:`make_betas`; everything else is derived here, once, in float64,
+    and exposed as float32 tensors (move them with :meth:`to`).
+    """
+
+    class Options(ComponentOptions):
+        num_timesteps: int = Field(1000, ge=1, description="number of diffusion steps T")
+
+    def __init__(self, options: "NoiseSchedule.Options | None" = None) -> None:
+        self.options = options if options is not None else type(self).Options()
+        betas = self.make_betas().to(torch.float64)
+        check_betas(betas, self.options.num_timesteps)
+        self._derive(betas)
+
+    @abc.abstractmethod
+    def make_betas(self) -> torch.Tensor:
+        """Return beta_t for t = 0..T-1 as a 1-D tensor (computed in float64)."""
+
+    @property
+    def num_timesteps(self) -> int:
+        return int(self.betas.shape[0])
+
+    def _derive(self, betas: torch.Tensor) -> None:
+        alphas = 1.0 - betas
+        alphas_cumprod = torch.cumprod(alphas, dim=0)
+        alphas_cumprod_prev = torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
+        derived = {
+            "betas": betas,
+            "alphas": alphas,
+            "alphas_cumprod": alphas_cumprod,
+            "alphas_cumprod_prev": alphas_cumprod_prev,
+            "sqrt_alphas_cumprod": alphas_cumprod.sqrt(),
+            "sqrt_one_minus_alphas_cumprod": (1.0 - alphas_cumprod).sqrt(),
+            # eq. 7: beta-tilde_t = (1 - abar_{t-1}) / (1 - abar_t) * beta_t  (0 at the first step)
+            "posterior_variance": betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod),
+            # eq. 7: mu-tilde_t(x_t, x_0) = coef1 * x_0 + coef2 * x_t
+            "posterior_mean_coef1": betas * alphas_cumprod_prev.sqrt() / (1.0 - alphas_cumprod),
+            "posterior_mean_coef2": (1.0 - alphas_cumprod_prev) * alphas.sqrt() / (1.0 - alphas_cumprod),
+        }
+        self._tensor_names = tuple(derived)
+        for name, value in derived.items():
+            setattr(self, name, value.to(torch.float32))
+
+    def to(self, device: torch.device | str) -> "NoiseSchedule":
+        """Move every derived tensor to ``device``; returns self."""
+        for name in self._tensor_names:
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.betas.device
+
+    def snr(self) -> torch.Tensor:
+        """Signal-to-noise ratio abar_t / (1 - abar_t) at every step."""
+        return self.alphas_cumprod / (1.0 - self.alphas_cumprod)
+
+
+def check_betas(betas: torch.Tensor, num_timesteps: int) -> None:
+    """Raise ConfigError unless ``betas`` is a finite 1-D tensor of T values in (0, 1)."""
+    if betas.ndim != 1 or betas.shape[0] != num_timesteps:
+        raise ConfigError(f"schedule gave betas of shape {tuple(betas.shape)}, expected ({num_timesteps},)")
+    if not torch.isfinite(betas).all():
+        raise ConfigError("schedule gave non-finite betas")
+    if not ((betas > 0) & (betas < 1)).all():
+        raise ConfigError(
+            f"schedule betas must lie in (0, 1); got min {betas.min().item():.3g}, max {betas.max().item():.3g}"
+        )
+
+
+class Denoiser(nn.Module, abc.ABC):
+    """A network called as ``denoiser(x_t, t)`` that returns a tensor shaped like ``x_t``.
+
+    ``x_t`` is [B, C, H, W] in the model's scale, ``t`` an integer tensor [B] with 0 <= t < T.
+    """
+
+    #: What the output estimates; only "epsilon" is supported by the built-in samplers for now.
+    prediction: ClassVar[Literal["epsilon"]] = "epsilon"
+
+    class Options(ComponentOptions):
+        pass
+
+    def __init__(
+        self,
+        options: "Denoiser.Options | None" = None,
+        *,
+        image_shape: tuple[int, int, int],
+        num_timesteps: int,
+    ) -> None:
+        super().__init__()
+        self.options = options if options is not None else type(self).Options()
+        self.image_shape = tuple(int(v) for v in image_shape)
+        self.num_timesteps = int(num_timesteps)
+
+    @abc.abstractmethod
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Predict epsilon for the noisy images ``x_t`` at steps ``t``."""
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+class Sampler(abc.ABC):
+    """Runs the reverse process from pure noise to images in [-1, 1]."""
+
+    class Options(ComponentOptions):
+        pass
+
+    def __init__(self, options: "Sampler.Options | None" = None) -> None:
+        self.options = options if options is not None else type(self).Options()
+
+    @abc.abstractmethod
+    def sample(
+        self,
+        denoiser: Denoiser,
+        schedule: NoiseSchedule,
+        shape: tuple[int, ...],
+        *,
+        generator: torch.Generator,
+        callback: SamplerCallback | None = None,
+    ) -> torch.Tensor:
+        """Draw ``shape[0]`` images on the denoiser's device; every random draw uses ``generator``."""
+
+
+KINDS: dict[str, type] = {"schedule": NoiseSchedule, "denoiser": Denoiser, "sampler": Sampler}

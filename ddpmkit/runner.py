@@ -1,0 +1,218 @@
+"""`ddpmkit run`: set up the run directory, resume or start, train, then write samples."""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from . import __version__, plugins
+from .checkpoint import Checkpoint, checkpoints_dir, latest_checkpoint
+from .config import RunConfig
+from .data import load_dataset
+from .device import pick_device
+from .errors import CheckpointError, DdpmkitError
+from .factory import create_denoiser, create_sampler, create_schedule
+from .sampling import generate, sampling_progress, write_images, write_trajectory
+from .train import CPU_WARN_SECONDS, TrainEvents, total_steps, train
+
+METRICS_FILE = "metrics.jsonl"
+OUTPUT_FILES = ("samples.png", "samples.npz", "trajectory.png")
+EXIT_INTERRUPTED = 130
+
+
+def _ensure_writable(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise DdpmkitError(f"cannot write the run directory {run_dir}: {exc.strerror or exc}") from None
+
+
+def _manifest(cfg: RunConfig, fingerprint: str) -> dict[str, Any]:
+    used = {}
+    for kind in ("schedule", "denoiser", "sampler"):
+        comp = plugins.find(kind, getattr(cfg, kind).name)
+        used[kind] = {
+            "name": comp.name,
+            "plugin": comp.plugin.name,
+            "distribution": comp.plugin.distribution,
+            "version": comp.plugin.version,
+        }
+    return {
+        "ddpmkit": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "plugins": used,
+        "seed": cfg.run.seed,
+        "dataset_fingerprint": fingerprint,
+    }
+
+
+def check_compatible(ckpt: Checkpoint, cfg: RunConfig, fingerprint: str) -> None:
+    """Refuse to resume from a checkpoint whose model, process or data differ from ``cfg``."""
+    saved = dict(ckpt.state.get("identity", {}))
+    now = cfg.identity()
+    saved_fp = ckpt.state.get("manifest", {}).get("dataset_fingerprint")
+    keys = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    details = [f"{k} (checkpoint: {saved.get(k)!r}, config: {now.get(k)!r})" for k in keys]
+    if saved_fp is not None and saved_fp != fingerprint:
+        details.append("the training data (its fingerprint differs)")
+    if details:
+        raise CheckpointError(
+            f"cannot resume {ckpt.path}: the config differs in " + "; ".join(details)
+            + " — use --fresh to start over, or another run.name"
+        )
+
+
+def _trim_metrics(path: Path, up_to_step: int) -> None:
+    """Drop metric lines past the checkpoint we resume from (they will be written again)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= up_to_step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue
+    path.write_text("".join(f"{line}\n" for line in kept))
+
+
+def _format_duration(seconds: float) -> str:
+    if seconds == float("inf"):
+        return "?"
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h {m:02d}m" if h else f"{m}m {s:02d}s"
+
+
+def run_config(cfg: RunConfig, *, console: Console, fresh: bool = False, data_root: Path | None = None) -> int:
+    """Train (or resume) and sample; returns the process exit code (0, or 130 when interrupted)."""
+    run_dir = cfg.run_dir
+    _ensure_writable(run_dir)
+    if fresh:
+        shutil.rmtree(checkpoints_dir(run_dir), ignore_errors=True)
+        for name in (METRICS_FILE, *OUTPUT_FILES):
+            (run_dir / name).unlink(missing_ok=True)
+
+    warn = lambda m: console.print(f"[yellow]warning:[/] {m}", highlight=False)  # noqa: E731
+    resume = latest_checkpoint(run_dir, warn)
+    device = pick_device(cfg.run.device)
+
+    dataset = load_dataset(cfg.data, root_override=data_root, seed=cfg.run.seed)
+    fingerprint = dataset.fingerprint()
+    if resume is not None:
+        check_compatible(resume, cfg, fingerprint)
+
+    schedule = create_schedule(cfg.schedule.name, **cfg.schedule.options)
+    torch.manual_seed(cfg.run.seed)
+    model = create_denoiser(
+        cfg.denoiser.name, image_shape=cfg.image_shape, num_timesteps=cfg.num_timesteps, **cfg.denoiser.options
+    )
+    sampler = create_sampler(cfg.sampler.name, **cfg.sampler.options)
+    (run_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
+
+    metrics_path = run_dir / METRICS_FILE
+    if resume is None:
+        metrics_path.unlink(missing_ok=True)
+    else:
+        _trim_metrics(metrics_path, resume.step)
+
+    params = sum(p.numel() for p in model.parameters())
+    steps = total_steps(cfg, len(dataset))
+    console.print(
+        f"[bold]ddpmkit run[/] {run_dir}: {dataset.description}, {len(dataset):,} images\n"
+        f"  device {device}, {cfg.denoiser.name} {params:,} parameters, {cfg.train.precision}\n"
+        f"  {cfg.train.epochs} epochs x {steps // max(cfg.train.epochs, 1) if cfg.train.max_steps is None else '?'} "
+        f"steps of batch {cfg.train.batch_size} = {steps:,} steps"
+        + (f"\n  resuming from {resume.path} (step {resume.step:,})" if resume is not None else ""),
+        highlight=False,
+    )
+
+    state = {
+        "config": cfg.model_dump(mode="json"),
+        "identity": cfg.identity(),
+        "manifest": _manifest(cfg, fingerprint),
+        "rng": "every stream is derived from run.seed and the step (see ddpmkit.train.derive_seed)",
+    }
+    started = time.perf_counter()
+    progress = Progress(
+        TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[ips]:.1f} img/s"),
+        TimeRemainingColumn(), console=console,
+    )
+    smoothed = {"loss": None}
+    metrics_file = open(metrics_path, "a", encoding="utf-8")
+
+    def on_step(m: dict[str, Any]) -> None:
+        metrics_file.write(json.dumps(m) + "\n")
+        prev = smoothed["loss"]
+        smoothed["loss"] = m["loss"] if prev is None else 0.98 * prev + 0.02 * m["loss"]
+        progress.update(task, completed=m["step"], epoch=m["epoch"] + 1, loss=smoothed["loss"], ips=m["images_per_s"])
+
+    def on_measured(images_per_s: float, eta_s: float) -> None:
+        progress.console.print(
+            f"  measured {images_per_s:.1f} images/s: about {_format_duration(eta_s)} of training left", highlight=False
+        )
+        if device.type == "cpu" and eta_s > CPU_WARN_SECONDS:
+            progress.console.print(
+                f"[yellow]warning:[/] this run needs about {_format_duration(eta_s)} on this CPU; "
+                "configs/mnist-cpu.toml is sized for a CPU (about 20 minutes on 2 cores)", highlight=False
+            )
+
+    def on_checkpoint(path: Path, step: int) -> None:
+        metrics_file.flush()
+
+    task = progress.add_task("train", total=steps, completed=resume.step if resume else 0,
+                             epoch=1, loss=float("nan"), ips=0.0)
+    try:
+        with progress:
+            result = train(
+                cfg, model=model, schedule=schedule, dataset=dataset, device=device, run_dir=run_dir,
+                checkpoint_state=state, resume=resume,
+                events=TrainEvents(on_step=on_step, on_checkpoint=on_checkpoint, on_measured=on_measured),
+            )
+    finally:
+        metrics_file.close()
+    train_time = time.perf_counter() - started
+    if result.interrupted:
+        console.print(
+            f"[yellow]interrupted[/] at step {result.step:,}; checkpoint {result.last_checkpoint}. "
+            "Run the same command again to resume."
+        )
+        return EXIT_INTERRUPTED
+    console.print(f"trained to step {result.step:,} in {_format_duration(train_time)}")
+
+    sc = cfg.sample
+    ema_or_raw = result.ema_model if sc.use_ema else result.model
+    started = time.perf_counter()
+    if sc.num_images:
+        with sampling_progress(console, sc.num_images * cfg.num_timesteps, "samples") as advance:
+            images, _ = generate(ema_or_raw, schedule, sampler, sc.num_images, batch_size=sc.batch_size,
+                                 seed=sc.seed, image_shape=cfg.image_shape, precision=cfg.train.precision,
+                                 progress=advance)
+        write_images(images, run_dir / "samples.png")
+        write_images(images, run_dir / "samples.npz")
+    if sc.trajectory_images and sc.trajectory_steps:
+        with sampling_progress(console, sc.trajectory_images * cfg.num_timesteps, "trajectory") as advance:
+            _, captured = generate(ema_or_raw, schedule, sampler, sc.trajectory_images, batch_size=sc.batch_size,
+                                   seed=sc.seed + 1, image_shape=cfg.image_shape, precision=cfg.train.precision,
+                                   capture_steps=sc.trajectory_steps, progress=advance)
+        write_trajectory(captured, run_dir / "trajectory.png")
+    written = [name for name in OUTPUT_FILES if (run_dir / name).exists()]
+    console.print(
+        f"sampled in {_format_duration(time.perf_counter() - started)}; wrote "
+        + ", ".join(str(run_dir / n) for n in written)
+    )
+    return 0

@@ -1,0 +1,205 @@
+"""The training loop (Ho et al. 2020, Algorithm 1), readable top to bottom.
+
+Every random draw is a function of (run.seed, step): the data order of an epoch, each batch's
+timesteps and noise, and dropout. A resumed run therefore continues exactly the streams an
+uninterrupted run would have drawn, and on CPU ends with bit-identical weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import signal
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from timm.utils import ModelEmaV3
+
+from .checkpoint import Checkpoint, save_checkpoint
+from .config import RunConfig
+from .data import Dataset, to_model_scale
+from .device import autocast
+from .diffusion import draw_training_batch_noise, training_loss
+from .interfaces import Denoiser, NoiseSchedule
+
+CPU_WARN_SECONDS = 2 * 3600
+MEASURE_AFTER_STEPS = 10
+
+
+def derive_seed(seed: int, stream: str, index: int) -> int:
+    """A 63-bit seed for random stream ``stream`` at ``index`` (epoch or step)."""
+    digest = hashlib.blake2b(f"{seed}:{stream}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
+    """The permutation of the dataset used in ``epoch``."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, "order", epoch)))
+
+
+def steps_per_epoch(num_images: int, batch_size: int) -> int:
+    """Full batches per epoch (the last partial batch is dropped, as in the tutorial)."""
+    return max(1, num_images // batch_size)
+
+
+def total_steps(cfg: RunConfig, num_images: int) -> int:
+    steps = cfg.train.epochs * steps_per_epoch(num_images, cfg.train.batch_size)
+    return min(steps, cfg.train.max_steps) if cfg.train.max_steps is not None else steps
+
+
+@dataclass
+class TrainEvents:
+    """Callbacks the loop calls; the runner connects them to progress display, metrics and hooks."""
+
+    on_start: Callable[[dict[str, Any]], None] = lambda info: None
+    on_step: Callable[[dict[str, Any]], None] = lambda metrics: None
+    on_checkpoint: Callable[[Path, int], None] = lambda path, step: None
+    on_measured: Callable[[float, float], None] = lambda images_per_s, eta_s: None
+
+
+@dataclass
+class TrainResult:
+    model: Denoiser
+    ema_model: Denoiser
+    step: int
+    interrupted: bool
+    last_checkpoint: Path | None = None
+    losses: list[float] = field(default_factory=list)
+
+
+class StopRequest:
+    """Set by SIGINT/SIGTERM: the loop finishes the current step, checkpoints and returns."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+
+    @contextmanager
+    def installed(self) -> Iterator["StopRequest"]:
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+        def handler(signum, frame):
+            if self.signal is not None:  # a second Ctrl-C: give up at once
+                signal.signal(signum, previous[signum])
+                raise KeyboardInterrupt
+            self.signal = signum
+
+        for s in previous:
+            signal.signal(s, handler)
+        try:
+            yield self
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+
+def train(
+    cfg: RunConfig,
+    *,
+    model: Denoiser,
+    schedule: NoiseSchedule,
+    dataset: Dataset,
+    device: torch.device,
+    run_dir: Path,
+    checkpoint_state: dict[str, Any],
+    resume: Checkpoint | None = None,
+    events: TrainEvents | None = None,
+) -> TrainResult:
+    """Train ``model`` on ``dataset`` as ``cfg.train`` says, checkpointing into ``run_dir``."""
+    events = events or TrainEvents()
+    tc = cfg.train
+    seed = cfg.run.seed
+    T = schedule.num_timesteps
+
+    # --- state: model, optimizer, EMA (restored from the checkpoint when resuming) -------------
+    model.to(device)
+    schedule.to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr)
+    ema = ModelEmaV3(model, decay=tc.ema_decay, use_warmup=tc.ema_warmup)
+    step = 0
+    if resume is not None:
+        model.load_state_dict(resume.weights("model"))
+        ema.module.load_state_dict(resume.weights("ema"))
+        optimizer.load_state_dict(resume.optimizer_state())
+        step = resume.step
+
+    images = dataset.images.to(device)
+    n = len(dataset)
+    per_epoch = steps_per_epoch(n, tc.batch_size)
+    batch = min(tc.batch_size, n)
+    last_step = total_steps(cfg, n)
+    events.on_start(
+        {"step": step, "total_steps": last_step, "steps_per_epoch": per_epoch, "batch_size": batch, "images": n}
+    )
+
+    def checkpoint(at_step: int) -> Path:
+        state = {**checkpoint_state, "step": at_step, "epoch": at_step / per_epoch}
+        path = save_checkpoint(
+            run_dir,
+            at_step,
+            model_state=model.state_dict(),
+            ema_state=ema.module.state_dict(),
+            optimizer_state=optimizer.state_dict(),
+            state=state,
+            keep=tc.keep_checkpoints,
+        )
+        events.on_checkpoint(path, at_step)
+        return path
+
+    # --- the loop ---------------------------------------------------------------------------------
+    result = TrainResult(model, ema.module, step, interrupted=False)
+    order, order_epoch = None, -1
+    model.train()
+    started, started_step = time.perf_counter(), step
+    stop = StopRequest()
+    with stop.installed():
+        while step < last_step and stop.signal is None:
+            epoch, index = divmod(step, per_epoch)
+            if epoch != order_epoch:
+                order, order_epoch = epoch_order(seed, epoch, n).to(device), epoch
+            x0 = to_model_scale(images[order[index * batch : (index + 1) * batch]])
+
+            g = torch.Generator(device).manual_seed(derive_seed(seed, "noise", step))
+            t, noise = draw_training_batch_noise(batch, tuple(x0.shape[1:]), T, g)
+            torch.manual_seed(derive_seed(seed, "dropout", step))  # dropout draws from the global RNG
+
+            with autocast(device, tc.precision):
+                loss = training_loss(model, schedule, x0, t, noise)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = None
+            if tc.grad_clip is not None:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip))
+            optimizer.step()
+            ema.update(model, step=step + 1 if tc.ema_warmup else None)
+            step += 1
+
+            loss_value = float(loss.detach())
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"loss became {loss_value} at step {step}; lower train.lr or set train.grad_clip")
+            result.losses.append(loss_value)
+            elapsed = time.perf_counter() - started
+            rate = (step - started_step) * batch / elapsed if elapsed > 0 else 0.0
+            metrics = {"step": step, "epoch": epoch, "loss": loss_value, "lr": tc.lr, "images_per_s": rate}
+            if grad_norm is not None:
+                metrics["grad_norm"] = grad_norm
+            events.on_step(metrics)
+            if step - started_step == MEASURE_AFTER_STEPS:
+                events.on_measured(rate, (last_step - step) * batch / rate if rate else float("inf"))
+
+            if step % tc.checkpoint_every == 0 or step == last_step:
+                result.last_checkpoint = checkpoint(step)
+
+    if stop.signal is not None:
+        result.interrupted = True
+        if result.last_checkpoint is None or not result.last_checkpoint.name.endswith(f"{step:08d}"):
+            result.last_checkpoint = checkpoint(step)
+    result.step = step
+    return result

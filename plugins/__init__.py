@@ -1,0 +1,1 @@
+"""ddpmkit's built-in plugins (installed as the import package ``ddpmkit_plugins``)."""

@@ -1,0 +1,21 @@
+"""Registers ddpmkit's built-in components through the same hooks a third-party plugin uses.
+
+Targets are lazy strings so that listing plugins never imports torch.
+"""
+
+from ddpmkit import hookimpl
+
+
+@hookimpl
+def register_schedules(register):
+    register("linear", "ddpmkit_plugins.linear:LinearSchedule")
+
+
+@hookimpl
+def register_denoisers(register):
+    register("unet", "ddpmkit_plugins.unet:UNet")
+
+
+@hookimpl
+def register_samplers(register):
+    register("ddpm", "ddpmkit_plugins.ddpm:DDPMSampler")
