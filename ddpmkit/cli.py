@@ -14,6 +14,7 @@ from typing import Callable, List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
@@ -42,7 +43,8 @@ def user_errors(func: Callable) -> Callable:
         try:
             return func(*args, **kwargs)
         except DdpmkitError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+            # escape: a message may quote user text such as "[/x]" that rich would read as markup
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, markup=True, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -83,7 +85,7 @@ def list_plugins_cmd(as_json: bool = typer.Option(False, "--json", help="Print a
     for r in rows:
         if r["error"]:
             what = f"{r['kind']} '{r['name']}'" if r["name"] else f"plugin '{r['plugin']}'"
-            console.print(f"[{styles.get(r['status'], 'white')}]{what}:[/] {r['error']}", highlight=False)
+            console.print(f"[{styles.get(r['status'], 'white')}]{escape(what)}:[/] {escape(r['error'])}", highlight=False)
 
 
 @app.command()

@@ -69,6 +69,7 @@ class TrainSection(Section):
     ema_warmup: bool = Field(False, description="ramp the EMA decay up from 0 (timm's warm-up), for short runs")
     grad_clip: float | None = Field(None, gt=0, description="clip the gradient norm to this value")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 autocast (fast on recent CPUs and GPUs)")
+    channels_last: bool = Field(False, description="channels-last memory format (faster convolutions on CPUs)")
     checkpoint_every: int = Field(1000, ge=1, description="steps between checkpoints (one is always written at the end)")
     keep_checkpoints: int = Field(3, ge=1)
 
@@ -174,6 +175,10 @@ class _Source:
                 return f"--set {probe}={self.overrides[probe]}"
             if probe in self.lines and self.path is not None:
                 return f"{self.path}:{self.lines[probe]}"
+            # a table that only an override creates (--set nope.x=1 makes the unknown key 'nope')
+            below = [k for k in self.overrides if k.startswith(probe + ".")]
+            if below:
+                return f"--set {below[0]}={self.overrides[below[0]]}"
             probe = probe.rpartition(".")[0]
         return str(self.path) if self.path is not None else "config"
 

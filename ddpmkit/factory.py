@@ -15,7 +15,7 @@ def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
     lines = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in (prefix.split(".") if prefix else []) + list(err["loc"]))
-        msg = err["msg"]
+        msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
         lines.append(f"{loc}: {msg}" if loc else msg)

@@ -179,6 +179,11 @@ def find(kind: str, name: str) -> Component:
     if len(found) > 1:
         owners = ", ".join(_plugin_label(c.plugin) for c in found)
         raise PluginError(f"{kind} '{name}' is registered by several plugins: {owners}; uninstall all but one")
+    if found[0].plugin.status == "error":  # registered before one of the plugin's hooks raised
+        raise PluginError(
+            f"{kind} '{name}' comes from plugin {_plugin_label(found[0].plugin)}, which failed to load: "
+            f"{found[0].plugin.error}"
+        )
     return found[0]
 
 

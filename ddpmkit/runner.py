@@ -21,7 +21,7 @@ from .device import pick_device
 from .errors import CheckpointError, DdpmkitError
 from .factory import create_denoiser, create_sampler, create_schedule
 from .sampling import generate, sampling_progress, write_images, write_trajectory
-from .train import CPU_WARN_SECONDS, TrainEvents, total_steps, train
+from .train import CPU_WARN_SECONDS, TrainEvents, steps_per_epoch, total_steps, train
 
 METRICS_FILE = "metrics.jsonl"
 OUTPUT_FILES = ("samples.png", "samples.npz", "trajectory.png")
@@ -134,8 +134,9 @@ def run_config(cfg: RunConfig, *, console: Console, fresh: bool = False, data_ro
     console.print(
         f"[bold]ddpmkit run[/] {run_dir}: {dataset.description}, {len(dataset):,} images\n"
         f"  device {device}, {cfg.denoiser.name} {params:,} parameters, {cfg.train.precision}\n"
-        f"  {cfg.train.epochs} epochs x {steps // max(cfg.train.epochs, 1) if cfg.train.max_steps is None else '?'} "
-        f"steps of batch {cfg.train.batch_size} = {steps:,} steps"
+        f"  {steps_per_epoch(len(dataset), cfg.train.batch_size):,} steps of batch {cfg.train.batch_size} per epoch; "
+        f"{steps:,} steps in all ({cfg.train.epochs} epochs"
+        + (f", at most {cfg.train.max_steps:,} steps)" if cfg.train.max_steps is not None else ")")
         + (f"\n  resuming from {resume.path} (step {resume.step:,})" if resume is not None else ""),
         highlight=False,
     )

@@ -119,7 +119,7 @@ def train(
     T = schedule.num_timesteps
 
     # --- state: model, optimizer, EMA (restored from the checkpoint when resuming) -------------
-    model.to(device)
+    model.to(device, memory_format=torch.channels_last if tc.channels_last else torch.contiguous_format)
     schedule.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr)
     ema = ModelEmaV3(model, decay=tc.ema_decay, use_warmup=tc.ema_warmup)

@@ -14,6 +14,7 @@ from einops import rearrange
 from pydantic import Field, ValidationInfo, field_validator
 from torch import nn
 
+from ddpmkit.errors import ConfigError
 from ddpmkit.interfaces import Denoiser
 
 
@@ -102,12 +103,15 @@ class UNet(Denoiser):
         channels: list[int] = Field(
             [64, 128, 256, 512, 512, 384],
             description="channels of each layer: the first half go down, the second half up",
+            validate_default=True,  # defaults are checked against the options a user did set
         )
         attentions: list[bool] = Field(
-            [False, True, False, False, False, True], description="self-attention in each layer"
+            [False, True, False, False, False, True], description="self-attention in each layer",
+            validate_default=True,  # defaults are checked against the options a user did set
         )
         upscales: list[bool] = Field(
-            [False, False, False, True, True, True], description="False for a down layer, True for an up layer"
+            [False, False, False, True, True, True], description="False for a down layer, True for an up layer",
+            validate_default=True,  # defaults are checked against the options a user did set
         )
 
         @field_validator("channels")
@@ -156,7 +160,10 @@ class UNet(Denoiser):
         channels_in, height, width = self.image_shape
         factor = 2 ** (len(o.channels) // 2)
         if height % factor or width % factor:
-            raise ValueError(f"unet with {len(o.channels)} layers needs image sides divisible by {factor}, got {height}x{width}")
+            raise ConfigError(  # a user error (data.image_size vs the layer count): one line, exit code 2
+                f"denoiser.options.channels: unet with {len(o.channels)} layers needs image sides divisible by "
+                f"{factor} (data.image_size), got {height}x{width}"
+            )
         self.shallow_conv = nn.Conv2d(channels_in, o.channels[0], kernel_size=3, padding=1)
         self.embedding = SinusoidalEmbedding(num_timesteps, max(o.channels))
         self.layers = nn.ModuleList(
