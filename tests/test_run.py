@@ -1,0 +1,170 @@
+"""`ddpmkit run` and `ddpmkit sample` as a user runs them: outputs, resume, faults."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from runconfigs import REPO, cli_env, ddpmkit, write_config
+
+
+def _losses(run_dir: Path) -> list[tuple[int, float]]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [(m["step"], m["loss"]) for m in map(json.loads, lines)]
+
+
+def _final(run_dir: Path) -> Path:
+    return sorted((run_dir / "checkpoints").glob("step-*"))[-1]
+
+
+def test_smoke_config_runs_from_the_cli(tmp_path):
+    result = ddpmkit("run", str(REPO / "configs" / "smoke.toml"), "--set", f"run.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr
+    run = tmp_path / "smoke"
+    for name in ("samples.png", "samples.npz", "trajectory.png", "metrics.jsonl", "config.json"):
+        assert (run / name).exists(), name
+    images = np.load(run / "samples.npz")["images"]
+    assert images.shape == (8, 16, 16, 1) and images.dtype == np.uint8
+    state = json.loads((_final(run) / "state.json").read_text())
+    manifest = state["manifest"]
+    assert manifest["plugins"]["denoiser"]["distribution"] == "ddpmkit" and manifest["seed"] == 0
+    assert {"ddpmkit", "torch", "python", "dataset_fingerprint"} <= set(manifest)
+    assert "steps in all" in result.stdout and "parameters" in result.stdout
+
+
+def test_sample_command_png_and_npz(tmp_path):
+    cfg = write_config(tmp_path, "s", num_images=0, trajectory_images=0)
+    assert ddpmkit("run", str(cfg)).returncode == 0
+    run = tmp_path / "runs" / "s"
+    out = tmp_path / "x.npz"
+    r = ddpmkit("sample", str(run), "--num", "5", "--batch-size", "2", "--seed", "3", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    a = np.load(out)["images"]
+    assert a.shape == (5, 8, 8, 1) and a.dtype == np.uint8
+    # same seed, a checkpoint dir instead of the run dir, same images; raw weights differ
+    out2 = tmp_path / "y.npz"
+    assert ddpmkit("sample", str(_final(run)), "--num", "5", "--batch-size", "2", "--seed", "3",
+                   "--out", str(out2)).returncode == 0
+    assert np.array_equal(a, np.load(out2)["images"])
+    out3 = tmp_path / "z.npz"
+    assert ddpmkit("sample", str(run), "--num", "5", "--batch-size", "2", "--seed", "3", "--raw",
+                   "--out", str(out3)).returncode == 0
+    assert not np.array_equal(a, np.load(out3)["images"])
+    png = tmp_path / "g.png"
+    r = ddpmkit("sample", str(run), "--num", "4", "--out", str(png), "--set", "sampler.options.variance=posterior")
+    assert r.returncode == 0 and png.stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["sample", "{tmp}/runs/none"], "no such run"),
+        (["sample", "{tmp}/empty"], "no complete checkpoint"),
+        (["sample", "{tmp}/runs/f", "--out", "{tmp}/x.jpg"], ".png or .npz"),
+        (["run", "{cfg}", "--set", "train.nope=1"], "train.nope: unknown key"),
+        (["run", "{cfg}", "--set", "train.batch_size=-3"], "--set train.batch_size=-3"),
+        (["run", "{cfg}", "--set", "run.dir={tmp}/file.txt/runs"], "cannot write the run directory"),
+        (["run", "{cfg}", "--set", "data.dataset=mnist", "--set", "data.download=false", "--data-root", "{tmp}"],
+         "MNIST not found"),
+    ],
+)
+def test_user_errors_are_one_line_exit_2(tmp_path, args, needle):
+    cfg = write_config(tmp_path, "f")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file.txt").write_text("")
+    args = [a.format(tmp=tmp_path, cfg=cfg) for a in args]
+    r = ddpmkit(*args)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert needle in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_resume_refuses_a_different_model_and_allows_more_epochs(tmp_path):
+    cfg = write_config(tmp_path, "r", epochs=1, num_images=0, trajectory_images=0)
+    assert ddpmkit("run", str(cfg)).returncode == 0
+    r = ddpmkit("run", str(cfg), "--set", "denoiser.options.dropout=0.2", "--set", "schedule.options.beta_end=0.1")
+    assert r.returncode == 2
+    assert "denoiser.options.dropout" in r.stderr and "schedule.options.beta_end" in r.stderr and "--fresh" in r.stderr
+    r = ddpmkit("run", str(cfg), "--set", "train.epochs=2")
+    assert r.returncode == 0, r.stderr
+    assert "resuming from" in r.stdout
+    assert [s for s, _ in _losses(tmp_path / "runs" / "r")] == list(range(1, 9))
+    r = ddpmkit("run", str(cfg), "--fresh", "--set", "denoiser.options.dropout=0.2")
+    assert r.returncode == 0 and "resuming" not in r.stdout
+
+
+def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
+    cfg = write_config(tmp_path, "term", epochs=400, checkpoint_every=100000, num_images=0, trajectory_images=0)
+    proc = subprocess.Popen([sys.executable, "-m", "ddpmkit", "run", str(cfg)], cwd=REPO, env=cli_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "runs" / "term" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.stat().st_size > 0):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (out, err)
+    assert "interrupted" in out and "Traceback" not in err
+    ckpt = _final(tmp_path / "runs" / "term")
+    step = int(ckpt.name.split("-")[1])
+    assert 0 < step < 400 * 4
+    assert _losses(tmp_path / "runs" / "term")[-1][0] == step
+
+
+def _run_until_killed(cfg: Path, run_dir: Path, min_step: int) -> int:
+    proc = subprocess.Popen([sys.executable, "-m", "ddpmkit", "run", str(cfg)], cwd=REPO, env=cli_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            done = [int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*")]
+            if done and max(done) >= min_step:
+                break
+            if proc.poll() is not None:
+                raise AssertionError(f"run ended before it could be killed: {proc.stderr.read()}")
+            time.sleep(0.005)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    return max(int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*"))
+
+
+@pytest.mark.slow
+def test_kill_and_resume_is_bit_for_bit(tmp_path):
+    """SIGKILL at an arbitrary moment, resume: weights, EMA and loss trace equal an uninterrupted run."""
+    common = dict(epochs=60, checkpoint_every=7, num_images=0, trajectory_images=0, dropout=0.1)
+    whole = write_config(tmp_path / "a", "whole", **common) if (tmp_path / "a").mkdir() is None else None
+    broken = write_config(tmp_path / "b", "whole", **common) if (tmp_path / "b").mkdir() is None else None
+    assert ddpmkit("run", str(whole)).returncode == 0
+    run_a, run_b = tmp_path / "a" / "runs" / "whole", tmp_path / "b" / "runs" / "whole"
+
+    killed_at = _run_until_killed(broken, run_b, min_step=14)
+    assert killed_at < 240
+    r = ddpmkit("run", str(broken))
+    assert r.returncode == 0, r.stderr
+    assert f"resuming from" in r.stdout
+
+    fa, fb = _final(run_a), _final(run_b)
+    assert fa.name == fb.name == "step-00000240"
+    for name in ("model.safetensors", "ema.safetensors"):
+        a, b = load_file(fa / name), load_file(fb / name)
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), (name, key)
+    opt_a = torch.load(fa / "optimizer.pt", weights_only=True)
+    opt_b = torch.load(fb / "optimizer.pt", weights_only=True)
+    for k in opt_a["state"]:
+        assert torch.equal(opt_a["state"][k]["exp_avg"], opt_b["state"][k]["exp_avg"])
+    assert _losses(run_a) == _losses(run_b)
+    assert len(_losses(run_b)) == 240
