@@ -5,16 +5,14 @@ Importing ddpmkit is cheap: torch is imported only when a component is built or 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import CheckpointError, ConfigError, DataError, DdpmkitError, PluginError
 from .factory import create_denoiser, create_sampler, create_schedule
-from .hookspecs import hookimpl
+from .hookspecs import PLUGIN_API_VERSION, Register, hookimpl
 from .plugins import list_plugins
 
 __version__ = "0.1.0"
-#: The plugin API version; a plugin states the versions it supports (see docs/writing-plugins.md).
-PLUGIN_API_VERSION = 1
 
 __all__ = [
     "CheckpointError",
@@ -23,7 +21,9 @@ __all__ = [
     "DdpmkitError",
     "Denoiser",
     "NoiseSchedule",
+    "PLUGIN_API_VERSION",
     "PluginError",
+    "Register",
     "Sampler",
     "create_denoiser",
     "create_sampler",
@@ -32,6 +32,9 @@ __all__ = [
     "list_plugins",
     "load_config",
 ]
+
+if TYPE_CHECKING:  # imported lazily at run time (they need torch)
+    from .interfaces import Denoiser, NoiseSchedule, Sampler
 
 _LAZY = {"NoiseSchedule": "interfaces", "Denoiser": "interfaces", "Sampler": "interfaces"}
 

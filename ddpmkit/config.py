@@ -90,6 +90,11 @@ class SampleSection(Section):
         return v
 
 
+class LogSection(Section):
+    metrics: bool = Field(True, description="write every step's metrics to metrics.jsonl in the run directory")
+    tensorboard: bool = Field(False, description="write TensorBoard event files to <run>/tensorboard (needs tensorboard)")
+
+
 class RunConfig(Section):
     run: RunSection = Field(default_factory=RunSection)
     data: DataSection = Field(default_factory=DataSection)
@@ -98,6 +103,7 @@ class RunConfig(Section):
     sampler: ComponentSection = Field(default_factory=lambda: ComponentSection(name="ddpm"))
     train: TrainSection = Field(default_factory=TrainSection)
     sample: SampleSection = Field(default_factory=SampleSection)
+    log: LogSection = Field(default_factory=LogSection)
 
     @property
     def num_timesteps(self) -> int:

@@ -11,6 +11,9 @@ from typing import Any, Callable
 import pluggy
 
 PROJECT_NAME = "ddpmkit"
+#: The plugin API this ddpmkit speaks. A plugin module may declare ``DDPMKIT_PLUGIN_API = 1`` (or a
+#: list of versions); a plugin that declares none is assumed compatible.
+PLUGIN_API_VERSION = 1
 
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
@@ -32,3 +35,32 @@ def register_denoisers(register: Register) -> None:
 @hookspec
 def register_samplers(register: Register) -> None:
     """Register Sampler classes by name."""
+
+
+# --- training events: a plugin adds a logger or a callback without touching the loop -----------
+# ``run`` is a :class:`ddpmkit.events.RunInfo` (run directory, validated config, device, steps).
+
+
+@hookspec
+def train_start(run: Any) -> None:
+    """Training is about to begin (or resume at ``run.start_step``)."""
+
+
+@hookspec
+def step_end(run: Any, step: int, metrics: dict[str, Any]) -> None:
+    """An optimizer step finished; ``metrics`` holds step, epoch, loss, lr, images_per_s."""
+
+
+@hookspec
+def checkpoint_written(run: Any, step: int, path: Any) -> None:
+    """A complete checkpoint was written to ``path``."""
+
+
+@hookspec
+def samples_written(run: Any, paths: list[Any]) -> None:
+    """The run's sample files (grid, .npz, trajectory) were written."""
+
+
+@hookspec
+def train_end(run: Any, step: int, interrupted: bool) -> None:
+    """Training stopped at ``step``: finished, or ``interrupted`` by a signal or a failing hook."""

@@ -62,6 +62,7 @@ class Component:
 class Registry:
     plugins: list[Plugin]
     components: list[Component]
+    manager: pluggy.PluginManager | None = None
 
     def named(self, kind: str, name: str) -> list[Component]:
         return [c for c in self.components if c.kind == kind and c.name == name]
@@ -70,7 +71,7 @@ class Registry:
         return sorted({c.name for c in self.components if c.kind == kind})
 
     def broken(self) -> list[Plugin]:
-        return [p for p in self.plugins if p.status == "error"]
+        return [p for p in self.plugins if p.status != "ok"]
 
 
 def _describe_error(exc: BaseException) -> str:
@@ -109,8 +110,16 @@ def discover() -> Registry:
         plugins.append(plugin)
         try:
             module = ep.load()
-            pm.register(module, name=f"{dist_name}:{ep.name}")
         except Exception as exc:  # a broken plugin must not break the others
+            plugin.status, plugin.error = "error", _describe_error(exc)
+            continue
+        incompatible = _api_mismatch(module)
+        if incompatible:
+            plugin.status, plugin.error = "incompatible", incompatible
+            continue
+        try:
+            pm.register(module, name=f"{dist_name}:{ep.name}")
+        except Exception as exc:  # e.g. a hookimpl that matches no hook specification
             plugin.status, plugin.error = "error", _describe_error(exc)
             continue
         by_module[id(module)] = plugin
@@ -135,7 +144,25 @@ def discover() -> Registry:
                 plugin.status, plugin.error = "error", _describe_error(exc)
 
     _mark_clashes(components)
-    return Registry(plugins, components)
+    return Registry(plugins, components, pm)
+
+
+def _api_mismatch(module: Any) -> str | None:
+    """Why a plugin module's declared ``DDPMKIT_PLUGIN_API`` rules it out, or None if it fits."""
+    from .hookspecs import PLUGIN_API_VERSION
+
+    declared = getattr(module, "DDPMKIT_PLUGIN_API", None)
+    if declared is None:
+        return None
+    supported = {declared} if isinstance(declared, int) else set(declared) if isinstance(declared, (list, tuple, set)) else None
+    if supported is None:
+        return f"DDPMKIT_PLUGIN_API must be an int or a list of ints, got {declared!r}"
+    if PLUGIN_API_VERSION not in supported:
+        return (
+            f"built for plugin API {sorted(supported)}; this ddpmkit speaks plugin API {PLUGIN_API_VERSION} "
+            "(upgrade the plugin or pin a matching ddpmkit)"
+        )
+    return None
 
 
 def _mark_clashes(components: list[Component]) -> None:
@@ -215,6 +242,21 @@ def options_model(kind: str, name: str) -> type:
     return resolve(kind, name).Options
 
 
+EVENT_HOOKS = ("train_start", "step_end", "checkpoint_written", "samples_written", "train_end")
+
+
+def event_plugins(reg: Registry) -> list[tuple[Plugin, list[str]]]:
+    """Loaded plugins that implement training-event hooks, with the hooks each implements."""
+    if reg.manager is None:
+        return []
+    by_name = {f"{p.distribution}:{p.name}": p for p in reg.plugins}
+    found: dict[str, list[str]] = {}
+    for hook in EVENT_HOOKS:
+        for impl in getattr(reg.manager.hook, hook).get_hookimpls():
+            found.setdefault(impl.plugin_name, []).append(hook)
+    return [(by_name[name], hooks) for name, hooks in found.items() if name in by_name]
+
+
 def list_plugins() -> list[dict[str, Any]]:
     """One row per registered component, plus one per plugin that failed to load."""
     reg = registry()
@@ -236,6 +278,19 @@ def list_plugins() -> list[dict[str, Any]]:
                 "target": comp.target_path,
             }
         )
+    for plugin, hooks in event_plugins(reg):
+        rows.append(
+            {
+                "kind": "events",
+                "name": plugin.name,
+                "plugin": plugin.name,
+                "distribution": plugin.distribution,
+                "version": plugin.version,
+                "status": plugin.status,
+                "error": None,
+                "target": plugin.module + " (" + ", ".join(hooks) + ")",
+            }
+        )
     for plugin in reg.broken():
         if any(c.plugin is plugin for c in reg.components):
             continue
@@ -246,7 +301,7 @@ def list_plugins() -> list[dict[str, Any]]:
                 "plugin": plugin.name,
                 "distribution": plugin.distribution,
                 "version": plugin.version,
-                "status": "error",
+                "status": plugin.status,
                 "error": plugin.error,
                 "target": plugin.module,
             }

@@ -19,11 +19,11 @@ from .config import RunConfig
 from .data import load_dataset
 from .device import pick_device
 from .errors import CheckpointError, DdpmkitError
+from .events import EventDispatcher, HookFailed, RunInfo
 from .factory import create_denoiser, create_sampler, create_schedule
 from .sampling import generate, sampling_progress, write_images, write_trajectory
 from .train import CPU_WARN_SECONDS, TrainEvents, steps_per_epoch, total_steps, train
 
-METRICS_FILE = "metrics.jsonl"
 OUTPUT_FILES = ("samples.png", "samples.npz", "trajectory.png")
 EXIT_INTERRUPTED = 130
 
@@ -74,20 +74,6 @@ def check_compatible(ckpt: Checkpoint, cfg: RunConfig, fingerprint: str) -> None
         )
 
 
-def _trim_metrics(path: Path, up_to_step: int) -> None:
-    """Drop metric lines past the checkpoint we resume from (they will be written again)."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= up_to_step:
-                kept.append(line)
-        except (ValueError, KeyError, TypeError):
-            continue
-    path.write_text("".join(f"{line}\n" for line in kept))
-
-
 def _format_duration(seconds: float) -> str:
     if seconds == float("inf"):
         return "?"
@@ -103,7 +89,7 @@ def run_config(cfg: RunConfig, *, console: Console, fresh: bool = False, data_ro
     _ensure_writable(run_dir)
     if fresh:
         shutil.rmtree(checkpoints_dir(run_dir), ignore_errors=True)
-        for name in (METRICS_FILE, *OUTPUT_FILES):
+        for name in ("metrics.jsonl", *OUTPUT_FILES):
             (run_dir / name).unlink(missing_ok=True)
 
     warn = lambda m: console.print(f"[yellow]warning:[/] {m}", highlight=False)  # noqa: E731
@@ -122,12 +108,6 @@ def run_config(cfg: RunConfig, *, console: Console, fresh: bool = False, data_ro
     )
     sampler = create_sampler(cfg.sampler.name, **cfg.sampler.options)
     (run_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
-
-    metrics_path = run_dir / METRICS_FILE
-    if resume is None:
-        metrics_path.unlink(missing_ok=True)
-    else:
-        _trim_metrics(metrics_path, resume.step)
 
     params = sum(p.numel() for p in model.parameters())
     steps = total_steps(cfg, len(dataset))
@@ -154,10 +134,11 @@ def run_config(cfg: RunConfig, *, console: Console, fresh: bool = False, data_ro
         TimeRemainingColumn(), console=console,
     )
     smoothed = {"loss": None}
-    metrics_file = open(metrics_path, "a", encoding="utf-8")
+    info = RunInfo(run_dir, cfg, str(device), resume.step if resume else 0, steps)
+    events = EventDispatcher(info)
 
     def on_step(m: dict[str, Any]) -> None:
-        metrics_file.write(json.dumps(m) + "\n")
+        events.emit("step_end", step=m["step"], metrics=m)
         prev = smoothed["loss"]
         smoothed["loss"] = m["loss"] if prev is None else 0.98 * prev + 0.02 * m["loss"]
         progress.update(task, completed=m["step"], epoch=m["epoch"] + 1, loss=smoothed["loss"], ips=m["images_per_s"])
@@ -173,10 +154,11 @@ def run_config(cfg: RunConfig, *, console: Console, fresh: bool = False, data_ro
             )
 
     def on_checkpoint(path: Path, step: int) -> None:
-        metrics_file.flush()
+        events.emit("checkpoint_written", step=step, path=path)
 
     task = progress.add_task("train", total=steps, completed=resume.step if resume else 0,
                              epoch=1, loss=float("nan"), ips=0.0)
+    events.emit("train_start")
     try:
         with progress:
             result = train(
@@ -184,8 +166,13 @@ def run_config(cfg: RunConfig, *, console: Console, fresh: bool = False, data_ro
                 checkpoint_state=state, resume=resume,
                 events=TrainEvents(on_step=on_step, on_checkpoint=on_checkpoint, on_measured=on_measured),
             )
-    finally:
-        metrics_file.close()
+    except BaseException:
+        try:  # let the plugins close their files; the original error is the one to report
+            events.emit("train_end", step=-1, interrupted=True)
+        except HookFailed:
+            pass
+        raise
+    events.emit("train_end", step=result.step, interrupted=result.interrupted)
     train_time = time.perf_counter() - started
     if result.interrupted:
         console.print(
@@ -211,9 +198,10 @@ def run_config(cfg: RunConfig, *, console: Console, fresh: bool = False, data_ro
                                    seed=sc.seed + 1, image_shape=cfg.image_shape, precision=cfg.train.precision,
                                    capture_steps=sc.trajectory_steps, progress=advance)
         write_trajectory(captured, run_dir / "trajectory.png")
-    written = [name for name in OUTPUT_FILES if (run_dir / name).exists()]
+    written = [run_dir / name for name in OUTPUT_FILES if (run_dir / name).exists()]
+    events.emit("samples_written", paths=written)
     console.print(
         f"sampled in {_format_duration(time.perf_counter() - started)}; wrote "
-        + ", ".join(str(run_dir / n) for n in written)
+        + ", ".join(str(p) for p in written)
     )
     return 0

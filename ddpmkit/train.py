@@ -25,6 +25,7 @@ from .config import RunConfig
 from .data import Dataset, to_model_scale
 from .device import autocast
 from .diffusion import draw_training_batch_noise, training_loss
+from .events import HookFailed
 from .interfaces import Denoiser, NoiseSchedule
 
 CPU_WARN_SECONDS = 2 * 3600
@@ -139,7 +140,7 @@ def train(
         {"step": step, "total_steps": last_step, "steps_per_epoch": per_epoch, "batch_size": batch, "images": n}
     )
 
-    def checkpoint(at_step: int) -> Path:
+    def checkpoint(at_step: int, announce: bool = True) -> Path:
         state = {**checkpoint_state, "step": at_step, "epoch": at_step / per_epoch}
         path = save_checkpoint(
             run_dir,
@@ -150,7 +151,8 @@ def train(
             state=state,
             keep=tc.keep_checkpoints,
         )
-        events.on_checkpoint(path, at_step)
+        if announce:
+            events.on_checkpoint(path, at_step)
         return path
 
     # --- the loop ---------------------------------------------------------------------------------
@@ -159,8 +161,9 @@ def train(
     model.train()
     started, started_step = time.perf_counter(), step
     stop = StopRequest()
+    failure: HookFailed | None = None
     with stop.installed():
-        while step < last_step and stop.signal is None:
+        while step < last_step and stop.signal is None and failure is None:
             epoch, index = divmod(step, per_epoch)
             if epoch != order_epoch:
                 order, order_epoch = epoch_order(seed, epoch, n).to(device), epoch
@@ -190,16 +193,20 @@ def train(
             metrics = {"step": step, "epoch": epoch, "loss": loss_value, "lr": tc.lr, "images_per_s": rate}
             if grad_norm is not None:
                 metrics["grad_norm"] = grad_norm
-            events.on_step(metrics)
-            if step - started_step == MEASURE_AFTER_STEPS:
-                events.on_measured(rate, (last_step - step) * batch / rate if rate else float("inf"))
+            try:
+                events.on_step(metrics)
+                if step - started_step == MEASURE_AFTER_STEPS:
+                    events.on_measured(rate, (last_step - step) * batch / rate if rate else float("inf"))
+                if step % tc.checkpoint_every == 0 or step == last_step:
+                    result.last_checkpoint = checkpoint(step)
+            except HookFailed as exc:  # a plugin's bug must not cost training progress
+                failure = exc
 
-            if step % tc.checkpoint_every == 0 or step == last_step:
-                result.last_checkpoint = checkpoint(step)
-
-    if stop.signal is not None:
-        result.interrupted = True
-        if result.last_checkpoint is None or not result.last_checkpoint.name.endswith(f"{step:08d}"):
-            result.last_checkpoint = checkpoint(step)
     result.step = step
+    if stop.signal is not None or failure is not None:
+        result.interrupted = True
+        if result.last_checkpoint is None or result.last_checkpoint.name != f"step-{step:08d}":
+            result.last_checkpoint = checkpoint(step, announce=failure is None)
+    if failure is not None:
+        raise HookFailed(f"{failure}; training stopped at step {step}, checkpoint {result.last_checkpoint}") from failure
     return result

@@ -124,10 +124,15 @@ def test_builtins_come_through_the_entry_point_group(site):
     from importlib import metadata
 
     eps = [ep for ep in metadata.entry_points(group="ddpmkit") if ep.dist and ep.dist.metadata["Name"] == "ddpmkit"]
-    assert [(ep.name, ep.value) for ep in eps] == [("builtin", "ddpmkit_plugins.builtin")]
+    assert sorted((ep.name, ep.value) for ep in eps) == [
+        ("builtin", "ddpmkit_plugins.builtin"),
+        ("metrics", "ddpmkit_plugins.metrics"),
+        ("tensorboard", "ddpmkit_plugins.tensorboard"),
+    ]
     rows = ddpmkit.list_plugins()
     assert_builtins_ok(rows)
-    targets = {r["name"]: r["target"] for r in rows}
+    targets = {r["name"]: r["target"] for r in rows if r["kind"] != "events"}
+    assert {r["name"] for r in rows if r["kind"] == "events"} == {"metrics", "tensorboard"}
     assert targets == {
         "linear": "ddpmkit_plugins.linear:LinearSchedule",
         "unet": "ddpmkit_plugins.unet:UNet",

@@ -1,0 +1,62 @@
+"""Training events: calling every plugin's event hooks, and stopping cleanly when one fails."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import plugins
+from .config import RunConfig
+from .errors import DdpmkitError, PluginError
+
+
+@dataclass
+class RunInfo:
+    """What an event hook learns about the run."""
+
+    run_dir: Path
+    config: RunConfig
+    device: str
+    start_step: int
+    total_steps: int
+
+
+class HookFailed(PluginError):
+    """An event hook raised; training stops after a checkpoint and the run ends with this message."""
+
+
+class EventDispatcher:
+    """Calls one event hook of every loaded plugin, each with only the arguments it asks for."""
+
+    def __init__(self, run: RunInfo) -> None:
+        self.run = run
+        reg = plugins.registry()
+        self.manager = reg.manager
+        self.labels = {f"{p.distribution}:{p.name}": p for p in reg.plugins}
+
+    def emit(self, hook: str, **kwargs: Any) -> None:
+        if self.manager is None:
+            return
+        kwargs["run"] = self.run
+        failure: HookFailed | None = None
+        # pluggy calls later-registered plugins first; call in registration order instead, and call
+        # every plugin even when one fails, so that one broken logger does not silence the others
+        for impl in reversed(getattr(self.manager.hook, hook).get_hookimpls()):
+            try:
+                impl.function(*[kwargs[name] for name in impl.argnames])
+            except Exception as exc:
+                if failure is None:
+                    failure = self._failure(hook, impl.plugin_name, exc)
+        if failure is not None:
+            raise failure
+
+    def _failure(self, hook: str, plugin_name: str, exc: Exception) -> HookFailed:
+        p = self.labels.get(plugin_name)
+        who = f"'{p.name}' ({p.distribution} {p.version})" if p else plugin_name
+        if isinstance(exc, DdpmkitError):  # the plugin's own clear message about user input
+            failed = HookFailed(f"plugin {who}: {exc}")
+        else:
+            failed = HookFailed(f"event hook {hook} of plugin {who} failed: {type(exc).__name__}: {exc}")
+        failed.__cause__ = exc
+        return failed
