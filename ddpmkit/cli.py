@@ -159,6 +159,90 @@ def sample(
     )
 
 
+@app.command("check-plugins")
+@user_errors
+def check_plugins(
+    names: Optional[List[str]] = typer.Argument(None, help="Component names to check (default: every installed one)."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON array of results instead of a table."),
+    device: str = typer.Option("cpu", "--device", help="Device to run the checks on."),
+) -> None:
+    """Run the conformance checks on installed schedules, denoisers and samplers; exit 1 if any fails."""
+    from .errors import PluginError
+    from .plugins import list_plugins
+    from .testing import check_component
+
+    rows = [r for r in list_plugins() if r["kind"] in ("schedule", "denoiser", "sampler")]
+    if names:
+        unknown = sorted(set(names) - {r["name"] for r in rows})
+        if unknown:
+            raise PluginError(f"no installed component named {', '.join(unknown)}; see ddpmkit list-plugins")
+        rows = [r for r in rows if r["name"] in names]
+    results = []
+    for r in rows:
+        if not as_json:
+            console.print(f"checking {r['kind']} '{r['name']}' ({r['distribution']} {r['version']}) ...", highlight=False)
+        results.extend(check_component(r["kind"], r["name"], device=device))
+    if as_json:
+        print(json.dumps([x.as_dict() for x in results], indent=2))
+    else:
+        table = Table(title="conformance")
+        for col in ("kind", "name", "check", "result", "detail"):
+            table.add_column(col)
+        for x in results:
+            table.add_row(x.kind, x.name, x.check, "[green]pass[/]" if x.passed else "[red]FAIL[/]", escape(x.detail))
+        console.print(table)
+    failed = [x for x in results if not x.passed]
+    if failed:
+        if not as_json:
+            err_console.print(f"[red]{len(failed)} of {len(results)} checks failed[/]")
+        raise typer.Exit(1)
+
+
+@app.command()
+@user_errors
+def describe(
+    name: str = typer.Argument(..., help="A component name, e.g. unet."),
+    kind: Optional[str] = typer.Option(None, "--kind", help="schedule, denoiser or sampler (when a name is used by several kinds)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the options' JSON schema."),
+) -> None:
+    """Show a component's options: types, defaults and descriptions (from its Options model)."""
+    from .errors import PluginError
+    from .plugins import KIND_HOOKS, find, options_model, registry
+
+    kinds = [kind] if kind else [k for k in KIND_HOOKS if registry().named(k, name)]
+    if kind and kind not in KIND_HOOKS:
+        raise PluginError(f"--kind must be one of {', '.join(KIND_HOOKS)}")
+    if not kinds:
+        find("denoiser" if kind is None else kind, name)  # raises the "unknown ..., installed: ..." error
+        kinds = ["denoiser"]
+    if len(kinds) > 1:
+        raise PluginError(f"'{name}' names a {' and a '.join(kinds)}; choose one with --kind")
+    comp = find(kinds[0], name)
+    schema = options_model(kinds[0], name).model_json_schema()
+    if as_json:
+        print(json.dumps(schema, indent=2))
+        return
+    console.print(
+        f"{kinds[0]} [bold]{name}[/] from plugin '{comp.plugin.name}' ({comp.plugin.distribution} {comp.plugin.version})",
+        highlight=False,
+    )
+    table = Table()
+    for col in ("option", "type", "default", "description"):
+        table.add_column(col)
+    for key, prop in schema.get("properties", {}).items():
+        table.add_row(key, escape(_schema_type(prop)), escape(json.dumps(prop.get("default"))), escape(prop.get("description", "")))
+    console.print(table)
+
+
+def _schema_type(prop: dict) -> str:
+    """A short type name for one property of a JSON schema."""
+    if "enum" in prop:
+        return "one of " + ", ".join(map(str, prop["enum"]))
+    if "type" in prop:
+        return str(prop["type"])
+    return " | ".join(str(a.get("type", "?")) for a in prop.get("anyOf", [])) or "?"
+
+
 def main() -> None:
     """Console-script entry point."""
     app(prog_name="ddpmkit")

@@ -1,0 +1,304 @@
+"""The conformance kit: checks every schedule, denoiser and sampler must pass.
+
+Run them from the command line (``ddpmkit check-plugins``) or from a plugin's own test suite::
+
+    from ddpmkit.testing import assert_conforms
+
+    def test_my_schedule():
+        assert_conforms("schedule", "cosine", num_timesteps=100)
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import torch
+
+from .factory import create_denoiser, create_sampler, create_schedule
+from .interfaces import Denoiser
+
+#: A schedule whose x_T still holds more signal than this is not close enough to pure noise.
+MAX_FINAL_SNR = 0.01
+
+
+@dataclass
+class CheckResult:
+    """One check of one component: passed or not, with what was measured."""
+
+    kind: str
+    name: str
+    check: str
+    passed: bool
+    detail: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _Checks:
+    def __init__(self, kind: str, name: str) -> None:
+        self.kind, self.name, self.results = kind, name, []
+
+    def run(self, check: str, fn: Callable[[], str | None]) -> None:
+        """Run one check; an AssertionError or any exception is a failure with its message."""
+        try:
+            detail = fn() or ""
+            self.results.append(CheckResult(self.kind, self.name, check, True, detail))
+        except Exception as exc:
+            msg = str(exc) if isinstance(exc, AssertionError) else f"{type(exc).__name__}: {exc}"
+            self.results.append(CheckResult(self.kind, self.name, check, False, msg))
+
+
+# --- schedules ------------------------------------------------------------------------------------
+
+
+def check_schedule(name: str, options: dict[str, Any] | None = None, *, device: str = "cpu") -> list[CheckResult]:
+    """T >= 1; betas finite, in (0, 1) (also as float32); abar strictly decreasing; small final SNR; device/dtype."""
+    c = _Checks("schedule", name)
+    built: dict[str, Any] = {}
+
+    def build() -> str:
+        built["s"] = create_schedule(name, **(options or {}))
+        return f"T = {built['s'].num_timesteps}"
+
+    c.run("builds", build)
+    if "s" not in built:
+        return c.results
+    s = built["s"]
+
+    def steps() -> None:
+        assert s.num_timesteps >= 1, f"T = {s.num_timesteps}"
+
+    def betas() -> str:
+        b = s.betas
+        assert torch.isfinite(b).all(), "betas are not all finite"
+        assert ((b > 0) & (b < 1)).all(), f"betas (float32) outside (0, 1): min {b.min():.3g}, max {b.max():.3g}"
+        return f"beta in [{b.min():.3g}, {b.max():.3g}]"
+
+    def decreasing() -> None:
+        ab = s.alphas_cumprod
+        if len(ab) > 1:
+            bad = int((ab[1:] >= ab[:-1]).sum())
+            assert bad == 0, f"alphas_cumprod fails to decrease at {bad} steps (float32)"
+        assert (ab > 0).all(), "alphas_cumprod reaches 0: x_0 cannot be predicted at the last steps"
+
+    def final_snr() -> str:
+        snr = float(s.snr()[-1])
+        assert snr < MAX_FINAL_SNR, f"final SNR {snr:.3g} >= {MAX_FINAL_SNR}: x_T is not close to pure noise"
+        return f"final SNR {snr:.3g}"
+
+    def on_device() -> str:
+        s.to(device)
+        for attr in ("betas", "alphas_cumprod", "posterior_variance", "posterior_mean_coef1"):
+            t = getattr(s, attr)
+            assert t.dtype == torch.float32, f"{attr} is {t.dtype}"
+            assert t.device.type == torch.device(device).type, f"{attr} on {t.device}"
+        return f"float32 on {device}"
+
+    for check, fn in (("T >= 1", steps), ("betas in (0, 1)", betas), ("abar decreasing", decreasing),
+                      ("final SNR", final_snr), ("float32 on device", on_device)):
+        c.run(check, fn)
+    return c.results
+
+
+# --- denoisers ------------------------------------------------------------------------------------
+
+
+def check_denoiser(
+    name: str,
+    options: dict[str, Any] | None = None,
+    *,
+    image_shape: tuple[int, int, int] = (1, 32, 32),
+    num_timesteps: int = 1000,
+    device: str = "cpu",
+) -> list[CheckResult]:
+    """Shape in == shape out (several batch sizes, mixed t); eval deterministic; gradients; state_dict round trip."""
+    c = _Checks("denoiser", name)
+    built: dict[str, Any] = {}
+
+    def make(seed: int) -> Denoiser:
+        torch.manual_seed(seed)
+        return create_denoiser(name, image_shape=image_shape, num_timesteps=num_timesteps, **(options or {})).to(device)
+
+    def build() -> str:
+        built["m"] = make(0)
+        n = sum(p.numel() for p in built["m"].parameters())
+        return f"{n:,} parameters"
+
+    c.run("builds", build)
+    if "m" not in built:
+        return c.results
+    m: Denoiser = built["m"]
+    g = torch.Generator().manual_seed(0)
+
+    def batch(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.randn((n, *image_shape), generator=g).to(device)
+        t = torch.randint(0, num_timesteps, (n,), generator=g)
+        t[0] = num_timesteps - 1
+        if n > 1:
+            t[1] = 0
+        return x, t.to(device)
+
+    def predicts() -> str:
+        assert getattr(m, "prediction", None) == "epsilon", f"prediction = {getattr(m, 'prediction', None)!r}"
+        return "epsilon"
+
+    def shapes() -> str:
+        m.eval()
+        with torch.no_grad():
+            for n in (1, 3):
+                x, t = batch(n)
+                y = m(x, t)
+                assert y.shape == x.shape, f"batch {n}: output {tuple(y.shape)} != input {tuple(x.shape)}"
+                assert torch.isfinite(y).all(), f"batch {n}: non-finite output"
+        return "batches 1 and 3, t from 0 to T-1"
+
+    def deterministic() -> None:
+        m.eval()
+        x, t = batch(2)
+        with torch.no_grad():
+            assert torch.equal(m(x, t), m(x, t)), "two eval-mode calls differ"
+
+    def gradients() -> str:
+        m.train()
+        m.zero_grad(set_to_none=True)
+        x, t = batch(2)
+        m(x, t).square().mean().backward()
+        missing = [n for n, p in m.named_parameters() if p.requires_grad and p.grad is None]
+        assert not missing, f"no gradient reaches {len(missing)} parameters, e.g. {missing[:3]}"
+        bad = [n for n, p in m.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+        assert not bad, f"non-finite gradients in {bad[:3]}"
+        m.zero_grad(set_to_none=True)
+        m.eval()
+        return f"{sum(1 for _ in m.parameters())} tensors"
+
+    def round_trip() -> None:
+        other = make(1)
+        other.load_state_dict(m.state_dict())
+        other.eval()
+        m.eval()
+        x, t = batch(2)
+        with torch.no_grad():
+            assert torch.equal(m(x, t), other(x, t)), "a copy loaded from state_dict() computes differently"
+
+    def speed() -> str:
+        m.eval()
+        x, t = batch(8)
+        with torch.no_grad():
+            m(x, t)
+            start = time.perf_counter()
+            m(x, t)
+            if torch.device(device).type == "cuda":
+                torch.cuda.synchronize()
+        return f"{(time.perf_counter() - start) * 1000 / 8:.2f} ms per image forward on {device}"
+
+    for check, fn in (("predicts epsilon", predicts), ("shape in == out", shapes), ("eval deterministic", deterministic),
+                      ("gradients reach all parameters", gradients), ("state_dict round trip", round_trip),
+                      ("forward time", speed)):
+        c.run(check, fn)
+    return c.results
+
+
+# --- samplers -------------------------------------------------------------------------------------
+
+
+class GaussianOracle(Denoiser):
+    """The exact epsilon predictor for data x_0 ~ N(mu, s^2) per pixel, under a given schedule.
+
+    x_t = sqrt(abar) x_0 + sqrt(1 - abar) eps gives E[eps | x_t] = sqrt(1 - abar) (x_t - sqrt(abar) mu) / (abar s^2 + 1 - abar).
+    """
+
+    def __init__(self, schedule, mu: float, s: float, image_shape=(1, 8, 8)) -> None:
+        super().__init__(Denoiser.Options(), image_shape=image_shape, num_timesteps=schedule.num_timesteps)
+        self.mu, self.s = mu, s
+        self.register_buffer("abar", schedule.alphas_cumprod.double().clone())
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        ab = self.abar[t].view(-1, *([1] * (x_t.ndim - 1)))
+        eps = (1 - ab).sqrt() * (x_t.double() - ab.sqrt() * self.mu) / (ab * self.s**2 + 1 - ab)
+        return eps.to(x_t.dtype)
+
+
+def check_sampler(
+    name: str,
+    options: dict[str, Any] | None = None,
+    *,
+    device: str = "cpu",
+    num_pixels: int = 16384,
+    mu: float = 0.3,
+    s: float = 0.2,
+) -> list[CheckResult]:
+    """With the exact predictor of N(mu, s^2) data, samples match mu and s; seeds reproduce; output in [-1, 1]."""
+    c = _Checks("sampler", name)
+    built: dict[str, Any] = {}
+
+    def build() -> None:
+        built["sampler"] = create_sampler(name, **(options or {}))
+
+    c.run("builds", build)
+    if "sampler" not in built:
+        return c.results
+    sampler = built["sampler"]
+    schedule = create_schedule("linear", num_timesteps=1000)
+    side = int(math.isqrt(num_pixels // 16))
+    shape = (16, 1, side, side)
+    oracle = GaussianOracle(schedule, mu, s, image_shape=shape[1:]).to(device)
+    seen_t: list[int] = []
+
+    def draw(seed: int, record: bool = False) -> torch.Tensor:
+        cb = (lambda i, t, x: seen_t.append(int(t))) if record else None
+        return sampler.sample(oracle, schedule, shape, generator=torch.Generator().manual_seed(seed), callback=cb)
+
+    first: dict[str, torch.Tensor] = {}
+
+    def moments() -> str:
+        x = draw(0, record=True).double()
+        first["x"] = x
+        n = x.numel()
+        # 5 standard errors, plus 0.005 for the bias of a finite number of reverse steps (about 0.004 for
+        # the ancestral sampler with the posterior variance at T = 1000)
+        tol_mean = 5 * s / math.sqrt(n) + 0.005
+        tol_std = 5 * s / math.sqrt(2 * n) + 0.005
+        m_hat, s_hat = float(x.mean()), float(x.std())
+        assert abs(m_hat - mu) < tol_mean, f"mean {m_hat:.4f}, expected {mu} +- {tol_mean:.4f}"
+        assert abs(s_hat - s) < tol_std, f"std {s_hat:.4f}, expected {s} +- {tol_std:.4f}"
+        return f"mean {m_hat:.4f} (target {mu}), std {s_hat:.4f} (target {s}), {n} pixels"
+
+    def seeds() -> None:
+        assert "x" in first, "no first sample to compare with"
+        assert torch.equal(draw(0).double(), first["x"]), "equal seeds gave different images"
+        assert not torch.equal(draw(1).double(), first["x"]), "different seeds gave equal images"
+
+    def in_range() -> None:
+        x = first.get("x")
+        assert x is not None, "no sample"
+        assert tuple(x.shape) == shape, f"shape {tuple(x.shape)} != {shape}"
+        assert torch.isfinite(x).all() and x.min() >= -1 and x.max() <= 1, f"output in [{x.min():.3g}, {x.max():.3g}]"
+
+    def callback() -> str:
+        assert seen_t, "the callback was never called"
+        assert all(a > b for a, b in zip(seen_t, seen_t[1:])), "the callback's t does not decrease"
+        return f"{len(seen_t)} steps, t from {seen_t[0]} to {seen_t[-1]}"
+
+    for check, fn in (("matches N(mu, s^2)", moments), ("seeds reproduce", seeds), ("output in [-1, 1]", in_range),
+                      ("callback sees every step", callback)):
+        c.run(check, fn)
+    return c.results
+
+
+CHECKS = {"schedule": check_schedule, "denoiser": check_denoiser, "sampler": check_sampler}
+
+
+def check_component(kind: str, name: str, options: dict[str, Any] | None = None, **kwargs: Any) -> list[CheckResult]:
+    """Run the conformance checks of ``kind`` on the installed component ``name``."""
+    return CHECKS[kind](name, options, **kwargs)
+
+
+def assert_conforms(kind: str, name: str, **options: Any) -> None:
+    """For a plugin's own tests: AssertionError listing every failed check of component ``name``."""
+    failed = [r for r in check_component(kind, name, options) if not r.passed]
+    if failed:
+        raise AssertionError("; ".join(f"{r.check}: {r.detail}" for r in failed))

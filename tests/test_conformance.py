@@ -1,0 +1,119 @@
+"""The conformance kit: every built-in passes; broken components are caught; the CLI reports both."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+
+from ddpmkit.testing import GaussianOracle, assert_conforms, check_component
+from runconfigs import cli_env, ddpmkit
+from test_plugins import make_dist
+
+
+@pytest.mark.parametrize("kind, name, options", [
+    ("schedule", "linear", {}),
+    ("schedule", "linear", {"num_timesteps": 1}),
+    ("sampler", "ddpm", {}),
+    ("sampler", "ddpm", {"variance": "posterior"}),
+    ("sampler", "ddpm", {"clip_denoised": True}),
+    ("denoiser", "unet", {"channels": [8, 16, 32, 32], "attentions": [False, True, False, False],
+                          "upscales": [False, False, True, True], "num_groups": 4, "num_heads": 2}),
+])
+def test_builtins_conform(kind, name, options):
+    if options.get("num_timesteps") == 1:  # T = 1 keeps almost all signal: only the SNR check may fail
+        failed = [r.check for r in check_component(kind, name, options) if not r.passed]
+        assert failed == ["final SNR"]
+        return
+    assert_conforms(kind, name, **options)
+
+
+def test_oracle_is_the_posterior_mean_of_the_noise():
+    import torch
+
+    from ddpmkit import create_schedule
+
+    schedule = create_schedule("linear")
+    oracle = GaussianOracle(schedule, mu=0.3, s=0.2, image_shape=(1, 64, 64))
+    g = torch.Generator().manual_seed(0)
+    t = 300
+    x0 = 0.3 + 0.2 * torch.randn(1, 1, 64, 64, generator=g)
+    eps = torch.randn(1, 1, 64, 64, generator=g)
+    ab = schedule.alphas_cumprod[t]
+    x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
+    pred = oracle(x_t, torch.tensor([t]))
+    # E[eps | x_t] regresses eps on x_t: the residual is uncorrelated with x_t
+    resid = (eps - pred).flatten()
+    centered = (x_t - x_t.mean()).flatten()
+    assert abs(float((resid * centered).mean())) < 0.01
+    assert float(((eps - pred) ** 2).mean()) < float((eps ** 2).mean())
+
+
+BROKEN = """
+import torch
+from ddpmkit import NoiseSchedule, Sampler
+
+class Flat(NoiseSchedule):
+    def make_betas(self):
+        return torch.full((self.options.num_timesteps,), 1e-4, dtype=torch.float64)
+
+class Lazy(Sampler):
+    def sample(self, denoiser, schedule, shape, *, generator, callback=None):
+        return torch.zeros(shape)   # ignores the model and the generator
+"""
+
+
+def test_broken_components_fail_their_checks(tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    make_dist(site, "ddpmkit-broken", "0.1", {"broken": "broken_hooks"}, {
+        "broken_impl": BROKEN,
+        "broken_hooks": textwrap.dedent("""
+            import ddpmkit
+
+            @ddpmkit.hookimpl
+            def register_schedules(register):
+                register("flat", "broken_impl:Flat")
+
+            @ddpmkit.hookimpl
+            def register_samplers(register):
+                register("lazy", "broken_impl:Lazy")
+        """),
+    })
+    r = ddpmkit("check-plugins", "flat", "lazy", "--json", env=cli_env(PYTHONPATH=str(site)))
+    assert r.returncode == 1, r.stdout + r.stderr
+    results = json.loads(r.stdout)
+    failed = {(x["name"], x["check"]) for x in results if not x["passed"]}
+    assert failed == {
+        ("flat", "final SNR"),
+        ("lazy", "matches N(mu, s^2)"),
+        ("lazy", "seeds reproduce"),
+        ("lazy", "callback sees every step"),
+    }
+    flat_snr = next(x for x in results if x["name"] == "flat" and x["check"] == "final SNR")
+    assert "final SNR" in flat_snr["detail"]
+
+
+def test_check_plugins_cli_on_every_builtin():
+    r = ddpmkit("check-plugins", "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    results = json.loads(r.stdout)
+    assert {x["name"] for x in results} >= {"linear", "unet", "ddpm"}
+    assert all(x["passed"] for x in results), [x for x in results if not x["passed"]]
+    unet = {x["check"]: x["detail"] for x in results if x["name"] == "unet"}
+    assert unet["builds"] == "35,178,689 parameters" and "ms per image" in unet["forward time"]
+    table = ddpmkit("check-plugins", "ddpm")
+    assert table.returncode == 0 and "pass" in table.stdout
+    unknown = ddpmkit("check-plugins", "nope")
+    assert unknown.returncode == 2 and "no installed component named nope" in unknown.stderr
+
+
+def test_describe_cli():
+    r = ddpmkit("describe", "unet")
+    assert r.returncode == 0 and "num_groups" in r.stdout and "GroupNorm" in r.stdout
+    schema = json.loads(ddpmkit("describe", "linear", "--json").stdout)
+    assert schema["properties"]["beta_end"]["default"] == 0.02
+    assert schema["additionalProperties"] is False
+    r = ddpmkit("describe", "nope")
+    assert r.returncode == 2 and "installed: unet" in r.stderr
