@@ -4,12 +4,7 @@ Fast tests import its components from the source folder. The slow test installs 
 pip into a throw-away virtual environment (offline, no build isolation) and drives ddpmkit's CLI
 in subprocesses: list-plugins, validate and run see it; after pip uninstall they do not.
 
-The throw-away venv is created without pip and without packages. A ``.pth`` file in its
-site-packages holding ``import site; site.addsitedir("<outer site-packages>")`` makes this
-environment's packages (torch, ddpmkit's editable install, pip, setuptools) importable there:
-``addsitedir`` also processes the outer ``.pth`` files, which an editable install needs (a plain
-path line would not). pip run by the venv's interpreter installs into the venv (``sys.prefix``)
-and refuses to uninstall anything outside it, so the outer environment is never modified.
+The throw-away venv is described in tests/throwaway_venv.py.
 """
 
 from __future__ import annotations
@@ -21,12 +16,12 @@ import re
 import shutil
 import subprocess
 import sys
-import sysconfig
 import tomllib
-import venv
 from pathlib import Path
 
 import pytest
+
+from throwaway_venv import make_venv, outer_snapshot
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "docs" / "examples" / "ddpmkit-example-plugin"
@@ -196,47 +191,14 @@ def _write_config(path: Path, runs: Path, *, schedule: bool = True, denoiser: bo
     return data
 
 
-def _venv_python(env_dir: Path) -> Path:
-    return env_dir / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
-
-
-def _outer_site_dirs() -> list[str]:
-    paths = sysconfig.get_paths()
-    return list(dict.fromkeys([paths["purelib"], paths["platlib"]]))
-
-
-def _outer_snapshot() -> set[str]:
-    """What ddpmkit-related entries the outer site-packages hold (must not change)."""
-    return {
-        name for d in _outer_site_dirs() if os.path.isdir(d) for name in os.listdir(d) if name.lower().startswith("ddpmkit")
-    }
-
-
 @pytest.mark.slow
 def test_real_install_through_the_cli(tmp_path):
-    outer_before = _outer_snapshot()
+    outer_before = outer_snapshot()
     assert not any(n.startswith("ddpmkit_example") for n in outer_before), "the example is installed in the outer env"
 
     # 1. A bare venv that sees the outer environment's packages through a .pth file.
-    env_dir = (tmp_path / "venv").resolve()
-    venv.create(env_dir, with_pip=False, symlinks=os.name != "nt", clear=True)
-    python = str(_venv_python(env_dir))
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "DDPMKIT_NO_THIRD_PARTY_PLUGINS")}
-    env.update(
-        PIP_NO_INDEX="1",
-        PIP_NO_CACHE_DIR="1",
-        PIP_DISABLE_PIP_VERSION_CHECK="1",
-        PYTHONNOUSERSITE="1",
-        NO_COLOR="1",
-    )
-
-    def call(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-        return subprocess.run([python, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
-
-    site_dir = Path(call("-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])").stdout.strip()).resolve()
-    assert site_dir.is_dir() and env_dir in site_dir.parents, site_dir
-    lines = "".join(f"import site; site.addsitedir({d!r})\n" for d in _outer_site_dirs())
-    (site_dir / "_ddpmkit_test_outer_env.pth").write_text(lines, encoding="utf-8")
+    tv = make_venv(tmp_path, tmp_path)
+    call, site_dir = tv.call, tv.site_dir
 
     pip = call("-m", "pip", "--version")
     if pip.returncode != 0:
@@ -310,4 +272,4 @@ def test_real_install_through_the_cli(tmp_path):
     assert message.startswith("error:") and "unknown schedule 'sigmoid'" in message, message
 
     # 6. The outer environment was never touched.
-    assert _outer_snapshot() == outer_before
+    assert outer_snapshot() == outer_before

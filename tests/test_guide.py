@@ -1,0 +1,78 @@
+"""docs/writing-plugins.md cannot rot: every code block in it is run here, in order.
+
+A block right after a line ``**`path`**`` is written to that path in a scratch folder; a ``console``
+block's ``$`` lines are run (pip installs offline into a throw-away venv; ``ddpmkit`` and ``python``
+are that venv's); any other ``python`` block is run as a script. Every command must succeed.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from throwaway_venv import PIP_OFFLINE, make_venv, outer_snapshot
+
+GUIDE = Path(__file__).resolve().parents[1] / "docs" / "writing-plugins.md"
+FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.M | re.S)
+FILE_LABEL = re.compile(r"^\*\*`([^`]+)`\*\*$")
+
+
+def blocks() -> list[tuple[str, str, str | None]]:
+    """(language, code, file path or None) for every fenced block of the guide, in order."""
+    text = GUIDE.read_text(encoding="utf-8")
+    out = []
+    for m in FENCE.finditer(text):
+        before = [line for line in text[: m.start()].splitlines() if line.strip()]
+        label = FILE_LABEL.match(before[-1].strip()) if before else None
+        out.append((m.group(1), m.group(2), label.group(1) if label else None))
+    return out
+
+
+def test_every_block_is_a_file_a_command_or_a_script():
+    for lang, code, path in blocks():
+        assert path or lang in ("console", "python"), f"a {lang or 'plain'} block the test would not run:\n{code}"
+        if lang == "console":
+            assert all(line.startswith("$ ") for line in code.splitlines() if line.strip()), code
+
+
+def _argv(command: str, python: str) -> list[str]:
+    words = shlex.split(command)
+    if words[:2] == ["pip", "install"]:
+        return [python, "-m", "pip", "install", *PIP_OFFLINE, *words[2:]]
+    if words[0] == "ddpmkit":
+        return [python, "-m", "ddpmkit", *words[1:]]
+    if words[0] == "python":
+        return [python, *words[1:]]
+    raise AssertionError(f"the guide runs a command this test does not know: {command}")
+
+
+@pytest.mark.slow
+def test_the_guide_works_from_an_empty_folder(tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    tv = make_venv(tmp_path, work)
+    before = outer_snapshot()
+    outputs = {}
+    for lang, code, path in blocks():
+        if path:
+            target = work / path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(code, encoding="utf-8")
+        elif lang == "console":
+            for line in code.splitlines():
+                command = line.removeprefix("$ ").strip()
+                proc = tv.call(*_argv(command, tv.python)[1:], timeout=600)
+                assert proc.returncode == 0, f"$ {command}\n{proc.stdout}\n{proc.stderr}"
+                outputs[command] = proc.stdout
+        else:
+            proc = tv.call("-c", code)
+            assert proc.returncode == 0, f"{code}\n{proc.stdout}\n{proc.stderr}"
+    # what the guide says these commands show
+    assert "cosine" in outputs["ddpmkit list-plugins"] and "ddpmkit-cosine" in outputs["ddpmkit list-plugins"]
+    assert "offset" in outputs["ddpmkit describe cosine"]
+    assert "final SNR" in outputs["ddpmkit check-plugins cosine"]
+    assert (work / "runs" / "cosine-smoke" / "samples.png").exists()
+    assert outer_snapshot() == before
