@@ -1,6 +1,7 @@
 """Training and sampling throughput of UNet variants, measured side by side in one process.
 
-    python benchmarks/throughput.py [--steps 6] [--batch 64] [--threads N]
+    python benchmarks/throughput.py [--variants w32-4,...] [--modes fp32,bf16,bf16-cl] [--size 32]
+                                    [--batch 64] [--steps 6] [--threads N] [--device cpu|cuda]
 
 Prints images/s for each (variant, precision, memory format); compare ratios, not absolute
 numbers, on a shared machine.
@@ -30,18 +31,26 @@ VARIANTS = {
 }
 
 
-def bench(name: str, opts: dict, precision: str, channels_last: bool, steps: int, batch: int) -> tuple[float, float, int]:
+def bench(
+    name: str, opts: dict, precision: str, channels_last: bool, steps: int, batch: int, size: int = 32,
+    device: str = "cpu",
+) -> tuple[float, float, int]:
     torch.manual_seed(0)
-    model = ddpmkit.create_denoiser("unet", image_shape=(1, 32, 32), num_timesteps=1000, **opts)
+    dev = torch.device(device)
+    model = ddpmkit.create_denoiser("unet", image_shape=(1, size, size), num_timesteps=1000, **opts).to(dev)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    schedule = ddpmkit.create_schedule("linear")
+    schedule = ddpmkit.create_schedule("linear").to(dev)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    x0 = torch.rand(batch, 1, 32, 32) * 2 - 1
-    ac = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    x0 = torch.rand(batch, 1, size, size, device=dev) * 2 - 1
+    ac = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
 
     def step():
-        t = torch.randint(0, 1000, (batch,))
+        t = torch.randint(0, 1000, (batch,), device=dev)
         with ac:
             loss = training_loss(model, schedule, x0, t, torch.randn_like(x0))
         opt.zero_grad()
@@ -49,16 +58,21 @@ def bench(name: str, opts: dict, precision: str, channels_last: bool, steps: int
         opt.step()
 
     step()
+    sync()
     start = time.perf_counter()
     for _ in range(steps):
         step()
+    sync()
     train_ips = steps * batch / (time.perf_counter() - start)
     model.eval()
+    t0 = torch.zeros(batch, dtype=torch.long, device=dev)
     with torch.no_grad(), ac:
-        model(x0, torch.zeros(batch, dtype=torch.long))
+        model(x0, t0)
+        sync()
         start = time.perf_counter()
         for _ in range(steps):
-            model(x0, torch.zeros(batch, dtype=torch.long))
+            model(x0, t0)
+        sync()
     fwd_ips = steps * batch / (time.perf_counter() - start)
     return train_ips, fwd_ips, sum(p.numel() for p in model.parameters())
 
@@ -69,14 +83,18 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--size", type=int, default=32, help="image side")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
+    p.add_argument("--modes", default="fp32,bf16,bf16-cl", help="fp32, bf16 and/or bf16-cl (channels-last)")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {a.batch}")
+    print(f"torch {torch.__version__}, {a.device}, {torch.get_num_threads()} threads, batch {a.batch}, {a.size}x{a.size}")
     print(f"{'variant':<12}{'params':>10} {'precision':<6}{'layout':<14}{'train img/s':>12}{'fwd img/s':>11}")
     for name in a.variants.split(","):
-        for precision, cl in (("fp32", False), ("bf16", False), ("bf16", True)):
-            tr, fw, n = bench(name, VARIANTS[name], precision, cl, a.steps, a.batch)
+        for mode in a.modes.split(","):
+            precision, cl = mode.removesuffix("-cl"), mode.endswith("-cl")
+            tr, fw, n = bench(name, VARIANTS[name], precision, cl, a.steps, a.batch, a.size, a.device)
             layout = "channels_last" if cl else "contiguous"
             print(f"{name:<12}{n:>10,} {precision:<6}{layout:<14}{tr:>12.1f}{fw:>11.1f}", flush=True)
 

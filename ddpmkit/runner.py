@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import shutil
@@ -124,6 +125,7 @@ def run_config(cfg: RunConfig, *, console: Console, fresh: bool = False, data_ro
     state = {
         "config": cfg.model_dump(mode="json"),
         "identity": cfg.identity(),
+        "identity_sha256": hashlib.sha256(json.dumps(cfg.identity(), sort_keys=True).encode()).hexdigest(),
         "manifest": _manifest(cfg, fingerprint),
         "rng": "every stream is derived from run.seed and the step (see ddpmkit.train.derive_seed)",
     }
@@ -150,7 +152,7 @@ def run_config(cfg: RunConfig, *, console: Console, fresh: bool = False, data_ro
         if device.type == "cpu" and eta_s > CPU_WARN_SECONDS:
             progress.console.print(
                 f"[yellow]warning:[/] this run needs about {_format_duration(eta_s)} on this CPU; "
-                "configs/mnist-cpu.toml is sized for a CPU (about 20 minutes on 2 cores)", highlight=False
+                "configs/mnist-cpu.toml is sized for a CPU (about 16 minutes on 2 cores)", highlight=False
             )
 
     def on_checkpoint(path: Path, step: int) -> None:
@@ -185,19 +187,20 @@ def run_config(cfg: RunConfig, *, console: Console, fresh: bool = False, data_ro
     sc = cfg.sample
     ema_or_raw = result.ema_model if sc.use_ema else result.model
     started = time.perf_counter()
-    if sc.num_images:
-        with sampling_progress(console, sc.num_images * cfg.num_timesteps, "samples") as advance:
-            images, _ = generate(ema_or_raw, schedule, sampler, sc.num_images, batch_size=sc.batch_size,
-                                 seed=sc.seed, image_shape=cfg.image_shape, precision=cfg.train.precision,
-                                 progress=advance)
-        write_images(images, run_dir / "samples.png")
-        write_images(images, run_dir / "samples.npz")
-    if sc.trajectory_images and sc.trajectory_steps:
-        with sampling_progress(console, sc.trajectory_images * cfg.num_timesteps, "trajectory") as advance:
-            _, captured = generate(ema_or_raw, schedule, sampler, sc.trajectory_images, batch_size=sc.batch_size,
-                                   seed=sc.seed + 1, image_shape=cfg.image_shape, precision=cfg.train.precision,
-                                   capture_steps=sc.trajectory_steps, progress=advance)
-        write_trajectory(captured, run_dir / "trajectory.png")
+    # one pass draws the samples; the first few of them also give the denoising strip
+    count = max(sc.num_images, sc.trajectory_images if sc.trajectory_steps else 0)
+    if count:
+        with sampling_progress(console, count * cfg.num_timesteps, "sampling") as advance:
+            images, captured = generate(
+                ema_or_raw, schedule, sampler, count, batch_size=sc.batch_size, seed=sc.seed,
+                image_shape=cfg.image_shape, precision=cfg.train.precision,
+                capture_steps=sc.trajectory_steps if sc.trajectory_images else None, progress=advance,
+            )
+        if sc.num_images:
+            write_images(images[: sc.num_images], run_dir / "samples.png")
+            write_images(images[: sc.num_images], run_dir / "samples.npz")
+        if sc.trajectory_images and captured:
+            write_trajectory({t: x[: sc.trajectory_images] for t, x in captured.items()}, run_dir / "trajectory.png")
     written = [run_dir / name for name in OUTPUT_FILES if (run_dir / name).exists()]
     events.emit("samples_written", paths=written)
     console.print(

@@ -97,7 +97,22 @@ def write_trajectory(captured: dict[int, torch.Tensor], path: Path) -> None:
     if not steps:
         return
     cells = torch.stack([to_uint8(captured[t]) for t in steps], dim=1)  # [rows, steps, C, H, W]
-    save_png(grid(cells.flatten(0, 1), nrow=len(steps)), Path(path))
+    body = grid(cells.flatten(0, 1), nrow=len(steps))
+    save_png(_with_column_labels(body, [f"{t}" for t in steps], cell=cells.shape[-1] + 2), Path(path))
+
+
+def _with_column_labels(body: np.ndarray, labels: list[str], cell: int) -> np.ndarray:
+    """``body`` with a band above it naming each column (here: the step t)."""
+    from PIL import Image, ImageDraw
+
+    band = 12
+    img = Image.new("L" if body.ndim == 2 else "RGB", (body.shape[1], body.shape[0] + band), color=0)
+    img.paste(Image.fromarray(body), (0, band))
+    draw = ImageDraw.Draw(img)
+    for i, text in enumerate(labels):
+        width = draw.textlength(text)
+        draw.text((2 + i * cell + (cell - 2 - width) / 2, 0), text, fill=255 if body.ndim == 2 else (255, 255, 255))
+    return np.asarray(img)
 
 
 def sample_command(

@@ -211,9 +211,11 @@ def test_list_plugins_json():
     assert result.exit_code == 0
     rows = json.loads(result.stdout)
     assert rows == [
-        {"kind": kind, "name": name, "plugin": "builtin", "distribution": "ddpmkit",
+        {"kind": kind, "name": name, "plugin": plugin, "distribution": "ddpmkit",
          "version": ddpmkit.__version__, "status": "ok", "error": None}
-        for kind, name in [("schedule", "linear"), ("denoiser", "unet"), ("sampler", "ddpm")]
+        for kind, name, plugin in [("schedule", "linear", "builtin"), ("denoiser", "unet", "builtin"),
+                                   ("sampler", "ddpm", "builtin"), ("events", "metrics", "metrics"),
+                                   ("events", "tensorboard", "tensorboard")]
     ]
 
 

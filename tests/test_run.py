@@ -39,6 +39,7 @@ def test_smoke_config_runs_from_the_cli(tmp_path):
     manifest = state["manifest"]
     assert manifest["plugins"]["denoiser"]["distribution"] == "ddpmkit" and manifest["seed"] == 0
     assert {"ddpmkit", "torch", "python", "dataset_fingerprint"} <= set(manifest)
+    assert state["identity"]["denoiser.name"] == "unet" and len(state["identity_sha256"]) == 64
     assert "steps in all" in result.stdout and "parameters" in result.stdout
 
 
