@@ -191,6 +191,16 @@ def _write_config(path: Path, runs: Path, *, schedule: bool = True, denoiser: bo
     return data
 
 
+def _install_fake(site_dir: Path, dist: str, module_source: str) -> None:
+    """An installed-looking distribution (dist-info + module) whose ``ddpmkit`` entry point is that module."""
+    module = dist.replace("-", "_") + "_hooks"
+    info = site_dir / f"{dist.replace('-', '_')}-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[ddpmkit]\n{dist} = {module}\n")
+    (site_dir / f"{module}.py").write_text(module_source + "\n")
+
+
 @pytest.mark.slow
 def test_real_install_through_the_cli(tmp_path):
     outer_before = outer_snapshot()
@@ -218,7 +228,7 @@ def test_real_install_through_the_cli(tmp_path):
     def plugins() -> dict[tuple[str, str], dict]:
         proc = call("-m", "ddpmkit", "list-plugins", "--json")
         assert proc.returncode == 0, proc.stderr
-        return {(r["kind"], r["name"]): r for r in json.loads(proc.stdout)}
+        return {(r["kind"], r["name"] or r["plugin"]): r for r in json.loads(proc.stdout)}
 
     rows = plugins()
     for key in [("schedule", "sigmoid"), ("denoiser", "resconv")]:
@@ -227,6 +237,20 @@ def test_real_install_through_the_cli(tmp_path):
         assert (row["distribution"], row["version"], row["plugin"], row["status"]) == (DIST, VERSION, "example", "ok"), row
     for key in BUILTINS:
         assert rows[key]["distribution"] == "ddpmkit" and rows[key]["status"] == "ok", rows.get(key)
+
+    # 3b. it passes the conformance kit
+    proc = call("-m", "ddpmkit", "check-plugins", "sigmoid", "resconv", "--json")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    checks = json.loads(proc.stdout)
+    assert {c["name"] for c in checks} == {"sigmoid", "resconv"} and all(c["passed"] for c in checks), checks
+
+    # 3c. a broken and an incompatible plugin installed beside it are shown as such and break nothing
+    _install_fake(site_dir, "ddpmkit-broken", "raise ImportError('needs a library that is not installed')")
+    _install_fake(site_dir, "ddpmkit-old", "import ddpmkit\nDDPMKIT_PLUGIN_API = [0]\n")
+    rows_with_bad = plugins()
+    status = {r["distribution"]: r["status"] for r in rows_with_bad.values()}
+    assert status["ddpmkit-broken"] == "error" and status["ddpmkit-old"] == "incompatible", status
+    assert rows_with_bad[("schedule", "sigmoid")]["status"] == "ok"
 
     # 4. validate and a smoke run with the sigmoid schedule and the resconv backbone.
     runs = tmp_path / "runs"

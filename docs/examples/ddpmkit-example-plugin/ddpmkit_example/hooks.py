@@ -6,8 +6,10 @@ Components are registered as lazy ``"module:attr"`` strings: importing this modu
 
 from __future__ import annotations
 
-from ddpmkit import hookimpl
-from ddpmkit.hookspecs import Register
+from ddpmkit import Register, hookimpl
+
+#: The ddpmkit plugin API versions this plugin was written for.
+DDPMKIT_PLUGIN_API = [1]
 
 
 @hookimpl
