@@ -13,7 +13,7 @@ import signal
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -25,6 +25,7 @@ from .config import RunConfig
 from .data import Dataset, to_model_scale
 from .device import autocast
 from .diffusion import draw_training_batch_noise, training_loss
+from .errors import DdpmkitError
 from .events import HookFailed
 from .interfaces import Denoiser, NoiseSchedule
 
@@ -57,7 +58,6 @@ def total_steps(cfg: RunConfig, num_images: int) -> int:
 class TrainEvents:
     """Callbacks the loop calls; the runner connects them to progress display, metrics and hooks."""
 
-    on_start: Callable[[dict[str, Any]], None] = lambda info: None
     on_step: Callable[[dict[str, Any]], None] = lambda metrics: None
     on_checkpoint: Callable[[Path, int], None] = lambda path, step: None
     on_measured: Callable[[float, float], None] = lambda images_per_s, eta_s: None
@@ -70,7 +70,10 @@ class TrainResult:
     step: int
     interrupted: bool
     last_checkpoint: Path | None = None
-    losses: list[float] = field(default_factory=list)
+
+
+class TrainingDiverged(DdpmkitError):
+    """The loss became NaN or infinite (usually too large a learning rate)."""
 
 
 class StopRequest:
@@ -136,9 +139,6 @@ def train(
     per_epoch = steps_per_epoch(n, tc.batch_size)
     batch = min(tc.batch_size, n)
     last_step = total_steps(cfg, n)
-    events.on_start(
-        {"step": step, "total_steps": last_step, "steps_per_epoch": per_epoch, "batch_size": batch, "images": n}
-    )
 
     def checkpoint(at_step: int, announce: bool = True) -> Path:
         state = {**checkpoint_state, "step": at_step, "epoch": at_step / per_epoch}
@@ -185,9 +185,11 @@ def train(
             step += 1
 
             loss_value = float(loss.detach())
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(f"loss became {loss_value} at step {step}; lower train.lr or set train.grad_clip")
-            result.losses.append(loss_value)
+            if not math.isfinite(loss_value):  # keep the last good checkpoint: nothing is saved from here
+                raise TrainingDiverged(
+                    f"the loss became {loss_value} at step {step}; lower train.lr or set train.grad_clip, "
+                    "then run again to resume from the last checkpoint"
+                )
             elapsed = time.perf_counter() - started
             rate = (step - started_step) * batch / elapsed if elapsed > 0 else 0.0
             metrics = {"step": step, "epoch": epoch, "loss": loss_value, "lr": tc.lr, "images_per_s": rate}

@@ -173,3 +173,12 @@ def test_kill_and_resume_is_bit_for_bit(tmp_path):
         assert torch.equal(opt_a["state"][k]["exp_avg"], opt_b["state"][k]["exp_avg"])
     assert _losses(run_a) == _losses(run_b)
     assert len(_losses(run_b)) == 240
+
+
+def test_a_diverging_run_stops_with_one_line(tmp_path):
+    cfg = write_config(tmp_path, "nan", epochs=1, checkpoint_every=2, num_images=0, trajectory_images=0)
+    text = cfg.read_text().replace("lr = 1e-3", "lr = 1e30").replace("grad_clip = 1.0\n", "")
+    cfg.write_text(text)
+    r = ddpmkit("run", str(cfg))
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "the loss became" in r.stderr and "lower train.lr" in r.stderr and "Traceback" not in r.stderr
