@@ -15,3 +15,14 @@ def mnist_root() -> Path:
     if not (root / "MNIST" / "raw" / "train-images-idx3-ubyte").exists():
         pytest.skip(f"MNIST IDX files not found under {root}/MNIST/raw")
     return root
+
+
+@pytest.fixture
+def fresh_plugin_registry(monkeypatch):
+    """Third-party plugins allowed, and the registry rediscovered before and after the test."""
+    from ddpmkit import plugins
+
+    monkeypatch.delenv(plugins.DISABLE_ENV, raising=False)
+    plugins.reset()
+    yield
+    plugins.reset()

@@ -22,12 +22,7 @@ CONFIGS = ROOT / "configs"
 SMOKE = CONFIGS / "smoke.toml"
 
 
-@pytest.fixture(autouse=True)
-def only_builtins_unless_asked(monkeypatch):
-    monkeypatch.delenv(plugins.DISABLE_ENV, raising=False)
-    plugins.reset()
-    yield
-    plugins.reset()
+pytestmark = pytest.mark.usefixtures("fresh_plugin_registry")
 
 
 def invoke(*args: str):

@@ -22,12 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SMOKE = (ROOT / "configs" / "smoke.toml").read_text()
 
 
-@pytest.fixture(autouse=True)
-def only_builtins_unless_asked(monkeypatch):
-    monkeypatch.delenv(plugins.DISABLE_ENV, raising=False)
-    plugins.reset()
-    yield
-    plugins.reset()
+pytestmark = pytest.mark.usefixtures("fresh_plugin_registry")
 
 
 def edited(old: str, new: str) -> tuple[str, int]:

@@ -158,7 +158,7 @@ def test_kill_and_resume_is_bit_for_bit(tmp_path):
     assert killed_at < 240
     r = ddpmkit("run", str(broken))
     assert r.returncode == 0, r.stderr
-    assert f"resuming from" in r.stdout
+    assert "resuming from" in r.stdout
 
     fa, fb = _final(run_a), _final(run_b)
     assert fa.name == fb.name == "step-00000240"
