@@ -7,7 +7,7 @@ denoiser's own rules).
 
 from __future__ import annotations
 
-import difflib
+import copy
 import re
 import tomllib
 from pathlib import Path
@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import ConfigError, PluginError
+from .validation import problems
 
 TUTORIAL_TRAJECTORY_STEPS = [0, 15, 50, 100, 200, 300, 400, 550, 700, 999]
 
@@ -189,29 +190,8 @@ class _Source:
         return str(self.path) if self.path is not None else "config"
 
 
-def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
-    for part in loc[:-1]:
-        field = model.model_fields.get(str(part))
-        ann = getattr(field, "annotation", None)
-        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
-            return []
-        model = ann
-    return list(model.model_fields)
-
-
 def _messages(exc: ValidationError, model: type[BaseModel], prefix: tuple, source: _Source) -> list[str]:
-    out = []
-    for err in exc.errors():
-        loc = tuple(err["loc"])
-        key = ".".join(str(p) for p in prefix + loc)
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key"
-            close = difflib.get_close_matches(str(loc[-1]), _allowed_keys(model, loc), n=1)
-            if close:
-                msg += f" (did you mean '{close[0]}'?)"
-        out.append(f"{source.where(key)}: {key}: {msg}")
-    return out
+    return [f"{source.where(key)}: {key}: {msg}" for key, msg in problems(exc, model, prefix)]
 
 
 # --- overrides --------------------------------------------------------------------------------
@@ -270,7 +250,7 @@ def config_from_dict(
     data: dict[str, Any], *, path: Path | None = None, text: str = "", overrides: list[str] | None = None
 ) -> RunConfig:
     """Validate a config given as a dict (plus overrides); ConfigError lists every problem."""
-    data = _deep_copy(data)
+    data = copy.deepcopy(data)
     source = _Source(path, text, apply_overrides(data, overrides or []))
     try:
         cfg = RunConfig.model_validate(data)
@@ -314,10 +294,3 @@ def _validate_cross(cfg: RunConfig, source: _Source) -> None:
         key = "sample.trajectory_steps"
         raise ConfigError(f"{source.where(key)}: {key}: steps {bad} are not below T = {T}")
 
-
-def _deep_copy(d: Any) -> Any:
-    if isinstance(d, dict):
-        return {k: _deep_copy(v) for k, v in d.items()}
-    if isinstance(d, list):
-        return [_deep_copy(v) for v in d]
-    return d

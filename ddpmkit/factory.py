@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from pydantic import BaseModel, ValidationError
 
 from . import plugins
 from .errors import ConfigError
+from .validation import problems
 
-
-def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
-    """One line per problem, each naming the dotted key path (``prefix.key``)."""
-    lines = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in (prefix.split(".") if prefix else []) + list(err["loc"]))
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key"
-        lines.append(f"{loc}: {msg}" if loc else msg)
-    return "; ".join(lines)
+if TYPE_CHECKING:
+    from .config import RunConfig
 
 
 def validate_options(kind: str, name: str, options: Mapping[str, Any], prefix: str = "") -> BaseModel:
@@ -30,7 +22,8 @@ def validate_options(kind: str, name: str, options: Mapping[str, Any], prefix: s
     try:
         return model.model_validate(dict(options))
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, prefix or f"{kind}.options")) from None
+        where = tuple((prefix or f"{kind}.options").split("."))
+        raise ConfigError("; ".join(f"{key}: {msg}" for key, msg in problems(exc, model, where))) from None
 
 
 def create_schedule(name: str, **options: Any):
@@ -44,6 +37,13 @@ def create_denoiser(name: str, *, image_shape: tuple[int, int, int], num_timeste
     cls = plugins.resolve("denoiser", name)
     opts = validate_options("denoiser", name, options)
     return cls(opts, image_shape=tuple(image_shape), num_timesteps=num_timesteps)
+
+
+def denoiser_from_config(cfg: "RunConfig"):
+    """The denoiser a run config describes (image shape and T included), freshly initialised."""
+    return create_denoiser(
+        cfg.denoiser.name, image_shape=cfg.image_shape, num_timesteps=cfg.num_timesteps, **cfg.denoiser.options
+    )
 
 
 def create_sampler(name: str, **options: Any):

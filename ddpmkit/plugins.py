@@ -128,8 +128,6 @@ def discover() -> Registry:
     for kind, hook_name in KIND_HOOKS.items():
         for impl in getattr(pm.hook, hook_name).get_hookimpls():
             plugin = by_module[id(impl.plugin)]
-            if plugin.status == "error":
-                continue
 
             def register(name: str, target: Any, _kind: str = kind, _plugin: Plugin = plugin) -> None:
                 if not isinstance(name, str) or not name:

@@ -21,7 +21,7 @@ from .data import load_dataset
 from .device import pick_device
 from .errors import CheckpointError, DdpmkitError
 from .events import EventDispatcher, HookFailed, RunInfo
-from .factory import create_denoiser, create_sampler, create_schedule
+from .factory import create_sampler, create_schedule, denoiser_from_config
 from .sampling import generate, sampling_progress, write_images, write_trajectory
 from .train import CPU_WARN_SECONDS, TrainEvents, steps_per_epoch, total_steps, train
 
@@ -104,9 +104,7 @@ def run_config(cfg: RunConfig, *, console: Console, fresh: bool = False, data_ro
 
     schedule = create_schedule(cfg.schedule.name, **cfg.schedule.options)
     torch.manual_seed(cfg.run.seed)
-    model = create_denoiser(
-        cfg.denoiser.name, image_shape=cfg.image_shape, num_timesteps=cfg.num_timesteps, **cfg.denoiser.options
-    )
+    model = denoiser_from_config(cfg)
     sampler = create_sampler(cfg.sampler.name, **cfg.sampler.options)
     (run_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
 
@@ -122,10 +120,11 @@ def run_config(cfg: RunConfig, *, console: Console, fresh: bool = False, data_ro
         highlight=False,
     )
 
+    identity = cfg.identity()
     state = {
         "config": cfg.model_dump(mode="json"),
-        "identity": cfg.identity(),
-        "identity_sha256": hashlib.sha256(json.dumps(cfg.identity(), sort_keys=True).encode()).hexdigest(),
+        "identity": identity,
+        "identity_sha256": hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest(),
         "manifest": _manifest(cfg, fingerprint),
         "rng": "every stream is derived from run.seed and the step (see ddpmkit.train.derive_seed)",
     }

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -132,7 +133,7 @@ def sample_command(
     from .checkpoint import find_checkpoint
     from .config import config_from_dict
     from .device import pick_device
-    from .factory import create_denoiser, create_sampler, create_schedule
+    from .factory import create_sampler, create_schedule, denoiser_from_config
 
     if Path(out).suffix.lower() not in (".png", ".npz"):
         raise ConfigError(f"--out {out}: must end in .png or .npz")
@@ -144,9 +145,7 @@ def sample_command(
     dev = pick_device(device or cfg.run.device)
     schedule = create_schedule(cfg.schedule.name, **cfg.schedule.options)
     torch.manual_seed(0)
-    denoiser = create_denoiser(
-        cfg.denoiser.name, image_shape=cfg.image_shape, num_timesteps=cfg.num_timesteps, **cfg.denoiser.options
-    )
+    denoiser = denoiser_from_config(cfg)
     denoiser.load_state_dict(ckpt.weights("ema" if use_ema else "model"))
     denoiser.to(dev)
     smp = create_sampler(cfg.sampler.name, **cfg.sampler.options)
@@ -163,21 +162,15 @@ def sample_command(
     console.print(f"[green]wrote[/] {out}")
 
 
-class sampling_progress:
+@contextmanager
+def sampling_progress(console: Console, total: int, description: str = "sampling") -> Iterator[ProgressFn]:
     """A rich progress bar over image-steps; yields ``advance(n)``."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    def __init__(self, console: Console, total: int, description: str = "sampling") -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.progress = Progress(
-            TextColumn(description), BarColumn(), MofNCompleteColumn(), TextColumn("image-steps"),
-            TimeRemainingColumn(), console=console, transient=False,
-        )
-        self.task = self.progress.add_task(description, total=total)
-
-    def __enter__(self) -> ProgressFn:
-        self.progress.__enter__()
-        return lambda n: self.progress.advance(self.task, n)
-
-    def __exit__(self, *exc) -> None:
-        self.progress.__exit__(*exc)
+    progress = Progress(
+        TextColumn(description), BarColumn(), MofNCompleteColumn(), TextColumn("image-steps"),
+        TimeRemainingColumn(), console=console,
+    )
+    task = progress.add_task(description, total=total)
+    with progress:
+        yield lambda n: progress.advance(task, n)

@@ -7,11 +7,9 @@ from .config import RunConfig
 
 def describe_config(cfg: RunConfig) -> str:
     """Lines naming the data, schedule, denoiser (with its parameter count), sampler and training plan."""
-    from .factory import create_denoiser
+    from .factory import denoiser_from_config
 
-    denoiser = create_denoiser(
-        cfg.denoiser.name, image_shape=cfg.image_shape, num_timesteps=cfg.num_timesteps, **cfg.denoiser.options
-    )
+    denoiser = denoiser_from_config(cfg)
     params = sum(p.numel() for p in denoiser.parameters())
     c, h, w = cfg.image_shape
     t = cfg.train
