@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .errors import CheckpointError, ConfigError, DataError, DdpmkitError, PluginError
+from .errors import CheckpointError, ConfigError, DataError, DdpmkitError, DdpmkitWarning, PluginCodeError, PluginError
 from .factory import create_denoiser, create_sampler, create_schedule
 from .hookspecs import PLUGIN_API_VERSION, Register, hookimpl
 from .plugins import list_plugins
@@ -19,9 +19,11 @@ __all__ = [
     "ConfigError",
     "DataError",
     "DdpmkitError",
+    "DdpmkitWarning",
     "Denoiser",
     "NoiseSchedule",
     "PLUGIN_API_VERSION",
+    "PluginCodeError",
     "PluginError",
     "Register",
     "Sampler",

@@ -4,10 +4,14 @@ A checkpoint is a directory ``<run>/checkpoints/step-<N>/`` holding
 
 - ``model.safetensors`` and ``ema.safetensors`` (weights),
 - ``optimizer.pt`` (loads with ``torch.load(weights_only=True)``),
-- ``state.json`` (step, epoch, config identity, manifest, and the size and sha256 of every file).
+- ``state.json`` (:class:`CheckpointState`: step, epoch, config, identity, manifest, the qualified
+  names of the components and the denoiser's prediction target, and the size and sha256 of every file).
 
 It is written under a temporary name and renamed only when complete, so a kill at any moment
 leaves either the complete new checkpoint or none; the previous one is never touched before.
+This module owns the format: :func:`describe_run` assembles the state, :func:`save_checkpoint`
+writes it, :func:`load_checkpoint` reads and validates it, :func:`check_compatible` compares it
+with a config.
 """
 
 from __future__ import annotations
@@ -18,16 +22,23 @@ import json
 import os
 import re
 import shutil
+import platform
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from .errors import CheckpointError
+from .kinds import KINDS
+
+if TYPE_CHECKING:
+    from .config import RunConfig
+    from .factory import Components
 
 FORMAT_VERSION = 1
 CHECKPOINTS_DIR = "checkpoints"
@@ -38,16 +49,64 @@ OPTIMIZER_FILE = "optimizer.pt"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
+class FileEntry(BaseModel):
+    bytes: int = Field(ge=0)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class CheckpointState(BaseModel):
+    """The schema of ``state.json``. Fields added since format 1 have defaults, so older checkpoints still load."""
+
+    model_config = ConfigDict(extra="allow")
+
+    format: int
+    step: int = Field(ge=0)
+    epoch: float = 0.0
+    config: dict[str, Any] = Field(default_factory=dict)
+    identity: dict[str, Any] = Field(default_factory=dict)
+    identity_sha256: str = ""
+    manifest: dict[str, Any] = Field(default_factory=dict)
+    #: kind -> DISTRIBUTION:NAME of the component that trained (empty before plugin API 2)
+    components: dict[str, str] = Field(default_factory=dict)
+    #: what the denoiser's output estimates (checkpoints before plugin API 2 are all epsilon)
+    prediction: str = "epsilon"
+    files: dict[str, FileEntry]
+
+    def qualified_name(self, kind: str) -> str | None:
+        """The component of ``kind`` that trained, as DISTRIBUTION:NAME (from the manifest for older checkpoints)."""
+        if kind in self.components:
+            return self.components[kind]
+        used = self.manifest.get("plugins", {}).get(kind)
+        if isinstance(used, dict) and used.get("distribution") and used.get("name"):
+            return f"{used['distribution']}:{used['name']}"
+        return None
+
+
 @dataclass
 class Checkpoint:
     """A validated checkpoint directory."""
 
     path: Path
-    state: dict[str, Any]
+    schema: CheckpointState
+
+    @property
+    def state(self) -> dict[str, Any]:
+        """``state.json`` as a dict."""
+        return self.schema.model_dump(mode="json")
 
     @property
     def step(self) -> int:
-        return int(self.state["step"])
+        return self.schema.step
+
+    def config_for_sampling(self) -> dict[str, Any]:
+        """The run's config with each component pinned to the qualified name that trained it, so that
+        plugins installed since cannot take its place; training-only tables are left out."""
+        config = {k: v for k, v in self.schema.config.items() if k not in ("log", "plugins")}
+        for kind in KINDS:
+            qualified = self.schema.qualified_name(kind)
+            if qualified and isinstance(config.get(kind), dict):
+                config[kind] = {**config[kind], "name": qualified}
+        return config
 
     def weights(self, which: str = "ema") -> dict[str, torch.Tensor]:
         """The model's (``"model"``) or the EMA's (``"ema"``) state dict."""
@@ -126,8 +185,8 @@ def save_checkpoint(
     buf = io.BytesIO()
     torch.save(optimizer_state, buf)
     files[OPTIMIZER_FILE] = _write_file(tmp / OPTIMIZER_FILE, buf.getvalue())
-    full_state = {"format": FORMAT_VERSION, **state, "step": step, "files": files}
-    _write_file(tmp / STATE_FILE, json.dumps(full_state, indent=2, sort_keys=True).encode())
+    full_state = CheckpointState.model_validate({**state, "format": FORMAT_VERSION, "step": step, "files": files})
+    _write_file(tmp / STATE_FILE, json.dumps(full_state.model_dump(mode="json"), indent=2, sort_keys=True).encode())
     _fsync_dir(tmp)
     if final.exists():  # the same step written again (e.g. a finished run re-run): replace it
         old = root / f".old-{final.name}-{os.getpid()}"
@@ -156,7 +215,16 @@ def load_checkpoint(path: Path) -> Checkpoint:
         raise CheckpointError(f"{state_path}: unreadable ({exc})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION or "files" not in state:
         raise CheckpointError(f"{state_path}: not a ddpmkit checkpoint of format {FORMAT_VERSION}")
-    for name, meta in state["files"].items():
+    try:
+        schema = CheckpointState.model_validate(state)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise CheckpointError(f"{state_path}: invalid {where}: {first['msg']}") from None
+    m = _STEP_DIR.match(path.name)
+    if m and int(m.group(1)) != schema.step:
+        raise CheckpointError(f"{state_path}: says step {schema.step} but the folder is {path.name}")
+    for name, meta in schema.files.items():
         file = path / name
         try:
             data = file.read_bytes()
@@ -164,11 +232,11 @@ def load_checkpoint(path: Path) -> Checkpoint:
             raise CheckpointError(f"{file}: missing (incomplete checkpoint)") from None
         except OSError as exc:
             raise CheckpointError(f"{file}: unreadable ({exc})") from None
-        if len(data) != meta["bytes"]:
-            raise CheckpointError(f"{file}: truncated or wrong size ({len(data)} bytes, expected {meta['bytes']})")
-        if hashlib.sha256(data).hexdigest() != meta["sha256"]:
+        if len(data) != meta.bytes:
+            raise CheckpointError(f"{file}: truncated or wrong size ({len(data)} bytes, expected {meta.bytes})")
+        if hashlib.sha256(data).hexdigest() != meta.sha256:
             raise CheckpointError(f"{file}: corrupt (checksum mismatch)")
-    return Checkpoint(path, state)
+    return Checkpoint(path, schema)
 
 
 def latest_checkpoint(run_dir: Path, warn: Callable[[str], None] | None = None) -> Checkpoint | None:
@@ -193,3 +261,71 @@ def find_checkpoint(source: Path, warn: Callable[[str], None] | None = None) -> 
     if ckpt is None:
         raise CheckpointError(f"{source}: no complete checkpoint in {checkpoints_dir(source)} (train it first)")
     return ckpt
+
+
+# --- what a checkpoint says about its run ----------------------------------------------------------------
+
+
+def describe_run(cfg: "RunConfig", built: "Components", fingerprint: str, version: str) -> dict[str, Any]:
+    """The part of ``state.json`` that is the same for every checkpoint of a run (all but step and files)."""
+    identity = cfg.identity()
+    used = {
+        kind: {"name": c.name, "plugin": c.plugin.name, "distribution": c.plugin.distribution, "version": c.plugin.version}
+        for kind, c in built.refs.items()
+    }
+    return {
+        "config": cfg.model_dump(mode="json"),
+        "identity": identity,
+        "identity_sha256": hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest(),
+        "components": {kind: c.qualified for kind, c in built.refs.items()},
+        "prediction": built.denoiser.prediction,
+        "manifest": {
+            "ddpmkit": version,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "plugins": used,
+            "seed": cfg.run.seed,
+            "dataset_fingerprint": fingerprint,
+        },
+        "rng": "every stream is derived from run.seed and the step (see ddpmkit.train.derive_seed)",
+    }
+
+
+def _option_default(cfg: "RunConfig", key: str) -> Any:
+    """The default of a component option named by a flattened identity key (``denoiser.options.prediction``)."""
+    kind, _, rest = key.partition(".options.")
+    if not rest or kind not in KINDS:
+        return _MISSING
+    field = type(cfg.component_options(kind)).model_fields.get(rest.split(".")[0])
+    return _MISSING if field is None or "." in rest else field.get_default(call_default_factory=True)
+
+
+_MISSING = object()
+
+
+def check_compatible(ckpt: Checkpoint, cfg: "RunConfig", fingerprint: str) -> None:
+    """Refuse to resume from a checkpoint whose model, process or data differ from ``cfg``.
+
+    Names are compared qualified (a checkpoint from before qualified names counts as the plugin its
+    manifest records); an option that is new since the checkpoint was written matches at its default.
+    """
+    saved = dict(ckpt.schema.identity)
+    for kind in KINDS:
+        key, qualified = f"{kind}.name", ckpt.schema.qualified_name(kind)
+        if key in saved and ":" not in str(saved[key]) and qualified:
+            saved[key] = qualified
+    now = cfg.identity()
+    keys = sorted(
+        k for k in set(saved) | set(now)
+        if saved.get(k, _MISSING) != now.get(k, _MISSING)
+        and not (k not in saved and now.get(k) == _option_default(cfg, k))
+    )
+    details = [f"{k} (checkpoint: {saved.get(k)!r}, config: {now.get(k)!r})" for k in keys]
+    saved_fp = ckpt.schema.manifest.get("dataset_fingerprint")
+    if saved_fp is not None and saved_fp != fingerprint:
+        details.append("the training data (its fingerprint differs)")
+    if details:
+        raise CheckpointError(
+            f"cannot resume {ckpt.path}: the config differs in " + "; ".join(details)
+            + " — use --fresh to start over, or another run.name"
+        )

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
+import traceback
+import warnings
 from pathlib import Path
 from typing import Callable, List, Optional
 
@@ -18,7 +21,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
-from .errors import DdpmkitError
+from .errors import DEBUG_ENV, DdpmkitError, DdpmkitWarning, debug_enabled
 
 app = typer.Typer(
     name="ddpmkit",
@@ -35,14 +38,29 @@ SetOption = typer.Option(
 )
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """ddpmkit's warnings are one line on stderr; others keep Python's format."""
+    if issubclass(category, DdpmkitWarning):
+        err_console.print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
 def user_errors(func: Callable) -> Callable:
-    """Turn a DdpmkitError into one line on stderr and exit code 2; bugs keep their traceback."""
+    """Turn a DdpmkitError into one line on stderr and exit code 2; bugs keep their traceback.
+
+    With ``--debug`` (or DDPMKIT_DEBUG=1) the traceback behind a one-line plugin error is shown too.
+    """
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
+        warnings.showwarning = _show_warning
+        warnings.simplefilter("always", DdpmkitWarning)
         try:
             return func(*args, **kwargs)
         except DdpmkitError as exc:
+            if debug_enabled():
+                traceback.print_exception(exc, file=sys.stderr)
             # escape: a message may quote user text such as "[/x]" that rich would read as markup
             err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, markup=True, soft_wrap=True)
             raise typer.Exit(2) from None
@@ -59,8 +77,10 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    debug: bool = typer.Option(False, "--debug", help=f"Show the full traceback behind an error (or set {DEBUG_ENV}=1)."),
 ) -> None:
-    pass
+    if debug:
+        os.environ[DEBUG_ENV] = "1"
 
 
 @app.command("list-plugins")
@@ -71,16 +91,24 @@ def list_plugins_cmd(as_json: bool = typer.Option(False, "--json", help="Print a
 
     rows = list_plugins()
     if as_json:
-        keys = ("kind", "name", "plugin", "distribution", "version", "status", "error")
+        keys = ("kind", "name", "qualified_name", "plugin", "distribution", "version", "status", "error")
         print(json.dumps([{k: r[k] for k in keys} for r in rows], indent=2))
         return
     table = Table(title="ddpmkit plugins")
-    for col in ("kind", "name", "plugin", "distribution", "version", "status"):
-        table.add_column(col)
-    styles = {"ok": "green", "clash": "yellow", "error": "red"}
-    for r in rows:
-        status = f"[{styles.get(r['status'], 'white')}]{r['status']}[/]"
-        table.add_row(r["kind"] or "-", r["name"] or "-", r["plugin"], r["distribution"] or "?", r["version"] or "?", status)
+    styles = {"ok": "green", "clash": "yellow", "shadowed": "yellow", "error": "red", "incompatible": "red"}
+    # the qualified name is DISTRIBUTION:NAME, so it also says where a component comes from
+    cells = [
+        (r["kind"] or "-", r["name"] or "-",
+         r["qualified_name"] or f"{r['distribution'] or '?'} (plugin {r['plugin']})", r["version"] or "?", r["status"])
+        for r in rows
+    ]
+    for i, col in enumerate(("kind", "name", "qualified name", "version", "status")):
+        # fold, never truncate: two long distribution names must not end up looking the same; the
+        # qualified name keeps its full width where the terminal allows
+        widest = max([len(col)] + [len(c[i]) for c in cells])
+        table.add_column(col, overflow="fold", min_width=min(widest, 40) if i == 2 else None)
+    for c in cells:
+        table.add_row(*map(escape, c[:4]), f"[{styles.get(c[4], 'white')}]{c[4]}[/]")
     console.print(table)
     for r in rows:
         if r["error"]:
@@ -162,34 +190,38 @@ def sample(
 @app.command("check-plugins")
 @user_errors
 def check_plugins(
-    names: Optional[List[str]] = typer.Argument(None, help="Component names to check (default: every installed one)."),
+    names: Optional[List[str]] = typer.Argument(None, help="Components to check, plain or DISTRIBUTION:NAME (default: all)."),
+    set_: Optional[List[str]] = typer.Option(
+        None, "--set", metavar="KEY=VALUE", help="Check with this option set, e.g. --set steps=10 (one NAME only; repeatable)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON array of results instead of a table."),
     device: str = typer.Option("cpu", "--device", help="Device to run the checks on."),
 ) -> None:
     """Run the conformance checks on installed schedules, denoisers and samplers; exit 1 if any fails."""
-    from .errors import PluginError
-    from .plugins import list_plugins
+    from .config import parse_override
+    from .errors import ConfigError
     from .testing import check_component
 
-    rows = [r for r in list_plugins() if r["kind"] in ("schedule", "denoiser", "sampler")]
-    if names:
-        unknown = sorted(set(names) - {r["name"] for r in rows})
-        if unknown:
-            raise PluginError(f"no installed component named {', '.join(unknown)}; see ddpmkit list-plugins")
-        rows = [r for r in rows if r["name"] in names]
+    targets = _components_named(names or [])
+    options: dict = {}
+    for item in set_ or []:
+        if len(targets) != 1:
+            raise ConfigError("--set needs exactly one component NAME to apply to")
+        key, value, _ = parse_override(item)
+        options[key] = value
     results = []
-    for r in rows:
+    for comp in targets:
         if not as_json:
-            console.print(f"checking {r['kind']} '{r['name']}' ({r['distribution']} {r['version']}) ...", highlight=False)
-        results.extend(check_component(r["kind"], r["name"], device=device))
+            console.print(f"checking {comp.label} as {comp.qualified} ...", highlight=False)
+        results.extend(check_component(comp.kind, comp.qualified, options or None, device=device))
     if as_json:
         print(json.dumps([x.as_dict() for x in results], indent=2))
     else:
         table = Table(title="conformance")
         for col in ("kind", "name", "check", "result", "detail"):
-            table.add_column(col)
+            table.add_column(col, overflow="fold")
         for x in results:
-            table.add_row(x.kind, x.name, x.check, "[green]pass[/]" if x.passed else "[red]FAIL[/]", escape(x.detail))
+            table.add_row(x.kind, x.qualified_name, x.check, "[green]pass[/]" if x.passed else "[red]FAIL[/]", escape(x.detail))
         console.print(table)
     failed = [x for x in results if not x.passed]
     if failed:
@@ -198,34 +230,69 @@ def check_plugins(
         raise typer.Exit(1)
 
 
+def _components_named(names: list[str]) -> list:
+    """The installed components ``names`` mean (each plain name in every kind that has it); all when empty."""
+    from .errors import PluginError
+    from .kinds import KINDS
+    from .plugins import find, registry
+
+    reg = registry()
+    if not names:
+        return [c for c in reg.components if c.plugin.status == "ok"]
+    found = []
+    for name in names:
+        kinds = [k for k in KINDS if reg.named(k, name.rpartition(":")[2])]
+        if not kinds:
+            raise PluginError(f"no installed component named {name}; see ddpmkit list-plugins")
+        found.extend(find(kind, name) for kind in kinds)
+    return found
+
+
 @app.command()
 @user_errors
 def describe(
-    name: str = typer.Argument(..., help="A component name, e.g. unet."),
-    kind: Optional[str] = typer.Option(None, "--kind", help="schedule, denoiser or sampler (when a name is used by several kinds)."),
+    name: str = typer.Argument(..., help="A component or event plugin, plain or DISTRIBUTION:NAME, e.g. unet."),
+    kind: Optional[str] = typer.Option(
+        None, "--kind", help="schedule, denoiser, sampler or events (when a name is used by several kinds)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the options' JSON schema."),
 ) -> None:
-    """Show a component's options: types, defaults and descriptions (from its Options model)."""
+    """Show a component's (or an event plugin's) options: types, defaults and descriptions."""
     from .errors import PluginError
-    from .plugins import KIND_HOOKS, find, options_model, registry
+    from .kinds import EVENTS, KINDS
+    from .plugins import event_plugins, find, find_plugin, load, registry
 
-    kinds = [kind] if kind else [k for k in KIND_HOOKS if registry().named(k, name)]
-    if kind and kind not in KIND_HOOKS:
-        raise PluginError(f"--kind must be one of {', '.join(KIND_HOOKS)}")
+    reg = registry()
+    if kind and kind not in (*KINDS, EVENTS):
+        raise PluginError(f"--kind must be one of {', '.join((*KINDS, EVENTS))}")
+    short = name.rpartition(":")[2]
+    kinds = [k for k in KINDS if reg.named(k, short)]
+    if any(p.name == short for p, _ in event_plugins(reg)) or any(p.name == short and p.options_model for p in reg.plugins):
+        kinds.append(EVENTS)
+    if kind:
+        kinds = [kind]
     if not kinds:
-        find("denoiser" if kind is None else kind, name)  # raises the "unknown ..., installed: ..." error
-        kinds = ["denoiser"]
+        raise PluginError(
+            f"nothing installed is named '{name}'; components: {', '.join(sorted({c.name for c in reg.components}))}; "
+            f"event plugins: {', '.join(sorted(p.name for p, _ in event_plugins(reg))) or 'none'}"
+        )
     if len(kinds) > 1:
         raise PluginError(f"'{name}' names a {' and a '.join(kinds)}; choose one with --kind")
-    comp = find(kinds[0], name)
-    schema = options_model(kinds[0], name).model_json_schema()
+    if kinds[0] == EVENTS:
+        plugin = find_plugin(name)
+        model, title = plugin.options_model, f"event plugin [bold]{plugin.name}[/] ({plugin.distribution} {plugin.version})"
+        title += escape(f", configured by [plugins.{plugin.name}]")
+    else:
+        comp = find(kinds[0], name)
+        model, title = load(comp).Options, f"{escape(comp.label)} as {comp.qualified}"
+    schema = model.model_json_schema() if model is not None else {"properties": {}}
     if as_json:
         print(json.dumps(schema, indent=2))
         return
-    console.print(
-        f"{kinds[0]} [bold]{name}[/] from plugin '{comp.plugin.name}' ({comp.plugin.distribution} {comp.plugin.version})",
-        highlight=False,
-    )
+    console.print(title, highlight=False)
+    if not schema.get("properties"):
+        console.print("no options")
+        return
     table = Table()
     for col in ("option", "type", "default", "description"):
         table.add_column(col)

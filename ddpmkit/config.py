@@ -13,9 +13,12 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+import warnings
 
-from .errors import ConfigError, PluginError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+
+from .errors import ConfigError, DdpmkitWarning, PluginError
+from .kinds import KINDS
 from .validation import problems
 
 TUTORIAL_TRAJECTORY_STEPS = [0, 15, 50, 100, 200, 300, 400, 550, 700, 999]
@@ -57,8 +60,11 @@ class DataSection(Section):
 
 
 class ComponentSection(Section):
-    name: str
+    name: str = Field(description="the component's name, or DISTRIBUTION:NAME to pick one plugin's")
     options: dict[str, Any] = Field(default_factory=dict)
+    # filled in by validation: the registry entry the name resolved to and the validated options
+    _component: Any = PrivateAttr(default=None)
+    _options: Any = PrivateAttr(default=None)
 
 
 class TrainSection(Section):
@@ -92,8 +98,10 @@ class SampleSection(Section):
 
 
 class LogSection(Section):
-    metrics: bool = Field(True, description="write every step's metrics to metrics.jsonl in the run directory")
-    tensorboard: bool = Field(False, description="write TensorBoard event files to <run>/tensorboard (needs tensorboard)")
+    """Deprecated: the switches moved to ``[plugins.metrics] enabled`` and ``[plugins.tensorboard] enabled``."""
+
+    metrics: bool = Field(True, description="deprecated: use [plugins.metrics] enabled")
+    tensorboard: bool = Field(False, description="deprecated: use [plugins.tensorboard] enabled")
 
 
 class RunConfig(Section):
@@ -104,11 +112,40 @@ class RunConfig(Section):
     sampler: ComponentSection = Field(default_factory=lambda: ComponentSection(name="ddpm"))
     train: TrainSection = Field(default_factory=TrainSection)
     sample: SampleSection = Field(default_factory=SampleSection)
-    log: LogSection = Field(default_factory=LogSection)
+    log: LogSection = Field(default_factory=LogSection, exclude=True)
+    plugins: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="[plugins.<name>]: each plugin's own options, validated by its Options model"
+    )
+    _plugin_options: dict[str, Any] = PrivateAttr(default_factory=dict)
 
     @property
     def num_timesteps(self) -> int:
         return int(self.schedule.options.get("num_timesteps", 1000))
+
+    def component(self, kind: str):
+        """The registry entry (:class:`ddpmkit.plugins.Component`) that ``[kind] name`` resolved to."""
+        section: ComponentSection = getattr(self, kind)
+        if section._component is None:
+            from . import plugins
+
+            section._component = plugins.find(kind, section.name)
+        return section._component
+
+    def component_options(self, kind: str):
+        """The validated Options instance of ``[kind]``."""
+        section: ComponentSection = getattr(self, kind)
+        if section._options is None:
+            from .factory import validate_options
+
+            section._options = validate_options(self.component(kind), section.options)
+        return section._options
+
+    def plugin_options(self, plugin) -> Any:
+        """The validated ``[plugins.<name>]`` options of an event plugin (its defaults when absent), or None."""
+        if plugin.qualified not in self._plugin_options:
+            model = plugin.options_model
+            self._plugin_options[plugin.qualified] = model() if model is not None else None
+        return self._plugin_options[plugin.qualified]
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -121,6 +158,8 @@ class RunConfig(Section):
     def identity(self) -> dict[str, Any]:
         """The flattened keys that define the model and the process; a resume must match them."""
         d = self.model_dump()
+        for kind in ("schedule", "denoiser"):
+            d[kind]["name"] = self.component(kind).qualified
         keep = {
             "schedule": d["schedule"],
             "denoiser": d["denoiser"],
@@ -130,8 +169,6 @@ class RunConfig(Section):
         }
         return flatten(keep)
 
-
-COMPONENT_KINDS = ("schedule", "denoiser", "sampler")
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -257,6 +294,8 @@ def config_from_dict(
     except ValidationError as exc:
         raise ConfigError("\n".join(_messages(exc, RunConfig, (), source))) from None
     _validate_components(cfg, source)
+    _move_log_switches(cfg, source)
+    _validate_plugin_tables(cfg, source)
     _validate_cross(cfg, source)
     return cfg
 
@@ -272,17 +311,70 @@ def _validate_components(cfg: RunConfig, source: _Source) -> None:
     from . import plugins
 
     problems = []
-    for kind in COMPONENT_KINDS:
+    for kind in KINDS:
         section: ComponentSection = getattr(cfg, kind)
         try:
-            model = plugins.options_model(kind, section.name)
+            component = plugins.find(kind, section.name)
+            model = plugins.load(component).Options
         except PluginError as exc:
             problems.append(f"{source.where(f'{kind}.name')}: {kind}.name: {exc}")
             continue
         try:
-            section.options = model.model_validate(section.options).model_dump(mode="json")
+            validated = model.model_validate(section.options)
         except ValidationError as exc:
             problems.extend(_messages(exc, model, (kind, "options"), source))
+            continue
+        section.options = validated.model_dump(mode="json")
+        section._component, section._options = component, validated
+    if problems:
+        raise ConfigError("\n".join(problems))
+
+
+def _move_log_switches(cfg: RunConfig, source: _Source) -> None:
+    """``[log] metrics/tensorboard`` (deprecated) become ``[plugins.metrics/tensorboard] enabled``."""
+    for key in sorted(cfg.log.model_fields_set):
+        table = cfg.plugins.setdefault(key, {})
+        if "enabled" in table:
+            raise ConfigError(
+                f"{source.where(f'log.{key}')}: log.{key}: also set as plugins.{key}.enabled; keep only the latter"
+            )
+        table["enabled"] = getattr(cfg.log, key)
+        warnings.warn(
+            f"{source.where(f'log.{key}')}: log.{key} is deprecated; write [plugins.{key}] enabled = "
+            f"{str(getattr(cfg.log, key)).lower()}",
+            DdpmkitWarning,
+            stacklevel=2,
+        )
+    cfg.log = LogSection()
+
+
+def _validate_plugin_tables(cfg: RunConfig, source: _Source) -> None:
+    """Each ``[plugins.<name>]`` table, validated by that plugin's ``Options`` model."""
+    from . import plugins
+
+    problems = []
+    for name, table in cfg.plugins.items():
+        key = f"plugins.{name}"
+        try:
+            plugin = plugins.find_plugin(name)
+        except PluginError as exc:
+            problems.append(f"{source.where(key)}: {key}: {exc}")
+            continue
+        model = plugin.options_model
+        if not isinstance(table, dict):
+            problems.append(f"{source.where(key)}: {key}: must be a table")
+            continue
+        if model is None:
+            if table:
+                problems.append(f"{source.where(key)}: {key}: plugin {plugin.label} takes no options")
+            continue
+        try:
+            validated = model.model_validate(table)
+        except ValidationError as exc:
+            problems.extend(_messages(exc, model, ("plugins", name), source))
+            continue
+        cfg.plugins[name] = validated.model_dump(mode="json")
+        cfg._plugin_options[plugin.qualified] = validated
     if problems:
         raise ConfigError("\n".join(problems))
 

@@ -1,35 +1,170 @@
-"""The forward process and the training objective of Ho et al. (2020), written against NoiseSchedule."""
+"""The diffusion maths, written once against NoiseSchedule: every sampler and the training loss call it.
+
+Notation of Ho et al. (2020): abar_t = prod_{s<=t} (1 - beta_s); x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps
+(eq. 4). A denoiser predicts one of three targets (``Denoiser.prediction``):
+
+- ``epsilon``: the noise eps (Ho et al. 2020, eq. 14);
+- ``x0``: the clean image x_0;
+- ``v``: v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0 (Salimans & Ho 2022, section 4).
+
+Any one of them, with x_t, gives the other two. ``t`` is an integer tensor [B] (one step per image)
+or a Python int (the same step for the whole batch); a step of -1 means "before the first step",
+where abar = 1 (the end of a reverse chain).
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Union
 
 import torch
 import torch.nn.functional as F
 
-from .interfaces import Denoiser, NoiseSchedule
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .interfaces import Denoiser, NoiseSchedule
+
+#: The prediction targets a denoiser may declare.
+PREDICTIONS: tuple[str, ...] = ("epsilon", "x0", "v")
+
+Step = Union[int, torch.Tensor]
 
 
-def _per_sample(values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def _at(values: torch.Tensor, t: Step, like: torch.Tensor) -> torch.Tensor:
+    """``values[t]`` shaped to broadcast against ``like`` ([B, ...]); an int t gives one scalar."""
+    if isinstance(t, int):
+        return values[t]
     return values[t].view(-1, *([1] * (like.ndim - 1)))
 
 
-def q_sample(schedule: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+def alpha_bar(schedule: "NoiseSchedule", t: int) -> float:
+    """abar_t as a Python float, with abar_{-1} = 1 (nothing noised yet)."""
+    return 1.0 if t < 0 else float(schedule.alphas_cumprod[t])
+
+
+def check_prediction(prediction: str) -> str:
+    """``prediction`` itself, or ConfigError naming the targets ddpmkit knows."""
+    if prediction not in PREDICTIONS:
+        raise ConfigError(f"prediction must be one of {', '.join(PREDICTIONS)}, got {prediction!r}")
+    return prediction
+
+
+# --- the forward process ---------------------------------------------------------------------------
+
+
+def q_sample(schedule: "NoiseSchedule", x0: torch.Tensor, t: Step, noise: torch.Tensor) -> torch.Tensor:
     """eq. 4: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps."""
-    return (
-        _per_sample(schedule.sqrt_alphas_cumprod, t, x0) * x0
-        + _per_sample(schedule.sqrt_one_minus_alphas_cumprod, t, x0) * noise
-    )
+    return _at(schedule.sqrt_alphas_cumprod, t, x0) * x0 + _at(schedule.sqrt_one_minus_alphas_cumprod, t, x0) * noise
+
+
+def q_posterior_mean_variance(
+    schedule: "NoiseSchedule", x0: torch.Tensor, x_t: torch.Tensor, t: Step
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """eq. 7: the mean mu-tilde_t(x_t, x_0) and variance beta-tilde_t of q(x_{t-1} | x_t, x_0)."""
+    mean = _at(schedule.posterior_mean_coef1, t, x_t) * x0 + _at(schedule.posterior_mean_coef2, t, x_t) * x_t
+    return mean, _at(schedule.posterior_variance, t, x_t)
+
+
+# --- conversions between prediction targets ----------------------------------------------------------
+
+
+def x0_from_eps(schedule: "NoiseSchedule", x_t: torch.Tensor, t: Step, eps: torch.Tensor) -> torch.Tensor:
+    """eq. 4 solved for x_0: (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)."""
+    return (x_t - _at(schedule.sqrt_one_minus_alphas_cumprod, t, x_t) * eps) / _at(schedule.sqrt_alphas_cumprod, t, x_t)
+
+
+def eps_from_x0(schedule: "NoiseSchedule", x_t: torch.Tensor, t: Step, x0: torch.Tensor) -> torch.Tensor:
+    """eq. 4 solved for eps: (x_t - sqrt(abar_t) x_0) / sqrt(1 - abar_t)."""
+    return (x_t - _at(schedule.sqrt_alphas_cumprod, t, x_t) * x0) / _at(schedule.sqrt_one_minus_alphas_cumprod, t, x_t)
+
+
+def v_from_x0_eps(schedule: "NoiseSchedule", t: Step, x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """Salimans & Ho (2022): v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0."""
+    return _at(schedule.sqrt_alphas_cumprod, t, x0) * eps - _at(schedule.sqrt_one_minus_alphas_cumprod, t, x0) * x0
+
+
+def x0_eps_from_v(
+    schedule: "NoiseSchedule", x_t: torch.Tensor, t: Step, v: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Salimans & Ho (2022): x_0 = sqrt(abar) x_t - sqrt(1 - abar) v and eps = sqrt(1 - abar) x_t + sqrt(abar) v."""
+    a, b = _at(schedule.sqrt_alphas_cumprod, t, x_t), _at(schedule.sqrt_one_minus_alphas_cumprod, t, x_t)
+    return a * x_t - b * v, b * x_t + a * v
+
+
+def split_prediction(
+    schedule: "NoiseSchedule", x_t: torch.Tensor, t: Step, output: torch.Tensor, prediction: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_0, eps) implied by a denoiser's ``output`` for its declared ``prediction`` target."""
+    if prediction == "epsilon":
+        return x0_from_eps(schedule, x_t, t, output), output
+    if prediction == "x0":
+        return output, eps_from_x0(schedule, x_t, t, output)
+    if prediction == "v":
+        return x0_eps_from_v(schedule, x_t, t, output)
+    raise ConfigError(f"prediction must be one of {', '.join(PREDICTIONS)}, got {prediction!r}")
+
+
+def training_target(
+    schedule: "NoiseSchedule", x0: torch.Tensor, noise: torch.Tensor, t: Step, prediction: str
+) -> torch.Tensor:
+    """What a denoiser with target ``prediction`` should output for x_t = q_sample(x0, t, noise)."""
+    if prediction == "epsilon":
+        return noise
+    if prediction == "x0":
+        return x0
+    if prediction == "v":
+        return v_from_x0_eps(schedule, t, x0, noise)
+    raise ConfigError(f"prediction must be one of {', '.join(PREDICTIONS)}, got {prediction!r}")
+
+
+# --- calling a denoiser ---------------------------------------------------------------------------------
+
+
+def denoise(denoiser: "Denoiser", x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``denoiser(x_t, t)``, checked: a tensor shaped like ``x_t``, else ValueError saying what came back."""
+    out = denoiser(x_t, t)
+    if not isinstance(out, torch.Tensor):
+        raise ValueError(f"forward returned {type(out).__name__}, expected a tensor shaped like x_t")
+    if out.shape != x_t.shape:
+        raise ValueError(f"forward returned shape {tuple(out.shape)} for input {tuple(x_t.shape)}; they must match")
+    return out
+
+
+def predict_x0_eps(
+    denoiser: "Denoiser",
+    schedule: "NoiseSchedule",
+    x_t: torch.Tensor,
+    t: int,
+    *,
+    clip_denoised: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The denoiser's estimate of (x_0, eps) at step ``t`` for the whole batch, in float32.
+
+    With ``clip_denoised`` x_0 is clipped to [-1, 1] and eps recomputed from it, so both stay consistent.
+    """
+    t_batch = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
+    output = denoise(denoiser, x_t, t_batch).float()
+    x0, eps = split_prediction(schedule, x_t, t, output, denoiser.prediction)
+    if clip_denoised:
+        x0 = x0.clamp(-1.0, 1.0)
+        eps = eps_from_x0(schedule, x_t, t, x0)
+    return x0, eps
+
+
+# --- the training objective --------------------------------------------------------------------------
 
 
 def training_loss(
-    denoiser: Denoiser,
-    schedule: NoiseSchedule,
+    denoiser: "Denoiser",
+    schedule: "NoiseSchedule",
     x0: torch.Tensor,
     t: torch.Tensor,
     noise: torch.Tensor,
 ) -> torch.Tensor:
-    """eq. 14, the simplified objective: || eps - eps_theta(x_t, t) ||^2, averaged over all elements."""
-    prediction = denoiser(q_sample(schedule, x0, t, noise), t)
-    return F.mse_loss(prediction.float(), noise)
+    """eq. 14, the simplified objective, for the denoiser's target: || target - output ||^2, averaged."""
+    output = denoise(denoiser, q_sample(schedule, x0, t, noise), t)
+    return F.mse_loss(output.float(), training_target(schedule, x0, noise, t, denoiser.prediction))
 
 
 def draw_training_batch_noise(
@@ -39,3 +174,82 @@ def draw_training_batch_noise(
     t = torch.randint(0, num_timesteps, (batch_size,), generator=generator, device=generator.device)
     noise = torch.randn((batch_size, *shape), generator=generator, device=generator.device)
     return t, noise
+
+
+# --- reverse steps --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReverseStep:
+    """One step x_t -> x_{t_prev} of the generalised reverse process of Song et al. (2021), eq. 12.
+
+    x_{t_prev} = sqrt(abar_prev) x_0 + sqrt(1 - abar_prev - c^2) eps + sigma z, z ~ N(0, I), with (x_0, eps)
+    the denoiser's estimate at t. DDIM uses c = sigma (eq. 16); DDPM's ancestral step (Ho et al. 2020,
+    eq. 11) is c^2 = beta-tilde_t, the posterior variance, with sigma^2 = beta_t or beta-tilde_t.
+    ``t_prev = -1`` ends the chain (abar = 1).
+    """
+
+    t: int
+    t_prev: int
+    c: float
+    sigma: float
+
+
+def ddim_sigma(schedule: "NoiseSchedule", t: int, t_prev: int, eta: float) -> float:
+    """Song et al. (2021), eq. 16: sigma = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev)."""
+    ab, ab_prev = alpha_bar(schedule, t), alpha_bar(schedule, t_prev)
+    return eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)) ** 0.5
+
+
+def ancestral_steps(schedule: "NoiseSchedule", variance: str = "beta") -> list[ReverseStep]:
+    """The T steps of DDPM ancestral sampling (Ho et al. 2020, Algorithm 2), sigma^2 = beta_t or beta-tilde_t."""
+    steps = []
+    for t in reversed(range(schedule.num_timesteps)):
+        posterior = float(schedule.posterior_variance[t])
+        sigma2 = 0.0 if t == 0 else float(schedule.betas[t]) if variance == "beta" else posterior
+        steps.append(ReverseStep(t, t - 1, posterior**0.5, sigma2**0.5))
+    return steps
+
+
+def reverse_step(
+    schedule: "NoiseSchedule",
+    step: ReverseStep,
+    x0: torch.Tensor,
+    eps: torch.Tensor,
+    noise: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Song et al. (2021), eq. 12: x_{t_prev} from the estimate (x_0, eps); ``noise`` is z (needed when sigma > 0)."""
+    ab_prev = alpha_bar(schedule, step.t_prev)
+    direction = max(1.0 - ab_prev - step.c**2, 0.0) ** 0.5
+    x = ab_prev**0.5 * x0 + direction * eps
+    if step.sigma > 0:
+        if noise is None:
+            raise ValueError(f"step at t = {step.t} has sigma = {step.sigma:g} but no noise was given")
+        x = x + step.sigma * noise
+    return x
+
+
+def gaussian_reverse_moments(
+    schedule: "NoiseSchedule", steps: list[ReverseStep], mu: float, s: float
+) -> tuple[float, float]:
+    """The exact mean and std of the output of ``steps`` from x_T ~ N(0, 1), with the exact predictor of
+    data N(mu, s^2) (computed in float64, no clipping).
+
+    With that predictor every step is affine in x plus independent Gaussian noise, so x stays Gaussian:
+    x0_hat = a0 x + b0, eps_hat = (x - sqrt(abar) x0_hat) / sqrt(1 - abar), and eq. 12 gives
+    x_prev = A x + B + sigma z. This is how far a sampler's own discretisation is from N(mu, s^2).
+    """
+    abar = schedule.alphas_cumprod.double()
+    mean, var = 0.0, 1.0
+    for step in steps:
+        ab = float(abar[step.t])
+        ab_prev = 1.0 if step.t_prev < 0 else float(abar[step.t_prev])
+        # E[x0 | x_t] for x0 ~ N(mu, s^2): mu + sqrt(ab) s^2 / (ab s^2 + 1 - ab) (x_t - sqrt(ab) mu)
+        gain = ab**0.5 * s**2 / (ab * s**2 + 1 - ab)
+        a0, b0 = gain, mu - gain * ab**0.5 * mu
+        a_eps, b_eps = (1 - ab**0.5 * a0) / (1 - ab) ** 0.5, -(ab**0.5) * b0 / (1 - ab) ** 0.5
+        direction = max(1.0 - ab_prev - step.c**2, 0.0) ** 0.5
+        A = ab_prev**0.5 * a0 + direction * a_eps
+        B = ab_prev**0.5 * b0 + direction * b_eps
+        mean, var = A * mean + B, A * A * var + step.sigma**2
+    return mean, var**0.5

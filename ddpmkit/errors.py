@@ -1,6 +1,14 @@
-"""Errors a user can cause: the CLI prints them as one line and exits with code 2."""
+"""Errors a user can cause: the CLI prints them as one line and exits with code 2.
+
+Also the warning category ddpmkit uses for things a user should see but that do not stop a run.
+"""
 
 from __future__ import annotations
+
+import os
+
+#: Set to 1 (or pass ``--debug``) to see the full traceback behind a one-line plugin error.
+DEBUG_ENV = "DDPMKIT_DEBUG"
 
 
 class DdpmkitError(Exception):
@@ -15,9 +23,26 @@ class PluginError(DdpmkitError):
     """An unknown, ambiguous or broken plugin component was asked for."""
 
 
+class PluginCodeError(PluginError):
+    """A plugin's own code raised (or returned something unusable) while ddpmkit used it.
+
+    The message names the component, its plugin and distribution; ``__cause__`` is the original
+    exception, shown with ``--debug`` or ``DDPMKIT_DEBUG=1``.
+    """
+
+
 class DataError(DdpmkitError):
     """A dataset that cannot be found, downloaded or read."""
 
 
 class CheckpointError(DdpmkitError):
     """A checkpoint that is missing, incomplete, corrupt or incompatible with the config."""
+
+
+class DdpmkitWarning(UserWarning):
+    """Something a user should know (a shadowed plugin name, a deprecated key); the CLI prints one line."""
+
+
+def debug_enabled() -> bool:
+    """Whether full tracebacks were asked for (``DDPMKIT_DEBUG=1``)."""
+    return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")

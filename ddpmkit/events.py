@@ -1,4 +1,4 @@
-"""Training events: calling every plugin's event hooks, and stopping cleanly when one fails."""
+"""Training events: calling every plugin's event hooks with its own options, and stopping cleanly when one fails."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from . import plugins
+from .blame import one_line
 from .config import RunConfig
 from .errors import DdpmkitError, PluginError
 
@@ -27,36 +28,41 @@ class HookFailed(PluginError):
 
 
 class EventDispatcher:
-    """Calls one event hook of every loaded plugin, each with only the arguments it asks for."""
+    """Calls one event hook of every loaded plugin, each with only the arguments it asks for.
+
+    ``options`` is the plugin's validated ``[plugins.<name>]`` table (see ``RunConfig.plugin_options``).
+    """
 
     def __init__(self, run: RunInfo) -> None:
         self.run = run
         reg = plugins.registry()
         self.manager = reg.manager
-        self.labels = {f"{p.distribution}:{p.name}": p for p in reg.plugins}
+        self.plugins = {p.qualified: p for p in reg.plugins}
 
     def emit(self, hook: str, **kwargs: Any) -> None:
         if self.manager is None:
             return
-        kwargs["run"] = self.run
         failure: HookFailed | None = None
         # pluggy calls later-registered plugins first; call in registration order instead, and call
         # every plugin even when one fails, so that one broken logger does not silence the others
         for impl in reversed(getattr(self.manager.hook, hook).get_hookimpls()):
+            plugin = self.plugins.get(impl.plugin_name)
+            args = {**kwargs, "run": self.run}
             try:
-                impl.function(*[kwargs[name] for name in impl.argnames])
+                args["options"] = self.run.config.plugin_options(plugin) if plugin is not None else None
+                impl.function(*[args[name] for name in impl.argnames])
             except Exception as exc:
                 if failure is None:
-                    failure = self._failure(hook, impl.plugin_name, exc)
+                    failure = self._failure(hook, plugin, impl.plugin_name, exc)
         if failure is not None:
             raise failure
 
-    def _failure(self, hook: str, plugin_name: str, exc: Exception) -> HookFailed:
-        p = self.labels.get(plugin_name)
-        who = f"'{p.name}' ({p.distribution} {p.version})" if p else plugin_name
+    @staticmethod
+    def _failure(hook: str, plugin: plugins.Plugin | None, plugin_name: str, exc: Exception) -> HookFailed:
+        who = plugin.label if plugin is not None else plugin_name
         if isinstance(exc, DdpmkitError):  # the plugin's own clear message about user input
             failed = HookFailed(f"plugin {who}: {exc}")
         else:
-            failed = HookFailed(f"event hook {hook} of plugin {who} failed: {type(exc).__name__}: {exc}")
+            failed = HookFailed(f"event hook {hook} of plugin {who} failed: {one_line(exc)}")
         failed.__cause__ = exc
         return failed

@@ -11,9 +11,11 @@ from typing import Any, Callable
 import pluggy
 
 PROJECT_NAME = "ddpmkit"
-#: The plugin API this ddpmkit speaks. A plugin module may declare ``DDPMKIT_PLUGIN_API = 1`` (or a
+#: The plugin API this ddpmkit speaks. A plugin module may declare ``DDPMKIT_PLUGIN_API = 2`` (or a
 #: list of versions); a plugin that declares none is assumed compatible.
-PLUGIN_API_VERSION = 1
+PLUGIN_API_VERSION = 2
+#: Every plugin API this ddpmkit still loads: API 1 plugins keep working (API 2 only added to it).
+SUPPORTED_PLUGIN_APIS = (1, 2)
 
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
@@ -38,29 +40,31 @@ def register_samplers(register: Register) -> None:
 
 
 # --- training events: a plugin adds a logger or a callback without touching the loop -----------
-# ``run`` is a :class:`ddpmkit.events.RunInfo` (run directory, validated config, device, steps).
+# ``run`` is a :class:`ddpmkit.events.RunInfo` (run directory, validated config, device, steps);
+# ``options`` is the plugin's own validated ``[plugins.<name>]`` table (its module's ``Options``
+# model), or None for a plugin that declares no options. Ask only for the arguments you need.
 
 
 @hookspec
-def train_start(run: Any) -> None:
+def train_start(run: Any, options: Any) -> None:
     """Training is about to begin (or resume at ``run.start_step``)."""
 
 
 @hookspec
-def step_end(run: Any, step: int, metrics: dict[str, Any]) -> None:
+def step_end(run: Any, step: int, metrics: dict[str, Any], options: Any) -> None:
     """An optimizer step finished; ``metrics`` holds step, epoch, loss, lr, images_per_s."""
 
 
 @hookspec
-def checkpoint_written(run: Any, step: int, path: Any) -> None:
+def checkpoint_written(run: Any, step: int, path: Any, options: Any) -> None:
     """A complete checkpoint was written to ``path``."""
 
 
 @hookspec
-def samples_written(run: Any, paths: list[Any]) -> None:
+def samples_written(run: Any, paths: list[Any], options: Any) -> None:
     """The run's sample files (grid, .npz, trajectory) were written."""
 
 
 @hookspec
-def train_end(run: Any, step: int, interrupted: bool) -> None:
+def train_end(run: Any, step: int, interrupted: bool, options: Any) -> None:
     """Training stopped at ``step``: finished, or ``interrupted`` by a signal or a failing hook."""

@@ -7,13 +7,16 @@ Each component declares its constructor options as a nested pydantic ``Options``
 from __future__ import annotations
 
 import abc
-from typing import Callable, ClassVar, Literal
+from typing import TYPE_CHECKING, Callable, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .diffusion import ReverseStep
 
 #: Called by a sampler after every reverse step with (step index, t, current x).
 SamplerCallback = Callable[[int, int, torch.Tensor], None]
@@ -100,11 +103,14 @@ def check_betas(betas: torch.Tensor, num_timesteps: int) -> None:
 class Denoiser(nn.Module, abc.ABC):
     """A network called as ``denoiser(x_t, t)`` that returns a tensor shaped like ``x_t``.
 
-    ``x_t`` is [B, C, H, W] in the model's scale, ``t`` an integer tensor [B] with 0 <= t < T.
+    ``x_t`` is [B, C, H, W] in the model's scale, ``t`` an integer tensor [B] with 0 <= t < T (one step
+    per image). What the output estimates is ``prediction``: ``"epsilon"`` (the noise), ``"x0"`` (the
+    clean image) or ``"v"`` (Salimans & Ho 2022); :mod:`ddpmkit.diffusion` converts between them. A
+    class sets it as a class attribute, or declares an option named ``prediction`` to let users choose.
     """
 
-    #: What the output estimates; only "epsilon" is supported by the built-in samplers for now.
-    prediction: ClassVar[Literal["epsilon"]] = "epsilon"
+    #: What the output estimates: "epsilon", "x0" or "v" (an option named ``prediction`` overrides it).
+    prediction: str = "epsilon"
 
     class Options(ComponentOptions):
         pass
@@ -120,23 +126,63 @@ class Denoiser(nn.Module, abc.ABC):
         self.options = options if options is not None else type(self).Options()
         self.image_shape = tuple(int(v) for v in image_shape)
         self.num_timesteps = int(num_timesteps)
+        chosen = getattr(self.options, "prediction", None)
+        if isinstance(chosen, str):
+            self.prediction = chosen
+        # an empty buffer that follows .to(): answers `device` for a model without parameters
+        self.register_buffer("_ddpmkit_device", torch.empty(0), persistent=False)
 
     @abc.abstractmethod
     def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Predict epsilon for the noisy images ``x_t`` at steps ``t``."""
+        """Predict ``self.prediction`` for the noisy images ``x_t`` at steps ``t``."""
+
+    @property
+    def device(self) -> torch.device:
+        """Where this model lives (and where samplers put their tensors)."""
+        for p in self.parameters():
+            return p.device
+        for b in self.buffers():
+            return b.device
+        return torch.device("cpu")
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
 
 class Sampler(abc.ABC):
-    """Runs the reverse process from pure noise to images in [-1, 1]."""
+    """Runs the reverse process from pure noise to images in [-1, 1].
+
+    A sampler says which steps it takes (:meth:`timesteps`: the t at which it calls the denoiser, in
+    order), so progress bars, ETAs and the denoising strip follow it. A sampler built from the
+    generalised reverse steps of :mod:`ddpmkit.diffusion` returns them from :meth:`reverse_steps`; the
+    conformance kit then knows the exact answer for its own discretisation on Gaussian data. Any
+    other sampler is held to the ideal answer within :attr:`oracle_tolerance`.
+    """
+
+    #: How far from the ideal mean and std on the kit's Gaussian data this sampler's discretisation may
+    #: land (beyond sampling error); used only when :meth:`reverse_steps` returns None.
+    oracle_tolerance: ClassVar[float] = 0.005
 
     class Options(ComponentOptions):
         pass
 
     def __init__(self, options: "Sampler.Options | None" = None) -> None:
         self.options = options if options is not None else type(self).Options()
+
+    def reverse_steps(self, schedule: NoiseSchedule) -> "list[ReverseStep] | None":
+        """The generalised reverse steps this sampler takes under ``schedule``, or None if it is not of that family."""
+        return None
+
+    def timesteps(self, schedule: NoiseSchedule) -> list[int]:
+        """The t at which this sampler evaluates the denoiser, in order (default: T-1 down to 0)."""
+        steps = self.reverse_steps(schedule)
+        if steps is not None:
+            return [step.t for step in steps]
+        return list(reversed(range(schedule.num_timesteps)))
+
+    def num_steps(self, schedule: NoiseSchedule) -> int:
+        """How many denoiser evaluations one batch costs under ``schedule``."""
+        return len(self.timesteps(schedule))
 
     @abc.abstractmethod
     def sample(
@@ -148,7 +194,9 @@ class Sampler(abc.ABC):
         generator: torch.Generator,
         callback: SamplerCallback | None = None,
     ) -> torch.Tensor:
-        """Draw ``shape[0]`` images on the denoiser's device; every random draw uses ``generator``."""
+        """Draw ``shape[0]`` images on ``denoiser.device``; every random draw uses ``generator``.
+
+        Calls ``callback(index, t, x)`` after each step, with t from :meth:`timesteps`.
+        """
 
 
-KINDS: dict[str, type] = {"schedule": NoiseSchedule, "denoiser": Denoiser, "sampler": Sampler}

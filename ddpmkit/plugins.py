@@ -2,43 +2,73 @@
 
 Nothing here imports torch: components are registered as classes or lazy ``"module:attr"``
 strings, and a lazy target is imported only when that component is built.
+
+Every component has a qualified name ``DISTRIBUTION:NAME`` (``ddpmkit:linear``) that no other
+package can take. A plain name registered by several plugins resolves to ddpmkit's own component
+(with a warning naming the others); between two third parties it is an error listing the
+qualified names.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+import re
+import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import metadata
+from types import ModuleType
 from typing import Any
 
 import pluggy
 
 from . import hookspecs
-from .errors import PluginError
+from .errors import DdpmkitWarning, PluginError
+from .kinds import EVENTS, KINDS, REGISTER_HOOKS, base_class, check_kind
 
 ENTRY_POINT_GROUP = "ddpmkit"
 #: Set to 1 to load only the plugins that ship with ddpmkit itself.
 DISABLE_ENV = "DDPMKIT_NO_THIRD_PARTY_PLUGINS"
-KIND_HOOKS = {
-    "schedule": "register_schedules",
-    "denoiser": "register_denoisers",
-    "sampler": "register_samplers",
-}
 OWN_DISTRIBUTION = "ddpmkit"
+EVENT_HOOKS = ("train_start", "step_end", "checkpoint_written", "samples_written", "train_end")
+
+
+def normalize(distribution: str) -> str:
+    """PEP 503 normalisation: ``Ddpmkit_Cosine`` and ``ddpmkit-cosine`` name one distribution."""
+    return re.sub(r"[-_.]+", "-", distribution).lower()
 
 
 @dataclass
 class Plugin:
-    """One plugin module, as found through an entry point."""
+    """One plugin module, as found through an entry point (or registered in-process)."""
 
     name: str
     module: str
     distribution: str | None
     version: str | None
-    status: str = "ok"  # ok | error
+    status: str = "ok"  # ok | error | incompatible
     error: str | None = None
+    module_object: ModuleType | None = field(default=None, repr=False)
+
+    @property
+    def qualified(self) -> str:
+        """``DISTRIBUTION:ENTRY_POINT``, the plugin's name that nothing else can take."""
+        return f"{self.distribution or self.name}:{self.name}"
+
+    @property
+    def label(self) -> str:
+        """``'name' (distribution version)``, for messages."""
+        where = f" ({self.distribution} {self.version})" if self.distribution else ""
+        return f"'{self.name}'{where}"
+
+    @property
+    def options_model(self) -> type | None:
+        """The pydantic model of the plugin's ``[plugins.<name>]`` table (its module's ``Options``), if any."""
+        from pydantic import BaseModel
+
+        model = getattr(self.module_object, "Options", None)
+        return model if isinstance(model, type) and issubclass(model, BaseModel) else None
 
 
 @dataclass
@@ -57,12 +87,28 @@ class Component:
             return self.target
         return f"{self.target.__module__}:{self.target.__qualname__}"
 
+    @property
+    def qualified(self) -> str:
+        """``DISTRIBUTION:NAME``: accepted wherever a name is, and stored in checkpoints."""
+        return f"{self.plugin.distribution or self.plugin.name}:{self.name}"
+
+    @property
+    def is_own(self) -> bool:
+        return self.plugin.distribution == OWN_DISTRIBUTION
+
+    @property
+    def label(self) -> str:
+        """``denoiser 'unet' (plugin 'builtin', ddpmkit 0.1.0)``, for messages."""
+        where = f", {self.plugin.distribution} {self.plugin.version}" if self.plugin.distribution else ""
+        return f"{self.kind} '{self.name}' (plugin '{self.plugin.name}'{where})"
+
 
 @dataclass
 class Registry:
     plugins: list[Plugin]
     components: list[Component]
     manager: pluggy.PluginManager | None = None
+    warned: set[tuple[str, str]] = field(default_factory=set)
 
     def named(self, kind: str, name: str) -> list[Component]:
         return [c for c in self.components if c.kind == kind and c.name == name]
@@ -96,42 +142,66 @@ def _third_party_disabled() -> bool:
     return os.environ.get(DISABLE_ENV, "").strip().lower() not in ("", "0", "false", "no")
 
 
+#: Plugin modules registered in-process (tests, notebooks): (module, entry-point name, distribution, version).
+_in_process: list[tuple[ModuleType, str, str | None, str | None]] = []
+
+
+def register_module(module: ModuleType, name: str, distribution: str | None = None, version: str | None = None) -> None:
+    """Add a plugin module without installing a distribution (as if an entry point named it); rediscovers."""
+    _in_process.append((module, name, distribution, version))
+    reset()
+
+
+def unregister_module(module: ModuleType) -> None:
+    """Forget a module added with :func:`register_module`; rediscovers."""
+    _in_process[:] = [entry for entry in _in_process if entry[0] is not module]
+    reset()
+
+
 def discover() -> Registry:
     """Load every plugin module and collect what each registers; a failing plugin is recorded, not raised."""
     pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
     pm.add_hookspecs(hookspecs)
     plugins: list[Plugin] = []
     by_module: dict[int, Plugin] = {}
+
+    def add(plugin: Plugin, load: Any) -> None:
+        plugins.append(plugin)
+        try:
+            module = load()
+        except Exception as exc:  # a broken plugin must not break the others
+            plugin.status, plugin.error = "error", _describe_error(exc)
+            return
+        plugin.module_object = module
+        incompatible = _api_mismatch(module)
+        if incompatible:
+            plugin.status, plugin.error = "incompatible", incompatible
+            return
+        try:
+            pm.register(module, name=plugin.qualified)
+        except Exception as exc:  # e.g. a hookimpl that matches no hook specification
+            plugin.status, plugin.error = "error", _describe_error(exc)
+            return
+        by_module[id(module)] = plugin
+
     for ep in _entry_points():
         dist_name = ep.dist.metadata["Name"] if ep.dist is not None else None
         if _third_party_disabled() and dist_name != OWN_DISTRIBUTION:
             continue
-        plugin = Plugin(ep.name, ep.value, dist_name, ep.dist.version if ep.dist is not None else None)
-        plugins.append(plugin)
-        try:
-            module = ep.load()
-        except Exception as exc:  # a broken plugin must not break the others
-            plugin.status, plugin.error = "error", _describe_error(exc)
-            continue
-        incompatible = _api_mismatch(module)
-        if incompatible:
-            plugin.status, plugin.error = "incompatible", incompatible
-            continue
-        try:
-            pm.register(module, name=f"{dist_name}:{ep.name}")
-        except Exception as exc:  # e.g. a hookimpl that matches no hook specification
-            plugin.status, plugin.error = "error", _describe_error(exc)
-            continue
-        by_module[id(module)] = plugin
+        add(Plugin(ep.name, ep.value, dist_name, ep.dist.version if ep.dist is not None else None), ep.load)
+    for module, name, dist_name, version in _in_process:
+        add(Plugin(name, module.__name__, dist_name, version), lambda m=module: m)
 
     components: list[Component] = []
-    for kind, hook_name in KIND_HOOKS.items():
+    for kind, hook_name in REGISTER_HOOKS.items():
         for impl in getattr(pm.hook, hook_name).get_hookimpls():
             plugin = by_module[id(impl.plugin)]
 
             def register(name: str, target: Any, _kind: str = kind, _plugin: Plugin = plugin) -> None:
-                if not isinstance(name, str) or not name:
-                    raise TypeError(f"component name must be a non-empty string, got {name!r}")
+                if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+                    raise TypeError(
+                        f"component name must be letters, digits, '.', '_' or '-' (no ':'), got {name!r}"
+                    )
                 if not (isinstance(target, type) or (isinstance(target, str) and ":" in target)):
                     raise TypeError(f"target for {name!r} must be a class or a 'module:attr' string")
                 components.append(Component(_kind, name, target, _plugin))
@@ -147,17 +217,16 @@ def discover() -> Registry:
 
 def _api_mismatch(module: Any) -> str | None:
     """Why a plugin module's declared ``DDPMKIT_PLUGIN_API`` rules it out, or None if it fits."""
-    from .hookspecs import PLUGIN_API_VERSION
-
     declared = getattr(module, "DDPMKIT_PLUGIN_API", None)
     if declared is None:
         return None
     supported = {declared} if isinstance(declared, int) else set(declared) if isinstance(declared, (list, tuple, set)) else None
     if supported is None:
         return f"DDPMKIT_PLUGIN_API must be an int or a list of ints, got {declared!r}"
-    if PLUGIN_API_VERSION not in supported:
+    if not supported & set(hookspecs.SUPPORTED_PLUGIN_APIS):
+        speaks = ", ".join(map(str, hookspecs.SUPPORTED_PLUGIN_APIS))
         return (
-            f"built for plugin API {sorted(supported)}; this ddpmkit speaks plugin API {PLUGIN_API_VERSION} "
+            f"built for plugin API {sorted(supported)}; this ddpmkit speaks plugin API {speaks} "
             "(upgrade the plugin or pin a matching ddpmkit)"
         )
     return None
@@ -181,58 +250,74 @@ def reset() -> None:
     registry.cache_clear()
 
 
-def _plugin_label(plugin: Plugin) -> str:
-    where = f" ({plugin.distribution} {plugin.version})" if plugin.distribution else ""
-    return f"'{plugin.name}'{where}"
+def _unknown(kind: str, name: str, reg: Registry) -> PluginError:
+    available = ", ".join(reg.names(kind)) or "none"
+    message = f"unknown {kind} '{name}'; installed: {available}"
+    broken = reg.broken()
+    if broken:
+        message += "; plugins that failed to load: " + "; ".join(f"{p.label}: {p.error}" for p in broken)
+    return PluginError(message)
 
 
 def find(kind: str, name: str) -> Component:
-    """The component registered as ``name``; PluginError if it is unknown or ambiguous."""
-    if kind not in KIND_HOOKS:
-        raise ValueError(f"unknown component kind {kind!r}")
+    """The component registered as ``name`` or ``DISTRIBUTION:NAME``; PluginError if unknown or ambiguous."""
+    check_kind(kind)
     reg = registry()
-    found = reg.named(kind, name)
-    if not found:
-        available = ", ".join(reg.names(kind)) or "none"
-        message = f"unknown {kind} '{name}'; installed: {available}"
-        broken = reg.broken()
-        if broken:
-            message += "; plugins that failed to load: " + "; ".join(
-                f"{_plugin_label(p)}: {p.error}" for p in broken
-            )
-        raise PluginError(message)
+    dist, qualified, short = name.rpartition(":")
+    candidates = reg.named(kind, short)
+    if qualified:
+        found = [c for c in candidates if normalize(c.plugin.distribution or c.plugin.name) == normalize(dist)]
+        if not found:
+            if candidates:
+                choices = ", ".join(sorted(c.qualified for c in candidates))
+                raise PluginError(f"no {kind} '{name}': '{short}' comes from {choices}")
+            raise _unknown(kind, name, reg)
+    else:
+        found = candidates
+        if not found:
+            raise _unknown(kind, name, reg)
+        if len(found) > 1:
+            own = [c for c in found if c.is_own]
+            if len(own) != 1:
+                choices = ", ".join(sorted(c.qualified for c in found))
+                raise PluginError(f"{kind} '{name}' is registered by several plugins; name one of {choices}")
+            if (kind, name) not in reg.warned:
+                reg.warned.add((kind, name))
+                others = ", ".join(f"{c.plugin.label} as {c.qualified}" for c in found if not c.is_own)
+                warnings.warn(
+                    f"{kind} '{name}' is also registered by {others}; using ddpmkit's own "
+                    f"({own[0].qualified}). Write the qualified name to use the other.",
+                    DdpmkitWarning,
+                    stacklevel=2,
+                )
+            found = own
     if len(found) > 1:
-        owners = ", ".join(_plugin_label(c.plugin) for c in found)
-        raise PluginError(f"{kind} '{name}' is registered by several plugins: {owners}; uninstall all but one")
-    if found[0].plugin.status == "error":  # registered before one of the plugin's hooks raised
-        raise PluginError(
-            f"{kind} '{name}' comes from plugin {_plugin_label(found[0].plugin)}, which failed to load: "
-            f"{found[0].plugin.error}"
-        )
-    return found[0]
+        owners = ", ".join(f"{c.plugin.label}" for c in found)
+        raise PluginError(f"{kind} '{name}' is registered by several plugins of one distribution: {owners}")
+    comp = found[0]
+    if comp.plugin.status == "error":  # registered before one of the plugin's hooks raised
+        raise PluginError(f"{kind} '{name}' comes from plugin {comp.plugin.label}, which failed to load: {comp.plugin.error}")
+    return comp
 
 
-def resolve(kind: str, name: str) -> type:
-    """The class of the component ``name``, importing a lazy target now."""
-    comp = find(kind, name)
+def load(comp: Component) -> type:
+    """The class of ``comp``, importing a lazy target now; PluginError if it is not a subclass of its kind's base."""
     target = comp.target
     if isinstance(target, str):
         module_name, _, attr = target.partition(":")
         try:
             target = getattr(importlib.import_module(module_name), attr)
         except Exception as exc:
-            raise PluginError(
-                f"{kind} '{name}' from plugin {_plugin_label(comp.plugin)} failed to load "
-                f"({target}): {_describe_error(exc)}"
-            ) from exc
-    from .interfaces import KINDS  # torch is needed from here on anyway
-
-    base = KINDS[kind]
+            raise PluginError(f"{comp.label} failed to load ({target}): {_describe_error(exc)}") from exc
+    base = base_class(comp.kind)
     if not (isinstance(target, type) and issubclass(target, base)):
-        raise PluginError(
-            f"{kind} '{name}' from plugin {_plugin_label(comp.plugin)} is not a {base.__name__} subclass"
-        )
+        raise PluginError(f"{comp.label} is not a {base.__name__} subclass")
     return target
+
+
+def resolve(kind: str, name: str) -> type:
+    """The class of the component ``name``, importing a lazy target now."""
+    return load(find(kind, name))
 
 
 def options_model(kind: str, name: str) -> type:
@@ -240,14 +325,32 @@ def options_model(kind: str, name: str) -> type:
     return resolve(kind, name).Options
 
 
-EVENT_HOOKS = ("train_start", "step_end", "checkpoint_written", "samples_written", "train_end")
+# --- plugins as a whole: event hooks and their options -------------------------------------------------
+
+
+def find_plugin(name: str) -> Plugin:
+    """The loaded plugin whose entry point is ``name`` (or ``DISTRIBUTION:NAME``); PluginError otherwise."""
+    reg = registry()
+    dist, qualified, short = name.rpartition(":")
+    found = [
+        p for p in reg.plugins
+        if p.name == short and (not qualified or normalize(p.distribution or p.name) == normalize(dist))
+    ]
+    if not found:
+        names = ", ".join(sorted({p.name for p in reg.plugins})) or "none"
+        raise PluginError(f"no plugin named '{name}'; installed plugins: {names}")
+    if len(found) > 1:
+        raise PluginError(f"several plugins are named '{name}'; use one of {', '.join(p.qualified for p in found)}")
+    if found[0].status != "ok":
+        raise PluginError(f"plugin {found[0].label} did not load: {found[0].error}")
+    return found[0]
 
 
 def event_plugins(reg: Registry) -> list[tuple[Plugin, list[str]]]:
     """Loaded plugins that implement training-event hooks, with the hooks each implements."""
     if reg.manager is None:
         return []
-    by_name = {f"{p.distribution}:{p.name}": p for p in reg.plugins}
+    by_name = {p.qualified: p for p in reg.plugins}
     found: dict[str, list[str]] = {}
     for hook in EVENT_HOOKS:
         for impl in getattr(reg.manager.hook, hook).get_hookimpls():
@@ -255,53 +358,36 @@ def event_plugins(reg: Registry) -> list[tuple[Plugin, list[str]]]:
     return [(by_name[name], hooks) for name, hooks in found.items() if name in by_name]
 
 
+def _row(kind: str | None, name: str | None, qualified: str | None, plugin: Plugin, status: str,
+         error: str | None, target: str) -> dict[str, Any]:
+    return {
+        "kind": kind, "name": name, "qualified_name": qualified, "plugin": plugin.name,
+        "distribution": plugin.distribution, "version": plugin.version, "status": status, "error": error,
+        "target": target,
+    }
+
+
 def list_plugins() -> list[dict[str, Any]]:
-    """One row per registered component, plus one per plugin that failed to load."""
+    """One row per registered component and event plugin, plus one per plugin that failed to load."""
     reg = registry()
     rows: list[dict[str, Any]] = []
-    for comp in sorted(reg.components, key=lambda c: (list(KIND_HOOKS).index(c.kind), c.name)):
+    for comp in sorted(reg.components, key=lambda c: (KINDS.index(c.kind), c.name, not c.is_own, c.qualified)):
         status, error = comp.plugin.status, comp.plugin.error
         if comp.clashes_with and status == "ok":
-            status = "clash"
-            error = "also registered by " + ", ".join(_plugin_label(p) for p in comp.clashes_with)
-        rows.append(
-            {
-                "kind": comp.kind,
-                "name": comp.name,
-                "plugin": comp.plugin.name,
-                "distribution": comp.plugin.distribution,
-                "version": comp.plugin.version,
-                "status": status,
-                "error": error,
-                "target": comp.target_path,
-            }
-        )
+            others = ", ".join(p.label for p in comp.clashes_with)
+            own_wins = any(p.distribution == OWN_DISTRIBUTION for p in comp.clashes_with) and not comp.is_own
+            if comp.is_own:
+                error = f"also registered by {others}; the plain name means this one"
+            elif own_wins:
+                status, error = "shadowed", f"ddpmkit's own '{comp.name}' takes the plain name; use {comp.qualified}"
+            else:
+                status, error = "clash", f"also registered by {others}; use {comp.qualified}"
+        rows.append(_row(comp.kind, comp.name, comp.qualified, comp.plugin, status, error, comp.target_path))
     for plugin, hooks in event_plugins(reg):
-        rows.append(
-            {
-                "kind": "events",
-                "name": plugin.name,
-                "plugin": plugin.name,
-                "distribution": plugin.distribution,
-                "version": plugin.version,
-                "status": plugin.status,
-                "error": None,
-                "target": plugin.module + " (" + ", ".join(hooks) + ")",
-            }
-        )
+        rows.append(_row(EVENTS, plugin.name, plugin.qualified, plugin, plugin.status, None,
+                         plugin.module + " (" + ", ".join(hooks) + ")"))
     for plugin in reg.broken():
         if any(c.plugin is plugin for c in reg.components):
             continue
-        rows.append(
-            {
-                "kind": None,
-                "name": None,
-                "plugin": plugin.name,
-                "distribution": plugin.distribution,
-                "version": plugin.version,
-                "status": plugin.status,
-                "error": plugin.error,
-                "target": plugin.module,
-            }
-        )
+        rows.append(_row(None, None, None, plugin, plugin.status, plugin.error, plugin.module))
     return rows

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
-import platform
 import shutil
 import time
 from pathlib import Path
@@ -14,15 +12,15 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from . import __version__, plugins
-from .checkpoint import Checkpoint, checkpoints_dir, latest_checkpoint
+from . import __version__
+from .checkpoint import check_compatible, checkpoints_dir, describe_run, latest_checkpoint
 from .config import RunConfig
 from .data import load_dataset
 from .device import pick_device
-from .errors import CheckpointError, DdpmkitError
+from .errors import DdpmkitError
 from .events import EventDispatcher, HookFailed, RunInfo
-from .factory import create_sampler, create_schedule, denoiser_from_config
-from .sampling import generate, sampling_progress, write_images, write_trajectory
+from .factory import build_components, smoke_test
+from .sampling import generate, nearest_visited, sampling_progress, write_images, write_trajectory
 from .train import CPU_WARN_SECONDS, TrainEvents, steps_per_epoch, total_steps, train
 
 OUTPUT_FILES = ("samples.png", "samples.npz", "trajectory.png")
@@ -37,42 +35,6 @@ def _ensure_writable(run_dir: Path) -> None:
         probe.unlink()
     except OSError as exc:
         raise DdpmkitError(f"cannot write the run directory {run_dir}: {exc.strerror or exc}") from None
-
-
-def _manifest(cfg: RunConfig, fingerprint: str) -> dict[str, Any]:
-    used = {}
-    for kind in ("schedule", "denoiser", "sampler"):
-        comp = plugins.find(kind, getattr(cfg, kind).name)
-        used[kind] = {
-            "name": comp.name,
-            "plugin": comp.plugin.name,
-            "distribution": comp.plugin.distribution,
-            "version": comp.plugin.version,
-        }
-    return {
-        "ddpmkit": __version__,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "plugins": used,
-        "seed": cfg.run.seed,
-        "dataset_fingerprint": fingerprint,
-    }
-
-
-def check_compatible(ckpt: Checkpoint, cfg: RunConfig, fingerprint: str) -> None:
-    """Refuse to resume from a checkpoint whose model, process or data differ from ``cfg``."""
-    saved = dict(ckpt.state.get("identity", {}))
-    now = cfg.identity()
-    saved_fp = ckpt.state.get("manifest", {}).get("dataset_fingerprint")
-    keys = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-    details = [f"{k} (checkpoint: {saved.get(k)!r}, config: {now.get(k)!r})" for k in keys]
-    if saved_fp is not None and saved_fp != fingerprint:
-        details.append("the training data (its fingerprint differs)")
-    if details:
-        raise CheckpointError(
-            f"cannot resume {ckpt.path}: the config differs in " + "; ".join(details)
-            + " — use --fresh to start over, or another run.name"
-        )
 
 
 def _format_duration(seconds: float) -> str:
@@ -102,17 +64,18 @@ def run_config(cfg: RunConfig, *, console: Console, fresh: bool = False, data_ro
     if resume is not None:
         check_compatible(resume, cfg, fingerprint)
 
-    schedule = create_schedule(cfg.schedule.name, **cfg.schedule.options)
     torch.manual_seed(cfg.run.seed)
-    model = denoiser_from_config(cfg)
-    sampler = create_sampler(cfg.sampler.name, **cfg.sampler.options)
+    built = build_components(cfg)
+    smoke_test(built, cfg.image_shape)
+    schedule, model, sampler = built.schedule, built.denoiser, built.sampler
     (run_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
 
     params = sum(p.numel() for p in model.parameters())
     steps = total_steps(cfg, len(dataset))
     console.print(
         f"[bold]ddpmkit run[/] {run_dir}: {dataset.description}, {len(dataset):,} images\n"
-        f"  device {device}, {cfg.denoiser.name} {params:,} parameters, {cfg.train.precision}\n"
+        f"  device {device}, {cfg.denoiser.name} {params:,} parameters predicting {model.prediction}, "
+        f"{cfg.train.precision}\n"
         f"  {steps_per_epoch(len(dataset), cfg.train.batch_size):,} steps of batch {cfg.train.batch_size} per epoch; "
         f"{steps:,} steps in all ({cfg.train.epochs} epochs"
         + (f", at most {cfg.train.max_steps:,} steps)" if cfg.train.max_steps is not None else ")")
@@ -120,14 +83,7 @@ def run_config(cfg: RunConfig, *, console: Console, fresh: bool = False, data_ro
         highlight=False,
     )
 
-    identity = cfg.identity()
-    state = {
-        "config": cfg.model_dump(mode="json"),
-        "identity": identity,
-        "identity_sha256": hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest(),
-        "manifest": _manifest(cfg, fingerprint),
-        "rng": "every stream is derived from run.seed and the step (see ddpmkit.train.derive_seed)",
-    }
+    state = describe_run(cfg, built, fingerprint, __version__)
     started = time.perf_counter()
     progress = Progress(
         TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
@@ -135,10 +91,12 @@ def run_config(cfg: RunConfig, *, console: Console, fresh: bool = False, data_ro
         TimeRemainingColumn(), console=console,
     )
     smoothed = {"loss": None}
+    reached = {"step": resume.step if resume else 0}
     info = RunInfo(run_dir, cfg, str(device), resume.step if resume else 0, steps)
     events = EventDispatcher(info)
 
     def on_step(m: dict[str, Any]) -> None:
+        reached["step"] = m["step"]
         events.emit("step_end", step=m["step"], metrics=m)
         prev = smoothed["loss"]
         smoothed["loss"] = m["loss"] if prev is None else 0.98 * prev + 0.02 * m["loss"]
@@ -164,16 +122,22 @@ def run_config(cfg: RunConfig, *, console: Console, fresh: bool = False, data_ro
         with progress:
             result = train(
                 cfg, model=model, schedule=schedule, dataset=dataset, device=device, run_dir=run_dir,
-                checkpoint_state=state, resume=resume,
+                checkpoint_state=state, resume=resume, denoiser_component=built.refs["denoiser"],
                 events=TrainEvents(on_step=on_step, on_checkpoint=on_checkpoint, on_measured=on_measured),
             )
     except BaseException:
         try:  # let the plugins close their files; the original error is the one to report
-            events.emit("train_end", step=-1, interrupted=True)
+            events.emit("train_end", step=reached["step"], interrupted=True)
         except HookFailed:
             pass
         raise
-    events.emit("train_end", step=result.step, interrupted=result.interrupted)
+    try:
+        events.emit("train_end", step=result.step, interrupted=result.interrupted)
+    except HookFailed:
+        if result.failure is None:
+            raise
+    if result.failure is not None:
+        raise result.failure
     train_time = time.perf_counter() - started
     if result.interrupted:
         console.print(
@@ -188,12 +152,20 @@ def run_config(cfg: RunConfig, *, console: Console, fresh: bool = False, data_ro
     started = time.perf_counter()
     # one pass draws the samples; the first few of them also give the denoising strip
     count = max(sc.num_images, sc.trajectory_images if sc.trajectory_steps else 0)
+    visited = built.timesteps()
+    shown = nearest_visited(sc.trajectory_steps, visited) if sc.trajectory_images else []
+    if shown and set(shown) != set(sc.trajectory_steps):
+        console.print(
+            f"  trajectory.png: {cfg.sampler.name} visits {len(visited)} of {cfg.num_timesteps} steps; "
+            f"showing the visited t nearest to those asked for: {', '.join(map(str, shown))}",
+            highlight=False,
+        )
     if count:
-        with sampling_progress(console, count * cfg.num_timesteps, "sampling") as advance:
+        with sampling_progress(console, count * len(visited), "sampling") as advance:
             images, captured = generate(
                 ema_or_raw, schedule, sampler, count, batch_size=sc.batch_size, seed=sc.seed,
                 image_shape=cfg.image_shape, precision=cfg.train.precision,
-                capture_steps=sc.trajectory_steps if sc.trajectory_images else None, progress=advance,
+                capture_steps=shown or None, progress=advance, sampler_component=built.refs["sampler"],
             )
         if sc.num_images:
             write_images(images[: sc.num_images], run_dir / "samples.png")

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+import warnings
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 import torch
@@ -12,10 +13,25 @@ from rich.console import Console
 
 from .data import to_uint8
 from .device import autocast
-from .errors import ConfigError, DdpmkitError
+from .blame import blame
+from .errors import ConfigError, DdpmkitError, DdpmkitWarning, PluginCodeError
 from .interfaces import Denoiser, NoiseSchedule, Sampler
 
+if TYPE_CHECKING:
+    from .plugins import Component
+
 ProgressFn = Callable[[int], None]
+#: Sampler output this far beyond [-1, 1] on more than OUT_OF_RANGE_SHARE of the pixels is reported.
+OUT_OF_RANGE_SLACK = 0.05
+OUT_OF_RANGE_SHARE = 0.001
+
+
+def nearest_visited(requested: list[int], visited: list[int]) -> list[int]:
+    """For each requested t, the visited t nearest to it (ties to the larger), without repeats, noisiest first."""
+    if not visited:
+        return []
+    chosen = {min(visited, key=lambda v: (abs(v - r), -v)) for r in requested}
+    return sorted(chosen, reverse=True)
 
 
 def generate(
@@ -30,12 +46,15 @@ def generate(
     precision: str = "fp32",
     capture_steps: list[int] | None = None,
     progress: ProgressFn | None = None,
+    sampler_component: "Component | None" = None,
 ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """Draw ``num_images`` images in [-1, 1] (on the CPU); optionally the intermediate x at ``capture_steps``.
 
-    Batches are drawn one after another from one generator seeded with ``seed``.
+    Batches are drawn one after another from one generator seeded with ``seed``. ``progress(n)`` is
+    called after every step of a batch of n images. Output that is not finite is an error naming
+    ``sampler_component``; output outside [-1, 1] is reported with a warning (the image writers clip it).
     """
-    device = next(denoiser.parameters()).device
+    device = denoiser.device
     generator = torch.Generator().manual_seed(seed)
     wanted = set(capture_steps or [])
     captured: dict[int, list[torch.Tensor]] = {t: [] for t in wanted}
@@ -52,13 +71,35 @@ def generate(
                 if progress is not None:
                     progress(n)
 
-            with torch.no_grad(), autocast(device, precision):
+            guard = blame(sampler_component, "while sampling") if sampler_component else nullcontext()
+            with guard, torch.no_grad(), autocast(device, precision):
                 x = sampler.sample(denoiser, schedule, (n, *image_shape), generator=generator, callback=callback)
+                if not isinstance(x, torch.Tensor) or tuple(x.shape) != (n, *image_shape):
+                    got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+                    raise ValueError(f"sample returned {got}, expected shape {(n, *image_shape)}")
             out.append(x.float().cpu())
     finally:
         denoiser.train(was_training)
     images = torch.cat(out) if out else torch.empty((0, *image_shape))
+    _check_range(images, sampler_component)
     return images, {t: torch.cat(v) for t, v in captured.items() if v}
+
+
+def _check_range(images: torch.Tensor, component: "Component | None") -> None:
+    who = component.label if component is not None else "the sampler"
+    if images.numel() == 0:
+        return
+    if not torch.isfinite(images).all():
+        share = float((~torch.isfinite(images)).float().mean())
+        raise PluginCodeError(f"{who} returned non-finite values in {share:.1%} of the pixels")
+    outside = float((images.abs() > 1 + OUT_OF_RANGE_SLACK).float().mean())
+    if outside > OUT_OF_RANGE_SHARE:
+        warnings.warn(
+            f"{who} returned values in [{float(images.min()):.3g}, {float(images.max()):.3g}]; "
+            f"{outside:.1%} of the pixels lie outside [-1, 1] and are clipped in the image files",
+            DdpmkitWarning,
+            stacklevel=2,
+        )
 
 
 def grid(images: torch.Tensor, nrow: int, padding: int = 2) -> np.ndarray:
@@ -133,33 +174,65 @@ def sample_command(
     from .checkpoint import find_checkpoint
     from .config import config_from_dict
     from .device import pick_device
-    from .factory import create_sampler, create_schedule, denoiser_from_config
+    from .factory import build_components
 
     if Path(out).suffix.lower() not in (".png", ".npz"):
         raise ConfigError(f"--out {out}: must end in .png or .npz")
     ckpt = find_checkpoint(source, warn=lambda m: console.print(f"[yellow]warning:[/] {m}", highlight=False))
-    saved = dict(ckpt.state["config"])
-    if sampler is not None:
+    saved = ckpt.config_for_sampling()
+    if sampler is not None and not _same_component("sampler", sampler, saved["sampler"]["name"]):
         saved["sampler"] = {"name": sampler, "options": {}}
+    _refuse_process_changes(overrides)
     cfg = config_from_dict(saved, overrides=overrides)
     dev = pick_device(device or cfg.run.device)
-    schedule = create_schedule(cfg.schedule.name, **cfg.schedule.options)
     torch.manual_seed(0)
-    denoiser = denoiser_from_config(cfg)
-    denoiser.load_state_dict(ckpt.weights("ema" if use_ema else "model"))
+    built = build_components(cfg)
+    _check_prediction(ckpt.schema.prediction, built, ckpt.path)
+    denoiser = built.denoiser
+    with blame(built.refs["denoiser"], "to load the checkpoint's weights"):
+        denoiser.load_state_dict(ckpt.weights("ema" if use_ema else "model"))
     denoiser.to(dev)
-    smp = create_sampler(cfg.sampler.name, **cfg.sampler.options)
+    steps = len(built.timesteps())
     console.print(
         f"sampling {num} images from {ckpt.path} ({'EMA' if use_ema else 'raw'} weights, step {ckpt.step}) "
-        f"with {cfg.sampler.name} on {dev}"
+        f"with {cfg.sampler.name} ({steps} steps) on {dev}"
     )
-    with sampling_progress(console, num * cfg.num_timesteps) as advance:
+    with sampling_progress(console, num * steps) as advance:
         images, _ = generate(
-            denoiser, schedule, smp, num, batch_size=batch_size, seed=seed, image_shape=cfg.image_shape,
-            precision=cfg.train.precision, progress=advance,
+            denoiser, built.schedule, built.sampler, num, batch_size=batch_size, seed=seed, image_shape=cfg.image_shape,
+            precision=cfg.train.precision, progress=advance, sampler_component=built.refs["sampler"],
         )
     write_images(images, out)
     console.print(f"[green]wrote[/] {out}")
+
+
+def _same_component(kind: str, a: str, b: str) -> bool:
+    """Whether two names (plain or qualified) resolve to one installed component."""
+    from . import plugins
+
+    try:
+        return plugins.find(kind, a) is plugins.find(kind, b)
+    except DdpmkitError:
+        return a == b
+
+
+def _refuse_process_changes(overrides: list[str]) -> None:
+    """Sampling with another process, model or data shape than the weights were trained with gives wrong images."""
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        if key.split(".")[0] not in ("sampler", "sample", "run") and key != "train.precision":
+            raise ConfigError(
+                f"--set {item}: the weights were trained with the checkpoint's {key.split('.')[0]}; "
+                "sampling may change only [sampler], [sample], [run] and train.precision"
+            )
+
+
+def _check_prediction(saved: str, built, path: Path) -> None:
+    if built.denoiser.prediction != saved:
+        raise ConfigError(
+            f"{path}: trained to predict {saved!r} but {built.refs['denoiser'].label} now predicts "
+            f"{built.denoiser.prediction!r}; install the plugin version that trained it"
+        )
 
 
 @contextmanager

@@ -6,21 +6,32 @@ from .config import RunConfig
 
 
 def describe_config(cfg: RunConfig) -> str:
-    """Lines naming the data, schedule, denoiser (with its parameter count), sampler and training plan."""
-    from .factory import denoiser_from_config
+    """Build every component (a tiny forward pass included, on the CPU) and describe them in a few lines.
 
-    denoiser = denoiser_from_config(cfg)
-    params = sum(p.numel() for p in denoiser.parameters())
+    Errors in a plugin's code surface here as one line naming it, before any training.
+    """
+    import torch
+
+    from .factory import build_components, smoke_test
+
+    torch.manual_seed(cfg.run.seed)
+    built = build_components(cfg)
+    smoke_test(built, cfg.image_shape)
+    params = built.denoiser.num_parameters()
     c, h, w = cfg.image_shape
     t = cfg.train
+    refs = built.refs
     lines = [
         f"run        {cfg.run_dir}  (seed {cfg.run.seed}, device {cfg.run.device})",
         f"data       {cfg.data.dataset}, {c}x{h}x{w}",
-        f"schedule   {cfg.schedule.name}, T = {cfg.num_timesteps}",
-        f"denoiser   {cfg.denoiser.name}, {params:,} parameters ({params / 1e6:.1f} M)",
-        f"sampler    {cfg.sampler.name} {cfg.sampler.options}",
+        f"schedule   {refs['schedule'].qualified}, T = {cfg.num_timesteps}",
+        f"denoiser   {refs['denoiser'].qualified}, {params:,} parameters ({params / 1e6:.1f} M), "
+        f"predicts {built.denoiser.prediction}",
+        f"sampler    {refs['sampler'].qualified}, {len(built.timesteps())} steps, {cfg.sampler.options}",
         f"train      {t.epochs} epochs, batch {t.batch_size}, lr {t.lr:g}, EMA {t.ema_decay:g}"
         f"{' with warm-up' if t.ema_warmup else ''}, {t.precision}"
         + (f", at most {t.max_steps} steps" if t.max_steps is not None else ""),
     ]
+    if cfg.plugins:
+        lines.append("plugins    " + "; ".join(f"{name} {opts}" for name, opts in sorted(cfg.plugins.items())))
     return "\n".join(lines)

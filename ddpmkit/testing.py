@@ -17,6 +17,8 @@ from typing import Any, Callable
 
 import torch
 
+from .diffusion import PREDICTIONS, gaussian_reverse_moments, v_from_x0_eps
+from .errors import ConfigError
 from .factory import create_denoiser, create_sampler, create_schedule
 from .interfaces import Denoiser
 
@@ -33,6 +35,8 @@ class CheckResult:
     check: str
     passed: bool
     detail: str = ""
+    #: DISTRIBUTION:NAME of the component checked
+    qualified_name: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -40,16 +44,23 @@ class CheckResult:
 
 class _Checks:
     def __init__(self, kind: str, name: str) -> None:
-        self.kind, self.name, self.results = kind, name, []
+        from .errors import DdpmkitError
+        from .plugins import find
+
+        self.kind, self.name, self.results = kind, name.rpartition(":")[2], []
+        try:
+            self.qualified = find(kind, name).qualified
+        except DdpmkitError:  # reported by the "builds" check
+            self.qualified = name
 
     def run(self, check: str, fn: Callable[[], str | None]) -> None:
         """Run one check; an AssertionError or any exception is a failure with its message."""
         try:
             detail = fn() or ""
-            self.results.append(CheckResult(self.kind, self.name, check, True, detail))
+            self.results.append(CheckResult(self.kind, self.name, check, True, detail, self.qualified))
         except Exception as exc:
             msg = str(exc) if isinstance(exc, AssertionError) else f"{type(exc).__name__}: {exc}"
-            self.results.append(CheckResult(self.kind, self.name, check, False, msg))
+            self.results.append(CheckResult(self.kind, self.name, check, False, msg, self.qualified))
 
 
 # --- schedules ------------------------------------------------------------------------------------
@@ -85,6 +96,14 @@ def check_schedule(name: str, options: dict[str, Any] | None = None, *, device: 
             assert bad == 0, f"alphas_cumprod fails to decrease at {bad} steps (float32)"
         assert (ab > 0).all(), "alphas_cumprod reaches 0: x_0 cannot be predicted at the last steps"
 
+    def float64() -> str:
+        b = s.make_betas()
+        assert isinstance(b, torch.Tensor) and b.dtype == torch.float64, (
+            f"make_betas() returned {getattr(b, 'dtype', type(b).__name__)}; compute it in float64 "
+            "(float32 betas lose the small products of alphas_cumprod)"
+        )
+        return "float64"
+
     def final_snr() -> str:
         snr = float(s.snr()[-1])
         assert snr < MAX_FINAL_SNR, f"final SNR {snr:.3g} >= {MAX_FINAL_SNR}: x_T is not close to pure noise"
@@ -98,8 +117,8 @@ def check_schedule(name: str, options: dict[str, Any] | None = None, *, device: 
             assert t.device.type == torch.device(device).type, f"{attr} on {t.device}"
         return f"float32 on {device}"
 
-    for check, fn in (("T >= 1", steps), ("betas in (0, 1)", betas), ("abar decreasing", decreasing),
-                      ("final SNR", final_snr), ("float32 on device", on_device)):
+    for check, fn in (("T >= 1", steps), ("make_betas is float64", float64), ("betas in (0, 1)", betas),
+                      ("abar decreasing", decreasing), ("final SNR", final_snr), ("float32 on device", on_device)):
         c.run(check, fn)
     return c.results
 
@@ -115,13 +134,16 @@ def check_denoiser(
     num_timesteps: int = 1000,
     device: str = "cpu",
 ) -> list[CheckResult]:
-    """Shape in == shape out (several batch sizes, mixed t); eval deterministic; gradients; state_dict round trip."""
+    """A known prediction target; shape in == shape out (several batch sizes, mixed t); the output depends on t,
+    per image; other image shapes honoured or refused with ConfigError; eval deterministic; gradients reach
+    every parameter; state_dict round trip."""
     c = _Checks("denoiser", name)
     built: dict[str, Any] = {}
+    image_shape = tuple(image_shape)
 
-    def make(seed: int) -> Denoiser:
+    def make(seed: int, shape: tuple[int, int, int] = image_shape) -> Denoiser:
         torch.manual_seed(seed)
-        return create_denoiser(name, image_shape=image_shape, num_timesteps=num_timesteps, **(options or {})).to(device)
+        return create_denoiser(name, image_shape=shape, num_timesteps=num_timesteps, **(options or {})).to(device)
 
     def build() -> str:
         built["m"] = make(0)
@@ -143,8 +165,50 @@ def check_denoiser(
         return x, t.to(device)
 
     def predicts() -> str:
-        assert getattr(m, "prediction", None) == "epsilon", f"prediction = {getattr(m, 'prediction', None)!r}"
-        return "epsilon"
+        p = getattr(m, "prediction", None)
+        assert p in PREDICTIONS, f"prediction = {p!r}, not one of {', '.join(PREDICTIONS)}"
+        return str(p)
+
+    def uses_t() -> str:
+        m.eval()
+        x, _ = batch(2)
+        x = x[:1].expand(2, *image_shape).contiguous()
+        t = torch.tensor([num_timesteps - 1, 0], device=device)
+        with torch.no_grad():
+            together = m(x, t)
+            alone = [m(x[i : i + 1], t[i : i + 1]) for i in range(2)]
+        assert num_timesteps == 1 or not torch.allclose(together[0], together[1]), (
+            "the same image at t = 0 and t = T-1 gives the same output: t is ignored"
+        )
+        for i in range(2):
+            assert torch.allclose(together[i], alone[i][0], rtol=1e-4, atol=1e-5), (
+                f"image {i} of a batch with t = {t.tolist()} differs from the same image alone: "
+                "t must be used per image (not t[0] for the whole batch)"
+            )
+        return "per-image t"
+
+    def other_shapes() -> str:
+        channels, height, width = image_shape
+        tried = []
+        for shape in {(channels, height // 2, width // 2), (4 - channels if channels in (1, 3) else 1, height, width),
+                      (channels, height + 4, width + 4)}:
+            if min(shape[1:]) < 1:
+                continue
+            try:
+                other = make(2, shape)
+            except ConfigError:
+                tried.append(f"{shape} refused")
+                continue
+            other.eval()
+            x = torch.randn((2, *shape), generator=g).to(device)
+            with torch.no_grad():
+                y = other(x, torch.tensor([0, num_timesteps - 1], device=device))
+            assert tuple(y.shape) == tuple(x.shape), (
+                f"built for image_shape {shape} without complaint, but returns {tuple(y.shape)} for {tuple(x.shape)}; "
+                "raise ddpmkit.ConfigError for a shape the options cannot handle"
+            )
+            tried.append(f"{shape} ok")
+        return "; ".join(sorted(tried))
 
     def shapes() -> str:
         m.eval()
@@ -195,7 +259,8 @@ def check_denoiser(
                 torch.cuda.synchronize()
         return f"{(time.perf_counter() - start) * 1000 / 8:.2f} ms per image forward on {device}"
 
-    for check, fn in (("predicts epsilon", predicts), ("shape in == out", shapes), ("eval deterministic", deterministic),
+    for check, fn in (("prediction target", predicts), ("shape in == out", shapes), ("uses t per image", uses_t),
+                      ("other image shapes", other_shapes), ("eval deterministic", deterministic),
                       ("gradients reach all parameters", gradients), ("state_dict round trip", round_trip),
                       ("forward time", speed)):
         c.run(check, fn)
@@ -206,20 +271,25 @@ def check_denoiser(
 
 
 class GaussianOracle(Denoiser):
-    """The exact epsilon predictor for data x_0 ~ N(mu, s^2) per pixel, under a given schedule.
+    """The exact predictor for data x_0 ~ N(mu, s^2) per pixel, under a given schedule, for any target.
 
-    x_t = sqrt(abar) x_0 + sqrt(1 - abar) eps gives E[eps | x_t] = sqrt(1 - abar) (x_t - sqrt(abar) mu) / (abar s^2 + 1 - abar).
+    x_t = sqrt(abar) x_0 + sqrt(1 - abar) eps gives E[eps | x_t] = sqrt(1 - abar) (x_t - sqrt(abar) mu) / (abar s^2 + 1 - abar);
+    E[x_0 | x_t] and v follow from eq. 4 and v = sqrt(abar) eps - sqrt(1 - abar) x_0.
     """
 
-    def __init__(self, schedule, mu: float, s: float, image_shape=(1, 8, 8)) -> None:
+    def __init__(self, schedule, mu: float, s: float, image_shape=(1, 8, 8), prediction: str = "epsilon") -> None:
         super().__init__(Denoiser.Options(), image_shape=image_shape, num_timesteps=schedule.num_timesteps)
         self.mu, self.s = mu, s
+        self.prediction = prediction
         self.register_buffer("abar", schedule.alphas_cumprod.double().clone())
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         ab = self.abar[t].view(-1, *([1] * (x_t.ndim - 1)))
-        eps = (1 - ab).sqrt() * (x_t.double() - ab.sqrt() * self.mu) / (ab * self.s**2 + 1 - ab)
-        return eps.to(x_t.dtype)
+        x = x_t.double()
+        eps = (1 - ab).sqrt() * (x - ab.sqrt() * self.mu) / (ab * self.s**2 + 1 - ab)
+        x0 = (x - (1 - ab).sqrt() * eps) / ab.sqrt()
+        out = {"epsilon": eps, "x0": x0, "v": ab.sqrt() * eps - (1 - ab).sqrt() * x0}[self.prediction]
+        return out.to(x_t.dtype)
 
 
 def check_sampler(
@@ -230,8 +300,11 @@ def check_sampler(
     num_pixels: int = 16384,
     mu: float = 0.3,
     s: float = 0.2,
+    num_timesteps: int = 1000,
 ) -> list[CheckResult]:
-    """With the exact predictor of N(mu, s^2) data, samples match mu and s; seeds reproduce; output in [-1, 1]."""
+    """With the exact predictor of N(mu, s^2) data, samples match the exact answer for the sampler's own
+    steps (or N(mu, s^2) within its declared tolerance); x0- and v-predicting denoisers give the same
+    images; seeds reproduce; output in [-1, 1]; the callback sees the steps the sampler lists."""
     c = _Checks("sampler", name)
     built: dict[str, Any] = {}
 
@@ -242,15 +315,16 @@ def check_sampler(
     if "sampler" not in built:
         return c.results
     sampler = built["sampler"]
-    schedule = create_schedule("linear", num_timesteps=1000)
+    schedule = create_schedule("linear", num_timesteps=num_timesteps)
     side = int(math.isqrt(num_pixels // 16))
     shape = (16, 1, side, side)
-    oracle = GaussianOracle(schedule, mu, s, image_shape=shape[1:]).to(device)
+    oracles = {p: GaussianOracle(schedule, mu, s, image_shape=shape[1:], prediction=p).to(device) for p in PREDICTIONS}
     seen_t: list[int] = []
 
-    def draw(seed: int, record: bool = False) -> torch.Tensor:
+    def draw(seed: int, record: bool = False, prediction: str = "epsilon") -> torch.Tensor:
         cb = (lambda i, t, x: seen_t.append(int(t))) if record else None
-        return sampler.sample(oracle, schedule, shape, generator=torch.Generator().manual_seed(seed), callback=cb)
+        return sampler.sample(oracles[prediction], schedule, shape, generator=torch.Generator().manual_seed(seed),
+                              callback=cb)
 
     first: dict[str, torch.Tensor] = {}
 
@@ -258,14 +332,32 @@ def check_sampler(
         x = draw(0, record=True).double()
         first["x"] = x
         n = x.numel()
-        # 5 standard errors, plus 0.005 for the bias of a finite number of reverse steps (about 0.004 for
-        # the ancestral sampler with the posterior variance at T = 1000)
-        tol_mean = 5 * s / math.sqrt(n) + 0.005
-        tol_std = 5 * s / math.sqrt(2 * n) + 0.005
+        steps = sampler.reverse_steps(schedule)
+        if steps is not None:
+            # the exact answer for this sampler's own discretisation; 1e-3 covers float32 arithmetic
+            target_mu, target_s = gaussian_reverse_moments(schedule, steps, mu, s)
+            bias, how = 1e-3, f"exact for its {len(steps)} steps"
+        else:
+            target_mu, target_s = mu, s
+            bias, how = float(sampler.oracle_tolerance), f"ideal, within the declared oracle_tolerance {sampler.oracle_tolerance:g}"
+        tol_mean = 5 * s / math.sqrt(n) + bias  # 5 standard errors, plus the allowance for bias
+        tol_std = 5 * s / math.sqrt(2 * n) + bias
         m_hat, s_hat = float(x.mean()), float(x.std())
-        assert abs(m_hat - mu) < tol_mean, f"mean {m_hat:.4f}, expected {mu} +- {tol_mean:.4f}"
-        assert abs(s_hat - s) < tol_std, f"std {s_hat:.4f}, expected {s} +- {tol_std:.4f}"
-        return f"mean {m_hat:.4f} (target {mu}), std {s_hat:.4f} (target {s}), {n} pixels"
+        assert abs(m_hat - target_mu) < tol_mean, f"mean {m_hat:.4f}, expected {target_mu:.4f} +- {tol_mean:.4f} ({how})"
+        assert abs(s_hat - target_s) < tol_std, f"std {s_hat:.4f}, expected {target_s:.4f} +- {tol_std:.4f} ({how})"
+        return (f"mean {m_hat:.4f}, std {s_hat:.4f}; expected {target_mu:.4f}, {target_s:.4f} ({how}; "
+                f"data N({mu}, {s}^2)), {n} pixels")
+
+    def targets() -> str:
+        assert "x" in first, "no first sample to compare with"
+        for prediction in ("x0", "v"):
+            x = draw(0, prediction=prediction).double()
+            gap = float((x - first["x"]).abs().max())
+            assert gap < 1e-3, (
+                f"a {prediction}-predicting denoiser gives images up to {gap:.3g} away from the epsilon one's; "
+                "convert its output with ddpmkit.diffusion.split_prediction"
+            )
+        return "x0 and v match epsilon"
 
     def seeds() -> None:
         assert "x" in first, "no first sample to compare with"
@@ -279,12 +371,17 @@ def check_sampler(
         assert torch.isfinite(x).all() and x.min() >= -1 and x.max() <= 1, f"output in [{x.min():.3g}, {x.max():.3g}]"
 
     def callback() -> str:
+        listed = [int(t) for t in sampler.timesteps(schedule)]
         assert seen_t, "the callback was never called"
+        assert seen_t == listed, (
+            f"the callback saw {len(seen_t)} steps ({seen_t[:3]}...) but timesteps() lists {len(listed)} ({listed[:3]}...)"
+        )
         assert all(a > b for a, b in zip(seen_t, seen_t[1:])), "the callback's t does not decrease"
         return f"{len(seen_t)} steps, t from {seen_t[0]} to {seen_t[-1]}"
 
-    for check, fn in (("matches N(mu, s^2)", moments), ("seeds reproduce", seeds), ("output in [-1, 1]", in_range),
-                      ("callback sees every step", callback)):
+    for check, fn in (("matches the Gaussian oracle", moments), ("x0 and v denoisers", targets),
+                      ("seeds reproduce", seeds), ("output in [-1, 1]", in_range),
+                      ("callback sees the listed steps", callback)):
         c.run(check, fn)
     return c.results
 
@@ -297,8 +394,30 @@ def check_component(kind: str, name: str, options: dict[str, Any] | None = None,
     return CHECKS[kind](name, options, **kwargs)
 
 
-def assert_conforms(kind: str, name: str, **options: Any) -> None:
-    """For a plugin's own tests: AssertionError listing every failed check of component ``name``."""
-    failed = [r for r in check_component(kind, name, options) if not r.passed]
+def assert_conforms(
+    kind: str,
+    name: str,
+    *,
+    image_shape: tuple[int, int, int] | None = None,
+    num_timesteps: int | None = None,
+    device: str = "cpu",
+    **options: Any,
+) -> None:
+    """For a plugin's own tests: AssertionError listing every failed check of component ``name`` with ``options``.
+
+    ``image_shape`` (denoisers) and ``num_timesteps`` (denoisers and samplers) set what the checks build
+    for; every other keyword is an option of the component.
+    """
+    extra: dict[str, Any] = {"device": device}
+    if image_shape is not None:
+        if kind != "denoiser":
+            raise TypeError("image_shape applies to denoisers only")
+        extra["image_shape"] = tuple(image_shape)
+    if num_timesteps is not None:
+        if kind == "schedule":
+            options["num_timesteps"] = num_timesteps
+        else:
+            extra["num_timesteps"] = num_timesteps
+    failed = [r for r in check_component(kind, name, options, **extra) if not r.passed]
     if failed:
         raise AssertionError("; ".join(f"{r.check}: {r.detail}" for r in failed))

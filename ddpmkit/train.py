@@ -12,14 +12,15 @@ import math
 import signal
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 from timm.utils import ModelEmaV3
 
+from .blame import blame
 from .checkpoint import Checkpoint, save_checkpoint
 from .config import RunConfig
 from .data import Dataset, to_model_scale
@@ -28,6 +29,9 @@ from .diffusion import draw_training_batch_noise, training_loss
 from .errors import DdpmkitError
 from .events import HookFailed
 from .interfaces import Denoiser, NoiseSchedule
+
+if TYPE_CHECKING:
+    from .plugins import Component
 
 CPU_WARN_SECONDS = 2 * 3600
 MEASURE_AFTER_STEPS = 10
@@ -70,6 +74,8 @@ class TrainResult:
     step: int
     interrupted: bool
     last_checkpoint: Path | None = None
+    #: an event hook that failed: training stopped after a checkpoint (the runner reports it)
+    failure: HookFailed | None = None
 
 
 class TrainingDiverged(DdpmkitError):
@@ -115,8 +121,12 @@ def train(
     checkpoint_state: dict[str, Any],
     resume: Checkpoint | None = None,
     events: TrainEvents | None = None,
+    denoiser_component: "Component | None" = None,
 ) -> TrainResult:
-    """Train ``model`` on ``dataset`` as ``cfg.train`` says, checkpointing into ``run_dir``."""
+    """Train ``model`` on ``dataset`` as ``cfg.train`` says, checkpointing into ``run_dir``.
+
+    An exception in the forward pass or the loss is reported naming ``denoiser_component``.
+    """
     events = events or TrainEvents()
     tc = cfg.train
     seed = cfg.run.seed
@@ -173,7 +183,8 @@ def train(
             t, noise = draw_training_batch_noise(batch, tuple(x0.shape[1:]), T, g)
             torch.manual_seed(derive_seed(seed, "dropout", step))  # dropout draws from the global RNG
 
-            with autocast(device, tc.precision):
+            guard = blame(denoiser_component, "in training") if denoiser_component else nullcontext()
+            with guard, autocast(device, tc.precision):
                 loss = training_loss(model, schedule, x0, t, noise)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -210,5 +221,6 @@ def train(
         if result.last_checkpoint is None or result.last_checkpoint.name != f"step-{step:08d}":
             result.last_checkpoint = checkpoint(step, announce=failure is None)
     if failure is not None:
-        raise HookFailed(f"{failure}; training stopped at step {step}, checkpoint {result.last_checkpoint}") from failure
+        result.failure = HookFailed(f"{failure}; training stopped at step {step}, checkpoint {result.last_checkpoint}")
+        result.failure.__cause__ = failure
     return result

@@ -5,10 +5,13 @@ Targets are lazy strings so that listing plugins never imports torch.
 
 from ddpmkit import hookimpl
 
+DDPMKIT_PLUGIN_API = [1, 2]
+
 
 @hookimpl
 def register_schedules(register):
     register("linear", "ddpmkit_plugins.linear:LinearSchedule")
+    register("cosine", "ddpmkit_plugins.cosine:CosineSchedule")
 
 
 @hookimpl
@@ -19,3 +22,4 @@ def register_denoisers(register):
 @hookimpl
 def register_samplers(register):
     register("ddpm", "ddpmkit_plugins.ddpm:DDPMSampler")
+    register("ddim", "ddpmkit_plugins.ddim:DDIMSampler")

@@ -1,4 +1,4 @@
-"""Writes every step's metrics to ``<run>/metrics.jsonl``, one JSON object a line (the ``log.metrics`` option).
+"""Writes every step's metrics to ``<run>/metrics.jsonl``, one JSON object a line (``[plugins.metrics] enabled``).
 
 On resume, lines past the checkpoint being resumed from are dropped first: they will be written again.
 """
@@ -9,7 +9,19 @@ import json
 from pathlib import Path
 from typing import IO, Any
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from ddpmkit import hookimpl
+
+DDPMKIT_PLUGIN_API = [2]
+
+
+class Options(BaseModel):
+    """The ``[plugins.metrics]`` table."""
+
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = Field(True, description="write every step's metrics to metrics.jsonl in the run directory")
+
 
 FILE_NAME = "metrics.jsonl"
 _open: dict[Path, IO[str]] = {}
@@ -29,8 +41,8 @@ def _trim(path: Path, up_to_step: int) -> None:
 
 
 @hookimpl
-def train_start(run: Any) -> None:
-    if not run.config.log.metrics:
+def train_start(run: Any, options: Options) -> None:
+    if not options.enabled:
         return
     path = Path(run.run_dir) / FILE_NAME
     if run.start_step == 0:

@@ -11,6 +11,8 @@ import math
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+from typing import Literal
+
 from pydantic import Field, ValidationInfo, field_validator
 from torch import nn
 
@@ -97,6 +99,9 @@ class UNet(Denoiser):
     """The tutorial's UNet: ~35.2 M parameters with the default options at 1x32x32."""
 
     class Options(Denoiser.Options):
+        prediction: Literal["epsilon", "x0", "v"] = Field(
+            "epsilon", description="what the network outputs: the noise, the clean image, or v (Salimans & Ho 2022)"
+        )
         num_groups: int = Field(32, ge=1, description="GroupNorm groups; every channel count must divide by it")
         num_heads: int = Field(8, ge=1, description="attention heads")
         dropout: float = Field(0.1, ge=0, lt=1, description="dropout in ResBlocks and attention (training only)")

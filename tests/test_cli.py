@@ -52,7 +52,7 @@ def test_validate_mnist_prints_the_parameter_count():
     assert result.exit_code == 0, result.output
     out = result.stdout
     assert "35,178,689 parameters (35.2 M)" in out
-    assert "schedule   linear, T = 1000" in out
+    assert "schedule   ddpmkit:linear, T = 1000" in out
     assert "data       mnist, 1x32x32" in out
     assert "75 epochs, batch 64, lr 2e-05, EMA 0.9999" in out
     assert "is valid" in out
@@ -77,7 +77,7 @@ def test_mnist_config_is_the_tutorials_recipe():
     assert cfg.data.dataset == "mnist" and cfg.image_shape == (1, 32, 32)
     assert cfg.schedule.options == {"num_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02}
     assert cfg.denoiser.options == {
-        "num_groups": 32, "num_heads": 8, "dropout": 0.1,
+        "prediction": "epsilon", "num_groups": 32, "num_heads": 8, "dropout": 0.1,
         "channels": [64, 128, 256, 512, 512, 384],
         "attentions": [False, True, False, False, False, True],
         "upscales": [False, False, False, True, True, True],
@@ -198,7 +198,7 @@ def test_list_plugins_table():
     for kind, name in [("schedule", "linear"), ("denoiser", "unet"), ("sampler", "ddpm")]:
         (row,) = [line for line in lines if f" {name} " in line]
         cells = [c.strip() for c in row.strip("│ ").split("│")]
-        assert cells == [kind, name, "builtin", "ddpmkit", ddpmkit.__version__, "ok"], cells
+        assert cells == [kind, name, f"ddpmkit:{name}", ddpmkit.__version__, "ok"], cells
 
 
 def test_list_plugins_json():
@@ -206,9 +206,10 @@ def test_list_plugins_json():
     assert result.exit_code == 0
     rows = json.loads(result.stdout)
     assert rows == [
-        {"kind": kind, "name": name, "plugin": plugin, "distribution": "ddpmkit",
+        {"kind": kind, "name": name, "qualified_name": f"ddpmkit:{name}", "plugin": plugin, "distribution": "ddpmkit",
          "version": ddpmkit.__version__, "status": "ok", "error": None}
-        for kind, name, plugin in [("schedule", "linear", "builtin"), ("denoiser", "unet", "builtin"),
+        for kind, name, plugin in [("schedule", "cosine", "builtin"), ("schedule", "linear", "builtin"),
+                                   ("denoiser", "unet", "builtin"), ("sampler", "ddim", "builtin"),
                                    ("sampler", "ddpm", "builtin"), ("events", "metrics", "metrics"),
                                    ("events", "tensorboard", "tensorboard")]
     ]
@@ -225,7 +226,7 @@ def test_console_script_version_and_list_plugins():
     assert proc.returncode == 0 and proc.stdout.strip() == f"ddpmkit {ddpmkit.__version__}"
     proc = subprocess.run([exe, "list-plugins"], capture_output=True, text=True, env=env_without_switch(), timeout=120)
     assert proc.returncode == 0, proc.stderr
-    for word in ("linear", "unet", "ddpm", "ddpmkit", "builtin"):
+    for word in ("linear", "unet", "ddpm", "ddpmkit", "ddpmkit:linear"):
         assert word in proc.stdout
 
 

@@ -87,10 +87,11 @@ def test_broken_components_fail_their_checks(tmp_path):
     failed = {(x["name"], x["check"]) for x in results if not x["passed"]}
     assert failed == {
         ("flat", "final SNR"),
-        ("lazy", "matches N(mu, s^2)"),
+        ("lazy", "matches the Gaussian oracle"),
         ("lazy", "seeds reproduce"),
-        ("lazy", "callback sees every step"),
+        ("lazy", "callback sees the listed steps"),
     }
+    assert {x["qualified_name"] for x in results} == {"ddpmkit-broken:flat", "ddpmkit-broken:lazy"}
     flat_snr = next(x for x in results if x["name"] == "flat" and x["check"] == "final SNR")
     assert "final SNR" in flat_snr["detail"]
 
@@ -99,7 +100,7 @@ def test_check_plugins_cli_on_every_builtin():
     r = ddpmkit("check-plugins", "--json")
     assert r.returncode == 0, r.stdout + r.stderr
     results = json.loads(r.stdout)
-    assert {x["name"] for x in results} >= {"linear", "unet", "ddpm"}
+    assert {x["qualified_name"] for x in results} >= {f"ddpmkit:{n}" for n in ("linear", "cosine", "unet", "ddpm", "ddim")}
     assert all(x["passed"] for x in results), [x for x in results if not x["passed"]]
     unet = {x["check"]: x["detail"] for x in results if x["name"] == "unet"}
     assert unet["builds"] == "35,178,689 parameters" and "ms per image" in unet["forward time"]
@@ -116,4 +117,9 @@ def test_describe_cli():
     assert schema["properties"]["beta_end"]["default"] == 0.02
     assert schema["additionalProperties"] is False
     r = ddpmkit("describe", "nope")
-    assert r.returncode == 2 and "installed: unet" in r.stderr
+    assert r.returncode == 2 and "nothing installed is named 'nope'" in r.stderr and "unet" in r.stderr
+    r = ddpmkit("describe", "ddpmkit:ddim")
+    assert r.returncode == 0 and "spacing" in r.stdout and "trailing" in r.stdout
+    # event plugins are described too, with the table that configures them
+    r = ddpmkit("describe", "tensorboard")
+    assert r.returncode == 0 and "[plugins.tensorboard]" in r.stdout and "enabled" in r.stdout, r.stdout + r.stderr

@@ -20,7 +20,7 @@ import pytest
 import ddpmkit
 from ddpmkit import PluginError, plugins
 
-ROW_KEYS = {"kind", "name", "plugin", "distribution", "version", "status", "error"}
+ROW_KEYS = {"kind", "name", "qualified_name", "plugin", "distribution", "version", "status", "error"}
 BUILTIN_ROWS = [
     {"kind": "schedule", "name": "linear", "plugin": "builtin", "distribution": "ddpmkit", "status": "ok", "error": None},
     {"kind": "denoiser", "name": "unet", "plugin": "builtin", "distribution": "ddpmkit", "status": "ok", "error": None},
@@ -135,8 +135,10 @@ def test_builtins_come_through_the_entry_point_group(site):
     assert {r["name"] for r in rows if r["kind"] == "events"} == {"metrics", "tensorboard"}
     assert targets == {
         "linear": "ddpmkit_plugins.linear:LinearSchedule",
+        "cosine": "ddpmkit_plugins.cosine:CosineSchedule",
         "unet": "ddpmkit_plugins.unet:UNet",
         "ddpm": "ddpmkit_plugins.ddpm:DDPMSampler",
+        "ddim": "ddpmkit_plugins.ddim:DDIMSampler",
     }
 
 
@@ -189,7 +191,7 @@ def test_working_third_party_plugin(site):
     cli_rows = cli_json(site)
     assert_builtins_ok(cli_rows)
     assert rows_named(cli_rows, name="constant") == [
-        {"kind": "schedule", "name": "constant", "plugin": "constant", "distribution": "ddpmkit-constant",
+        {"kind": "schedule", "name": "constant", "qualified_name": "ddpmkit-constant:constant", "plugin": "constant", "distribution": "ddpmkit-constant",
          "version": "1.2.3", "status": "ok", "error": None}
     ]
 
@@ -235,16 +237,16 @@ def test_plugin_that_raises_on_import(site, tmp_path):
     assert ddpmkit.create_schedule("fine", num_timesteps=3).num_timesteps == 3
     # a name nobody registered mentions the broken plugin and its original error
     with pytest.raises(PluginError) as info:
-        ddpmkit.create_schedule("cosine")
+        ddpmkit.create_schedule("cosine-nope")
     message = str(info.value)
-    assert "unknown schedule 'cosine'" in message
-    assert "installed: fine, linear" in message
+    assert "unknown schedule 'cosine-nope'" in message
+    assert "installed: cosine, fine, linear" in message
     assert "'broken' (ddpmkit-broken 0.3): RuntimeError: boom from the broken plugin" in message
 
     cli_rows = cli_json(site)
     assert_builtins_ok(cli_rows)
     assert rows_named(cli_rows, plugin="broken") == [
-        {"kind": None, "name": None, "plugin": "broken", "distribution": "ddpmkit-broken", "version": "0.3",
+        {"kind": None, "name": None, "qualified_name": None, "plugin": "broken", "distribution": "ddpmkit-broken", "version": "0.3",
          "status": "error", "error": "RuntimeError: boom from the broken plugin"}
     ]
     assert rows_named(cli_rows, name="fine")[0]["status"] == "ok"
@@ -256,11 +258,11 @@ def test_plugin_that_raises_on_import(site, tmp_path):
     assert table.returncode == 0, table.stderr
     assert "boom from the broken plugin" in table.stdout and "linear" in table.stdout
     config = tmp_path / "uses-broken.toml"
-    config.write_text('[schedule]\nname = "cosine"\n')
+    config.write_text('[schedule]\nname = "cosine-nope"\n')
     bad = subprocess.run([sys.executable, "-m", "ddpmkit", "validate", str(config)], capture_output=True, text=True, env=env)
     assert bad.returncode == 2
     assert "Traceback" not in bad.stderr
-    assert f"{config}:2: schedule.name: unknown schedule 'cosine'" in bad.stderr
+    assert f"{config}:2: schedule.name: unknown schedule 'cosine-nope'" in bad.stderr
     assert "boom from the broken plugin" in bad.stderr
 
 
@@ -327,12 +329,16 @@ def test_two_plugins_register_the_same_name(site):
     assert sorted(r["distribution"] for r in dups) == ["ddpmkit-one", "ddpmkit-two"]
     assert all(r["status"] == "clash" for r in dups)
     one = rows_named(dups, distribution="ddpmkit-one")[0]
-    assert one["error"] == "also registered by 'two' (ddpmkit-two 2.0)"
+    assert one["error"] == "also registered by 'two' (ddpmkit-two 2.0); use ddpmkit-one:dup"
     with pytest.raises(PluginError) as info:
         ddpmkit.create_schedule("dup")
     message = str(info.value)
-    assert "schedule 'dup' is registered by several plugins" in message
-    assert "'one' (ddpmkit-one 1.0)" in message and "'two' (ddpmkit-two 2.0)" in message
+    assert "schedule 'dup' is registered by several plugins; name one of ddpmkit-one:dup, ddpmkit-two:dup" in message
+    # the qualified names pick one (normalised as pip does), and nothing else can take them
+    assert ddpmkit.create_schedule("ddpmkit-two:dup", num_timesteps=3).num_timesteps == 3
+    assert ddpmkit.create_schedule("DDPMKIT_ONE:dup", num_timesteps=3).num_timesteps == 3
+    with pytest.raises(PluginError, match="no schedule 'ddpmkit-three:dup': 'dup' comes from ddpmkit-one:dup, ddpmkit-two:dup"):
+        ddpmkit.create_schedule("ddpmkit-three:dup")
     # other names are unaffected
     assert rows_named(rows, name="unique")[0]["status"] == "ok"
     assert ddpmkit.create_schedule("unique", num_timesteps=4).num_timesteps == 4
@@ -353,9 +359,15 @@ def test_third_party_clashing_with_a_builtin(site):
     )
     discovered()
     rows = rows_named(ddpmkit.list_plugins(), name="ddpm")
-    assert sorted((r["distribution"], r["status"]) for r in rows) == [("ddpmkit", "clash"), ("ddpmkit-shadow", "clash")]
-    with pytest.raises(PluginError, match="several plugins"):
-        ddpmkit.create_sampler("ddpm")
+    assert sorted((r["distribution"], r["status"]) for r in rows) == [("ddpmkit", "ok"), ("ddpmkit-shadow", "shadowed")]
+    assert "use ddpmkit-shadow:ddpm" in rows_named(rows, distribution="ddpmkit-shadow")[0]["error"]
+    # the plain name stays ddpmkit's own, with a warning naming the shadowing plugin
+    with pytest.warns(ddpmkit.DdpmkitWarning, match=r"'shadow' \(ddpmkit-shadow 0.1\) as ddpmkit-shadow:ddpm.*ddpmkit:ddpm"):
+        sampler = ddpmkit.create_sampler("ddpm")
+    assert type(sampler).__module__ == "ddpmkit_plugins.ddpm"
+    assert type(ddpmkit.create_sampler("ddpmkit:ddpm")).__module__ == "ddpmkit_plugins.ddpm"
+    with pytest.raises(PluginError, match=r"plugin 'shadow', ddpmkit-shadow 0.1\) failed to load"):
+        ddpmkit.create_sampler("ddpmkit-shadow:ddpm")
     assert ddpmkit.create_schedule("linear", num_timesteps=2).num_timesteps == 2
 
 
@@ -419,10 +431,10 @@ def test_lazy_target_that_fails_to_import(site):
     with pytest.raises(PluginError) as info:
         ddpmkit.create_schedule("lazybad")
     message = str(info.value)
-    assert "schedule 'lazybad' from plugin 'lazybad' (ddpmkit-lazybad 0.9) failed to load" in message
+    assert "schedule 'lazybad' (plugin 'lazybad', ddpmkit-lazybad 0.9) failed to load" in message
     assert "fake_lazybad_impl:ConstantSchedule" in message
     assert "ModuleNotFoundError: No module named 'no_such_module_for_ddpmkit_tests'" in message
-    with pytest.raises(PluginError, match=r"denoiser 'noattr' from plugin 'lazybad' .*failed to load .*AttributeError"):
+    with pytest.raises(PluginError, match=r"denoiser 'noattr' \(plugin 'lazybad', ddpmkit-lazybad 0.9\) failed to load .*AttributeError"):
         ddpmkit.create_denoiser("noattr", image_shape=(1, 8, 8), num_timesteps=2)
 
     cli_rows = cli_json(site)
@@ -436,7 +448,7 @@ def test_target_that_is_not_a_subclass(site):
         {"fake_wrongkind_hooks": hook_module("sampler", "notasampler", "ddpmkit_plugins.linear:LinearSchedule")},
     )
     discovered()
-    with pytest.raises(PluginError, match=r"sampler 'notasampler' from plugin 'wrongkind' .* is not a Sampler subclass"):
+    with pytest.raises(PluginError, match=r"sampler 'notasampler' \(plugin 'wrongkind', ddpmkit-wrongkind 1.0\) is not a Sampler subclass"):
         ddpmkit.create_sampler("notasampler")
 
 
@@ -459,7 +471,7 @@ def test_env_var_disables_third_party_plugins(site, monkeypatch):
     rows = ddpmkit.list_plugins()
     assert_builtins_ok(rows)
     assert {r["distribution"] for r in rows} == {"ddpmkit"}
-    with pytest.raises(PluginError, match="unknown schedule 'optional'; installed: linear$"):
+    with pytest.raises(PluginError, match="unknown schedule 'optional'; installed: cosine, linear$"):
         ddpmkit.create_schedule("optional")
     assert "fake_broken2_hooks" not in sys.modules
 
