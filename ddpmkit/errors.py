@@ -31,12 +31,20 @@ class PluginCodeError(PluginError):
     """
 
 
+class HookFailed(PluginError):
+    """An event hook raised; training stops after a checkpoint and the run ends with this message."""
+
+
 class DataError(DdpmkitError):
     """A dataset that cannot be found, downloaded or read."""
 
 
 class CheckpointError(DdpmkitError):
     """A checkpoint that is missing, incomplete, corrupt or incompatible with the config."""
+
+
+class TrainingDiverged(DdpmkitError):
+    """The loss became NaN or infinite (usually too large a learning rate)."""
 
 
 class DdpmkitWarning(UserWarning):

@@ -9,7 +9,7 @@ from typing import Any
 from . import plugins
 from .blame import one_line
 from .config import RunConfig
-from .errors import DdpmkitError, PluginError
+from .errors import DdpmkitError, HookFailed
 
 
 @dataclass
@@ -21,10 +21,6 @@ class RunInfo:
     device: str
     start_step: int
     total_steps: int
-
-
-class HookFailed(PluginError):
-    """An event hook raised; training stops after a checkpoint and the run ends with this message."""
 
 
 class EventDispatcher:

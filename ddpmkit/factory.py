@@ -18,8 +18,6 @@ from .kinds import KINDS
 from .validation import problems
 
 if TYPE_CHECKING:
-    import torch
-
     from .config import RunConfig
     from .interfaces import Denoiser, NoiseSchedule, Sampler
     from .plugins import Component

@@ -17,8 +17,8 @@ from .checkpoint import check_compatible, checkpoints_dir, describe_run, latest_
 from .config import RunConfig
 from .data import load_dataset
 from .device import pick_device
-from .errors import DdpmkitError
-from .events import EventDispatcher, HookFailed, RunInfo
+from .errors import DdpmkitError, HookFailed
+from .events import EventDispatcher, RunInfo
 from .factory import build_components, smoke_test
 from .sampling import generate, nearest_visited, sampling_progress, write_images, write_trajectory
 from .train import CPU_WARN_SECONDS, TrainEvents, steps_per_epoch, total_steps, train

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import torch
 
-from .diffusion import PREDICTIONS, gaussian_reverse_moments, v_from_x0_eps
+from .diffusion import PREDICTIONS, gaussian_reverse_moments
 from .errors import ConfigError
 from .factory import create_denoiser, create_sampler, create_schedule
 from .interfaces import Denoiser

@@ -26,8 +26,7 @@ from .config import RunConfig
 from .data import Dataset, to_model_scale
 from .device import autocast
 from .diffusion import draw_training_batch_noise, training_loss
-from .errors import DdpmkitError
-from .events import HookFailed
+from .errors import HookFailed, TrainingDiverged
 from .interfaces import Denoiser, NoiseSchedule
 
 if TYPE_CHECKING:
@@ -76,10 +75,6 @@ class TrainResult:
     last_checkpoint: Path | None = None
     #: an event hook that failed: training stopped after a checkpoint (the runner reports it)
     failure: HookFailed | None = None
-
-
-class TrainingDiverged(DdpmkitError):
-    """The loss became NaN or infinite (usually too large a learning rate)."""
 
 
 class StopRequest:

@@ -26,3 +26,36 @@ def fresh_plugin_registry(monkeypatch):
     plugins.reset()
     yield
     plugins.reset()
+
+
+@pytest.fixture
+def plugin_module(monkeypatch):
+    """Register plugin modules in-process, as if a distribution's entry point named them (no install, no
+    subprocess): ``plugin_module(source, name="fake", distribution="ddpmkit-fake")`` returns the module.
+
+    The module's source is executed as a real module (importable by its name, so lazy targets work);
+    everything registered is forgotten after the test.
+    """
+    import sys
+    import textwrap
+    import types
+
+    from ddpmkit import plugins
+
+    monkeypatch.delenv(plugins.DISABLE_ENV, raising=False)
+    added: list[types.ModuleType] = []
+
+    def register(source: str, name: str = "fake", distribution: str | None = "ddpmkit-fake", version: str = "1.0"):
+        module_name = f"ddpmkit_test_plugin_{name}_{len(added)}"
+        module = types.ModuleType(module_name)
+        sys.modules[module_name] = module
+        exec(compile(textwrap.dedent(source), f"<plugin {name}>", "exec"), module.__dict__)
+        plugins.register_module(module, name, distribution, version)
+        added.append(module)
+        return module
+
+    yield register
+    for module in added:
+        plugins.unregister_module(module)
+        sys.modules.pop(module.__name__, None)
+    plugins.reset()
