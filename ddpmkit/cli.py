@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import sys
 import traceback
 import warnings
@@ -38,6 +37,9 @@ SetOption = typer.Option(
 )
 
 
+_flags = {"debug": False}
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """ddpmkit's warnings are one line on stderr; others keep Python's format."""
     if issubclass(category, DdpmkitWarning):
@@ -59,7 +61,7 @@ def user_errors(func: Callable) -> Callable:
         try:
             return func(*args, **kwargs)
         except DdpmkitError as exc:
-            if debug_enabled():
+            if _flags["debug"] or debug_enabled():
                 traceback.print_exception(exc, file=sys.stderr)
             # escape: a message may quote user text such as "[/x]" that rich would read as markup
             err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, markup=True, soft_wrap=True)
@@ -79,8 +81,7 @@ def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
     debug: bool = typer.Option(False, "--debug", help=f"Show the full traceback behind an error (or set {DEBUG_ENV}=1)."),
 ) -> None:
-    if debug:
-        os.environ[DEBUG_ENV] = "1"
+    _flags["debug"] = debug
 
 
 @app.command("list-plugins")
@@ -209,6 +210,10 @@ def check_plugins(
             raise ConfigError("--set needs exactly one component NAME to apply to")
         key, value, _ = parse_override(item)
         options[key] = value
+    if options:
+        from .factory import validate_options
+
+        validate_options(targets[0], options)  # a bad option is a user error (exit 2), not a failed check
     results = []
     for comp in targets:
         if not as_json:

@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import torch
 
+from .blame import one_line
 from .diffusion import PREDICTIONS, gaussian_reverse_moments
 from .errors import ConfigError
 from .factory import create_denoiser, create_sampler, create_schedule
@@ -177,21 +178,21 @@ def check_denoiser(
         with torch.no_grad():
             together = m(x, t)
             alone = [m(x[i : i + 1], t[i : i + 1]) for i in range(2)]
-        assert num_timesteps == 1 or not torch.allclose(together[0], together[1]), (
-            "the same image at t = 0 and t = T-1 gives the same output: t is ignored"
-        )
         for i in range(2):
             assert torch.allclose(together[i], alone[i][0], rtol=1e-4, atol=1e-5), (
                 f"image {i} of a batch with t = {t.tolist()} differs from the same image alone: "
                 "t must be used per image (not t[0] for the whole batch)"
             )
+        assert num_timesteps == 1 or not torch.allclose(together[0], together[1]), (
+            "the same image at t = 0 and t = T-1 gives the same output: t is ignored"
+        )
         return "per-image t"
 
     def other_shapes() -> str:
         channels, height, width = image_shape
         tried = []
         for shape in {(channels, height // 2, width // 2), (4 - channels if channels in (1, 3) else 1, height, width),
-                      (channels, height + 4, width + 4)}:
+                      (channels, height + 1, width + 1)}:
             if min(shape[1:]) < 1:
                 continue
             try:
@@ -201,8 +202,14 @@ def check_denoiser(
                 continue
             other.eval()
             x = torch.randn((2, *shape), generator=g).to(device)
-            with torch.no_grad():
-                y = other(x, torch.tensor([0, num_timesteps - 1], device=device))
+            try:
+                with torch.no_grad():
+                    y = other(x, torch.tensor([0, num_timesteps - 1], device=device))
+            except Exception as exc:
+                raise AssertionError(
+                    f"built for image_shape {shape} without complaint, but forward failed ({one_line(exc)}); "
+                    "raise ddpmkit.ConfigError when built for a shape the options cannot handle"
+                ) from None
             assert tuple(y.shape) == tuple(x.shape), (
                 f"built for image_shape {shape} without complaint, but returns {tuple(y.shape)} for {tuple(x.shape)}; "
                 "raise ddpmkit.ConfigError for a shape the options cannot handle"
