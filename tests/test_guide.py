@@ -71,8 +71,19 @@ def test_the_guide_works_from_an_empty_folder(tmp_path):
             proc = tv.call("-c", code)
             assert proc.returncode == 0, f"{code}\n{proc.stdout}\n{proc.stderr}"
     # what the guide says these commands show
-    assert "cosine" in outputs["ddpmkit list-plugins"] and "ddpmkit-cosine" in outputs["ddpmkit list-plugins"]
-    assert "offset" in outputs["ddpmkit describe cosine"]
-    assert "final SNR" in outputs["ddpmkit check-plugins cosine"]
-    assert (work / "runs" / "cosine-smoke" / "samples.png").exists()
+    listed = outputs["ddpmkit list-plugins"]
+    for name in ("ddpmkit-tutorial:scaled-linear", "ddpmkit-tutorial:tiny-v", "ddpmkit-tutorial:simple-ddim",
+                 "ddpmkit-tutorial:csvlog"):
+        assert name in listed, (name, listed)
+    assert "width" in outputs["ddpmkit describe tiny-v"] and "eta" in outputs["ddpmkit describe simple-ddim"]
+    assert "[plugins.csvlog]" in outputs["ddpmkit describe csvlog"] and "every" in outputs["ddpmkit describe csvlog"]
+    checked = outputs["ddpmkit check-plugins scaled-linear tiny-v simple-ddim"]
+    assert "final SNR" in checked and "uses t per image" in checked and "exact for its 50" in checked
+    assert "exact for its 10" in outputs["ddpmkit check-plugins simple-ddim --set steps=10 --set eta=1.0"]
+    assert "predicts v" in outputs["ddpmkit validate tutorial.toml"]
+    run = work / "runs" / "tutorial-smoke"
+    assert (run / "samples.png").exists() and (run / "trajectory.png").exists()
+    assert "showing the visited t nearest to those asked for: 36, 12, 0" in " ".join(outputs["ddpmkit run tutorial.toml"].split())
+    lines = (run / "loss.csv").read_text().splitlines()
+    assert lines[0] == "step,loss" and [int(x.split(",")[0]) for x in lines[1:]] == [2, 4, 6, 8]
     assert outer_snapshot() == before
