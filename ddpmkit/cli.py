@@ -103,11 +103,11 @@ def list_plugins_cmd(as_json: bool = typer.Option(False, "--json", help="Print a
          r["qualified_name"] or f"{r['distribution'] or '?'} (plugin {r['plugin']})", r["version"] or "?", r["status"])
         for r in rows
     ]
-    for i, col in enumerate(("kind", "name", "qualified name", "version", "status")):
-        # fold, never truncate: two long distribution names must not end up looking the same; the
-        # qualified name keeps its full width where the terminal allows
-        widest = max([len(col)] + [len(c[i]) for c in cells])
-        table.add_column(col, overflow="fold", min_width=min(widest, 40) if i == 2 else None)
+    for col in ("kind", "name", "qualified name", "version", "status"):
+        # names fold, never truncate (two long distribution names must not end up looking the same);
+        # the short columns never wrap
+        short = col in ("kind", "version", "status")
+        table.add_column(col, overflow="fold", no_wrap=short)
     for c in cells:
         table.add_row(*map(escape, c[:4]), f"[{styles.get(c[4], 'white')}]{c[4]}[/]")
     console.print(table)

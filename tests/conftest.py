@@ -17,6 +17,18 @@ def mnist_root() -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small tensors on a shared 2-core machine: one thread avoids threads fighting over the cores (on a busy
+    machine two threads made a sampling step 50x slower)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def fresh_plugin_registry(monkeypatch):
     """Third-party plugins allowed, and the registry rediscovered before and after the test."""

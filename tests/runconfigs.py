@@ -86,3 +86,14 @@ def ddpmkit(*args: str, cwd: Path | None = None, env: dict[str, str] | None = No
         [sys.executable, "-m", "ddpmkit", *args], cwd=cwd or REPO, env=env or cli_env(),
         capture_output=True, text=True, timeout=timeout,
     )
+
+
+def invoke(*args: str):
+    """Run the CLI in-process (Typer's runner): plugins registered in-process are seen; bugs still raise."""
+    from typer.testing import CliRunner
+
+    from ddpmkit.cli import app
+
+    result = CliRunner().invoke(app, list(args))
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    return result

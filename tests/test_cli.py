@@ -11,11 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
 import ddpmkit
 from ddpmkit import plugins
-from ddpmkit.cli import app
+from runconfigs import invoke
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -23,12 +22,6 @@ SMOKE = CONFIGS / "smoke.toml"
 
 
 pytestmark = pytest.mark.usefixtures("fresh_plugin_registry")
-
-
-def invoke(*args: str):
-    result = CliRunner().invoke(app, list(args))
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    return result
 
 
 def assert_user_error(result, *parts: str) -> str:

@@ -8,8 +8,7 @@ import textwrap
 import pytest
 
 from ddpmkit.testing import GaussianOracle, assert_conforms, check_component
-from runconfigs import cli_env, ddpmkit
-from test_plugins import make_dist
+from runconfigs import ddpmkit, invoke
 
 
 @pytest.mark.parametrize("kind, name, options", [
@@ -64,25 +63,20 @@ class Lazy(Sampler):
 """
 
 
-def test_broken_components_fail_their_checks(tmp_path):
-    site = tmp_path / "site"
-    site.mkdir()
-    make_dist(site, "ddpmkit-broken", "0.1", {"broken": "broken_hooks"}, {
-        "broken_impl": BROKEN,
-        "broken_hooks": textwrap.dedent("""
-            import ddpmkit
+def test_broken_components_fail_their_checks(plugin_module):
+    plugin_module(BROKEN + textwrap.dedent("""
+        import ddpmkit
 
-            @ddpmkit.hookimpl
-            def register_schedules(register):
-                register("flat", "broken_impl:Flat")
+        @ddpmkit.hookimpl
+        def register_schedules(register):
+            register("flat", Flat)
 
-            @ddpmkit.hookimpl
-            def register_samplers(register):
-                register("lazy", "broken_impl:Lazy")
-        """),
-    })
-    r = ddpmkit("check-plugins", "flat", "lazy", "--json", env=cli_env(PYTHONPATH=str(site)))
-    assert r.returncode == 1, r.stdout + r.stderr
+        @ddpmkit.hookimpl
+        def register_samplers(register):
+            register("lazy", Lazy)
+    """), name="broken", distribution="ddpmkit-broken")
+    r = invoke("check-plugins", "flat", "lazy", "--json")
+    assert r.exit_code == 1, r.output
     results = json.loads(r.stdout)
     failed = {(x["name"], x["check"]) for x in results if not x["passed"]}
     assert failed == {

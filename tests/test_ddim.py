@@ -23,12 +23,7 @@ SHAPE = (16, 1, 32, 32)
 N = math.prod(SHAPE)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_spacings():

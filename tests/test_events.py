@@ -1,4 +1,7 @@
-"""Training-event hooks: the built-in metrics and TensorBoard writers, a third party's hooks, a failing hook."""
+"""Training-event hooks: the built-in metrics and TensorBoard writers, a third party's hooks, a failing hook.
+
+Third-party plugins are registered in-process (conftest.plugin_module) and the CLI runs in-process;
+test_plugins.py and the real-install tests cover entry-point discovery itself."""
 
 from __future__ import annotations
 
@@ -7,17 +10,12 @@ import textwrap
 
 import pytest
 
-from runconfigs import cli_env, ddpmkit, write_config
-from test_plugins import make_dist
+from ddpmkit import plugins
+from runconfigs import ddpmkit, invoke, write_config
 
 
-def _event_plugin(site, dist: str, body: str, api: str = "") -> None:
-    make_dist(site, dist, "1.0", {"events": f"{dist.replace('-', '_')}_hooks"},
-              {f"{dist.replace('-', '_')}_hooks": "import ddpmkit\n" + api + textwrap.dedent(body)})
-
-
-def _env(site):
-    return cli_env(PYTHONPATH=str(site))
+def _event_plugin(plugin_module, dist: str, body: str):
+    return plugin_module("import ddpmkit\n" + textwrap.dedent(body), name="events", distribution=dist)
 
 
 def test_metrics_and_tensorboard_writers(tmp_path):
@@ -25,7 +23,7 @@ def test_metrics_and_tensorboard_writers(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     cfg = write_config(tmp_path, "tb", epochs=1, num_images=0, trajectory_images=0)
-    r = ddpmkit("run", str(cfg), "--set", "log.tensorboard=true")
+    r = ddpmkit("run", str(cfg), "--set", "plugins.tensorboard.enabled=true")
     assert r.returncode == 0, r.stderr
     run = tmp_path / "runs" / "tb"
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -39,15 +37,13 @@ def test_metrics_and_tensorboard_writers(tmp_path):
 
 def test_metrics_can_be_switched_off(tmp_path):
     cfg = write_config(tmp_path, "quiet", epochs=1, num_images=0, trajectory_images=0)
-    assert ddpmkit("run", str(cfg), "--set", "log.metrics=false").returncode == 0
+    assert ddpmkit("run", str(cfg), "--set", "plugins.metrics.enabled=false").returncode == 0
     assert not (tmp_path / "runs" / "quiet" / "metrics.jsonl").exists()
 
 
-def test_third_party_hooks_see_every_event(tmp_path):
-    site = tmp_path / "site"
-    site.mkdir()
+def test_third_party_hooks_see_every_event(tmp_path, plugin_module):
     log = tmp_path / "events.log"
-    _event_plugin(site, "ddpmkit-spy", f"""
+    _event_plugin(plugin_module, "ddpmkit-spy", f"""
         LOG = {str(log)!r}
 
         def _log(*words):
@@ -75,8 +71,8 @@ def test_third_party_hooks_see_every_event(tmp_path):
             _log("end", step, interrupted)
     """)
     cfg = write_config(tmp_path, "spy", epochs=1, checkpoint_every=2, num_images=2, trajectory_images=1)
-    r = ddpmkit("run", str(cfg), env=_env(site))
-    assert r.returncode == 0, r.stderr
+    r = invoke("run", str(cfg))
+    assert r.exit_code == 0, r.output
     assert log.read_text().splitlines() == [
         "start 0 4 spy",
         "step 1 True", "step 2 True", "checkpoint 2 step-00000002",
@@ -84,49 +80,46 @@ def test_third_party_hooks_see_every_event(tmp_path):
         "end 4 False",
         "samples samples.npz samples.png trajectory.png",
     ]
-    listed = ddpmkit("list-plugins", "--json", env=_env(site))
+    listed = invoke("list-plugins", "--json")
     rows = [row for row in json.loads(listed.stdout) if row["distribution"] == "ddpmkit-spy"]
     assert [(row["kind"], row["status"]) for row in rows] == [("events", "ok")]
 
 
-def test_a_failing_hook_stops_after_a_checkpoint_and_names_the_plugin(tmp_path):
-    site = tmp_path / "site"
-    site.mkdir()
-    _event_plugin(site, "ddpmkit-flaky", """
+def test_a_failing_hook_stops_after_a_checkpoint_and_names_the_plugin(tmp_path, plugin_module):
+    flaky = _event_plugin(plugin_module, "ddpmkit-flaky", """
         @ddpmkit.hookimpl
         def step_end(step):
             if step == 3:
                 raise RuntimeError("disk full")
     """)
     cfg = write_config(tmp_path, "flaky", epochs=3, checkpoint_every=100, num_images=0, trajectory_images=0)
-    r = ddpmkit("run", str(cfg), env=_env(site))
-    assert r.returncode == 2, r.stdout + r.stderr
+    r = invoke("run", str(cfg))
+    assert r.exit_code == 2, r.output
     assert "Traceback" not in r.stderr
     assert "step_end" in r.stderr and "ddpmkit-flaky" in r.stderr and "disk full" in r.stderr
     assert "training stopped at step 3" in r.stderr
     run = tmp_path / "runs" / "flaky"
     assert (run / "checkpoints" / "step-00000003" / "state.json").exists()
     # without the broken plugin the run resumes from there and finishes
-    r = ddpmkit("run", str(cfg))
-    assert r.returncode == 0, r.stderr
+    plugins.unregister_module(flaky)
+    r = invoke("run", str(cfg))
+    assert r.exit_code == 0, r.output
     assert "resuming from" in r.stdout and "(step 3)" in r.stdout
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 13))
 
 
-def test_incompatible_plugin_is_marked_and_breaks_nothing(tmp_path):
-    site = tmp_path / "site"
-    site.mkdir()
-    make_dist(site, "ddpmkit-future", "9.0", {"future": "future_hooks"}, {"future_hooks": textwrap.dedent("""
+def test_incompatible_plugin_is_marked_and_breaks_nothing(tmp_path, plugin_module):
+    plugin_module("""
         import ddpmkit
         DDPMKIT_PLUGIN_API = [7, 8]
 
         @ddpmkit.hookimpl
         def register_schedules(register):
             register("warp", "future_hooks:Nothing")
-    """)})
-    r = ddpmkit("list-plugins", "--json", env=_env(site))
-    assert r.returncode == 0, r.stderr
+    """, name="future", distribution="ddpmkit-future", version="9.0")
+    r = invoke("list-plugins", "--json")
+    assert r.exit_code == 0, r.output
     rows = json.loads(r.stdout)
     future = [row for row in rows if row["distribution"] == "ddpmkit-future"]
     assert len(future) == 1 and future[0]["status"] == "incompatible"
@@ -136,6 +129,6 @@ def test_incompatible_plugin_is_marked_and_breaks_nothing(tmp_path):
     cfg = write_config(tmp_path, "w")
     text = cfg.read_text().replace('name = "linear"', 'name = "warp"')
     cfg.write_text(text)
-    r = ddpmkit("validate", str(cfg), env=_env(site))
-    assert r.returncode == 2, r.stderr
+    r = invoke("validate", str(cfg))
+    assert r.exit_code == 2, r.output
     assert "unknown schedule 'warp'" in r.stderr and "ddpmkit-future 9.0" in r.stderr and "plugin API [7, 8]" in r.stderr

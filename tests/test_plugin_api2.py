@@ -7,12 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
 import ddpmkit
-from ddpmkit.cli import app
 from ddpmkit.testing import assert_conforms, check_component
-from runconfigs import write_config
+from runconfigs import invoke, write_config
 
 SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.toml"
 TINY_UNET = dict(channels=[8, 16, 32, 32], attentions=[False, False, False, False], upscales=[False, False, True, True],
@@ -35,12 +33,6 @@ class Tiny(Denoiser):
     def forward(self, x_t, t):
         return self.conv(x_t) * self.scale[t].view(-1, 1, 1, 1)
 """
-
-
-def invoke(*args: str):
-    result = CliRunner().invoke(app, list(args))
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    return result
 
 
 def one_line_error(result, *parts: str) -> str:
@@ -433,3 +425,29 @@ def test_denoiser_device_without_parameters():
     assert oracle.device.type == "cpu"
     model = ddpmkit.create_denoiser("unet", image_shape=(1, 8, 8), num_timesteps=10, **TINY_UNET)
     assert model.device.type == "cpu" and "_ddpmkit_device" not in model.state_dict()
+
+
+def test_an_unknown_prediction_target_is_refused_naming_the_plugin(plugin_module):
+    denoiser_plugin(plugin_module, """
+class Bad(Tiny):
+    prediction = "score"
+""")
+    with pytest.raises(ddpmkit.PluginCodeError, match=r"denoiser 'bad' \(plugin 'fake', ddpmkit-fake 1.0\) declares "
+                                                       r"prediction = 'score'; ddpmkit knows epsilon, x0, v"):
+        ddpmkit.create_denoiser("bad", image_shape=(1, 8, 8), num_timesteps=10)
+
+
+def test_list_plugins_never_truncates_long_distribution_names(plugin_module):
+    for suffix in ("alpha", "beta"):
+        plugin_module(COMPONENTS + """
+@ddpmkit.hookimpl
+def register_denoisers(register):
+    register("tiny", Tiny)
+""", name=suffix, distribution=f"ddpmkit-a-rather-long-distribution-name-{suffix}")
+    result = invoke("list-plugins")
+    assert result.exit_code == 0 and "…" not in result.stdout, result.stdout
+    # folded over lines, each qualified name is still there whole
+    cells = "".join(line.split("│")[3].strip() for line in result.stdout.splitlines() if line.count("│") >= 5)
+    for suffix in ("alpha", "beta"):
+        assert f"ddpmkit-a-rather-long-distribution-name-{suffix}:tiny" in cells
+    assert "clash" in result.stdout

@@ -24,14 +24,7 @@ SE_MEAN = S / math.sqrt(N)  # 7.8e-4
 SE_STD = S / math.sqrt(2 * N)  # 5.5e-4 (Gaussian data)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Elementwise work on 65k pixels: one thread is fastest, and on a busy 2-core machine much faster
-    than two (threads fighting for the cores made a step 50x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class GaussianEps(Denoiser):
