@@ -156,7 +156,10 @@ class RunConfig(Section):
         return Path(self.run.dir) / self.run.name
 
     def identity(self) -> dict[str, Any]:
-        """The flattened keys that define the model and the process; a resume must match them."""
+        """The flattened keys that define the model and the process; a resume must match them.
+
+        Component names are qualified (``ddpmkit:unet``): installing another plugin cannot change them.
+        """
         d = self.model_dump()
         for kind in ("schedule", "denoiser"):
             d[kind]["name"] = self.component(kind).qualified
@@ -168,7 +171,6 @@ class RunConfig(Section):
             "run": {"seed": d["run"]["seed"]},
         }
         return flatten(keep)
-
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -320,11 +320,6 @@ def resolve(kind: str, name: str) -> type:
     return load(find(kind, name))
 
 
-def options_model(kind: str, name: str) -> type:
-    """The pydantic Options model of the component ``name``."""
-    return resolve(kind, name).Options
-
-
 # --- plugins as a whole: event hooks and their options -------------------------------------------------
 
 
