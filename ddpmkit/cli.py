@@ -122,13 +122,25 @@ def list_plugins_cmd(as_json: bool = typer.Option(False, "--json", help="Print a
 def validate(
     config: Path = typer.Argument(..., help="The run's TOML config."),
     set_: Optional[List[str]] = SetOption,
+    data_root: Optional[Path] = typer.Option(
+        None, "--data-root", help="Where the dataset lives (overrides data.root and DDPMKIT_DATA_ROOT)."
+    ),
+    timing: bool = typer.Option(True, "--timing/--no-timing", help="Time a few training steps to estimate the run's length."),
 ) -> None:
-    """Check a config and show what it builds (no training)."""
+    """Check a config, build what it names, and report on the run before it starts (no training)."""
     from .config import load_config
-    from .summary import describe_config
+    from .preflight import preflight
+    from .summary import build_checked, describe_config
 
     cfg = load_config(config, set_)
-    console.print(describe_config(cfg))
+    built = build_checked(cfg)
+    console.print(describe_config(cfg, built))
+    findings = preflight(cfg, built, data_root=data_root, timing=timing)
+    for f in findings:
+        console.print(f"{f.label:<10} {escape(f.text)}", highlight=False)
+    for f in findings:
+        if f.warning:
+            console.print(f"[yellow]warning:[/] {escape(f.warning)}", highlight=False)
     console.print(f"[green]ok:[/] {config} is valid")
 
 

@@ -71,7 +71,14 @@ class TrainSection(Section):
     epochs: int = Field(75, ge=0)
     max_steps: int | None = Field(None, ge=0, description="stop after this many optimizer steps in all")
     batch_size: int = Field(64, ge=1)
-    lr: float = Field(2e-5, gt=0)
+    lr: float = Field(2e-5, gt=0, allow_inf_nan=False, description="peak learning rate (Adam)")
+    lr_warmup_steps: int = Field(0, ge=0, description="ramp the learning rate linearly from lr / N up to lr over N steps")
+    lr_decay: Literal["none", "cosine"] = Field("none", description="after warm-up: keep lr, or a cosine decay to lr_min at the last step")
+    lr_min: float = Field(0.0, ge=0, allow_inf_nan=False, description="the learning rate a cosine decay ends at")
+    loss_weighting: Literal["uniform", "min_snr"] = Field(
+        "uniform", description="uniform over t (Ho et al. 2020, eq. 14) or min-SNR-gamma (Hang et al. 2023)"
+    )
+    min_snr_gamma: float = Field(5.0, gt=0, allow_inf_nan=False, description="gamma of min_snr weighting")
     ema_decay: float = Field(0.9999, ge=0, lt=1)
     ema_warmup: bool = Field(False, description="ramp the EMA decay up from 0 (timm's warm-up), for short runs")
     grad_clip: float | None = Field(None, gt=0, description="clip the gradient norm to this value")

@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 
 #: The prediction targets a denoiser may declare.
 PREDICTIONS: tuple[str, ...] = ("epsilon", "x0", "v")
+#: A schedule whose x_T still holds more signal than this is not close enough to pure noise.
+MAX_FINAL_SNR = 0.01
 
 Step = Union[int, torch.Tensor]
 
@@ -155,16 +157,44 @@ def predict_x0_eps(
 # --- the training objective --------------------------------------------------------------------------
 
 
+#: How the per-step losses are weighted: ``uniform`` (Ho et al. 2020, eq. 14) or ``min_snr`` (Hang et al. 2023).
+LOSS_WEIGHTINGS: tuple[str, ...] = ("uniform", "min_snr")
+
+
+def loss_weight(schedule: "NoiseSchedule", t: torch.Tensor, prediction: str, weighting: str, gamma: float = 5.0) -> torch.Tensor:
+    """Per-image weight of the squared error at steps ``t``.
+
+    ``min_snr`` (Hang et al. 2023) weights the x0 error by min(SNR_t, gamma). For estimates consistent with
+    x_t, ||eps error||^2 = SNR ||x0 error||^2 and ||v error||^2 = (SNR + 1) ||x0 error||^2, so the same
+    weighting is min(SNR, gamma) / SNR on the epsilon loss and min(SNR, gamma) / (SNR + 1) on the v loss.
+    """
+    if weighting == "uniform":
+        return torch.ones(t.shape, device=t.device)
+    if weighting != "min_snr":
+        raise ConfigError(f"loss weighting must be one of {', '.join(LOSS_WEIGHTINGS)}, got {weighting!r}")
+    snr = schedule.snr()[t].float()
+    clipped = snr.clamp(max=gamma)
+    return {"epsilon": clipped / snr, "x0": clipped, "v": clipped / (snr + 1)}[check_prediction(prediction)]
+
+
 def training_loss(
     denoiser: "Denoiser",
     schedule: "NoiseSchedule",
     x0: torch.Tensor,
     t: torch.Tensor,
     noise: torch.Tensor,
+    *,
+    weighting: str = "uniform",
+    gamma: float = 5.0,
 ) -> torch.Tensor:
-    """eq. 14, the simplified objective, for the denoiser's target: || target - output ||^2, averaged."""
+    """eq. 14, the simplified objective, for the denoiser's target: || target - output ||^2 averaged over
+    pixels, then over the batch with :func:`loss_weight` (all 1 for ``uniform``)."""
     output = denoise(denoiser, q_sample(schedule, x0, t, noise), t)
-    return F.mse_loss(output.float(), training_target(schedule, x0, noise, t, denoiser.prediction))
+    target = training_target(schedule, x0, noise, t, denoiser.prediction)
+    if weighting == "uniform":
+        return F.mse_loss(output.float(), target)
+    per_image = (output.float() - target).square().flatten(1).mean(dim=1)
+    return (loss_weight(schedule, t, denoiser.prediction, weighting, gamma) * per_image).mean()
 
 
 def draw_training_batch_noise(

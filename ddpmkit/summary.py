@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from .config import RunConfig
 
+if TYPE_CHECKING:
+    from .factory import Components
 
-def describe_config(cfg: RunConfig) -> str:
-    """Build every component (a tiny forward pass included, on the CPU) and describe them in a few lines.
 
-    Errors in a plugin's code surface here as one line naming it, before any training.
-    """
+def build_checked(cfg: RunConfig) -> "Components":
+    """Build every component and run one tiny forward pass on the CPU, so that errors in a plugin's code
+    surface as one line naming it, before any training."""
     import torch
 
     from .factory import build_components, smoke_test
@@ -17,6 +20,12 @@ def describe_config(cfg: RunConfig) -> str:
     torch.manual_seed(cfg.run.seed)
     built = build_components(cfg)
     smoke_test(built, cfg.image_shape)
+    return built
+
+
+def describe_config(cfg: RunConfig, built: "Components | None" = None) -> str:
+    """A few lines naming the data, schedule, denoiser (with its parameter count), sampler and training plan."""
+    built = built if built is not None else build_checked(cfg)
     params = built.denoiser.num_parameters()
     c, h, w = cfg.image_shape
     t = cfg.train

@@ -18,13 +18,11 @@ from typing import Any, Callable
 import torch
 
 from .blame import one_line
-from .diffusion import PREDICTIONS, gaussian_reverse_moments
+from .diffusion import MAX_FINAL_SNR, PREDICTIONS, gaussian_reverse_moments
 from .errors import ConfigError
 from .factory import create_denoiser, create_sampler, create_schedule
 from .interfaces import Denoiser
 
-#: A schedule whose x_T still holds more signal than this is not close enough to pure noise.
-MAX_FINAL_SNR = 0.01
 
 
 @dataclass

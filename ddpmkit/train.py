@@ -52,6 +52,22 @@ def steps_per_epoch(num_images: int, batch_size: int) -> int:
     return max(1, num_images // batch_size)
 
 
+def learning_rate(cfg: RunConfig, step: int, last_step: int) -> float:
+    """The learning rate of optimizer step ``step`` (0-based): linear warm-up, then constant or cosine decay.
+
+    A function of the step alone, set before every update, so a resumed run follows the same schedule
+    (and a changed ``train.lr`` takes effect on resume, instead of the optimizer state's old value).
+    """
+    tc = cfg.train
+    if tc.lr_warmup_steps and step < tc.lr_warmup_steps:
+        return tc.lr * (step + 1) / tc.lr_warmup_steps
+    if tc.lr_decay == "cosine":
+        span = max(1, last_step - tc.lr_warmup_steps)
+        progress = min(1.0, (step - tc.lr_warmup_steps) / span)
+        return tc.lr_min + (tc.lr - tc.lr_min) * 0.5 * (1 + math.cos(math.pi * progress))
+    return tc.lr
+
+
 def total_steps(cfg: RunConfig, num_images: int) -> int:
     steps = cfg.train.epochs * steps_per_epoch(num_images, cfg.train.batch_size)
     return min(steps, cfg.train.max_steps) if cfg.train.max_steps is not None else steps
@@ -180,7 +196,10 @@ def train(
 
             guard = blame(denoiser_component, "in training") if denoiser_component else nullcontext()
             with guard, autocast(device, tc.precision):
-                loss = training_loss(model, schedule, x0, t, noise)
+                loss = training_loss(model, schedule, x0, t, noise, weighting=tc.loss_weighting, gamma=tc.min_snr_gamma)
+            lr = learning_rate(cfg, step, last_step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = None
@@ -198,7 +217,7 @@ def train(
                 )
             elapsed = time.perf_counter() - started
             rate = (step - started_step) * batch / elapsed if elapsed > 0 else 0.0
-            metrics = {"step": step, "epoch": epoch, "loss": loss_value, "lr": tc.lr, "images_per_s": rate}
+            metrics = {"step": step, "epoch": epoch, "loss": loss_value, "lr": lr, "images_per_s": rate}
             if grad_norm is not None:
                 metrics["grad_norm"] = grad_norm
             try:

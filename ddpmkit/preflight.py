@@ -1,0 +1,135 @@
+"""The pre-flight report of ``ddpmkit validate``: what a run will do, measured, and what looks wrong before it starts."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import RunConfig
+from .diffusion import MAX_FINAL_SNR, draw_training_batch_noise, training_loss
+from .errors import DataError
+from .factory import Components
+
+#: An EMA that still holds more than this share of the initial (random) weights at the end is flagged.
+MAX_EMA_INITIAL_SHARE = 0.05
+#: timm's ModelEmaV3 warm-up: decay_k = 1 - (1 + k / gamma) ** -power, capped at ema_decay.
+EMA_WARMUP_GAMMA, EMA_WARMUP_POWER = 1.0, 2 / 3
+TIMED_STEPS = 2
+
+
+@dataclass
+class Finding:
+    """One line of the report; ``warning`` says what to change when something looks wrong."""
+
+    label: str
+    text: str
+    warning: str | None = None
+
+
+def ema_schedule(decay: float, warmup: bool, steps: int) -> tuple[float, float]:
+    """(share of the initial weights left in the EMA after ``steps`` updates, decay at the last update),
+    as ddpmkit's training loop updates timm's ModelEmaV3 (with warm-up: decay 0 at the first update)."""
+    share, last = 1.0, decay
+    if not warmup:
+        return decay**steps, decay
+    for k in range(steps):
+        last = 0.0 if k == 0 else min(decay, 1 - (1 + k / EMA_WARMUP_GAMMA) ** -EMA_WARMUP_POWER)
+        share *= last
+    return share, last
+
+
+def ema_finding(cfg: RunConfig, steps: int) -> Finding:
+    tc = cfg.train
+    share, last = ema_schedule(tc.ema_decay, tc.ema_warmup, steps)
+    horizon = 1 / (1 - last) if last < 1 else float("inf")
+    text = (
+        f"decay {tc.ema_decay:g}{' with warm-up' if tc.ema_warmup else ''}: horizon about {horizon:,.0f} steps "
+        f"at the end of {steps:,} steps; {share:.1%} of the initial weights left in the EMA"
+    )
+    warning = None
+    if share > MAX_EMA_INITIAL_SHARE:
+        warning = (
+            f"the EMA weights (used for sampling) would still be {share:.0%} random initialisation: "
+            "set train.ema_warmup = true, a smaller train.ema_decay, or train longer"
+        )
+    return Finding("EMA", text, warning)
+
+
+def snr_finding(built: Components) -> Finding:
+    snr = float(built.schedule.snr()[-1])
+    warning = None
+    if snr >= MAX_FINAL_SNR:
+        warning = (
+            f"x_T still holds signal (SNR {snr:.3g} >= {MAX_FINAL_SNR}): sampling starts from pure noise, "
+            "which the model never saw at t = T-1; raise beta_end or num_timesteps"
+        )
+    return Finding("schedule", f"terminal signal-to-noise ratio {snr:.3g} (abar_T = {float(built.schedule.alphas_cumprod[-1]):.3g})",
+                   warning)
+
+
+def data_finding(cfg: RunConfig, data_root: Path | None) -> tuple[Finding, int | None]:
+    """The dataset's size and the range of values the model will see; (finding, number of images or None)."""
+    from .data import load_dataset, to_model_scale
+
+    section = cfg.data.model_copy(update={"download": False})
+    try:
+        ds = load_dataset(section, root_override=data_root, seed=cfg.run.seed)
+    except DataError as exc:
+        return Finding("data", f"not checked: {exc} (validate never downloads)"), None
+    lo, hi = (float(to_model_scale(v)) for v in (ds.images.min(), ds.images.max()))
+    warning = None
+    if hi - lo < 1.0:
+        warning = f"the images span only [{lo:.2f}, {hi:.2f}] of the model's [-1, 1]: check the data"
+    return Finding("data", f"{len(ds):,} images, values in [{lo:.2f}, {hi:.2f}]", warning), len(ds)
+
+
+def time_finding(cfg: RunConfig, built: Components, steps: int, device: torch.device) -> Finding:
+    """Seconds per training image, measured over a few forward+backward passes at a small batch on ``device``."""
+    from .device import autocast
+
+    model, schedule = built.denoiser, built.schedule.to(device)
+    batch = min(cfg.train.batch_size, 8)
+    memory = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    model.to(device, memory_format=memory).train()
+    g = torch.Generator(device).manual_seed(0)
+    x0 = torch.rand((batch, *cfg.image_shape), generator=g, device=device) * 2 - 1
+    timings = []
+    for _ in range(TIMED_STEPS + 1):  # the first step pays one-off set-up costs
+        t, noise = draw_training_batch_noise(batch, cfg.image_shape, schedule.num_timesteps, g)
+        start = time.perf_counter()
+        with autocast(device, cfg.train.precision):
+            loss = training_loss(model, schedule, x0, t, noise)
+        loss.backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        timings.append(time.perf_counter() - start)
+        model.zero_grad(set_to_none=True)
+    per_image = min(timings[1:]) / batch
+    total = per_image * cfg.train.batch_size * steps
+    return Finding("time", f"about {_duration(total)} of training on {device} "
+                           f"({1 / per_image:,.0f} images/s forward+backward, measured at batch {batch})")
+
+
+def _duration(seconds: float) -> str:
+    h, rem = divmod(int(seconds), 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h {m:02d}m" if h else f"{m}m {s:02d}s"
+
+
+def preflight(cfg: RunConfig, built: Components, *, data_root: Path | None = None, timing: bool = True) -> list[Finding]:
+    """The report: data, planned steps, EMA horizon, terminal SNR and (with ``timing``) the training time."""
+    from .device import pick_device
+    from .train import total_steps
+
+    data, num_images = data_finding(cfg, data_root)
+    findings = [data]
+    if num_images is None:
+        return findings + [snr_finding(built)]
+    steps = total_steps(cfg, num_images)
+    findings += [ema_finding(cfg, steps), snr_finding(built)]
+    if timing and steps:
+        findings.append(time_finding(cfg, built, steps, pick_device(cfg.run.device)))
+    return findings
