@@ -71,3 +71,21 @@ def plugin_module(monkeypatch):
         plugins.unregister_module(module)
         sys.modules.pop(module.__name__, None)
     plugins.reset()
+
+
+@pytest.fixture(scope="session")
+def quick_classifier_cache(mnist_root, tmp_path_factory):
+    """A classifier cache whose entry for the default definition holds a quickly trained network (3,000 images,
+    one epoch: seconds), so CLI tests of eval and sweep do not spend 45 s training the real one."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from ddpmkit.evaluation.classifier import ClassifierSpec, train_classifier
+
+    folder = tmp_path_factory.mktemp("quick-classifier")
+    model, record = train_classifier(ClassifierSpec(train_limit=3000, epochs=1), mnist_root)
+    key = ClassifierSpec().key()
+    save_file(model.state_dict(), str(folder / f"mnist-classifier-{key}.safetensors"))
+    (folder / f"mnist-classifier-{key}.json").write_text(json.dumps({**record, "key": key}))
+    return folder

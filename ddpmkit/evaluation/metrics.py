@@ -1,0 +1,126 @@
+"""Sample-quality statistics on uint8 image sets [N, 1, H, W], in the classifier's feature space.
+
+FID, KID and MiFID come from torchmetrics with the classifier as its feature network; the rest
+(confidence, class histogram, k-NN precision/recall, nearest-neighbour memorisation) is small
+enough to state directly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .classifier import FeatureNetwork, MnistClassifier, to_classifier_input
+
+CONFIDENT = 0.9
+
+
+@torch.no_grad()
+def features(classifier: MnistClassifier, images: torch.Tensor, batch: int = 1000) -> torch.Tensor:
+    classifier.eval()
+    return torch.cat([classifier.features(x) for x in images.split(batch)]).double()
+
+
+def distribution_distances(classifier: MnistClassifier, fake: torch.Tensor, real: torch.Tensor) -> dict[str, float]:
+    """torchmetrics' FID, KID (mean over subsets) and MiFID between ``fake`` and ``real`` in the classifier's features."""
+    import warnings
+
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.kid import KernelInceptionDistance
+    from torchmetrics.image.mifid import MemorizationInformedFrechetInceptionDistance
+
+    net = FeatureNetwork(classifier).eval()
+    n = min(len(fake), len(real))
+    torch.manual_seed(0)  # KID draws its subsets from the global generator
+    out = {}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*will save all extracted features in buffer.*")
+        metrics = {
+            "fid": FrechetInceptionDistance(feature=net, reset_real_features=True),
+            "kid": KernelInceptionDistance(feature=net, subsets=20, subset_size=min(1000, n)),
+            "mifid": MemorizationInformedFrechetInceptionDistance(feature=net),
+        }
+        for name, metric in metrics.items():
+            for x in real.split(1000):
+                metric.update(x, real=True)
+            for x in fake.split(1000):
+                metric.update(x, real=False)
+            value = metric.compute()
+            out[name] = float(value[0] if isinstance(value, tuple) else value)
+    return out
+
+
+@torch.no_grad()
+def confidence(classifier: MnistClassifier, images: torch.Tensor) -> dict:
+    """Mean top-class probability, the share above 0.9, and the predicted-class histogram with its entropy (bits)."""
+    classifier.eval()
+    probs = torch.cat([classifier(x).softmax(1) for x in images.split(1000)])
+    top, cls = probs.max(1)
+    hist = torch.bincount(cls, minlength=10).double()
+    p = hist / hist.sum()
+    entropy = float(-(p[p > 0] * p[p > 0].log2()).sum())
+    return {
+        "mean_confidence": float(top.mean()),
+        "confident_share": float((top > CONFIDENT).double().mean()),
+        "class_histogram": [int(v) for v in hist],
+        "class_entropy_bits": entropy,
+        "classes_present": int((torch.bincount(cls[top > CONFIDENT], minlength=10) > 0).sum()),
+    }
+
+
+def _kth_neighbour_radius(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Distance from each row of ``x`` to its k-th nearest other row."""
+    radii = []
+    for chunk in x.split(1000):
+        d = torch.cdist(chunk, x)
+        radii.append(d.kthvalue(k + 1, dim=1).values)  # +1: the row itself is at distance 0
+    return torch.cat(radii)
+
+
+def _covered(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor) -> torch.Tensor:
+    """For each point, whether it lies inside any ball (centre, radius)."""
+    inside = []
+    for chunk in points.split(1000):
+        inside.append((torch.cdist(chunk, centres) <= radii[None, :]).any(dim=1))
+    return torch.cat(inside)
+
+
+def precision_recall(real_features: torch.Tensor, fake_features: torch.Tensor, k: int = 3) -> dict[str, float]:
+    """Kynkäänniemi et al. (2019): precision = share of samples inside the real manifold (the union of balls
+    reaching each real point's k-th neighbour); recall = share of real points inside the samples' manifold."""
+    real_radii, fake_radii = _kth_neighbour_radius(real_features, k), _kth_neighbour_radius(fake_features, k)
+    return {
+        "precision": float(_covered(fake_features, real_features, real_radii).double().mean()),
+        "recall": float(_covered(real_features, fake_features, fake_radii).double().mean()),
+        "k": k,
+    }
+
+
+def nearest_distances(queries: torch.Tensor, pool: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each query image, the pixel-space (L2 on [0, 1], 28x28) distance to its nearest pool image, and that image's index."""
+    q = to_classifier_input(queries).flatten(1)
+    p = to_classifier_input(pool).flatten(1)
+    best, where = [], []
+    for chunk in q.split(500):
+        d = torch.cdist(chunk, p)
+        value, index = d.min(dim=1)
+        best.append(value)
+        where.append(index)
+    return torch.cat(best), torch.cat(where)
+
+
+def memorisation(samples: torch.Tensor, train: torch.Tensor, test: torch.Tensor) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """How close samples sit to their nearest training image, against how close real test images sit to theirs.
+
+    Returns the summary, each sample's distance and its nearest training image's index.
+    """
+    sample_d, sample_i = nearest_distances(samples, train)
+    test_d, _ = nearest_distances(test, train)
+    threshold = float(torch.quantile(test_d, 0.01))
+    summary = {
+        "sample_median_nn_distance": float(sample_d.median()),
+        "test_median_nn_distance": float(test_d.median()),
+        "share_closer_than_test_p1": float((sample_d < threshold).double().mean()),
+        "test_p1_distance": threshold,
+    }
+    return summary, sample_d, sample_i
+

@@ -1,0 +1,158 @@
+"""`ddpmkit eval`: every statistic for a set of samples, beside the same statistic for real images (the floor)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError, DataError
+from .classifier import ClassifierSpec, load_or_train, mnist_tensors
+from .metrics import confidence, distribution_distances, features, memorisation, precision_recall
+
+PAIRS_SHOWN = 16
+
+
+def read_images(path: Path) -> torch.Tensor:
+    """uint8 [N, C, H, W] from an ``.npz`` (uint8 NHWC under ``images``, as ``ddpmkit sample`` writes) or an image folder."""
+    path = Path(path)
+    if path.suffix.lower() == ".npz":
+        try:
+            with np.load(path) as data:
+                array = data["images"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise DataError(f"{path}: not a samples .npz with uint8 'images' ({type(exc).__name__}: {exc})") from None
+        if array.dtype != np.uint8 or array.ndim != 4:
+            raise DataError(f"{path}: 'images' must be uint8 [N, H, W, C], got {array.dtype} {array.shape}")
+        return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
+    if path.is_dir():
+        from ..config import DataSection
+        from ..data import load_dataset
+
+        probe = next((p for p in sorted(path.iterdir()) if p.is_file()), None)
+        if probe is None:
+            raise DataError(f"{path}: empty folder")
+        from PIL import Image
+
+        with Image.open(probe) as img:
+            size = img.size[0]
+        section = DataSection(dataset="image-folder", root=str(path), image_size=size, channels=1)
+        return load_dataset(section).images
+    raise DataError(f"{path}: expected a .npz file or a folder of images")
+
+
+def _subset(images: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    if n >= len(images):
+        return images
+    return images[torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]]
+
+
+def _statistics(classifier, images: torch.Tensor, reference: torch.Tensor) -> dict[str, Any]:
+    stats = distribution_distances(classifier, images, reference)
+    stats.update(precision_recall(features(classifier, reference), features(classifier, images)))
+    stats.update(confidence(classifier, images))
+    return stats
+
+
+class Evaluator:
+    """Everything that stays fixed while several sample sets are scored: the classifier, the MNIST sets,
+    the reference subset and the floor (computed once, on first use)."""
+
+    def __init__(
+        self,
+        num: int,
+        *,
+        data_root: Path,
+        reference: torch.Tensor | None = None,
+        spec: ClassifierSpec = ClassifierSpec(),
+        cache: Path | None = None,
+        seed: int = 0,
+        log: Callable[[str], None] = lambda m: None,
+    ) -> None:
+        if num < 10:
+            raise ConfigError(f"{num} samples are too few to evaluate: use at least 10 (FID wants 1,000 or more)")
+        self.num, self.seed, self.log = num, seed, log
+        self.classifier, self.record = load_or_train(spec, data_root=data_root, cache=cache, log=log)
+        self.train_x = mnist_tensors(data_root, train=True)[0]
+        self.test_x = mnist_tensors(data_root, train=False)[0]
+        self.reference = _subset(reference if reference is not None else self.test_x, num, seed)
+        self._floor: dict[str, Any] | None = None
+
+    @property
+    def floor(self) -> dict[str, Any]:
+        """The statistics of ``num`` real training images against the reference."""
+        if self._floor is None:
+            self._floor = _statistics(self.classifier, _subset(self.train_x, self.num, self.seed + 1), self.reference)
+        return self._floor
+
+    def score(self, samples: torch.Tensor, pairs_png: Path | None = None) -> dict[str, Any]:
+        """The statistics of ``samples`` (uint8 [N, 1, H, W]) and their memorisation summary."""
+        if samples.ndim != 4 or samples.shape[1] != 1:
+            raise DataError(f"the MNIST classifier evaluates grayscale images; got {tuple(samples.shape[1:])} per image")
+        self.log(f"evaluating {len(samples):,} samples against {len(self.reference):,} reference images ...")
+        stats = _statistics(self.classifier, samples, self.reference)
+        summary, distance, index = memorisation(samples, self.train_x, _subset(self.test_x, len(samples), self.seed + 2))
+        if pairs_png is not None:
+            closest = distance.argsort()[:PAIRS_SHOWN]
+            _write_pairs(samples[closest], self.train_x[index[closest]], pairs_png)
+            summary["closest_pairs_png"] = str(pairs_png)
+        return {"samples": stats, "memorisation": summary}
+
+
+def evaluate(
+    samples: torch.Tensor,
+    *,
+    data_root: Path,
+    reference: torch.Tensor | None = None,
+    spec: ClassifierSpec = ClassifierSpec(),
+    cache: Path | None = None,
+    pairs_png: Path | None = None,
+    inception_weights: Path | None = None,
+    seed: int = 0,
+    log: Callable[[str], None] = lambda m: None,
+) -> dict[str, Any]:
+    """Statistics of ``samples`` (uint8 [N, 1, H, W]) against ``reference`` (default: N images of the MNIST
+    test set), and of N real training images against the same reference (the floor)."""
+    ev = Evaluator(len(samples), data_root=data_root, reference=reference, spec=spec, cache=cache, seed=seed, log=log)
+    scored = ev.score(samples, pairs_png)
+    return {
+        "num_samples": len(samples),
+        "num_reference": len(ev.reference),
+        "classifier": {k: ev.record[k] for k in ("key", "test_accuracy", "cached", "path")},
+        "samples": scored["samples"],
+        "floor": ev.floor,
+        "memorisation": scored["memorisation"],
+        "inception_fid": inception_fid(samples, ev.reference, inception_weights),
+    }
+
+
+def inception_fid(samples: torch.Tensor, reference: torch.Tensor, weights: Path | None) -> dict[str, Any]:
+    """FID with torchmetrics' Inception network when its weights are at hand; otherwise why not, in one line."""
+    if weights is None:
+        return {"status": "skipped", "reason": "no --inception-weights given (ddpmkit never downloads them at eval time)"}
+    if not Path(weights).is_file():
+        raise ConfigError(f"--inception-weights {weights}: no such file")
+    try:
+        from torchmetrics.image.fid import FrechetInceptionDistance
+
+        metric = FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=str(weights))
+    except (ImportError, ModuleNotFoundError, RuntimeError) as exc:
+        return {"status": "skipped", "reason": f"Inception FID needs torch-fidelity ({type(exc).__name__}: {exc})"}
+    for images, real in ((reference, True), (samples, False)):
+        for x in images.split(100):
+            metric.update(x.expand(-1, 3, -1, -1).contiguous(), real=real)
+    return {"status": "ok", "fid": float(metric.compute())}
+
+
+def _write_pairs(samples: torch.Tensor, neighbours: torch.Tensor, path: Path) -> None:
+    """A grid of (sample, its nearest training image) pairs, side by side, closest first."""
+    from ..sampling import grid, save_png
+    from .classifier import to_classifier_input
+
+    a = (to_classifier_input(samples) * 255).round().to(torch.uint8)
+    b = (to_classifier_input(neighbours) * 255).round().to(torch.uint8)
+    pairs = torch.stack([a, b], dim=1).flatten(0, 1)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_png(grid(pairs, nrow=8), Path(path))

@@ -1,0 +1,112 @@
+"""`ddpmkit sweep`: the same seeds through several samplers and step counts, each scored, as a table and a plot."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from rich.console import Console
+
+from ..errors import ConfigError
+from .report import Evaluator
+
+#: What `ddpmkit sweep` runs when no --sampler is given: ancestral sampling, and DDIM at a range of steps.
+DEFAULT_PLAN = ("ddpm", "ddim:10,20,50,100")
+
+
+@dataclass(frozen=True)
+class Point:
+    """One sampler at one step count."""
+
+    sampler: str
+    steps: int | None  # None: the sampler's own count (ddpm: T)
+
+    @property
+    def label(self) -> str:
+        return self.sampler if self.steps is None else f"{self.sampler}:{self.steps}"
+
+
+def parse_plan(items: list[str]) -> list[Point]:
+    """``["ddpm", "ddim:10,20"]`` -> points; a step count sets ``sampler.options.steps``."""
+    points = []
+    for item in items:
+        m = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._:-]*?)(?::(\d+(?:,\d+)*))?", item.strip())
+        if not m:
+            raise ConfigError(f"--sampler {item}: expected NAME or NAME:STEPS[,STEPS...], e.g. ddim:10,20,50")
+        name, steps = m.group(1), m.group(2)
+        if steps is None:
+            points.append(Point(name, None))
+        else:
+            points.extend(Point(name, int(s)) for s in steps.split(","))
+    return points
+
+
+def sweep(
+    run: Path,
+    plan: list[Point],
+    *,
+    num: int,
+    batch_size: int,
+    seed: int,
+    data_root: Path,
+    out_dir: Path,
+    console: Console,
+    evaluator: Evaluator | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Sample ``num`` images for every point from the same seed, score each, and write sweep.json and sweep.png."""
+    from ..data import to_uint8
+    from ..sampling import draw_from_checkpoint
+
+    log = log or (lambda m: console.print(m, highlight=False))
+    ev = evaluator or Evaluator(num, data_root=data_root, seed=seed, log=log)
+    rows = []
+    for point in plan:
+        overrides = [] if point.steps is None else [f"sampler.options.steps={point.steps}"]
+        visited: list[int] = []
+        started = time.perf_counter()
+        images = draw_from_checkpoint(run, num=num, batch_size=batch_size, seed=seed, use_ema=True, sampler=point.sampler,
+                                      overrides=overrides, device=None, console=console, steps_out=visited)
+        seconds = time.perf_counter() - started
+        scored = ev.score(to_uint8(images))["samples"]
+        rows.append({**asdict(point), "label": point.label, "denoiser_evaluations": visited[0], "seconds": seconds,
+                     **{k: scored[k] for k in ("fid", "kid", "precision", "recall", "confident_share", "classes_present")}})
+        log(f"{point.label}: FID {scored['fid']:.2f}, {scored['confident_share']:.1%} confident, {seconds:.1f} s")
+    floor = {k: ev.floor[k] for k in ("fid", "kid", "precision", "recall", "confident_share")}
+    result = {"run": str(run), "num_samples": num, "seed": seed, "floor": floor, "points": rows}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "sweep.json").write_text(json.dumps(result, indent=2))
+    plot(result, out_dir / "sweep.png")
+    result["plot"] = str(out_dir / "sweep.png")
+    return result
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    """Classifier FID against denoiser evaluations and against seconds, one line per sampler, the floor dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    by_sampler: dict[str, list[dict]] = {}
+    for row in result["points"]:
+        by_sampler.setdefault(row["sampler"], []).append(row)
+    for ax, x_key, x_label in ((axes[0], "denoiser_evaluations", "denoiser evaluations per image"),
+                               (axes[1], "seconds", f"seconds for {result['num_samples']:,} images")):
+        for name, rows in by_sampler.items():
+            rows = sorted(rows, key=lambda r: r[x_key])
+            ax.plot([r[x_key] for r in rows], [r["fid"] for r in rows], marker="o", label=name)
+        ax.axhline(result["floor"]["fid"], linestyle="--", color="grey", label="floor (real images)")
+        ax.set_xscale("log")
+        ax.set_xlabel(x_label)
+        ax.set_ylabel("classifier FID (lower is better)")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(f"speed against quality: {result['run']}, {result['num_samples']:,} samples, seed {result['seed']}")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
