@@ -29,8 +29,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
-err_console = Console(stderr=True)
+console = Console(emoji=False)  # ":100:" in "ddim:100:" is a step count, not an emoji
+err_console = Console(stderr=True, emoji=False)
 
 SetOption = typer.Option(
     None, "--set", metavar="KEY.PATH=VALUE", help="Override a config value, e.g. --set train.batch_size=128 (repeatable)."
@@ -203,7 +203,7 @@ def sample(
 @app.command("eval")
 @user_errors
 def eval_cmd(
-    samples: Path = typer.Argument(..., help="A samples .npz (from ddpmkit sample or run), or a run directory to sample from first."),
+    samples: Path = typer.Argument(..., help="A samples .npz (from ddpmkit sample or run), a folder of images, or a run directory to sample from first."),
     reference: Optional[Path] = typer.Option(None, "--reference", help="A .npz or image folder (default: the MNIST test set)."),
     num: Optional[int] = typer.Option(None, "--num", min=10, help="Use this many samples (run directory: draw this many; default 1000)."),
     sampler: Optional[str] = typer.Option(None, "--sampler", help="Run directory only: sample with another sampler."),
@@ -224,7 +224,7 @@ def eval_cmd(
 
     out = err_console if as_json else console
     root = data_root or Path(os.environ.get("DDPMKIT_DATA_ROOT", "data"))
-    if samples.is_dir() and samples.suffix.lower() != ".npz" and not (samples / "MNIST").exists():
+    if (samples / "checkpoints").is_dir() or (samples / "state.json").is_file():  # a run or a checkpoint
         from .sampling import draw_from_checkpoint
 
         drawn = draw_from_checkpoint(samples, num=num or 1000, batch_size=batch_size, seed=seed, use_ema=True,
