@@ -252,7 +252,7 @@ def eval_cmd(
 def sweep(
     run: Path = typer.Argument(..., help="A run directory (its latest checkpoint) or a checkpoint directory."),
     samplers: Optional[List[str]] = typer.Option(
-        None, "--sampler", metavar="NAME[:STEPS,...]", help="A sampler, with step counts to try, e.g. ddim:10,20,50 (repeatable; default: ddpm and ddim:10,20,50,100)."
+        None, "--sampler", metavar="NAME[:STEPS,...]", help="A sampler, with step counts to try, e.g. ddim:10,20,50 (repeatable; default: ddpm, ddim:10,20,50,100, and diffusers:10,20 with the extra)."
     ),
     num: int = typer.Option(1000, "--num", min=10, help="Samples per point (the same seeds for every point)."),
     batch_size: int = typer.Option(250, "--batch-size", min=1),
@@ -265,10 +265,10 @@ def sweep(
     plot quality against denoiser evaluations and against seconds."""
     import os
 
-    from .evaluation.sweep import DEFAULT_PLAN, parse_plan, sweep as run_sweep
+    from .evaluation.sweep import default_plan, parse_plan, sweep as run_sweep
 
     shown = err_console if as_json else console
-    plan = parse_plan(list(samplers or DEFAULT_PLAN))
+    plan = parse_plan(list(samplers or default_plan()))
     root = data_root or Path(os.environ.get("DDPMKIT_DATA_ROOT", "data"))
     result = run_sweep(run, plan, num=num, batch_size=batch_size, seed=seed, data_root=root,
                        out_dir=out or Path(run) / "sweep", console=shown)
@@ -370,14 +370,24 @@ def check_plugins(
 
 
 def _components_named(names: list[str]) -> list:
-    """The installed components ``names`` mean (each plain name in every kind that has it); all when empty."""
-    from .errors import PluginError
+    """The installed components ``names`` mean (each plain name in every kind that has it); when empty, all
+    of them but those that need an optional extra that is not installed (said in one line each)."""
+    from .errors import MissingExtra, PluginError
     from .kinds import KINDS
-    from .plugins import find, registry
+    from .plugins import find, load, registry
 
     reg = registry()
     if not names:
-        return [c for c in reg.components if c.plugin.status == "ok"]
+        found = []
+        for comp in (c for c in reg.components if c.plugin.status == "ok"):
+            try:
+                load(comp)
+            except PluginError as exc:
+                if isinstance(exc.__cause__, MissingExtra):
+                    err_console.print(f"skipping {comp.qualified}: {escape(str(exc.__cause__))}", highlight=False)
+                    continue
+            found.append(comp)
+        return found
     found = []
     for name in names:
         kinds = [k for k in KINDS if reg.named(k, name.rpartition(":")[2])]

@@ -31,6 +31,10 @@ class PluginCodeError(PluginError):
     """
 
 
+class MissingExtra(PluginError):
+    """A component needs an optional extra of ddpmkit (``pip install 'ddpmkit[NAME]'``) that is not installed."""
+
+
 class HookFailed(PluginError):
     """An event hook raised; training stops after a checkpoint and the run ends with this message."""
 

@@ -358,7 +358,9 @@ def check_sampler(
         for prediction in ("x0", "v"):
             x = draw(0, prediction=prediction).double()
             gap = float((x - first["x"]).abs().max())
-            assert gap < 1e-3, (
+            # a sampler that took the output for epsilon would be off by O(1); 5e-3 leaves room for solvers that
+            # convert in float32 at large noise levels (diffusers' Euler: 0.003)
+            assert gap < 5e-3, (
                 f"a {prediction}-predicting denoiser gives images up to {gap:.3g} away from the epsilon one's; "
                 "convert its output with ddpmkit.diffusion.split_prediction"
             )
@@ -381,7 +383,8 @@ def check_sampler(
         assert seen_t == listed, (
             f"the callback saw {len(seen_t)} steps ({seen_t[:3]}...) but timesteps() lists {len(listed)} ({listed[:3]}...)"
         )
-        assert all(a > b for a, b in zip(seen_t, seen_t[1:])), "the callback's t does not decrease"
+        # non-increasing: a second-order solver (Heun) evaluates the denoiser twice at some t
+        assert all(a >= b for a, b in zip(seen_t, seen_t[1:])), "the callback's t increases somewhere"
         return f"{len(seen_t)} steps, t from {seen_t[0]} to {seen_t[-1]}"
 
     for check, fn in (("matches the Gaussian oracle", moments), ("x0 and v denoisers", targets),

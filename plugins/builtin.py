@@ -23,3 +23,5 @@ def register_denoisers(register):
 def register_samplers(register):
     register("ddpm", "ddpmkit_plugins.ddpm:DDPMSampler")
     register("ddim", "ddpmkit_plugins.ddim:DDIMSampler")
+    # needs the optional extra ddpmkit[diffusers]; without it, naming it says which extra to install
+    register("diffusers", "ddpmkit_plugins.diffusers_sampler:DiffusersSampler")

@@ -203,7 +203,8 @@ def test_list_plugins_json():
          "version": ddpmkit.__version__, "status": "ok", "error": None}
         for kind, name, plugin in [("schedule", "cosine", "builtin"), ("schedule", "linear", "builtin"),
                                    ("denoiser", "unet", "builtin"), ("sampler", "ddim", "builtin"),
-                                   ("sampler", "ddpm", "builtin"), ("events", "metrics", "metrics"),
+                                   ("sampler", "ddpm", "builtin"), ("sampler", "diffusers", "builtin"),
+                                   ("events", "metrics", "metrics"),
                                    ("events", "tensorboard", "tensorboard")]
     ]
 

@@ -49,4 +49,4 @@ def test_plain_install_from_a_wheel(tmp_path):
 
     module_file, plugins_file, names = json.loads(r.stdout)
     assert module_file.startswith(str(target)) and plugins_file.startswith(str(target)), (module_file, plugins_file)
-    assert names == ["cosine", "ddim", "ddpm", "linear", "metrics", "tensorboard", "unet"]
+    assert names == ["cosine", "ddim", "ddpm", "diffusers", "linear", "metrics", "tensorboard", "unet"]

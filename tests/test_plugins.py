@@ -139,6 +139,7 @@ def test_builtins_come_through_the_entry_point_group(site):
         "unet": "ddpmkit_plugins.unet:UNet",
         "ddpm": "ddpmkit_plugins.ddpm:DDPMSampler",
         "ddim": "ddpmkit_plugins.ddim:DDIMSampler",
+        "diffusers": "ddpmkit_plugins.diffusers_sampler:DiffusersSampler",
     }
 
 

@@ -14,8 +14,16 @@ from rich.console import Console
 from ..errors import ConfigError
 from .report import Evaluator
 
-#: What `ddpmkit sweep` runs when no --sampler is given: ancestral sampling, and DDIM at a range of steps.
+#: What `ddpmkit sweep` runs when no --sampler is given: ancestral sampling, DDIM at a range of steps, and
+#: DPM-Solver++ (the diffusers sampler's default scheduler) at 10 and 20 steps when ddpmkit[diffusers] is installed.
 DEFAULT_PLAN = ("ddpm", "ddim:10,20,50,100")
+DIFFUSERS_PLAN = ("diffusers:10,20",)
+
+
+def default_plan() -> tuple[str, ...]:
+    import importlib.util
+
+    return DEFAULT_PLAN + (DIFFUSERS_PLAN if importlib.util.find_spec("diffusers") is not None else ())
 
 
 @dataclass(frozen=True)
