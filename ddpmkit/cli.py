@@ -217,13 +217,11 @@ def eval_cmd(
 ) -> None:
     """Measure sample quality: classifier FID, KID and MiFID (torchmetrics), precision/recall, confidence and
     memorisation, each beside its floor (the same statistic for real training images)."""
-    import os
-
     from .data import to_uint8
     from .evaluation.report import evaluate, read_images
 
     out = err_console if as_json else console
-    root = data_root or Path(os.environ.get("DDPMKIT_DATA_ROOT", "data"))
+    root = _mnist_root(data_root)
     if (samples / "checkpoints").is_dir() or (samples / "state.json").is_file():  # a run or a checkpoint
         from .sampling import draw_from_checkpoint
 
@@ -263,13 +261,11 @@ def sweep(
 ) -> None:
     """Sample with each sampler at each step count from the same seeds, score each with `eval`'s statistics, and
     plot quality against denoiser evaluations and against seconds."""
-    import os
-
     from .evaluation.sweep import default_plan, parse_plan, sweep as run_sweep
 
     shown = err_console if as_json else console
     plan = parse_plan(list(samplers or default_plan()))
-    root = data_root or Path(os.environ.get("DDPMKIT_DATA_ROOT", "data"))
+    root = _mnist_root(data_root)
     result = run_sweep(run, plan, num=num, batch_size=batch_size, seed=seed, data_root=root,
                        out_dir=out or Path(run) / "sweep", console=shown)
     if as_json:
@@ -289,6 +285,14 @@ def sweep(
                   f"{f['confident_share']:.1%}", "")
     console.print(table)
     console.print(f"wrote {result['plot']} and {Path(result['plot']).with_name('sweep.json')}", highlight=False)
+
+
+def _mnist_root(data_root: Optional[Path]) -> Path:
+    """Where eval and sweep read MNIST: --data-root, else $DDPMKIT_DATA_ROOT, else ./data (as a run config's default)."""
+    from .config import DataSection
+    from .data import resolve_root
+
+    return resolve_root(DataSection(), data_root)
 
 
 def _print_eval(r: dict) -> None:
