@@ -49,7 +49,8 @@ def train_start(run: Any, options: Options) -> None:
         path.unlink(missing_ok=True)
     else:
         _trim(path, run.start_step)
-    _open[Path(run.run_dir)] = open(path, "a", encoding="utf-8")
+    # line-buffered: a kill between writing a checkpoint and the next flush must not lose the lines up to it
+    _open[Path(run.run_dir)] = open(path, "a", encoding="utf-8", buffering=1)
 
 
 @hookimpl
