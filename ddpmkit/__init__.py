@@ -26,6 +26,7 @@ __all__ = [
     "PluginCodeError",
     "PluginError",
     "Register",
+    "ReverseStepSampler",
     "Sampler",
     "create_denoiser",
     "create_sampler",
@@ -36,9 +37,9 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # imported lazily at run time (they need torch)
-    from .interfaces import Denoiser, NoiseSchedule, Sampler
+    from .interfaces import Denoiser, NoiseSchedule, ReverseStepSampler, Sampler
 
-_LAZY = {"NoiseSchedule": "interfaces", "Denoiser": "interfaces", "Sampler": "interfaces"}
+_LAZY = {name: "interfaces" for name in ("NoiseSchedule", "Denoiser", "Sampler", "ReverseStepSampler")}
 
 
 def load_config(path: Any, overrides: list[str] | None = None):

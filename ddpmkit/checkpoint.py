@@ -291,6 +291,9 @@ def describe_run(cfg: "RunConfig", built: "Components", fingerprint: str, versio
     }
 
 
+_MISSING = object()
+
+
 def _option_default(cfg: "RunConfig", key: str) -> Any:
     """The default of a component option named by a flattened identity key (``denoiser.options.prediction``)."""
     kind, _, rest = key.partition(".options.")
@@ -299,8 +302,6 @@ def _option_default(cfg: "RunConfig", key: str) -> Any:
     field = type(cfg.component_options(kind)).model_fields.get(rest.split(".")[0])
     return _MISSING if field is None or "." in rest else field.get_default(call_default_factory=True)
 
-
-_MISSING = object()
 
 
 def check_compatible(ckpt: Checkpoint, cfg: "RunConfig", fingerprint: str) -> None:

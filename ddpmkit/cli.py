@@ -130,7 +130,8 @@ def validate(
     """Check a config, build what it names, and report on the run before it starts (no training)."""
     from .config import load_config
     from .preflight import preflight
-    from .summary import build_checked, describe_config
+    from .factory import build_checked
+    from .summary import describe_config
 
     cfg = load_config(config, set_)
     built = build_checked(cfg)
@@ -225,7 +226,7 @@ def eval_cmd(
     if (samples / "checkpoints").is_dir() or (samples / "state.json").is_file():  # a run or a checkpoint
         from .sampling import draw_from_checkpoint
 
-        drawn = draw_from_checkpoint(samples, num=num or 1000, batch_size=batch_size, seed=seed, use_ema=True,
+        drawn, _ = draw_from_checkpoint(samples, num=num or 1000, batch_size=batch_size, seed=seed, use_ema=True,
                                      sampler=sampler, overrides=list(set_ or []), device=None, console=out)
         images = to_uint8(drawn)
         pairs = pairs or samples / "eval-closest-pairs.png"

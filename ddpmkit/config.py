@@ -10,10 +10,9 @@ from __future__ import annotations
 import copy
 import re
 import tomllib
+import warnings
 from pathlib import Path
 from typing import Any, Literal
-
-import warnings
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 

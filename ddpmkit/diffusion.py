@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from .errors import ConfigError
 
 if TYPE_CHECKING:
-    from .interfaces import Denoiser, NoiseSchedule
+    from .interfaces import Denoiser, NoiseSchedule, SamplerCallback
 
 #: The prediction targets a denoiser may declare.
 PREDICTIONS: tuple[str, ...] = ("epsilon", "x0", "v")
@@ -257,6 +257,30 @@ def reverse_step(
             raise ValueError(f"step at t = {step.t} has sigma = {step.sigma:g} but no noise was given")
         x = x + step.sigma * noise
     return x
+
+
+def run_reverse_steps(
+    steps: list[ReverseStep],
+    denoiser: "Denoiser",
+    schedule: "NoiseSchedule",
+    shape: tuple[int, ...],
+    *,
+    generator: torch.Generator,
+    clip_denoised: bool = False,
+    callback: "SamplerCallback | None" = None,
+) -> torch.Tensor:
+    """x_T ~ N(0, I), then each step of eq. 12 (Song et al. 2021) on ``denoiser.device``; every draw from
+    ``generator``; ``callback(index, t, x)`` after each step. Returns the last x clipped to [-1, 1]."""
+    device = denoiser.device
+    s = schedule.to(device)
+    x = torch.randn(shape, generator=generator, device=generator.device).to(device)
+    for index, step in enumerate(steps):
+        x0, eps = predict_x0_eps(denoiser, s, x, step.t, clip_denoised=clip_denoised)
+        z = torch.randn(shape, generator=generator, device=generator.device).to(device) if step.sigma > 0 else None
+        x = reverse_step(s, step, x0, eps, z)
+        if callback is not None:
+            callback(index, step.t, x)
+    return x.clamp(-1.0, 1.0)
 
 
 def gaussian_reverse_moments(

@@ -105,6 +105,17 @@ def build_components(cfg: "RunConfig") -> Components:
     return Components(schedule, denoiser, sampler, refs)
 
 
+def build_checked(cfg: "RunConfig") -> Components:
+    """Build every component (the denoiser initialised from ``run.seed``) and run :func:`smoke_test`, so that
+    errors in a plugin's code surface as one line naming it, before any training."""
+    import torch
+
+    torch.manual_seed(cfg.run.seed)
+    built = build_components(cfg)
+    smoke_test(built, cfg.image_shape)
+    return built
+
+
 def smoke_test(built: Components, image_shape: tuple[int, int, int]) -> None:
     """One tiny forward pass of the denoiser on the CPU (two images, the first and last t) and the
     sampler's step list, so that shape, NaN and plugin errors show before any training."""

@@ -200,3 +200,29 @@ class Sampler(abc.ABC):
         """
 
 
+
+
+class ReverseStepSampler(Sampler):
+    """A sampler that is fully described by its :meth:`reverse_steps`: it draws x_T ~ N(0, I) and takes each
+    step with :func:`ddpmkit.diffusion.run_reverse_steps` (an option named ``clip_denoised`` is honoured).
+    ``ddpm`` and ``ddim`` are written this way; a subclass implements ``reverse_steps`` only."""
+
+    @abc.abstractmethod
+    def reverse_steps(self, schedule: NoiseSchedule) -> "list[ReverseStep]":
+        """The generalised reverse steps this sampler takes under ``schedule``."""
+
+    @torch.no_grad()
+    def sample(
+        self,
+        denoiser: Denoiser,
+        schedule: NoiseSchedule,
+        shape: tuple[int, ...],
+        *,
+        generator: torch.Generator,
+        callback: SamplerCallback | None = None,
+    ) -> torch.Tensor:
+        from .diffusion import run_reverse_steps
+
+        clip = bool(getattr(self.options, "clip_denoised", False))
+        return run_reverse_steps(self.reverse_steps(schedule), denoiser, schedule, shape, generator=generator,
+                                 clip_denoised=clip, callback=callback)

@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -19,7 +18,7 @@ from .data import load_dataset
 from .device import pick_device
 from .errors import DdpmkitError, HookFailed
 from .events import EventDispatcher, RunInfo
-from .factory import build_components, smoke_test
+from .factory import build_checked
 from .sampling import generate, nearest_visited, sampling_progress, write_images, write_trajectory
 from .train import CPU_WARN_SECONDS, TrainEvents, steps_per_epoch, total_steps, train
 
@@ -64,13 +63,11 @@ def run_config(cfg: RunConfig, *, console: Console, fresh: bool = False, data_ro
     if resume is not None:
         check_compatible(resume, cfg, fingerprint)
 
-    torch.manual_seed(cfg.run.seed)
-    built = build_components(cfg)
-    smoke_test(built, cfg.image_shape)
+    built = build_checked(cfg)
     schedule, model, sampler = built.schedule, built.denoiser, built.sampler
     (run_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
 
-    params = sum(p.numel() for p in model.parameters())
+    params = model.num_parameters()
     steps = total_steps(cfg, len(dataset))
     console.print(
         f"[bold]ddpmkit run[/] {run_dir}: {dataset.description}, {len(dataset):,} images\n"

@@ -173,7 +173,7 @@ def sample_command(
     """`ddpmkit sample`: images from a run's (or a checkpoint's) weights, written to ``out``."""
     if Path(out).suffix.lower() not in (".png", ".npz"):
         raise ConfigError(f"--out {out}: must end in .png or .npz")
-    images = draw_from_checkpoint(source, num=num, batch_size=batch_size, seed=seed, use_ema=use_ema, sampler=sampler,
+    images, _ = draw_from_checkpoint(source, num=num, batch_size=batch_size, seed=seed, use_ema=use_ema, sampler=sampler,
                                   overrides=overrides, device=device, console=console)
     write_images(images, out)
     console.print(f"[green]wrote[/] {out}")
@@ -190,12 +190,9 @@ def draw_from_checkpoint(
     overrides: list[str],
     device: str | None,
     console: Console,
-    steps_out: list[int] | None = None,
-) -> torch.Tensor:
-    """``num`` images in [-1, 1] from a run's latest (or a given) checkpoint, with its components or another sampler.
-
-    ``steps_out``, when given, receives the number of denoiser evaluations per image.
-    """
+) -> tuple[torch.Tensor, int]:
+    """``num`` images in [-1, 1] from a run's latest (or a given) checkpoint, with its components or another
+    sampler, and the number of denoiser evaluations each image cost."""
     from .checkpoint import find_checkpoint
     from .config import config_from_dict
     from .device import pick_device
@@ -216,8 +213,6 @@ def draw_from_checkpoint(
         denoiser.load_state_dict(ckpt.weights("ema" if use_ema else "model"))
     denoiser.to(dev)
     steps = len(built.timesteps())
-    if steps_out is not None:
-        steps_out.append(steps)
     console.print(
         f"sampling {num} images from {ckpt.path} ({'EMA' if use_ema else 'raw'} weights, step {ckpt.step}) "
         f"with {cfg.sampler.name} ({steps} steps) on {dev}"
@@ -227,7 +222,7 @@ def draw_from_checkpoint(
             denoiser, built.schedule, built.sampler, num, batch_size=batch_size, seed=seed, image_shape=cfg.image_shape,
             precision=cfg.train.precision, progress=advance, sampler_component=built.refs["sampler"],
         )
-    return images
+    return images, steps
 
 
 def _same_component(kind: str, a: str, b: str) -> bool:

@@ -10,22 +10,8 @@ if TYPE_CHECKING:
     from .factory import Components
 
 
-def build_checked(cfg: RunConfig) -> "Components":
-    """Build every component and run one tiny forward pass on the CPU, so that errors in a plugin's code
-    surface as one line naming it, before any training."""
-    import torch
-
-    from .factory import build_components, smoke_test
-
-    torch.manual_seed(cfg.run.seed)
-    built = build_components(cfg)
-    smoke_test(built, cfg.image_shape)
-    return built
-
-
-def describe_config(cfg: RunConfig, built: "Components | None" = None) -> str:
+def describe_config(cfg: RunConfig, built: "Components") -> str:
     """A few lines naming the data, schedule, denoiser (with its parameter count), sampler and training plan."""
-    built = built if built is not None else build_checked(cfg)
     params = built.denoiser.num_parameters()
     c, h, w = cfg.image_shape
     t = cfg.train

@@ -19,7 +19,7 @@ import torch
 
 from .blame import one_line
 from .diffusion import MAX_FINAL_SNR, PREDICTIONS, gaussian_reverse_moments
-from .errors import ConfigError
+from .errors import ConfigError, DdpmkitError
 from .factory import create_denoiser, create_sampler, create_schedule
 from .interfaces import Denoiser
 
@@ -43,7 +43,6 @@ class CheckResult:
 
 class _Checks:
     def __init__(self, kind: str, name: str) -> None:
-        from .errors import DdpmkitError
         from .plugins import find
 
         self.kind, self.name, self.results = kind, name.rpartition(":")[2], []

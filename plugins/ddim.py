@@ -5,14 +5,11 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
-import torch
 from pydantic import Field
 
 from ddpmkit.diffusion import ReverseStep, ddim_sigma
 from ddpmkit.errors import ConfigError
-from ddpmkit.interfaces import Denoiser, NoiseSchedule, Sampler, SamplerCallback
-
-from .ddpm import run_reverse_steps
+from ddpmkit.interfaces import NoiseSchedule, ReverseStepSampler
 
 
 def spaced_timesteps(num_timesteps: int, steps: int, spacing: str) -> list[int]:
@@ -28,10 +25,10 @@ def spaced_timesteps(num_timesteps: int, steps: int, spacing: str) -> list[int]:
     return sorted({int(t) for t in ts}, reverse=True)
 
 
-class DDIMSampler(Sampler):
+class DDIMSampler(ReverseStepSampler):
     """x_{t_prev} = sqrt(abar_prev) x_0 + sqrt(1 - abar_prev - sigma^2) eps + sigma z (eq. 12), sigma from eta (eq. 16)."""
 
-    class Options(Sampler.Options):
+    class Options(ReverseStepSampler.Options):
         steps: int = Field(50, ge=1, description="number of denoiser evaluations (at most T)")
         eta: float = Field(0.0, ge=0, le=1, description="0: deterministic DDIM; 1: the DDPM posterior variance")
         spacing: Literal["linspace", "leading", "trailing"] = Field(
@@ -50,16 +47,3 @@ class DDIMSampler(Sampler):
             sigma = ddim_sigma(schedule, t, t_prev, o.eta)
             steps.append(ReverseStep(t, t_prev, sigma, sigma))
         return steps
-
-    @torch.no_grad()
-    def sample(
-        self,
-        denoiser: Denoiser,
-        schedule: NoiseSchedule,
-        shape: tuple[int, ...],
-        *,
-        generator: torch.Generator,
-        callback: SamplerCallback | None = None,
-    ) -> torch.Tensor:
-        return run_reverse_steps(self.reverse_steps(schedule), denoiser, schedule, shape, generator=generator,
-                                 clip_denoised=self.options.clip_denoised, callback=callback)

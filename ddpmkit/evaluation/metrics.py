@@ -95,32 +95,28 @@ def precision_recall(real_features: torch.Tensor, fake_features: torch.Tensor, k
     }
 
 
+def pixel_vectors(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, 1, H, W] -> [N, 784]: the 28x28 view in [0, 1] that memorisation distances are measured in."""
+    return to_classifier_input(images).flatten(1)
+
+
 def nearest_distances(queries: torch.Tensor, pool: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For each query image, the pixel-space (L2 on [0, 1], 28x28) distance to its nearest pool image, and that image's index."""
-    q = to_classifier_input(queries).flatten(1)
-    p = to_classifier_input(pool).flatten(1)
+    """For each query image, the L2 distance (28x28 pixels in [0, 1]) to its nearest row of ``pool`` (from
+    :func:`pixel_vectors`), and that row's index."""
     best, where = [], []
-    for chunk in q.split(500):
-        d = torch.cdist(chunk, p)
-        value, index = d.min(dim=1)
+    for chunk in pixel_vectors(queries).split(500):
+        value, index = torch.cdist(chunk, pool).min(dim=1)
         best.append(value)
         where.append(index)
     return torch.cat(best), torch.cat(where)
 
 
-def memorisation(samples: torch.Tensor, train: torch.Tensor, test: torch.Tensor) -> tuple[dict, torch.Tensor, torch.Tensor]:
-    """How close samples sit to their nearest training image, against how close real test images sit to theirs.
-
-    Returns the summary, each sample's distance and its nearest training image's index.
-    """
-    sample_d, sample_i = nearest_distances(samples, train)
-    test_d, _ = nearest_distances(test, train)
-    threshold = float(torch.quantile(test_d, 0.01))
-    summary = {
-        "sample_median_nn_distance": float(sample_d.median()),
-        "test_median_nn_distance": float(test_d.median()),
-        "share_closer_than_test_p1": float((sample_d < threshold).double().mean()),
+def memorisation(sample_distances: torch.Tensor, test_distances: torch.Tensor) -> dict[str, float]:
+    """How close samples sit to their nearest training image, against how close real test images sit to theirs."""
+    threshold = float(torch.quantile(test_distances, 0.01))
+    return {
+        "sample_median_nn_distance": float(sample_distances.median()),
+        "test_median_nn_distance": float(test_distances.median()),
+        "share_closer_than_test_p1": float((sample_distances < threshold).double().mean()),
         "test_p1_distance": threshold,
     }
-    return summary, sample_d, sample_i
-

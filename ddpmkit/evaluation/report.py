@@ -10,7 +10,9 @@ import torch
 
 from ..errors import ConfigError, DataError
 from .classifier import ClassifierSpec, load_or_train, mnist_tensors
-from .metrics import confidence, distribution_distances, features, memorisation, precision_recall
+from .metrics import (
+    confidence, distribution_distances, features, memorisation, nearest_distances, pixel_vectors, precision_recall,
+)
 
 PAIRS_SHOWN = 16
 
@@ -49,16 +51,17 @@ def _subset(images: torch.Tensor, n: int, seed: int) -> torch.Tensor:
     return images[torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]]
 
 
-def _statistics(classifier, images: torch.Tensor, reference: torch.Tensor) -> dict[str, Any]:
+def _statistics(classifier, images: torch.Tensor, reference: torch.Tensor, reference_features: torch.Tensor) -> dict[str, Any]:
     stats = distribution_distances(classifier, images, reference)
-    stats.update(precision_recall(features(classifier, reference), features(classifier, images)))
+    stats.update(precision_recall(reference_features, features(classifier, images)))
     stats.update(confidence(classifier, images))
     return stats
 
 
 class Evaluator:
     """Everything that stays fixed while several sample sets are scored: the classifier, the MNIST sets,
-    the reference subset and the floor (computed once, on first use)."""
+    the reference subset and its features, the training images as pixel vectors, the test images' distances
+    to them, and the floor (each computed once, on first use)."""
 
     def __init__(
         self,
@@ -78,22 +81,38 @@ class Evaluator:
         self.train_x = mnist_tensors(data_root, train=True)[0]
         self.test_x = mnist_tensors(data_root, train=False)[0]
         self.reference = _subset(reference if reference is not None else self.test_x, num, seed)
+        self.reference_features = features(self.classifier, self.reference)
         self._floor: dict[str, Any] | None = None
+        self._train_vectors: torch.Tensor | None = None
+        self._test_distances: dict[int, torch.Tensor] = {}
 
     @property
     def floor(self) -> dict[str, Any]:
         """The statistics of ``num`` real training images against the reference."""
         if self._floor is None:
-            self._floor = _statistics(self.classifier, _subset(self.train_x, self.num, self.seed + 1), self.reference)
+            real = _subset(self.train_x, self.num, self.seed + 1)
+            self._floor = _statistics(self.classifier, real, self.reference, self.reference_features)
         return self._floor
+
+    def _nearest_training(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._train_vectors is None:
+            self._train_vectors = pixel_vectors(self.train_x)
+        return nearest_distances(images, self._train_vectors)
+
+    def _test_nn_distances(self, n: int) -> torch.Tensor:
+        """Distances of n test images (seeded) to their nearest training image: the yardstick of memorisation."""
+        if n not in self._test_distances:
+            self._test_distances[n] = self._nearest_training(_subset(self.test_x, n, self.seed + 2))[0]
+        return self._test_distances[n]
 
     def score(self, samples: torch.Tensor, pairs_png: Path | None = None) -> dict[str, Any]:
         """The statistics of ``samples`` (uint8 [N, 1, H, W]) and their memorisation summary."""
         if samples.ndim != 4 or samples.shape[1] != 1:
             raise DataError(f"the MNIST classifier evaluates grayscale images; got {tuple(samples.shape[1:])} per image")
         self.log(f"evaluating {len(samples):,} samples against {len(self.reference):,} reference images ...")
-        stats = _statistics(self.classifier, samples, self.reference)
-        summary, distance, index = memorisation(samples, self.train_x, _subset(self.test_x, len(samples), self.seed + 2))
+        stats = _statistics(self.classifier, samples, self.reference, self.reference_features)
+        distance, index = self._nearest_training(samples)
+        summary: dict[str, Any] = memorisation(distance, self._test_nn_distances(len(samples)))
         if pairs_png is not None:
             closest = distance.argsort()[:PAIRS_SHOWN]
             _write_pairs(samples[closest], self.train_x[index[closest]], pairs_png)

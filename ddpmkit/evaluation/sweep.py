@@ -75,13 +75,12 @@ def sweep(
     rows = []
     for point in plan:
         overrides = [] if point.steps is None else [f"sampler.options.steps={point.steps}"]
-        visited: list[int] = []
         started = time.perf_counter()
-        images = draw_from_checkpoint(run, num=num, batch_size=batch_size, seed=seed, use_ema=True, sampler=point.sampler,
-                                      overrides=overrides, device=None, console=console, steps_out=visited)
+        images, steps = draw_from_checkpoint(run, num=num, batch_size=batch_size, seed=seed, use_ema=True,
+                                             sampler=point.sampler, overrides=overrides, device=None, console=console)
         seconds = time.perf_counter() - started
         scored = ev.score(to_uint8(images))["samples"]
-        rows.append({**asdict(point), "label": point.label, "denoiser_evaluations": visited[0], "seconds": seconds,
+        rows.append({**asdict(point), "label": point.label, "denoiser_evaluations": steps, "seconds": seconds,
                      **{k: scored[k] for k in ("fid", "kid", "precision", "recall", "confident_share", "classes_present")}})
         log(f"{point.label}: FID {scored['fid']:.2f}, {scored['confident_share']:.1%} confident, {seconds:.1f} s")
     floor = {k: ev.floor[k] for k in ("fid", "kid", "precision", "recall", "confident_share")}
