@@ -70,6 +70,8 @@ class CheckpointState(BaseModel):
     components: dict[str, str] = Field(default_factory=dict)
     #: what the denoiser's output estimates (checkpoints before plugin API 2 are all epsilon)
     prediction: str = "epsilon"
+    #: the fp16 loss scaler's state (train.precision = "fp16"), so a resumed run scales as before
+    grad_scaler: dict[str, Any] | None = None
     files: dict[str, FileEntry]
 
     def qualified_name(self, kind: str) -> str | None:

@@ -327,6 +327,79 @@ def _print_eval(r: dict) -> None:
                   f"{', cached' if c['cached'] else ', trained now'})", highlight=False)
 
 
+@app.command()
+@user_errors
+def bench(
+    config: Path = typer.Argument(..., help="The run's TOML config (its denoiser, batch sizes and sampler)."),
+    set_: Optional[List[str]] = SetOption,
+    steps: int = typer.Option(10, "--steps", min=1, help="Timed training steps per mode (after the warm-up)."),
+    warmup: int = typer.Option(3, "--warmup", min=1, help="Untimed training steps first (set-up, compilation)."),
+    sample_steps: int = typer.Option(10, "--sample-steps", min=1, help="Timed sampler steps per mode."),
+    modes: Optional[str] = typer.Option(
+        None, "--modes", help="Comma-separated speed modes, e.g. fp32,bf16+cl,bf16+cl+compile (default: all for the device)."
+    ),
+    no_sample: bool = typer.Option(False, "--no-sample", help="Measure training only."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps (overrides run.device)."),
+    as_json: bool = typer.Option(False, "--json", help="Print only JSON on stdout."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Also write the JSON to this file."),
+) -> None:
+    """Training and sampling speed of ddpmkit in each speed mode beside the tutorial's own loops, in one process.
+
+    Random images of the config's shape stand in for the data; nothing is written but --out.
+    """
+    from .benchmark.bench import parse_mode, run_bench
+    from .config import load_config
+    from .device import pick_device
+
+    overrides = list(set_ or [])
+    if device:
+        overrides.append(f"run.device={device}")
+    cfg = load_config(config, overrides)
+    dev = pick_device(cfg.run.device)
+    chosen = [parse_mode(m) for m in modes.split(",")] if modes else None
+    say = err_console if as_json else console
+    with say.status("measuring") as status:
+        result = run_bench(cfg, dev, modes=chosen, steps=steps, warmup=warmup, sample_steps=sample_steps,
+                           sample=not no_sample, note=lambda text: status.update(f"measuring {text}"))
+    result["config"] = str(config)
+    text = json.dumps(result, indent=2)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+    if as_json:
+        print(text)
+    else:
+        _print_bench(result)
+
+
+def _print_bench(r: dict) -> None:
+    peaks = ", ".join(f"{k} {v / 1e9:.0f}" for k, v in r["matmul_peak_flop_per_s"].items())
+    console.print(
+        f"[bold]ddpmkit bench[/] {r['config']}: {r['denoiser']} {r['parameters']:,} parameters, "
+        f"{'x'.join(map(str, r['image_shape']))}, on {r['device']} ({r['device_name']}, {r['threads']} threads), "
+        f"torch {r['torch']}\n  matmul peak GFLOP/s: {peaks}; "
+        f"{r['flops_per_image']['train'] / 1e9:.2f} GFLOP per training image, "
+        f"{r['flops_per_image']['forward'] / 1e9:.2f} per forward pass; memory: {r['memory']}",
+        highlight=False,
+    )
+    for key, title, unit in (
+        ("training", f"training, batch {r['batch_size']}: median of {r['timed_steps']} steps after {r['warmup_steps']}", "images/s"),
+        ("sampling", f"sampling: {r['sample_steps']} steps", "image-steps/s"),
+    ):
+        if not r[key]:
+            continue
+        table = Table(title=title, title_justify="left")
+        for col in ("loop", "mode", unit, "x tutorial", "GFLOP/s", "of peak", "memory", "set-up s"):
+            table.add_column(col, justify="left" if col in ("loop", "mode") else "right")
+        for row in r[key]:
+            table.add_row(
+                row["loop"], row["mode"], f"{row['per_s']:.1f}", f"{row['ratio']:.2f}",
+                f"{row['flop_per_s'] / 1e9:.1f}", f"{row['utilisation']:.0%}" if row["utilisation"] else "",
+                f"{row['peak_memory'] / 2**20:,.0f} MiB", f"{row['setup_s']:.1f}" if row["setup_s"] is not None else "",
+            )
+        console.print(table)
+
+
 @app.command("check-plugins")
 @user_errors
 def check_plugins(

@@ -81,8 +81,13 @@ class TrainSection(Section):
     ema_decay: float = Field(0.9999, ge=0, lt=1)
     ema_warmup: bool = Field(False, description="ramp the EMA decay up from 0 (timm's warm-up), for short runs")
     grad_clip: float | None = Field(None, gt=0, description="clip the gradient norm to this value")
-    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 autocast (fast on recent CPUs and GPUs)")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="autocast: bf16 (fast on recent CPUs and GPUs) or fp16 with a loss scaler (GPUs without bf16)"
+    )
     channels_last: bool = Field(False, description="channels-last memory format (faster convolutions on CPUs)")
+    compile: bool = Field(False, description="torch.compile the denoiser for training and sampling (minutes of set-up)")
+    fused_adam: bool | None = Field(None, description="fused Adam; unset: on where it measured faster (CUDA)")
+    tf32: bool = Field(True, description="TF32 matmuls and convolutions on CUDA GPUs (no effect elsewhere)")
     checkpoint_every: int = Field(1000, ge=1, description="steps between checkpoints (one is always written at the end)")
     keep_checkpoints: int = Field(3, ge=1)
 

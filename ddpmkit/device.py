@@ -22,7 +22,3 @@ def pick_device(spec: str = "auto") -> torch.device:
         raise ConfigError(f"run.device = '{spec}' but MPS is not available on this machine (use 'auto' or 'cpu')")
     return device
 
-
-def autocast(device: torch.device, precision: str):
-    """The autocast context for ``precision`` ('fp32' disables it)."""
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")

@@ -88,7 +88,7 @@ def data_finding(cfg: RunConfig, data_root: Path | None) -> tuple[Finding, int |
 
 def time_finding(cfg: RunConfig, built: Components, steps: int, device: torch.device) -> Finding:
     """Seconds per training image, measured over a few forward+backward passes at a small batch on ``device``."""
-    from .device import autocast
+    from .speed import autocast
 
     model, schedule = built.denoiser, built.schedule.to(device)
     batch = min(cfg.train.batch_size, 8)

@@ -19,6 +19,7 @@ from .device import pick_device
 from .errors import DdpmkitError, HookFailed
 from .events import EventDispatcher, RunInfo
 from .factory import build_checked
+from .speed import SpeedModes
 from .sampling import generate, nearest_visited, sampling_progress, write_images, write_trajectory
 from .train import CPU_WARN_SECONDS, TrainEvents, steps_per_epoch, total_steps, train
 
@@ -161,7 +162,7 @@ def run_config(cfg: RunConfig, *, console: Console, fresh: bool = False, data_ro
         with sampling_progress(console, count * len(visited), "sampling") as advance:
             images, captured = generate(
                 ema_or_raw, schedule, sampler, count, batch_size=sc.batch_size, seed=sc.seed,
-                image_shape=cfg.image_shape, precision=cfg.train.precision,
+                image_shape=cfg.image_shape, modes=SpeedModes.for_run(cfg.train, ema_or_raw.device),
                 capture_steps=shown or None, progress=advance, sampler_component=built.refs["sampler"],
             )
         if sc.num_images:

@@ -12,7 +12,7 @@ import torch
 from rich.console import Console
 
 from .data import to_uint8
-from .device import autocast
+from .speed import SpeedModes, autocast, maybe_compiled, memory_format
 from .blame import blame
 from .errors import ConfigError, DdpmkitError, DdpmkitWarning, PluginCodeError
 from .interfaces import Denoiser, NoiseSchedule, Sampler
@@ -21,6 +21,8 @@ if TYPE_CHECKING:
     from .plugins import Component
 
 ProgressFn = Callable[[int], None]
+#: The [train] keys that also decide how sampling runs, and so may change when sampling from a checkpoint.
+SAMPLING_SPEED_KEYS = ("train.precision", "train.channels_last", "train.compile")
 #: Sampler output this far beyond [-1, 1] on more than OUT_OF_RANGE_SHARE of the pixels is reported.
 OUT_OF_RANGE_SLACK = 0.05
 OUT_OF_RANGE_SHARE = 0.001
@@ -44,6 +46,7 @@ def generate(
     seed: int,
     image_shape: tuple[int, int, int],
     precision: str = "fp32",
+    modes: SpeedModes | None = None,
     capture_steps: list[int] | None = None,
     progress: ProgressFn | None = None,
     sampler_component: "Component | None" = None,
@@ -53,8 +56,12 @@ def generate(
     Batches are drawn one after another from one generator seeded with ``seed``. ``progress(n)`` is
     called after every step of a batch of n images. Output that is not finite is an error naming
     ``sampler_component``; output outside [-1, 1] is reported with a warning (the image writers clip it).
+    ``modes`` (precision, channels-last, compilation) replaces ``precision`` when given.
     """
     device = denoiser.device
+    modes = modes or SpeedModes(precision=precision)
+    denoiser.to(memory_format=memory_format(modes.channels_last))
+    network = maybe_compiled(denoiser, modes)
     generator = torch.Generator().manual_seed(seed)
     wanted = set(capture_steps or [])
     captured: dict[int, list[torch.Tensor]] = {t: [] for t in wanted}
@@ -72,8 +79,8 @@ def generate(
                     progress(n)
 
             guard = blame(sampler_component, "while sampling") if sampler_component else nullcontext()
-            with guard, torch.no_grad(), autocast(device, precision):
-                x = sampler.sample(denoiser, schedule, (n, *image_shape), generator=generator, callback=callback)
+            with guard, torch.inference_mode(), autocast(device, modes.precision):
+                x = sampler.sample(network, schedule, (n, *image_shape), generator=generator, callback=callback)
                 if not isinstance(x, torch.Tensor) or tuple(x.shape) != (n, *image_shape):
                     got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
                     raise ValueError(f"sample returned {got}, expected shape {(n, *image_shape)}")
@@ -220,7 +227,7 @@ def draw_from_checkpoint(
     with sampling_progress(console, num * steps) as advance:
         images, _ = generate(
             denoiser, built.schedule, built.sampler, num, batch_size=batch_size, seed=seed, image_shape=cfg.image_shape,
-            precision=cfg.train.precision, progress=advance, sampler_component=built.refs["sampler"],
+            modes=SpeedModes.for_run(cfg.train, dev), progress=advance, sampler_component=built.refs["sampler"],
         )
     return images, steps
 
@@ -239,10 +246,10 @@ def _refuse_process_changes(overrides: list[str]) -> None:
     """Sampling with another process, model or data shape than the weights were trained with gives wrong images."""
     for item in overrides:
         key = item.partition("=")[0].strip()
-        if key.split(".")[0] not in ("sampler", "sample", "run") and key != "train.precision":
+        if key.split(".")[0] not in ("sampler", "sample", "run") and key not in SAMPLING_SPEED_KEYS:
             raise ConfigError(
                 f"--set {item}: the weights were trained with the checkpoint's {key.split('.')[0]}; "
-                "sampling may change only [sampler], [sample], [run] and train.precision"
+                "sampling may change only [sampler], [sample], [run] and train.precision/channels_last/compile"
             )
 
 

@@ -24,7 +24,7 @@ from .blame import blame
 from .checkpoint import Checkpoint, save_checkpoint
 from .config import RunConfig
 from .data import Dataset, to_model_scale
-from .device import autocast
+from .speed import SpeedModes, autocast, grad_scaler, make_optimizer, maybe_compiled, memory_format, set_matmul_precision
 from .diffusion import draw_training_batch_noise, training_loss
 from .errors import HookFailed, TrainingDiverged
 from .interfaces import Denoiser, NoiseSchedule
@@ -33,6 +33,10 @@ if TYPE_CHECKING:
     from .plugins import Component
 
 CPU_WARN_SECONDS = 2 * 3600
+#: Steps not counted in throughput: the first ones pay one-off costs (kernel selection, allocator
+#: growth, compilation), so a rate that includes them understates the steady state several times.
+WARMUP_STEPS = 5
+#: Steps timed after the warm-up before the first ETA is announced.
 MEASURE_AFTER_STEPS = 10
 
 
@@ -144,16 +148,22 @@ def train(
     T = schedule.num_timesteps
 
     # --- state: model, optimizer, EMA (restored from the checkpoint when resuming) -------------
-    model.to(device, memory_format=torch.channels_last if tc.channels_last else torch.contiguous_format)
+    modes = SpeedModes.for_run(tc, device)
+    set_matmul_precision(device, modes)
+    model.to(device, memory_format=memory_format(modes.channels_last))
     schedule.to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr)
+    optimizer = make_optimizer(model.parameters(), tc.lr, modes)
+    scaler = grad_scaler(device, modes)
     ema = ModelEmaV3(model, decay=tc.ema_decay, use_warmup=tc.ema_warmup)
     step = 0
     if resume is not None:
         model.load_state_dict(resume.weights("model"))
         ema.module.load_state_dict(resume.weights("ema"))
         optimizer.load_state_dict(resume.optimizer_state())
+        if scaler is not None and resume.schema.grad_scaler:
+            scaler.load_state_dict(resume.schema.grad_scaler)
         step = resume.step
+    forward = maybe_compiled(model, modes)
 
     images = dataset.images.to(device)
     n = len(dataset)
@@ -163,6 +173,8 @@ def train(
 
     def checkpoint(at_step: int, announce: bool = True) -> Path:
         state = {**checkpoint_state, "step": at_step, "epoch": at_step / per_epoch}
+        if scaler is not None:
+            state["grad_scaler"] = scaler.state_dict()
         path = save_checkpoint(
             run_dir,
             at_step,
@@ -181,6 +193,7 @@ def train(
     order, order_epoch = None, -1
     model.train()
     started, started_step = time.perf_counter(), step
+    measured_from: tuple[float, int] | None = None  # (time, step) at the end of the warm-up
     stop = StopRequest()
     failure: HookFailed | None = None
     with stop.installed():
@@ -196,16 +209,24 @@ def train(
 
             guard = blame(denoiser_component, "in training") if denoiser_component else nullcontext()
             with guard, autocast(device, tc.precision):
-                loss = training_loss(model, schedule, x0, t, noise, weighting=tc.loss_weighting, gamma=tc.min_snr_gamma)
+                loss = training_loss(forward, schedule, x0, t, noise, weighting=tc.loss_weighting, gamma=tc.min_snr_gamma)
             lr = learning_rate(cfg, step, last_step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+            else:
+                loss.backward()
             grad_norm = None
             if tc.grad_clip is not None:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip))
-            optimizer.step()
+            if scaler is not None:
+                scaler.step(optimizer)  # skipped, and the scale lowered, when a gradient overflowed
+                scaler.update()
+            else:
+                optimizer.step()
             ema.update(model, step=step + 1 if tc.ema_warmup else None)
             step += 1
 
@@ -215,14 +236,23 @@ def train(
                     f"the loss became {loss_value} at step {step}; lower train.lr or set train.grad_clip, "
                     "then run again to resume from the last checkpoint"
                 )
-            elapsed = time.perf_counter() - started
-            rate = (step - started_step) * batch / elapsed if elapsed > 0 else 0.0
-            metrics = {"step": step, "epoch": epoch, "loss": loss_value, "lr": lr, "images_per_s": rate}
+            now = time.perf_counter()
+            done = step - started_step
+            if done == WARMUP_STEPS:
+                measured_from = (now, step)
+            if measured_from is not None and step > measured_from[1]:  # the steady state, after the warm-up
+                rate = (step - measured_from[1]) * batch / (now - measured_from[0])
+            else:
+                rate = done * batch / (now - started) if now > started else 0.0
+            metrics = {
+                "step": step, "epoch": epoch, "loss": loss_value, "lr": lr, "images_per_s": rate,
+                "time": time.time(), "elapsed_s": now - started,
+            }
             if grad_norm is not None:
                 metrics["grad_norm"] = grad_norm
             try:
                 events.on_step(metrics)
-                if step - started_step == MEASURE_AFTER_STEPS:
+                if done == WARMUP_STEPS + MEASURE_AFTER_STEPS:
                     events.on_measured(rate, (last_step - step) * batch / rate if rate else float("inf"))
                 if step % tc.checkpoint_every == 0 or step == last_step:
                     result.last_checkpoint = checkpoint(step)

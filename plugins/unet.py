@@ -2,6 +2,10 @@
 
 Fixes: the time-embedding table is a buffer (follows ``.to(device)``), attention dropout is off
 in eval mode, and the input/output channel count follows the image shape.
+
+Option ``time_embedding = "mlp"`` replaces the tutorial's fixed sinusoid (added as is to every
+block) with the conditioning of Ho et al. 2020 (appendix B): a learned two-layer MLP on the
+sinusoid and, in every ResBlock, a learned projection to that block's channels.
 """
 
 from __future__ import annotations
@@ -36,11 +40,27 @@ class SinusoidalEmbedding(nn.Module):
         return self.table[t][:, :, None, None]
 
 
-class ResBlock(nn.Module):
-    """GroupNorm, ReLU, 3x3 conv, dropout, GroupNorm, ReLU, 3x3 conv, plus the input; time added first."""
+class TimeMLP(nn.Module):
+    """Linear, SiLU, linear on the sinusoid: the learned time embedding of Ho et al. 2020."""
 
-    def __init__(self, channels: int, num_groups: int, dropout: float) -> None:
+    def __init__(self, dim: int) -> None:
         super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, 4 * dim), nn.SiLU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, emb: torch.Tensor) -> torch.Tensor:
+        return self.net(emb[:, :, 0, 0])[:, :, None, None]
+
+
+class ResBlock(nn.Module):
+    """GroupNorm, ReLU, 3x3 conv, dropout, GroupNorm, ReLU, 3x3 conv, plus the input; time added first.
+
+    With ``emb_dim`` the time embedding goes through a learned SiLU + linear projection to the
+    block's channels; without it, its first ``channels`` entries are added as they are (the tutorial).
+    """
+
+    def __init__(self, channels: int, num_groups: int, dropout: float, emb_dim: int | None = None) -> None:
+        super().__init__()
+        self.time_proj = nn.Sequential(nn.SiLU(), nn.Conv2d(emb_dim, channels, 1)) if emb_dim else None
         self.gnorm1 = nn.GroupNorm(num_groups, channels)
         self.gnorm2 = nn.GroupNorm(num_groups, channels)
         self.conv1 = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
@@ -48,7 +68,7 @@ class ResBlock(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        x = x + emb[:, : x.shape[1]]
+        x = x + (self.time_proj(emb) if self.time_proj is not None else emb[:, : x.shape[1]])
         r = self.conv1(F.relu(self.gnorm1(x)))
         r = self.dropout(r)
         r = self.conv2(F.relu(self.gnorm2(r)))
@@ -77,11 +97,14 @@ class Attention(nn.Module):
 class UNetLayer(nn.Module):
     """ResBlock, optional attention, ResBlock, then a stride-2 conv (x2 channels) or a 4x4 transposed conv (/2)."""
 
-    def __init__(self, channels: int, upscale: bool, attention: bool, num_groups: int, dropout: float, num_heads: int):
+    def __init__(
+        self, channels: int, upscale: bool, attention: bool, num_groups: int, dropout: float, num_heads: int,
+        emb_dim: int | None = None,
+    ):
         super().__init__()
-        self.res1 = ResBlock(channels, num_groups, dropout)
+        self.res1 = ResBlock(channels, num_groups, dropout, emb_dim)
         self.attention = Attention(channels, num_heads, dropout) if attention else None
-        self.res2 = ResBlock(channels, num_groups, dropout)
+        self.res2 = ResBlock(channels, num_groups, dropout, emb_dim)
         if upscale:
             self.resample = nn.ConvTranspose2d(channels, channels // 2, kernel_size=4, stride=2, padding=1)
         else:
@@ -101,6 +124,11 @@ class UNet(Denoiser):
     class Options(Denoiser.Options):
         prediction: Literal["epsilon", "x0", "v"] = Field(
             "epsilon", description="what the network outputs: the noise, the clean image, or v (Salimans & Ho 2022)"
+        )
+        time_embedding: Literal["sinusoidal", "mlp"] = Field(
+            "sinusoidal",
+            description="sinusoidal: the tutorial's fixed table added to every block; "
+            "mlp: a learned MLP and per-block projections (Ho et al. 2020)",
         )
         num_groups: int = Field(32, ge=1, description="GroupNorm groups; every channel count must divide by it")
         num_heads: int = Field(8, ge=1, description="attention heads")
@@ -171,8 +199,10 @@ class UNet(Denoiser):
             )
         self.shallow_conv = nn.Conv2d(channels_in, o.channels[0], kernel_size=3, padding=1)
         self.embedding = SinusoidalEmbedding(num_timesteps, max(o.channels))
+        learned = o.time_embedding == "mlp"
+        self.time_mlp = TimeMLP(max(o.channels)) if learned else None
         self.layers = nn.ModuleList(
-            UNetLayer(c, up, att, o.num_groups, o.dropout, o.num_heads)
+            UNetLayer(c, up, att, o.num_groups, o.dropout, o.num_heads, max(o.channels) if learned else None)
             for c, up, att in zip(o.channels, o.upscales, o.attentions)
         )
         out_channels = o.channels[-1] // 2 + o.channels[0]
@@ -180,7 +210,10 @@ class UNet(Denoiser):
         self.output_conv = nn.Conv2d(out_channels // 2, channels_in, kernel_size=1)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        emb = self.embedding(t).to(x_t.dtype)
+        emb = self.embedding(t)
+        if self.time_mlp is not None:
+            emb = self.time_mlp(emb)
+        emb = emb.to(x_t.dtype)
         x = self.shallow_conv(x_t)
         half = len(self.layers) // 2
         skips = []

@@ -219,3 +219,19 @@ def test_default_lists_are_checked_against_options_that_were_set():
     assert "denoiser.options.upscales" in message
     with pytest.raises(ConfigError, match=r"denoiser\.options\.channels: .*num_heads = 3"):
         ddpmkit.create_denoiser("unet", image_shape=(1, 32, 32), num_timesteps=10, num_heads=3)
+
+
+def test_learned_time_embedding_adds_the_mlp_and_per_block_projections():
+    plain, learned = small_unet(), small_unet(time_embedding="mlp")
+    d = max(SMALL["channels"])
+    mlp = (d * 4 * d + 4 * d) + (4 * d * d + d)
+    projections = sum(2 * (d * c + c) for c in SMALL["channels"])  # two ResBlocks per layer
+    assert learned.num_parameters() - plain.num_parameters() == mlp + projections
+    x, t = batch((4, 1, 16, 16), 50)
+    out = learned(x, t)
+    out.square().mean().backward()
+    assert learned.time_mlp.net[0].weight.grad.abs().sum() > 0
+    assert learned.layers[0].res1.time_proj[1].weight.grad.abs().sum() > 0
+    learned.eval()
+    with torch.no_grad():  # the same image at two different t gives different outputs
+        assert not torch.allclose(learned(x[:1], t[:1] * 0), learned(x[:1], t[:1] * 0 + 49))

@@ -1,0 +1,264 @@
+"""The measurements behind `ddpmkit bench`: the tutorial's loops and ddpmkit's in each speed mode, one process."""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..config import RunConfig
+from ..data import Dataset, to_model_scale
+from ..errors import ConfigError
+from ..factory import build_components
+from ..interfaces import Denoiser
+from ..sampling import generate
+from ..speed import PRECISIONS, SpeedModes
+from ..train import TrainEvents, train
+from .measure import count_flops, matmul_peak, median_seconds, peak_memory_bytes, reset_peak_memory
+from .tutorial import TutorialTrainer, tutorial_sample_one
+
+#: Mode flags after the precision in a mode name such as ``bf16+cl+compile``.
+FLAGS = {"cl": "channels_last", "fused": "fused_adam", "compile": "compile", "tf32": "tf32"}
+
+
+def parse_mode(text: str) -> SpeedModes:
+    """``fp32``, ``bf16+cl``, ``fp16+cl+fused``, ``bf16+cl+compile``, ``fp32+tf32`` ... as SpeedModes."""
+    precision, *flags = text.strip().split("+")
+    if precision not in PRECISIONS:
+        raise ConfigError(f"--modes {text}: the precision must be one of {', '.join(PRECISIONS)}")
+    fields = {}
+    for flag in flags:
+        if flag not in FLAGS:
+            raise ConfigError(f"--modes {text}: unknown flag '{flag}' (flags: {', '.join(FLAGS)})")
+        fields[FLAGS[flag]] = True
+    return SpeedModes(precision=precision, **fields)
+
+
+def mode_name(modes: SpeedModes) -> str:
+    return "+".join([modes.precision] + [flag for flag, field in FLAGS.items() if getattr(modes, field)])
+
+
+def default_modes(device: torch.device) -> list[SpeedModes]:
+    """Every speed mode ddpmkit offers on ``device``."""
+    if device.type == "cuda":
+        names = ["fp32", "fp32+tf32", "bf16+cl+fused", "fp16+cl+fused", "bf16+cl+fused+compile"]
+        if not torch.cuda.is_bf16_supported():
+            names = [n for n in names if not n.startswith("bf16")] + ["fp16+cl+fused+compile"]
+    else:
+        names = ["fp32", "bf16", "bf16+cl", "bf16+cl+fused", "bf16+cl+compile"]
+    return [parse_mode(n) for n in names]
+
+
+@dataclass
+class Row:
+    """One line of a bench table: a loop in a mode, its speed and its ratio to the reference."""
+
+    loop: str
+    mode: str
+    per_s: float  # images/s (training) or image-steps/s (sampling)
+    ratio: float = 1.0
+    flop_per_s: float | None = None
+    utilisation: float | None = None  # of the matmul peak of the mode's dtype
+    peak_memory: int | None = None
+    setup_s: float | None = None  # the first (untimed) step: kernel selection, compilation
+
+
+def synthetic_dataset(cfg: RunConfig, num: int, seed: int = 0) -> Dataset:
+    """Random uint8 images of the config's shape: speed does not depend on what the pixels show."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (num, *cfg.image_shape), generator=g, dtype=torch.uint8)
+    return Dataset(images, f"{num} random images of {cfg.image_shape}")
+
+
+def fresh_model(cfg: RunConfig) -> tuple[Denoiser, Any, Any]:
+    torch.manual_seed(cfg.run.seed)
+    built = build_components(cfg)
+    return built.denoiser, built.schedule, built.sampler
+
+
+def with_modes(cfg: RunConfig, modes: SpeedModes, **train: Any) -> RunConfig:
+    fields = dict(
+        precision=modes.precision, channels_last=modes.channels_last, compile=modes.compile,
+        fused_adam=modes.fused_adam, tf32=modes.tf32, **train,
+    )
+    data = cfg.model_dump(mode="json")
+    data["train"].update(fields)
+    return RunConfig.model_validate(data)
+
+
+def bench_tutorial_training(cfg: RunConfig, device: torch.device, *, warmup: int, steps: int) -> float:
+    """Images/s of the tutorial's fp32 eager step (median step time)."""
+    model, schedule, _ = fresh_model(cfg)
+    model.to(device).train()
+    schedule.to(device)
+    trainer = TutorialTrainer(model, schedule, lr=cfg.train.lr, ema_decay=cfg.train.ema_decay)
+    x = to_model_scale(synthetic_dataset(cfg, cfg.train.batch_size).images.to(device))
+    return cfg.train.batch_size / median_seconds(lambda: trainer.step(x), device, warmup=warmup, repeats=steps)
+
+
+def bench_ddpmkit_training(
+    cfg: RunConfig, modes: SpeedModes, device: torch.device, *, warmup: int, steps: int
+) -> tuple[float, float]:
+    """(images/s from the median step time after ``warmup``, seconds of the first step) of
+    ddpmkit's own training loop (`ddpmkit.train.train`: EMA, bookkeeping and all) in ``modes``."""
+    batch = cfg.train.batch_size
+    run_cfg = with_modes(cfg, modes, max_steps=warmup + steps, epochs=10**6, checkpoint_every=10**9, keep_checkpoints=1)
+    model, schedule, _ = fresh_model(run_cfg)
+    stamps: list[float] = []
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="ddpmkit-bench-") as tmp:
+        train(
+            run_cfg, model=model, schedule=schedule, dataset=synthetic_dataset(run_cfg, batch * 4),
+            device=device, run_dir=Path(tmp), checkpoint_state={},
+            events=TrainEvents(on_step=lambda m: stamps.append(time.perf_counter())),
+        )
+    times = [b - a for a, b in zip(stamps, stamps[1:])][warmup - 1 :]
+    return batch / statistics.median(times), stamps[0] - started
+
+
+class _Enough(Exception):
+    """Raised from the progress callback to stop a timed sampling run after its steps."""
+
+
+def bench_ddpmkit_sampling(
+    cfg: RunConfig, modes: SpeedModes, device: torch.device, *, steps: int, batch: int
+) -> tuple[float, float]:
+    """(image-steps/s over ``steps`` steps, seconds of a first 2-step warm-up run) of ddpmkit's batched sampler."""
+    model, schedule, sampler = fresh_model(cfg)
+    model.to(device)
+    schedule.to(device)
+
+    def run(n_steps: int) -> float:
+        count = {"steps": 0}
+
+        def progress(n: int) -> None:
+            count["steps"] += 1
+            if count["steps"] == n_steps:
+                raise _Enough
+
+        start = time.perf_counter()
+        try:
+            generate(model, schedule, sampler, batch, batch_size=batch, seed=0, image_shape=cfg.image_shape,
+                     modes=modes, progress=progress)
+        except _Enough:
+            pass
+        return time.perf_counter() - start
+
+    setup = run(2)
+    return batch * steps / run(steps), setup
+
+
+def bench_tutorial_sampling(cfg: RunConfig, device: torch.device, *, steps: int) -> float:
+    """Image-steps/s of the tutorial's one-image-at-a-time loop."""
+    model, schedule, _ = fresh_model(cfg)
+    model.to(device).eval()
+    schedule.to(device)
+    seconds = median_seconds(lambda: tutorial_sample_one(model, schedule, cfg.image_shape, steps), device,
+                             warmup=1, repeats=3)
+    return steps / seconds
+
+
+def flops_per_image(cfg: RunConfig, device: torch.device) -> tuple[float, float]:
+    """(training forward+backward, forward) FLOPs per image of the config's denoiser."""
+    model, _, _ = fresh_model(cfg)
+    model.to(device)
+    x = torch.randn(2, *cfg.image_shape, device=device)
+    t = torch.zeros(2, dtype=torch.long, device=device)
+    train_flops = count_flops(lambda: model(x, t).square().mean().backward())
+    with torch.no_grad():
+        forward_flops = count_flops(lambda: model(x, t))
+    return train_flops / 2, forward_flops / 2
+
+
+def run_bench(
+    cfg: RunConfig,
+    device: torch.device,
+    *,
+    modes: list[SpeedModes] | None = None,
+    steps: int = 10,
+    warmup: int = 3,
+    sample_steps: int = 10,
+    sample: bool = True,
+    note: Callable[[str], None] = lambda text: None,
+) -> dict[str, Any]:
+    """Measure everything `ddpmkit bench` reports; ``note`` is told what is being measured."""
+    modes = modes or default_modes(device)
+    torch.manual_seed(0)
+    note("matrix-multiply peaks")
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    if device.type == "cuda":
+        dtypes["fp16"] = torch.float16
+    peaks = {name: matmul_peak(device, dtype) for name, dtype in dtypes.items()}
+    if device.type == "cuda":
+        before = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = True
+        peaks["tf32"] = matmul_peak(device, torch.float32)
+        torch.backends.cuda.matmul.allow_tf32 = before
+    train_flops, forward_flops = flops_per_image(cfg, device)
+
+    def peak_for(m: SpeedModes | None) -> float | None:
+        if m is None or m.precision == "fp32":
+            return peaks["tf32"] if m is not None and m.tf32 and "tf32" in peaks else peaks["fp32"]
+        return peaks.get(m.precision)
+
+    def row(loop: str, m: SpeedModes | None, per_s: float, flops: float, ref: float | None, setup=None) -> Row:
+        peak = peak_for(m)
+        memory, _ = peak_memory_bytes(device)
+        return Row(loop, mode_name(m) if m else "fp32", per_s, per_s / ref if ref else 1.0, per_s * flops,
+                   per_s * flops / peak if peak else None, memory, setup)
+
+    batch = cfg.train.batch_size
+    training: list[Row] = []
+    note(f"training: the tutorial's fp32 eager step, batch {batch}")
+    reset_peak_memory(device)
+    ref = bench_tutorial_training(cfg, device, warmup=warmup, steps=steps)
+    training.append(row("tutorial", None, ref, train_flops, None))
+    for m in modes:
+        note(f"training: ddpmkit, {mode_name(m)}")
+        reset_peak_memory(device)
+        ips, setup = bench_ddpmkit_training(cfg, m, device, warmup=warmup, steps=steps)
+        training.append(row("ddpmkit", m, ips, train_flops, ref, setup))
+
+    sampling: list[Row] = []
+    sample_batch = cfg.sample.batch_size
+    if sample:
+        note(f"sampling: the tutorial's one-image loop, {sample_steps} steps")
+        reset_peak_memory(device)
+        ref_s = bench_tutorial_sampling(cfg, device, steps=sample_steps)
+        sampling.append(row("tutorial, 1 image", None, ref_s, forward_flops, None))
+        for m in modes:
+            m = replace(m, fused_adam=False)
+            if any(r.mode == mode_name(m) for r in sampling[1:]):
+                continue  # the optimizer does not sample
+            note(f"sampling: ddpmkit {cfg.sampler.name}, batch {sample_batch}, {mode_name(m)}")
+            reset_peak_memory(device)
+            per_s, setup = bench_ddpmkit_sampling(cfg, m, device, steps=sample_steps, batch=sample_batch)
+            sampling.append(row(f"ddpmkit {cfg.sampler.name}, batch {sample_batch}", m, per_s, forward_flops, ref_s, setup))
+
+    _, memory_kind = peak_memory_bytes(device)
+    model, _, _ = fresh_model(cfg)
+    return {
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "denoiser": cfg.denoiser.name,
+        "parameters": model.num_parameters(),
+        "image_shape": list(cfg.image_shape),
+        "batch_size": batch,
+        "sample_batch_size": sample_batch,
+        "timed_steps": steps,
+        "warmup_steps": warmup,
+        "sample_steps": sample_steps,
+        "matmul_peak_flop_per_s": peaks,
+        "flops_per_image": {"train": train_flops, "forward": forward_flops},
+        "memory": memory_kind,
+        "training": [vars(r) for r in training],
+        "sampling": [vars(r) for r in sampling],
+    }

@@ -1,0 +1,109 @@
+"""Speed modes, resolved once per run for its device: mixed precision, channels-last, TF32,
+``torch.compile`` and the fused Adam.
+
+What each costs in exactness (docs/benchmarks.md): every mode keeps a resumed run bit-identical to an
+uninterrupted one on the CPU, because each is a fixed function of the config; fp16 carries its loss
+scale in the checkpoint for that. bf16 and fp16 change the numbers against fp32 (within the
+tolerances tests/test_speed.py states); TF32 (CUDA only) does too.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device: torch.device, precision: str) -> AbstractContextManager:
+    """The autocast context for ``precision`` ('fp32' disables it)."""
+    dtype = _DTYPES.get(precision, torch.bfloat16)
+    return torch.autocast(device_type=device.type, dtype=dtype, enabled=precision in _DTYPES)
+
+
+def memory_format(channels_last: bool) -> torch.memory_format:
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+@dataclass(frozen=True)
+class SpeedModes:
+    """The speed settings one run trains and samples with."""
+
+    precision: str = "fp32"
+    channels_last: bool = False
+    compile: bool = False
+    fused_adam: bool = False
+    tf32: bool = False
+
+    @classmethod
+    def for_run(cls, train: Any, device: torch.device) -> "SpeedModes":
+        """The modes ``train`` (a config's [train] table) asks for, with ``auto`` resolved for ``device``."""
+        fused = train.fused_adam if train.fused_adam is not None else default_fused_adam(device)
+        return cls(
+            precision=train.precision,
+            channels_last=train.channels_last,
+            compile=train.compile,
+            fused_adam=fused and fused_adam_available(device),
+            tf32=train.tf32 and device.type == "cuda",
+        )
+
+    def describe(self) -> str:
+        parts = [self.precision]
+        parts += [name for name, on in (("channels-last", self.channels_last), ("compiled", self.compile),
+                                        ("fused Adam", self.fused_adam), ("TF32", self.tf32)) if on]
+        return ", ".join(parts)
+
+
+def default_fused_adam(device: torch.device) -> bool:
+    """Fused Adam where it measured faster: CUDA (one kernel for all parameters). On this project's
+    CPU it measured no faster than the default for-each implementation (docs/benchmarks.md)."""
+    return device.type == "cuda"
+
+
+def fused_adam_available(device: torch.device) -> bool:
+    return device.type in ("cuda", "cpu", "mps", "xpu")
+
+
+def make_optimizer(params: Iterable[torch.nn.Parameter], lr: float, modes: SpeedModes) -> torch.optim.Adam:
+    """Adam, fused when ``modes`` says so; its state stays fp32 whatever the precision."""
+    if modes.fused_adam:
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    return torch.optim.Adam(params, lr=lr)
+
+
+def grad_scaler(device: torch.device, modes: SpeedModes) -> "torch.amp.GradScaler | None":
+    """A dynamic loss scaler for fp16 (whose range underflows small gradients); None otherwise."""
+    if modes.precision != "fp16":
+        return None
+    return torch.amp.GradScaler(device.type)
+
+
+def set_matmul_precision(device: torch.device, modes: SpeedModes) -> None:
+    """TF32 matmuls and convolutions on CUDA when asked (process-wide, as torch keeps it)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = modes.tf32
+        torch.backends.cudnn.allow_tf32 = modes.tf32
+
+
+class CompiledDenoiser:
+    """A denoiser whose forward pass runs through ``torch.compile``; everything else (``prediction``,
+    ``state_dict``, ``train``/``eval``) is the original module's, so checkpoints keep its own keys."""
+
+    def __init__(self, module: torch.nn.Module, *, dynamic: bool = False) -> None:
+        self.module = module
+        self._forward = torch.compile(module, dynamic=dynamic)
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self._forward(x_t, t)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.module, name)
+
+
+def maybe_compiled(module: torch.nn.Module, modes: SpeedModes) -> Any:
+    """``module`` itself, or a :class:`CompiledDenoiser` of it when ``modes.compile``."""
+    return CompiledDenoiser(module) if modes.compile else module

@@ -1,0 +1,171 @@
+"""Speed modes (precision, channels-last, compile, fused Adam) agree with fp32; the ETA is steady-state; `ddpmkit bench`."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+from safetensors.torch import load_file
+
+import ddpmkit.train as train_module
+from ddpmkit.benchmark.bench import mode_name, parse_mode
+from ddpmkit.config import load_config
+from ddpmkit.factory import build_components
+from ddpmkit.runner import run_config
+from ddpmkit.sampling import generate
+from ddpmkit.speed import SpeedModes
+from runconfigs import REPO, invoke, write_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+#: mode -> largest relative difference allowed between its per-step losses and fp32's over 12 steps.
+#: fp32 modes reorder float sums only; bf16 keeps 8 bits of mantissa (2^-8 = 0.4 % per rounding).
+TRAIN_TOLERANCE = {
+    "fp32+cl": 1e-3,
+    "fp32+fused": 1e-3,
+    "fp32+compile": 1e-3,
+    "bf16": 0.05,
+    "bf16+cl": 0.05,
+    "fp16": 0.01,
+    "bf16+cl+compile": 0.05,
+}
+#: mode -> largest mean absolute pixel difference (images in [-1, 1]) from fp32 sampling, same seed.
+SAMPLE_TOLERANCE = {"fp32+cl": 1e-4, "fp32+compile": 1e-4, "bf16": 0.03, "bf16+cl": 0.03, "fp16": 0.01}
+
+
+def _train(tmp_path: Path, name: str, *sets: str, epochs: int = 3) -> Path:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    cfg_path = write_config(tmp_path, name, epochs=epochs, checkpoint_every=2, num_images=0, trajectory_images=0,
+                            dropout=0.0, num_samples=32)
+    cfg = load_config(cfg_path, list(sets))
+    assert run_config(cfg, console=Console(file=io.StringIO())) == 0
+    return cfg.run_dir
+
+
+def _losses(run_dir: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _sets(mode: str) -> list[str]:
+    m = parse_mode(mode)
+    return [f"train.precision={m.precision}", f"train.channels_last={str(m.channels_last).lower()}",
+            f"train.compile={str(m.compile).lower()}", f"train.fused_adam={str(m.fused_adam).lower()}"]
+
+
+@pytest.fixture(scope="module")
+def fp32_losses(tmp_path_factory) -> list[float]:
+    return _losses(_train(tmp_path_factory.mktemp("fp32"), "fp32"))
+
+
+@pytest.mark.parametrize("mode", list(TRAIN_TOLERANCE))
+def test_each_training_mode_follows_fp32(mode, tmp_path, fp32_losses):
+    losses = _losses(_train(tmp_path, "m", *_sets(mode)))
+    assert len(losses) == len(fp32_losses) == 12
+    worst = max(abs(a - b) / b for a, b in zip(losses, fp32_losses))
+    assert worst <= TRAIN_TOLERANCE[mode], f"{mode}: losses differ from fp32 by up to {worst:.2%}"
+    assert losses != fp32_losses or mode.startswith("fp32"), "the mode changed nothing"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    run_dir = _train(tmp_path_factory.mktemp("w"), "w")
+    cfg = load_config(write_config(run_dir.parent.parent, "w", dropout=0.0, num_samples=32))
+    built = build_components(cfg)
+    ckpt = sorted((run_dir / "checkpoints").glob("step-*"))[-1]
+    built.denoiser.load_state_dict(load_file(ckpt / "ema.safetensors"))
+    return cfg, built
+
+
+def _sample(cfg, built, modes: SpeedModes) -> torch.Tensor:
+    images, _ = generate(built.denoiser, built.schedule, built.sampler, 8, batch_size=8, seed=3,
+                         image_shape=cfg.image_shape, modes=modes)
+    return images
+
+
+@pytest.mark.parametrize("mode", list(SAMPLE_TOLERANCE))
+def test_each_sampling_mode_follows_fp32(mode, trained):
+    cfg, built = trained
+    reference = _sample(cfg, built, SpeedModes())
+    images = _sample(cfg, built, parse_mode(mode))
+    diff = float((images - reference).abs().mean())
+    assert diff <= SAMPLE_TOLERANCE[mode], f"{mode}: mean |difference| {diff:.4g}"
+
+
+def test_fp16_resume_is_bit_exact_with_the_loss_scale_in_the_checkpoint(tmp_path):
+    whole = _train(tmp_path / "a", "r", "train.precision=fp16", epochs=4)
+    part = tmp_path / "b"
+    _train(part, "r", "train.precision=fp16", epochs=2)
+    resumed = _train(part, "r", "train.precision=fp16", epochs=4)
+    state = json.loads((resumed / "checkpoints" / "step-00000016" / "state.json").read_text())
+    assert state["grad_scaler"]["scale"] > 0
+    for name in ("model.safetensors", "ema.safetensors"):
+        a = load_file(whole / "checkpoints" / "step-00000016" / name)
+        b = load_file(resumed / "checkpoints" / "step-00000016" / name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    assert _losses(whole) == _losses(resumed)
+
+
+def test_the_eta_is_measured_after_the_warm_up(tmp_path, monkeypatch):
+    """First steps that are slow (set-up) must not enter the throughput the ETA is computed from."""
+    import time
+
+    real = train_module.training_loss
+    calls = {"n": 0}
+
+    def slow_start(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] <= 2:
+            time.sleep(1.0)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "training_loss", slow_start)
+    measured = []
+    cfg = load_config(write_config(tmp_path, "eta", epochs=8, num_images=0, trajectory_images=0, dropout=0.0))
+    from ddpmkit.data import load_dataset
+
+    built = build_components(cfg)
+    train_module.train(
+        cfg, model=built.denoiser, schedule=built.schedule, dataset=load_dataset(cfg.data, seed=0),
+        device=torch.device("cpu"), run_dir=cfg.run_dir, checkpoint_state={},
+        events=train_module.TrainEvents(on_measured=lambda rate, eta: measured.append(rate)),
+    )
+    assert len(measured) == 1
+    # 2 s of set-up over the first 15 steps would cap a rate taken from the start at 15 * 8 / 2 = 60 images/s
+    assert measured[0] > 120, measured
+
+
+def test_metrics_records_carry_wall_clock_time(tmp_path):
+    run_dir = _train(tmp_path, "clock", epochs=1)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["time"] > 1.7e9 and r["elapsed_s"] >= 0 for r in records)
+    assert [r["elapsed_s"] for r in records] == sorted(r["elapsed_s"] for r in records)
+
+
+def test_mode_names_round_trip_and_bad_ones_are_user_errors():
+    for text in ("fp32", "bf16+cl", "fp16+cl+fused+compile", "fp32+tf32"):
+        assert mode_name(parse_mode(text)) == text
+    r = invoke("bench", str(REPO / "configs" / "smoke.toml"), "--modes", "bf17")
+    assert r.exit_code == 2 and "precision must be one of" in r.output
+    r = invoke("bench", str(REPO / "configs" / "smoke.toml"), "--modes", "bf16+turbo")
+    assert r.exit_code == 2 and "unknown flag 'turbo'" in r.output
+
+
+def test_bench_prints_the_side_by_side_table_and_json(tmp_path):
+    out = tmp_path / "bench.json"
+    r = invoke("bench", str(REPO / "configs" / "smoke.toml"), "--steps", "2", "--warmup", "1", "--sample-steps", "2",
+               "--modes", "fp32,bf16+cl", "--out", str(out))
+    assert r.exit_code == 0, r.output
+    assert "tutorial" in r.output and "bf16+cl" in r.output  # (the table wraps at 80 columns)
+    result = json.loads(out.read_text())
+    loops = [(row["loop"], row["mode"]) for row in result["training"]]
+    assert loops == [("tutorial", "fp32"), ("ddpmkit", "fp32"), ("ddpmkit", "bf16+cl")]
+    assert result["training"][0]["ratio"] == 1.0
+    for row in result["training"] + result["sampling"]:
+        assert row["per_s"] > 0 and row["flop_per_s"] > 0 and 0 < row["utilisation"]
+    assert result["flops_per_image"]["train"] > 2 * result["flops_per_image"]["forward"]  # backward ~ 2x forward
+    assert set(result["matmul_peak_flop_per_s"]) >= {"fp32", "bf16"}
+    assert len(result["sampling"]) == 3
