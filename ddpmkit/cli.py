@@ -339,6 +339,9 @@ def bench(
         None, "--modes", help="Comma-separated speed modes, e.g. fp32,bf16+cl,bf16+cl+compile (default: all for the device)."
     ),
     no_sample: bool = typer.Option(False, "--no-sample", help="Measure training only."),
+    sample_batches: str = typer.Option(
+        "", "--sample-batches", help="Also sample at these batch sizes in the fastest mode, e.g. 16,256."
+    ),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps (overrides run.device)."),
     as_json: bool = typer.Option(False, "--json", help="Print only JSON on stdout."),
     out: Optional[Path] = typer.Option(None, "--out", help="Also write the JSON to this file."),
@@ -357,10 +360,16 @@ def bench(
     cfg = load_config(config, overrides)
     dev = pick_device(cfg.run.device)
     chosen = [parse_mode(m) for m in modes.split(",")] if modes else None
+    try:
+        batches = tuple(int(b) for b in sample_batches.split(",") if b.strip())
+    except ValueError:
+        raise DdpmkitError(f"--sample-batches {sample_batches}: expected comma-separated batch sizes, e.g. 16,256") from None
+    if any(b < 1 for b in batches):
+        raise DdpmkitError(f"--sample-batches {sample_batches}: batch sizes must be at least 1")
     say = err_console if as_json else console
     with say.status("measuring") as status:
         result = run_bench(cfg, dev, modes=chosen, steps=steps, warmup=warmup, sample_steps=sample_steps,
-                           sample=not no_sample, note=lambda text: status.update(f"measuring {text}"))
+                           sample=not no_sample, sample_batches=batches, note=lambda text: status.update(f"measuring {text}"))
     result["config"] = str(config)
     text = json.dumps(result, indent=2)
     if out is not None:

@@ -81,6 +81,11 @@ class TrainSection(Section):
     ema_decay: float = Field(0.9999, ge=0, lt=1)
     ema_warmup: bool = Field(False, description="ramp the EMA decay up from 0 (timm's warm-up), for short runs")
     grad_clip: float | None = Field(None, gt=0, description="clip the gradient norm to this value")
+    nonfinite: Literal["halt", "skip"] = Field(
+        "halt", description="a step whose loss or gradients are not finite: halt before it updates the weights, "
+        "or skip it (at most max_nonfinite_skips in a row)"
+    )
+    max_nonfinite_skips: int = Field(10, ge=1, description="with nonfinite = 'skip': halt after this many in a row")
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32", description="autocast: bf16 (fast on recent CPUs and GPUs) or fp16 with a loss scaler (GPUs without bf16)"
     )

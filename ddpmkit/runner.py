@@ -19,6 +19,7 @@ from .device import pick_device
 from .errors import DdpmkitError, HookFailed
 from .events import EventDispatcher, RunInfo
 from .factory import build_checked
+from .runlock import locked
 from .speed import SpeedModes
 from .sampling import generate, nearest_visited, sampling_progress, write_images, write_trajectory
 from .train import CPU_WARN_SECONDS, TrainEvents, steps_per_epoch, total_steps, train
@@ -47,9 +48,17 @@ def _format_duration(seconds: float) -> str:
 
 
 def run_config(cfg: RunConfig, *, console: Console, fresh: bool = False, data_root: Path | None = None) -> int:
-    """Train (or resume) and sample; returns the process exit code (0, or 130 when interrupted)."""
+    """Train (or resume) and sample; returns the process exit code (0, or 130 when interrupted).
+
+    The run directory is locked for the duration: a second process on the same run refuses to start.
+    """
+    _ensure_writable(cfg.run_dir)
+    with locked(cfg.run_dir):
+        return _run_config(cfg, console=console, fresh=fresh, data_root=data_root)
+
+
+def _run_config(cfg: RunConfig, *, console: Console, fresh: bool, data_root: Path | None) -> int:
     run_dir = cfg.run_dir
-    _ensure_writable(run_dir)
     if fresh:
         shutil.rmtree(checkpoints_dir(run_dir), ignore_errors=True)
         for name in ("metrics.jsonl", *OUTPUT_FILES):
@@ -73,7 +82,7 @@ def run_config(cfg: RunConfig, *, console: Console, fresh: bool = False, data_ro
     console.print(
         f"[bold]ddpmkit run[/] {run_dir}: {dataset.description}, {len(dataset):,} images\n"
         f"  device {device}, {cfg.denoiser.name} {params:,} parameters predicting {model.prediction}, "
-        f"{cfg.train.precision}\n"
+        f"{SpeedModes.for_run(cfg.train, device).describe()}\n"
         f"  {steps_per_epoch(len(dataset), cfg.train.batch_size):,} steps of batch {cfg.train.batch_size} per epoch; "
         f"{steps:,} steps in all ({cfg.train.epochs} epochs"
         + (f", at most {cfg.train.max_steps:,} steps)" if cfg.train.max_steps is not None else ")")

@@ -72,6 +72,20 @@ def learning_rate(cfg: RunConfig, step: int, last_step: int) -> float:
     return tc.lr
 
 
+def _divergence_advice(
+    cfg: RunConfig, step: int, loss: float, last_good: Path | None, skipped: int, what: str = "the loss or gradients"
+) -> str:
+    """One line: what went non-finite where, that nothing bad was saved, and how to recover."""
+    got = f"the loss became {loss}" if not math.isfinite(loss) and what != "the weights" else f"{what} became non-finite"
+    skip = f" after {skipped} skipped steps in a row" if skipped else ""
+    kept = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written"
+    return (
+        f"{got} at step {step}{skip}; nothing from that step was saved and {kept}. Lower train.lr "
+        f"(now {cfg.train.lr:g}) or set train.grad_clip, then run again with --fresh to start over "
+        "(resuming keeps the weights of the last checkpoint, which a too-large learning rate may already have spoiled)"
+    )
+
+
 def total_steps(cfg: RunConfig, num_images: int) -> int:
     steps = cfg.train.epochs * steps_per_epoch(num_images, cfg.train.batch_size)
     return min(steps, cfg.train.max_steps) if cfg.train.max_steps is not None else steps
@@ -172,6 +186,10 @@ def train(
     last_step = total_steps(cfg, n)
 
     def checkpoint(at_step: int, announce: bool = True) -> Path:
+        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+            # finite gradients can still overflow the weights (a huge learning rate): never save those
+            raise TrainingDiverged(_divergence_advice(cfg, at_step, math.nan, result.last_checkpoint or resume_path, 0,
+                                                      what="the weights"))
         state = {**checkpoint_state, "step": at_step, "epoch": at_step / per_epoch}
         if scaler is not None:
             state["grad_scaler"] = scaler.state_dict()
@@ -194,6 +212,8 @@ def train(
     model.train()
     started, started_step = time.perf_counter(), step
     measured_from: tuple[float, int] | None = None  # (time, step) at the end of the warm-up
+    skipped_in_a_row = 0
+    resume_path = resume.path if resume is not None else None
     stop = StopRequest()
     failure: HookFailed | None = None
     with stop.installed():
@@ -219,23 +239,31 @@ def train(
                 scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
             else:
                 loss.backward()
-            grad_norm = None
-            if tc.grad_clip is not None:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip))
-            if scaler is not None:
-                scaler.step(optimizer)  # skipped, and the scale lowered, when a gradient overflowed
-                scaler.update()
+            # the gradient norm (clipped to grad_clip when set; inf leaves the gradients as they are)
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or math.inf)
+            loss_value = float(loss.detach())
+            # Non-finite loss or gradients are caught before the update, so no bad step reaches the
+            # weights. (fp16's overflowing gradients are the loss scaler's: it skips those steps itself.)
+            bad = not math.isfinite(loss_value) or (scaler is None and not bool(torch.isfinite(norm)))
+            if bad:
+                skipped_in_a_row += 1
+                if tc.nonfinite == "halt" or skipped_in_a_row > tc.max_nonfinite_skips:
+                    raise TrainingDiverged(_divergence_advice(cfg, step + 1, loss_value, result.last_checkpoint or resume_path,
+                                                              skipped_in_a_row - 1))
+                optimizer.zero_grad(set_to_none=True)
+                if scaler is not None:
+                    scaler.update()  # closes the step it unscaled (and lowers the scale)
             else:
-                optimizer.step()
-            ema.update(model, step=step + 1 if tc.ema_warmup else None)
+                skipped_in_a_row = 0
+                grad_norm = float(norm) if tc.grad_clip is not None else None
+                if scaler is not None:
+                    scaler.step(optimizer)  # skipped, and the scale lowered, when a gradient overflowed
+                    scaler.update()
+                else:
+                    optimizer.step()
+                ema.update(model, step=step + 1 if tc.ema_warmup else None)
             step += 1
 
-            loss_value = float(loss.detach())
-            if not math.isfinite(loss_value):  # keep the last good checkpoint: nothing is saved from here
-                raise TrainingDiverged(
-                    f"the loss became {loss_value} at step {step}; lower train.lr or set train.grad_clip, "
-                    "then run again to resume from the last checkpoint"
-                )
             now = time.perf_counter()
             done = step - started_step
             if done == WARMUP_STEPS:
@@ -248,7 +276,9 @@ def train(
                 "step": step, "epoch": epoch, "loss": loss_value, "lr": lr, "images_per_s": rate,
                 "time": time.time(), "elapsed_s": now - started,
             }
-            if grad_norm is not None:
+            if bad:
+                metrics["skipped"] = True
+            elif grad_norm is not None:
                 metrics["grad_norm"] = grad_norm
             try:
                 events.on_step(metrics)

@@ -70,7 +70,7 @@ def test_mnist_config_is_the_tutorials_recipe():
     assert cfg.data.dataset == "mnist" and cfg.image_shape == (1, 32, 32)
     assert cfg.schedule.options == {"num_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02}
     assert cfg.denoiser.options == {
-        "prediction": "epsilon", "num_groups": 32, "num_heads": 8, "dropout": 0.1,
+        "prediction": "epsilon", "time_embedding": "sinusoidal", "num_groups": 32, "num_heads": 8, "dropout": 0.1,
         "channels": [64, 128, 256, 512, 512, 384],
         "attentions": [False, True, False, False, False, True],
         "upscales": [False, False, False, True, True, True],

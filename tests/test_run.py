@@ -183,4 +183,52 @@ def test_a_diverging_run_stops_with_one_line(tmp_path):
     cfg.write_text(text)
     r = ddpmkit("run", str(cfg))
     assert r.returncode == 2, r.stdout + r.stderr
-    assert "the loss became" in r.stderr and "lower train.lr" in r.stderr and "Traceback" not in r.stderr
+    assert "the loss became" in r.stderr and "lower train.lr" in r.stderr.lower() and "Traceback" not in r.stderr
+
+
+def _lock(run_dir: Path, pid: int, host: str | None = None) -> Path:
+    import socket
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "run.lock"
+    path.write_text(json.dumps({"pid": pid, "host": host or socket.gethostname(), "since": "earlier"}))
+    return path
+
+
+def test_a_run_held_by_a_live_process_is_refused_and_a_stale_lock_is_taken_over(tmp_path):
+    cfg = write_config(tmp_path, "locked", epochs=1, num_images=0, trajectory_images=0)
+    run_dir = tmp_path / "runs" / "locked"
+    lock = _lock(run_dir, os.getpid())  # this test's process: alive, and not the one that will run
+    r = ddpmkit("run", str(cfg))
+    assert r.returncode == 2 and not (run_dir / "checkpoints").exists()
+    assert f"is being written by ddpmkit process {os.getpid()}" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    _lock(run_dir, os.getpid(), host="another-machine")  # another host: its process cannot be checked
+    r = ddpmkit("run", str(cfg))
+    assert r.returncode == 2 and "another-machine" in r.stderr and f"delete {lock}" in r.stderr
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    _lock(run_dir, gone.pid)  # its process has exited: stale
+    r = ddpmkit("run", str(cfg))
+    assert r.returncode == 0, r.stderr
+    assert not lock.exists()  # released at the end
+
+
+@pytest.mark.slow
+def test_two_processes_on_one_run_the_second_refuses(tmp_path):
+    cfg = write_config(tmp_path, "two", epochs=400, checkpoint_every=5, num_images=0, trajectory_images=0)
+    run_dir = tmp_path / "runs" / "two"
+    first = subprocess.Popen([sys.executable, "-m", "ddpmkit", "run", str(cfg)], cwd=REPO, env=cli_env(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not list((run_dir / "checkpoints").glob("step-*")) and time.time() < deadline:
+            time.sleep(0.05)
+        second = ddpmkit("run", str(cfg), "--set", "train.lr=0.5")
+        assert second.returncode == 2 and f"ddpmkit process {first.pid}" in second.stderr
+    finally:
+        first.send_signal(signal.SIGINT)  # stops at the next step, checkpointing
+        first.wait(timeout=120)
+    steps = [m["step"] for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
+    assert steps == list(range(1, len(steps) + 1))  # one writer: no step logged twice
+    assert not (run_dir / "run.lock").exists()

@@ -157,9 +157,9 @@ def test_mode_names_round_trip_and_bad_ones_are_user_errors():
 def test_bench_prints_the_side_by_side_table_and_json(tmp_path):
     out = tmp_path / "bench.json"
     r = invoke("bench", str(REPO / "configs" / "smoke.toml"), "--steps", "2", "--warmup", "1", "--sample-steps", "2",
-               "--modes", "fp32,bf16+cl", "--out", str(out))
+               "--modes", "fp32,bf16+cl", "--sample-batches", "4,8", "--out", str(out))
     assert r.exit_code == 0, r.output
-    assert "tutorial" in r.output and "bf16+cl" in r.output  # (the table wraps at 80 columns)
+    assert "matmul peak" in r.output and "bf16+cl" in r.output  # (the table is cut to 80 columns here)
     result = json.loads(out.read_text())
     loops = [(row["loop"], row["mode"]) for row in result["training"]]
     assert loops == [("tutorial", "fp32"), ("ddpmkit", "fp32"), ("ddpmkit", "bf16+cl")]
@@ -168,4 +168,8 @@ def test_bench_prints_the_side_by_side_table_and_json(tmp_path):
         assert row["per_s"] > 0 and row["flop_per_s"] > 0 and 0 < row["utilisation"]
     assert result["flops_per_image"]["train"] > 2 * result["flops_per_image"]["forward"]  # backward ~ 2x forward
     assert set(result["matmul_peak_flop_per_s"]) >= {"fp32", "bf16"}
-    assert len(result["sampling"]) == 3
+    assert [row["loop"] for row in result["sampling"]] == [
+        "tutorial, 1 image", "ddpmkit ddpm, batch 8", "ddpmkit ddpm, batch 8", "ddpmkit ddpm, batch 4"
+    ]
+    r = invoke("bench", str(REPO / "configs" / "smoke.toml"), "--sample-batches", "4,x")
+    assert r.exit_code == 2 and "expected comma-separated batch sizes" in r.output
