@@ -116,7 +116,7 @@ def _run_config(cfg: RunConfig, *, console: Console, fresh: bool, data_root: Pat
         if device.type == "cpu" and eta_s > CPU_WARN_SECONDS:
             progress.console.print(
                 f"[yellow]warning:[/] this run needs about {_format_duration(eta_s)} on this CPU; "
-                "configs/mnist-cpu.toml is sized for a CPU (about 16 minutes on 2 cores)", highlight=False
+                "configs/mnist-cpu.toml is sized for a CPU (about 14 minutes on 2 cores)", highlight=False
             )
 
     def on_checkpoint(path: Path, step: int) -> None:
