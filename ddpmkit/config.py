@@ -18,12 +18,12 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from .errors import ConfigError, DdpmkitWarning, PluginError
 from .kinds import KINDS
-from .validation import problems
+from .validation import StrictNumbers, problems
 
 TUTORIAL_TRAJECTORY_STEPS = [0, 15, 50, 100, 200, 300, 400, 550, 700, 999]
 
 
-class Section(BaseModel):
+class Section(StrictNumbers):
     model_config = ConfigDict(extra="forbid")
 
 
@@ -277,9 +277,19 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, str
             if not isinstance(child, dict):
                 raise ConfigError(f"--set {item}: '{part}' is not a table")
             node = child
-        node[parts[-1]] = value
+        old = node.get(parts[-1])
+        # an inline table sets the keys it names and keeps the rest (``--set "train={lr=0.5}"``
+        # must not reset every other [train] key to its default)
+        node[parts[-1]] = _merged(old, value) if isinstance(old, dict) and isinstance(value, dict) else value
         seen[key] = raw
     return seen
+
+
+def _merged(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _merged(out[k], v) if isinstance(out.get(k), dict) and isinstance(v, dict) else v
+    return out
 
 
 # --- loading ----------------------------------------------------------------------------------

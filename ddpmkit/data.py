@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import DataSection
+from .limits import check_fits
 from .errors import DataError
 
 DATA_ROOT_ENV = "DDPMKIT_DATA_ROOT"
@@ -55,6 +56,10 @@ def resolve_root(section: DataSection, override: str | Path | None = None) -> Pa
 
 def load_dataset(section: DataSection, *, root_override: str | Path | None = None, seed: int = 0) -> Dataset:
     """Load the configured dataset at the configured size and channel count."""
+    count = {"mnist": 60_000, "synthetic": section.num_samples}.get(section.dataset)
+    if count is not None:  # uint8 images, plus a float32 copy while resizing
+        check_fits(min(count, section.limit or count) * section.channels * section.image_size**2 * 5,
+                   f"data.image_size = {section.image_size}", "choose a smaller data.image_size (or data.limit)")
     if section.dataset == "mnist":
         ds = _mnist(resolve_root(section, root_override), section.download, section.image_size)
     elif section.dataset == "image-folder":

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ValidationError
 
 from . import plugins
 from .blame import blame
+from .limits import check_fits
 from .errors import ConfigError, PluginCodeError
 from .kinds import KINDS
 from .validation import problems
@@ -97,6 +98,11 @@ class Components:
 def build_components(cfg: "RunConfig") -> Components:
     """The schedule, denoiser (freshly initialised, on the CPU) and sampler a validated run config names."""
     refs = {kind: cfg.component(kind) for kind in KINDS}
+    # the schedule's derived tables: about 16 float64 arrays of length T
+    check_fits(cfg.num_timesteps * 16 * 8, f"schedule.options.num_timesteps = {cfg.num_timesteps:,}",
+               "DDPMs use about 1,000 steps")
+    c, h, w = cfg.image_shape  # a forward pass holds many activations the size of the image: 64 is a floor
+    check_fits(c * h * w * 4 * 64, f"data.image_size = {cfg.data.image_size}", "choose a smaller data.image_size")
     schedule = construct(refs["schedule"], cfg.component_options("schedule"))
     denoiser = construct(
         refs["denoiser"], cfg.component_options("denoiser"), image_shape=cfg.image_shape, num_timesteps=cfg.num_timesteps

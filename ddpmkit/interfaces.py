@@ -10,10 +10,11 @@ import abc
 from typing import TYPE_CHECKING, Callable, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 from torch import nn
 
 from .errors import ConfigError
+from .validation import StrictNumbers
 
 if TYPE_CHECKING:
     from .diffusion import ReverseStep
@@ -22,8 +23,8 @@ if TYPE_CHECKING:
 SamplerCallback = Callable[[int, int, torch.Tensor], None]
 
 
-class ComponentOptions(BaseModel):
-    """Base of every component's options: unknown keys are errors."""
+class ComponentOptions(StrictNumbers):
+    """Base of every component's options: unknown keys are errors, and so is a boolean given for a number."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

@@ -79,11 +79,15 @@ def _run_config(cfg: RunConfig, *, console: Console, fresh: bool, data_root: Pat
 
     params = model.num_parameters()
     steps = total_steps(cfg, len(dataset))
+    if cfg.train.batch_size > len(dataset):
+        warn(f"train.batch_size = {cfg.train.batch_size:,} is larger than the dataset ({len(dataset):,} images): "
+             f"every step trains on the whole dataset, a batch of {len(dataset):,}")
     console.print(
         f"[bold]ddpmkit run[/] {run_dir}: {dataset.description}, {len(dataset):,} images\n"
         f"  device {device}, {cfg.denoiser.name} {params:,} parameters predicting {model.prediction}, "
         f"{SpeedModes.for_run(cfg.train, device).describe()}\n"
-        f"  {steps_per_epoch(len(dataset), cfg.train.batch_size):,} steps of batch {cfg.train.batch_size} per epoch; "
+        f"  {steps_per_epoch(len(dataset), cfg.train.batch_size):,} steps of batch "
+        f"{min(cfg.train.batch_size, len(dataset))} per epoch; "
         f"{steps:,} steps in all ({cfg.train.epochs} epochs"
         + (f", at most {cfg.train.max_steps:,} steps)" if cfg.train.max_steps is not None else ")")
         + (f"\n  resuming from {resume.path} (step {resume.step:,})" if resume is not None else ""),

@@ -12,6 +12,7 @@ import torch
 from rich.console import Console
 
 from .data import to_uint8
+from .limits import check_fits
 from .speed import SpeedModes, autocast, maybe_compiled, memory_format
 from .blame import blame
 from .errors import ConfigError, DdpmkitError, DdpmkitWarning, PluginCodeError
@@ -219,6 +220,8 @@ def draw_from_checkpoint(
     with blame(built.refs["denoiser"], "to load the checkpoint's weights"):
         denoiser.load_state_dict(ckpt.weights("ema" if use_ema else "model"))
     denoiser.to(dev)
+    c, h, w = cfg.image_shape
+    check_fits(num * c * h * w * 5, f"--num {num:,}", "ask for fewer images, or run sample several times with --seed")
     steps = len(built.timesteps())
     console.print(
         f"sampling {num} images from {ckpt.path} ({'EMA' if use_ema else 'raw'} weights, step {ckpt.step}) "

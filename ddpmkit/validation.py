@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import difflib
+from typing import Any, Literal, get_args, get_origin
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ValidationError, ValidationInfo, field_validator
 
 
 def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
@@ -31,3 +32,31 @@ def problems(exc: ValidationError, model: type[BaseModel], prefix: tuple = ()) -
                 msg += f" (did you mean '{close[0]}'?)"
         out.append((".".join(str(p) for p in prefix + loc), msg))
     return out
+
+
+def _accepts_bool(annotation: Any) -> bool:
+    if annotation is bool or annotation is Any:
+        return True
+    if get_origin(annotation) is Literal:
+        return any(isinstance(a, bool) for a in get_args(annotation))
+    return any(_accepts_bool(a) for a in get_args(annotation))
+
+
+def _is_number(annotation: Any) -> bool:
+    if annotation in (int, float):
+        return True
+    return get_origin(annotation) is not Literal and any(_is_number(a) for a in get_args(annotation))
+
+
+class StrictNumbers(BaseModel):
+    """Numbers are numbers: ``true``/``false`` given for an int or float field is an error, not 1/0
+    (pydantic's lax mode would take it); everything else validates as usual."""
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, bool) and info.field_name:
+            annotation = cls.model_fields[info.field_name].annotation
+            if _is_number(annotation) and not _accepts_bool(annotation):
+                raise ValueError(f"expected a number, got {str(value).lower()}")
+        return value

@@ -21,6 +21,7 @@ from pydantic import Field, ValidationInfo, field_validator
 from torch import nn
 
 from ddpmkit.errors import ConfigError
+from ddpmkit.limits import check_fits
 from ddpmkit.interfaces import Denoiser
 
 
@@ -198,6 +199,8 @@ class UNet(Denoiser):
                 f"{factor} (data.image_size), got {height}x{width}"
             )
         self.shallow_conv = nn.Conv2d(channels_in, o.channels[0], kernel_size=3, padding=1)
+        check_fits(num_timesteps * max(o.channels) * 4, f"unet's time-embedding table for T = {num_timesteps:,}",
+                   "DDPMs use about 1,000 steps")
         self.embedding = SinusoidalEmbedding(num_timesteps, max(o.channels))
         learned = o.time_embedding == "mlp"
         self.time_mlp = TimeMLP(max(o.channels)) if learned else None

@@ -1,0 +1,40 @@
+"""Refusing up front what would exhaust the machine: sizes are checked against the memory available
+before anything is allocated, so a mistake is one line with the estimate, not the kernel's OOM killer."""
+
+from __future__ import annotations
+
+import os
+
+from .errors import ConfigError
+
+
+def available_memory() -> int:
+    """Bytes of memory available to a new allocation now (Linux: MemAvailable; elsewhere: physical memory)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 2**63
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:,.0f} {unit}" if unit == "bytes" else f"{n:,.1f} {unit}"
+        n /= 1024
+    return f"{n:,.1f} PiB"
+
+
+def check_fits(needed: float, what: str, hint: str) -> None:
+    """ConfigError naming ``what``, the estimate and ``hint`` when ``needed`` bytes exceed the memory available."""
+    available = available_memory()
+    if needed > available:
+        raise ConfigError(
+            f"{what} needs about {format_bytes(needed)} of memory and {format_bytes(available)} is available; {hint}"
+        )

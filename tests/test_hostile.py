@@ -1,0 +1,66 @@
+"""Hostile inputs, table-driven: each is refused with one line and exit code 2, before anything is allocated."""
+
+from __future__ import annotations
+
+import pytest
+
+from runconfigs import invoke, write_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+#: (--set override, a phrase the one-line error must contain)
+BAD_SETTINGS = [
+    ("train.batch_size=true", "train.batch_size: expected a number, got true"),
+    ("train.epochs=false", "train.epochs: expected a number, got false"),
+    ("train.lr=true", "train.lr: expected a number, got true"),
+    ("schedule.options.num_timesteps=true", "expected a number, got true"),
+    ("train.lr=inf", "train.lr"),
+    ("train.lr=nan", "train.lr"),
+    ("train.lr=-1", "train.lr"),
+    ("train.epochs=-1", "train.epochs"),
+    ("train.precision=fp8", "train.precision"),
+    ("train.nonfinite=ignore", "train.nonfinite"),
+    ("train.max_nonfinite_skips=0", "train.max_nonfinite_skips"),
+    ("train.compile=maybe", "train.compile"),
+    ("schedule.options.num_timesteps=1000000000", "needs about"),
+    ("schedule.options.num_timesteps=0", "num_timesteps"),
+    ("data.image_size=1000000", "data.image_size = 1000000 needs about"),
+    ("denoiser.options.time_embedding=learned", "time_embedding"),
+    ("denoiser.options.channels=[8,16,32]", "channels"),
+    ("sampler.name=nonexistent", "unknown sampler"),
+    ("run.name=../../escape", "run.name"),
+    ("train.ema_decay=1.5", "train.ema_decay"),
+]
+
+
+@pytest.mark.parametrize("setting, phrase", BAD_SETTINGS, ids=[s for s, _ in BAD_SETTINGS])
+def test_a_bad_setting_is_one_line_and_exit_code_2(setting, phrase, tmp_path):
+    cfg = write_config(tmp_path, "hostile")
+    r = invoke("validate", str(cfg), "--no-timing", "--set", setting)
+    assert r.exit_code == 2, r.output
+    lines = [line for line in r.output.strip().splitlines() if line.strip()]
+    assert phrase in r.output and lines[-1].startswith("error:"), r.output
+    assert not (tmp_path / "runs").exists()  # nothing written
+
+
+def test_sampling_more_images_than_memory_holds_is_refused_up_front(tmp_path):
+    cfg = write_config(tmp_path, "s", epochs=1, num_images=0, trajectory_images=0)
+    assert invoke("run", str(cfg)).exit_code == 0
+    r = invoke("sample", str(tmp_path / "runs" / "s"), "--num", str(10**12), "--out", str(tmp_path / "x.npz"))
+    assert r.exit_code == 2 and "--num 1,000,000,000,000 needs about" in r.output
+    assert not (tmp_path / "x.npz").exists()
+
+
+def test_a_batch_larger_than_the_dataset_says_what_it_trains_with(tmp_path):
+    cfg = write_config(tmp_path, "b", epochs=1, num_images=0, trajectory_images=0, num_samples=16)
+    r = invoke("run", str(cfg), "--set", "train.batch_size=1000000000")
+    assert r.exit_code == 0, r.output
+    text = " ".join(r.output.split())  # rich wraps at 80 columns
+    assert "larger than the dataset (16 images)" in text and "batch 16 per epoch" in text
+
+
+def test_an_inline_table_override_sets_its_keys_and_keeps_the_rest(tmp_path):
+    from ddpmkit.config import load_config
+
+    cfg = load_config(write_config(tmp_path, "t"), ["train={lr=0.5, batch_size=4}"])
+    assert (cfg.train.lr, cfg.train.batch_size, cfg.train.grad_clip, cfg.train.ema_decay) == (0.5, 4, 1.0, 0.9)
