@@ -172,8 +172,29 @@ def save_checkpoint(
     state: dict[str, Any],
     keep: int,
 ) -> Path:
-    """Write checkpoint ``step`` atomically, then delete all but the newest ``keep``; returns its path."""
+    """Write checkpoint ``step`` atomically, then delete all but the newest ``keep``; returns its path.
+
+    A failed write (a full disk, a read-only folder) removes its partial folder and raises a
+    CheckpointError saying that the previous checkpoints are intact.
+    """
     root = checkpoints_dir(run_dir)
+    try:
+        return _save(run_dir, root, step, model_state, ema_state, optimizer_state, state, keep)
+    except OSError as exc:
+        for partial in root.glob(f".tmp-step-{step:08d}-{os.getpid()}"):
+            shutil.rmtree(partial, ignore_errors=True)
+        previous = [p.name for p in root.glob("step-*")] if root.is_dir() else []
+        kept = f"the last complete checkpoint, {max(previous)}, is intact" if previous else "no earlier checkpoint exists"
+        raise CheckpointError(
+            f"could not write checkpoint step {step} in {root}: {exc.strerror or exc}; {kept}. "
+            "Free space (or fix the folder) and run the same command again to resume"
+        ) from None
+
+
+def _save(
+    run_dir: Path, root: Path, step: int, model_state: dict[str, torch.Tensor], ema_state: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any], state: dict[str, Any], keep: int,
+) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
     for stale in root.glob(".tmp-*"):  # left by a process killed mid-write

@@ -155,11 +155,26 @@ def run(
         None, "--data-root", help="Where the dataset lives (overrides data.root and DDPMKIT_DATA_ROOT)."
     ),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps (overrides run.device)."),
+    nproc: int = typer.Option(
+        1, "--nproc", min=1, help="Train with N processes on this machine (launches torchrun; DDP, gloo on CPU, NCCL on CUDA)."
+    ),
 ) -> None:
     """Train (or resume) the run a config describes, then sample from it."""
     from .config import load_config
     from .runner import run_config
 
+    if nproc > 1:
+        import os
+
+        if "WORLD_SIZE" in os.environ:
+            raise DdpmkitError("--nproc inside torchrun: use one or the other")
+        load_config(config, list(set_ or []))  # a config mistake is one line here, not one per process
+        args = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+                "-m", "ddpmkit", "run", str(config)]
+        args += [a for item in (set_ or []) for a in ("--set", item)]
+        args += (["--fresh"] if fresh else []) + (["--data-root", str(data_root)] if data_root else [])
+        args += ["--device", device] if device else []
+        raise typer.Exit(_launch(args))
     overrides = list(set_ or [])
     if device:
         overrides.append(f"run.device={device}")
@@ -379,6 +394,27 @@ def bench(
         print(text)
     else:
         _print_bench(result)
+
+
+RANK_STOPPED_HINT = "this one stopped too"
+
+
+def _launch(args: list[str]) -> int:
+    """Run torchrun; when a worker fails with ddpmkit's one-line error, show that line once (exit code 2)
+    instead of torchrun's own traceback about a failed child. Anything else is shown whole."""
+    import subprocess
+
+    proc = subprocess.run(args, stderr=subprocess.PIPE, text=True)
+    lines = proc.stderr.splitlines()
+    warnings_ = list(dict.fromkeys(line for line in lines if line.startswith("warning:")))
+    errors = list(dict.fromkeys(line for line in lines if line.startswith("error:")))
+    if proc.returncode == 0 or not errors or _flags["debug"]:
+        sys.stderr.write(proc.stderr)
+        return proc.returncode
+    # every rank reports; the cause is the line that is not a "stopped because another stopped"
+    causes = [line for line in errors if RANK_STOPPED_HINT not in line] or errors
+    sys.stderr.write("\n".join(warnings_ + causes[:1]) + "\n")
+    return 2
 
 
 def _print_bench(r: dict) -> None:

@@ -88,9 +88,19 @@ def _fit(images: torch.Tensor, size: int) -> torch.Tensor:
 def _mnist(root: Path, download: bool, size: int) -> Dataset:
     from torchvision.datasets import MNIST
 
+    raw = root / "MNIST" / "raw"
+    present = all((raw / name).is_file() for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"))
     try:
         mnist = MNIST(str(root), train=True, download=False)
-    except RuntimeError:
+    except (AssertionError, ValueError, RuntimeError, EOFError, OSError, MemoryError) as exc:
+        if present:  # there, but not readable: saying "not found" would send the user the wrong way
+            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0]}" if str(exc) else type(exc).__name__
+            raise DataError(
+                f"{raw}: the MNIST files are there but damaged ({reason}); replace them with good copies "
+                "(or delete them to download again)"
+            ) from None
+        if not isinstance(exc, RuntimeError):
+            raise
         if not download:
             raise DataError(
                 f"MNIST not found under {root / 'MNIST' / 'raw'} and data.download is false; "

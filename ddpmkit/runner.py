@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import time
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -19,7 +22,9 @@ from .device import pick_device
 from .errors import DdpmkitError, HookFailed
 from .events import EventDispatcher, RunInfo
 from .factory import build_checked
-from .runlock import locked
+from .distributed import World, from_environment, join, leave
+from .runlock import acquire, locked, release
+from .train import RankStopped
 from .speed import SpeedModes
 from .sampling import generate, nearest_visited, sampling_progress, write_images, write_trajectory
 from .train import CPU_WARN_SECONDS, TrainEvents, steps_per_epoch, total_steps, train
@@ -51,22 +56,54 @@ def run_config(cfg: RunConfig, *, console: Console, fresh: bool = False, data_ro
     """Train (or resume) and sample; returns the process exit code (0, or 130 when interrupted).
 
     The run directory is locked for the duration: a second process on the same run refuses to start.
+    Under torchrun every process calls this; rank 0 holds the lock, prints, writes and samples.
     """
-    _ensure_writable(cfg.run_dir)
-    with locked(cfg.run_dir):
-        return _run_config(cfg, console=console, fresh=fresh, data_root=data_root)
+    world = from_environment()
+    if not world.enabled:
+        _ensure_writable(cfg.run_dir)
+        with locked(cfg.run_dir):
+            return _run_config(cfg, console=console, fresh=fresh, data_root=data_root,
+                               world=world, device=pick_device(cfg.run.device))
+    device = join(world, pick_device(cfg.run.device))
+    try:
+        lock, error = None, None
+        if world.is_main:
+            try:
+                _ensure_writable(cfg.run_dir)
+                lock = acquire(cfg.run_dir)
+            except DdpmkitError as exc:
+                error = exc
+        if world.any(error is not None):  # every rank learns whether rank 0 could start
+            raise error if error is not None else RankStopped("the first process could not start the run; this one stopped too")
+        try:
+            quiet = console if world.is_main else Console(file=io.StringIO())
+            return _run_config(cfg, console=quiet, fresh=fresh, data_root=data_root, world=world, device=device)
+        finally:
+            if lock is not None:
+                release(lock)
+    finally:
+        leave(world)
 
 
-def _run_config(cfg: RunConfig, *, console: Console, fresh: bool, data_root: Path | None) -> int:
+class _Silent:
+    """The event dispatcher of ranks other than 0: plugins (metrics, TensorBoard) run on rank 0 only."""
+
+    def emit(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+def _run_config(
+    cfg: RunConfig, *, console: Console, fresh: bool, data_root: Path | None, world: World, device: torch.device
+) -> int:
     run_dir = cfg.run_dir
-    if fresh:
+    if fresh and world.is_main:
         shutil.rmtree(checkpoints_dir(run_dir), ignore_errors=True)
         for name in ("metrics.jsonl", *OUTPUT_FILES):
             (run_dir / name).unlink(missing_ok=True)
+    world.all_reduce([0.0])  # a barrier: no rank looks for checkpoints before --fresh removed them
 
     warn = lambda m: console.print(f"[yellow]warning:[/] {m}", highlight=False)  # noqa: E731
     resume = latest_checkpoint(run_dir, warn)
-    device = pick_device(cfg.run.device)
 
     dataset = load_dataset(cfg.data, root_override=data_root, seed=cfg.run.seed)
     fingerprint = dataset.fingerprint()
@@ -75,7 +112,8 @@ def _run_config(cfg: RunConfig, *, console: Console, fresh: bool, data_root: Pat
 
     built = build_checked(cfg)
     schedule, model, sampler = built.schedule, built.denoiser, built.sampler
-    (run_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
+    if world.is_main:
+        (run_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
 
     params = model.num_parameters()
     steps = total_steps(cfg, len(dataset))
@@ -104,7 +142,7 @@ def _run_config(cfg: RunConfig, *, console: Console, fresh: bool, data_root: Pat
     smoothed = {"loss": None}
     reached = {"step": resume.step if resume else 0}
     info = RunInfo(run_dir, cfg, str(device), resume.step if resume else 0, steps)
-    events = EventDispatcher(info)
+    events = EventDispatcher(info) if world.is_main else _Silent()
 
     def on_step(m: dict[str, Any]) -> None:
         reached["step"] = m["step"]
@@ -135,6 +173,7 @@ def _run_config(cfg: RunConfig, *, console: Console, fresh: bool, data_root: Pat
                 cfg, model=model, schedule=schedule, dataset=dataset, device=device, run_dir=run_dir,
                 checkpoint_state=state, resume=resume, denoiser_component=built.refs["denoiser"],
                 events=TrainEvents(on_step=on_step, on_checkpoint=on_checkpoint, on_measured=on_measured),
+                world=world,
             )
     except BaseException:
         try:  # let the plugins close their files; the original error is the one to report
@@ -156,7 +195,10 @@ def _run_config(cfg: RunConfig, *, console: Console, fresh: bool, data_root: Pat
             "Run the same command again to resume."
         )
         return EXIT_INTERRUPTED
-    console.print(f"trained to step {result.step:,} in {_format_duration(train_time)}")
+    console.print(f"trained to step {result.step:,} in {_format_duration(train_time)}"
+                  + (f" on {world.size} processes" if world.enabled else ""))
+    if not world.is_main:
+        return 0
 
     sc = cfg.sample
     ema_or_raw = result.ema_model if sc.use_ema else result.model

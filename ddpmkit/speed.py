@@ -89,13 +89,14 @@ def set_matmul_precision(device: torch.device, modes: SpeedModes) -> None:
         torch.backends.cudnn.allow_tf32 = modes.tf32
 
 
-class CompiledDenoiser:
-    """A denoiser whose forward pass runs through ``torch.compile``; everything else (``prediction``,
-    ``state_dict``, ``train``/``eval``) is the original module's, so checkpoints keep its own keys."""
+class RoutedDenoiser:
+    """A denoiser whose forward pass runs through another callable (``torch.compile``'d, or wrapped in
+    DistributedDataParallel); everything else (``prediction``, ``state_dict``, ``train``/``eval``) is the
+    original module's, so checkpoints keep its own keys."""
 
-    def __init__(self, module: torch.nn.Module, *, dynamic: bool = False) -> None:
+    def __init__(self, module: torch.nn.Module, forward: Any) -> None:
         self.module = module
-        self._forward = torch.compile(module, dynamic=dynamic)
+        self._forward = forward
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self._forward(x_t, t)
@@ -104,6 +105,10 @@ class CompiledDenoiser:
         return getattr(self.module, name)
 
 
-def maybe_compiled(module: torch.nn.Module, modes: SpeedModes) -> Any:
-    """``module`` itself, or a :class:`CompiledDenoiser` of it when ``modes.compile``."""
-    return CompiledDenoiser(module) if modes.compile else module
+def maybe_compiled(module: torch.nn.Module, modes: SpeedModes, forward: Any = None) -> Any:
+    """``module`` itself, or a :class:`RoutedDenoiser` calling ``forward`` (default: the module),
+    compiled when ``modes.compile``."""
+    call = forward if forward is not None else module
+    if modes.compile:
+        call = torch.compile(call)
+    return module if call is module else RoutedDenoiser(module, call)

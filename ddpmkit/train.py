@@ -26,7 +26,8 @@ from .config import RunConfig
 from .data import Dataset, to_model_scale
 from .speed import SpeedModes, autocast, grad_scaler, make_optimizer, maybe_compiled, memory_format, set_matmul_precision
 from .diffusion import draw_training_batch_noise, training_loss
-from .errors import HookFailed, TrainingDiverged
+from .distributed import World, check_batch
+from .errors import DdpmkitError, HookFailed, TrainingDiverged
 from .interfaces import Denoiser, NoiseSchedule
 
 if TYPE_CHECKING:
@@ -84,6 +85,10 @@ def _divergence_advice(
         f"(now {cfg.train.lr:g}) or set train.grad_clip, then run again with --fresh to start over "
         "(resuming keeps the weights of the last checkpoint, which a too-large learning rate may already have spoiled)"
     )
+
+
+class RankStopped(DdpmkitError):
+    """Another rank of a multi-process run failed; this one stopped with it."""
 
 
 def total_steps(cfg: RunConfig, num_images: int) -> int:
@@ -151,11 +156,15 @@ def train(
     resume: Checkpoint | None = None,
     events: TrainEvents | None = None,
     denoiser_component: "Component | None" = None,
+    world: World | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``dataset`` as ``cfg.train`` says, checkpointing into ``run_dir``.
 
-    An exception in the forward pass or the loss is reported naming ``denoiser_component``.
+    An exception in the forward pass or the loss is reported naming ``denoiser_component``. With a
+    multi-process ``world`` (torchrun) the model trains under DistributedDataParallel and only rank 0
+    writes (see ``ddpmkit.distributed``).
     """
+    world = world or World()
     events = events or TrainEvents()
     tc = cfg.train
     seed = cfg.run.seed
@@ -177,15 +186,24 @@ def train(
         if scaler is not None and resume.schema.grad_scaler:
             scaler.load_state_dict(resume.schema.grad_scaler)
         step = resume.step
-    forward = maybe_compiled(model, modes)
+    wrapped = None
+    if world.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        wrapped = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    forward = maybe_compiled(model, modes, wrapped)
 
     images = dataset.images.to(device)
     n = len(dataset)
     per_epoch = steps_per_epoch(n, tc.batch_size)
     batch = min(tc.batch_size, n)
+    share = check_batch(world, batch)  # this rank's slice of the global batch
+    mine = slice(world.rank * share, (world.rank + 1) * share)
     last_step = total_steps(cfg, n)
 
-    def checkpoint(at_step: int, announce: bool = True) -> Path:
+    def checkpoint(at_step: int, announce: bool = True) -> Path | None:
+        if not world.is_main:
+            return None
         if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
             # finite gradients can still overflow the weights (a huge learning rate): never save those
             raise TrainingDiverged(_divergence_advice(cfg, at_step, math.nan, result.last_checkpoint or resume_path, 0,
@@ -216,16 +234,19 @@ def train(
     resume_path = resume.path if resume is not None else None
     stop = StopRequest()
     failure: HookFailed | None = None
+    stopping = False
     with stop.installed():
-        while step < last_step and stop.signal is None and failure is None:
+        while step < last_step and not stopping:
             epoch, index = divmod(step, per_epoch)
             if epoch != order_epoch:
                 order, order_epoch = epoch_order(seed, epoch, n).to(device), epoch
-            x0 = to_model_scale(images[order[index * batch : (index + 1) * batch]])
+            x0 = to_model_scale(images[order[index * batch : (index + 1) * batch][mine]])
 
             g = torch.Generator(device).manual_seed(derive_seed(seed, "noise", step))
             t, noise = draw_training_batch_noise(batch, tuple(x0.shape[1:]), T, g)
-            torch.manual_seed(derive_seed(seed, "dropout", step))  # dropout draws from the global RNG
+            t, noise = t[mine], noise[mine]  # every rank draws the whole batch's and takes its slice
+            # dropout draws from the global RNG
+            torch.manual_seed(derive_seed(seed, f"dropout:{world.rank}" if world.enabled else "dropout", step))
 
             guard = blame(denoiser_component, "in training") if denoiser_component else nullcontext()
             with guard, autocast(device, tc.precision):
@@ -245,6 +266,9 @@ def train(
             # Non-finite loss or gradients are caught before the update, so no bad step reaches the
             # weights. (fp16's overflowing gradients are the loss scaler's: it skips those steps itself.)
             bad = not math.isfinite(loss_value) or (scaler is None and not bool(torch.isfinite(norm)))
+            if world.enabled:  # the mean loss over ranks; a bad step on any rank is bad on all
+                loss_sum, bad_any = world.all_reduce([loss_value, float(bad)])
+                loss_value, bad = loss_sum / world.size, bad_any > 0
             if bad:
                 skipped_in_a_row += 1
                 if tc.nonfinite == "halt" or skipped_in_a_row > tc.max_nonfinite_skips:
@@ -280,20 +304,35 @@ def train(
                 metrics["skipped"] = True
             elif grad_norm is not None:
                 metrics["grad_norm"] = grad_norm
+            error: BaseException | None = None
             try:
                 events.on_step(metrics)
                 if done == WARMUP_STEPS + MEASURE_AFTER_STEPS:
                     events.on_measured(rate, (last_step - step) * batch / rate if rate else float("inf"))
                 if step % tc.checkpoint_every == 0 or step == last_step:
-                    result.last_checkpoint = checkpoint(step)
+                    result.last_checkpoint = checkpoint(step) or result.last_checkpoint
             except HookFailed as exc:  # a plugin's bug must not cost training progress
                 failure = exc
+            except Exception as exc:  # with several ranks: raised below, once every rank knows
+                if not world.enabled:
+                    raise
+                error = exc
+            local_stop = stop.signal is not None or failure is not None
+            if world.enabled:  # every rank stops at the same step, whichever rank had the reason
+                stop_any, error_any = world.all_reduce([float(local_stop), float(error is not None)], op="max")
+                if error is not None:
+                    raise error
+                if error_any:
+                    raise RankStopped("another training process failed (its error is above); this one stopped too")
+                stopping = stop_any > 0
+            else:
+                stopping = local_stop
 
     result.step = step
-    if stop.signal is not None or failure is not None:
+    if stopping:
         result.interrupted = True
         if result.last_checkpoint is None or result.last_checkpoint.name != f"step-{step:08d}":
-            result.last_checkpoint = checkpoint(step, announce=failure is None)
+            result.last_checkpoint = checkpoint(step, announce=failure is None) or result.last_checkpoint
     if failure is not None:
         result.failure = HookFailed(f"{failure}; training stopped at step {step}, checkpoint {result.last_checkpoint}")
         result.failure.__cause__ = failure

@@ -64,3 +64,38 @@ def test_an_inline_table_override_sets_its_keys_and_keeps_the_rest(tmp_path):
 
     cfg = load_config(write_config(tmp_path, "t"), ["train={lr=0.5, batch_size=4}"])
     assert (cfg.train.lr, cfg.train.batch_size, cfg.train.grad_clip, cfg.train.ema_decay) == (0.5, 4, 1.0, 0.9)
+
+
+def _mnist_copy(tmp_path, damage):
+    """A data root whose MNIST files are the real ones, except train-images, passed through ``damage``."""
+    from pathlib import Path
+
+    real = Path(__file__).resolve().parents[2] / "shared" / "data" / "MNIST" / "raw"
+    if not real.is_dir():
+        pytest.skip("no MNIST here")
+    raw = tmp_path / "data" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for f in real.iterdir():
+        if f.name.endswith("-ubyte"):
+            (raw / f.name).symlink_to(f)
+    target = raw / "train-images-idx3-ubyte"
+    data = (real / target.name).read_bytes()
+    target.unlink()
+    target.write_bytes(damage(data))
+    return tmp_path / "data"
+
+
+@pytest.mark.parametrize("damage", [
+    lambda d: b"\x00\x00\x00\x00" + d[4:],   # a bad magic number
+    lambda d: b"",                            # an empty file
+    lambda d: d[: len(d) // 3],               # truncated
+    lambda d: d[:4] + b"\x7f\xff\xff\xff" + d[8:],  # an impossible image count
+], ids=["bad-magic", "empty", "truncated", "impossible-header"])
+def test_damaged_mnist_files_are_one_line_that_says_damaged(damage, tmp_path):
+    root = _mnist_copy(tmp_path, damage)
+    cfg = write_config(tmp_path, "m")
+    cfg.write_text(cfg.read_text().replace('dataset = "synthetic"', 'dataset = "mnist"\ndownload = false'))
+    r = invoke("run", str(cfg), "--data-root", str(root))
+    assert r.exit_code == 2, r.output
+    assert "the MNIST files are there but damaged" in " ".join(r.output.split())
+    assert not (tmp_path / "runs" / "m" / "checkpoints").exists()

@@ -1,0 +1,96 @@
+"""Multi-process training on PyTorch's own engine: torchrun sets RANK/WORLD_SIZE/LOCAL_RANK, ddpmkit
+joins the process group (gloo on CPU, NCCL on CUDA) and trains with DistributedDataParallel.
+
+Decisions: ``train.batch_size`` is the global batch, split evenly across ranks, and each rank takes
+its slice of the very batch, timesteps and noise a single process would draw at that step — so a
+2-process run follows a 1-process run up to the order of float sums (dropout masks aside). DDP
+averages the gradients, so every rank applies the same update and keeps an identical EMA. Only rank
+0 writes (checkpoints, metrics, event plugins, samples); every step ends with one small all-reduce
+of the ranks' stop flags (a signal, a failing hook, an I/O error on rank 0), so an error anywhere
+stops every rank at the same step instead of leaving the others waiting in a collective.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .errors import ConfigError
+
+#: How long a collective may wait before the process group gives up (a last resort: ranks agree
+#: to stop through their flags long before this).
+TIMEOUT = datetime.timedelta(minutes=10)
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the training processes (1 process: rank 0 of 1)."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce(self, values: list[float], op: str = "sum") -> list[float]:
+        """Element-wise sum or max of ``values`` over all ranks (the values themselves in one process)."""
+        if not self.enabled:
+            return values
+        t = torch.tensor(values, dtype=torch.float64)
+        if dist.get_backend() == "nccl":
+            t = t.cuda()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+        return t.cpu().tolist()
+
+    def any(self, flag: bool) -> bool:
+        """Whether ``flag`` is true on any rank."""
+        return self.all_reduce([float(flag)], op="max")[0] > 0
+
+
+def from_environment() -> World:
+    """The world torchrun describes in the environment, or a single process."""
+    try:
+        size = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", str(rank)))
+    except ValueError:
+        raise ConfigError("WORLD_SIZE, RANK and LOCAL_RANK must be integers (torchrun sets them)") from None
+    return World(rank=rank, size=size, local_rank=local)
+
+
+def join(world: World, device: torch.device) -> torch.device:
+    """Join the process group (once) and return this rank's device (cuda:LOCAL_RANK on CUDA)."""
+    if not world.enabled:
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", world.local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, timeout=TIMEOUT)
+    return device
+
+
+def leave(world: World) -> None:
+    if world.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def check_batch(world: World, batch_size: int) -> int:
+    """This rank's share of the global ``batch_size``; ConfigError unless it splits evenly."""
+    if batch_size % world.size:
+        raise ConfigError(
+            f"train.batch_size = {batch_size} does not split evenly over {world.size} processes "
+            "(it is the global batch: choose a multiple of the process count)"
+        )
+    return batch_size // world.size

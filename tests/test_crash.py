@@ -1,0 +1,129 @@
+"""Crash tests on real `ddpmkit run` processes: SIGKILL at seeded random moments — many inside
+checkpoint writes — then resume; at the end the weights, EMA, optimizer state and loss trace equal an
+uninterrupted run's bit for bit. And a full disk during a checkpoint write (ENOSPC injected)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from runconfigs import REPO, cli_env, ddpmkit, write_config
+
+pytestmark = pytest.mark.slow
+
+#: Loaded by the child processes only (PYTHONPATH): slows every file write of a checkpoint, so
+#: random kills land inside writes often, and can make the Nth write fail with ENOSPC.
+SITECUSTOMIZE = '''
+import errno, os, time
+import ddpmkit.checkpoint as c
+_real = c._write_file
+_count = {"n": 0}
+def _write_file(path, data):
+    _count["n"] += 1
+    fail_at = int(os.environ.get("CRASHTEST_ENOSPC_AT", "0"))
+    if fail_at and _count["n"] >= fail_at:
+        with open(path, "wb") as f:
+            f.write(data[: len(data) // 2])  # half written, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+    time.sleep(float(os.environ.get("CRASHTEST_WRITE_PAUSE", "0")))
+    return _real(path, data)
+c._write_file = _write_file
+'''
+
+
+def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    hook = tmp_path / "hook"
+    hook.mkdir(exist_ok=True)
+    (hook / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    env = cli_env(**extra)
+    env["PYTHONPATH"] = os.pathsep.join([str(hook), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return env
+
+
+def _final(run_dir: Path) -> Path:
+    return sorted((run_dir / "checkpoints").glob("step-*"))[-1]
+
+
+def _losses(run_dir: Path) -> list[tuple[int, float]]:
+    return [(m["step"], m["loss"]) for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
+
+
+def _same_state(a: Path, b: Path) -> None:
+    assert a.name == b.name
+    for name in ("model.safetensors", "ema.safetensors"):
+        x, y = load_file(a / name), load_file(b / name)
+        assert all(torch.equal(x[k], y[k]) for k in x), name
+    oa = torch.load(a / "optimizer.pt", weights_only=True)
+    ob = torch.load(b / "optimizer.pt", weights_only=True)
+    for k in oa["state"]:
+        for field in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(oa["state"][k][field], ob["state"][k][field])
+
+
+def test_many_random_kills_then_resume_lose_nothing(tmp_path):
+    common = dict(epochs=30, checkpoint_every=3, num_images=0, trajectory_images=0, dropout=0.1)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    whole = write_config(tmp_path / "a", "c", **common)
+    broken = write_config(tmp_path / "b", "c", **common)
+    assert ddpmkit("run", str(whole)).returncode == 0
+    run_b = tmp_path / "b" / "runs" / "c"
+    env = _env(tmp_path, CRASHTEST_WRITE_PAUSE="0.02")
+    rng = random.Random(20261126)
+    kills, inside_writes = 0, 0
+    for trial in range(8):
+        metrics = run_b / "metrics.jsonl"
+        logged = len(metrics.read_text().splitlines()) if metrics.exists() else 0
+        proc = subprocess.Popen([sys.executable, "-m", "ddpmkit", "run", str(broken)], cwd=REPO, env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.time() + 60  # wait until this process trains (start-up takes seconds), then a random moment
+        while proc.poll() is None and time.time() < deadline and (
+            not metrics.exists() or len(metrics.read_text().splitlines()) <= logged
+        ):
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0.0, 0.5))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait(timeout=60)
+        assert proc.returncode in (0, -signal.SIGKILL), proc.stderr.read()
+        inside_writes += bool(list((run_b / "checkpoints").glob(".tmp-*")))  # killed mid-write
+        if proc.returncode == 0:
+            break
+    assert kills >= 3, "the run finished before it could be killed often enough"
+    print(f"crash test: {kills} kills, {inside_writes} inside a checkpoint write")
+    r = ddpmkit("run", str(broken))  # finish
+    assert r.returncode == 0, r.stderr
+    _same_state(_final(tmp_path / "a" / "runs" / "c"), _final(run_b))
+    assert _losses(tmp_path / "a" / "runs" / "c") == _losses(run_b)
+    assert not list((run_b / "checkpoints").glob(".tmp-*")) and not (run_b / "run.lock").exists()
+
+
+def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one_and_resumes(tmp_path):
+    common = dict(epochs=3, checkpoint_every=4, num_images=0, trajectory_images=0, dropout=0.0)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    whole = write_config(tmp_path / "a", "d", **common)
+    broken = write_config(tmp_path / "b", "d", **common)
+    assert ddpmkit("run", str(whole)).returncode == 0
+    run_b = tmp_path / "b" / "runs" / "d"
+    # each checkpoint writes 4 files: the 6th write is inside the second checkpoint (step 8)
+    r = ddpmkit("run", str(broken), env=_env(tmp_path, CRASHTEST_ENOSPC_AT="6"))
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "No space left on device" in r.stderr
+    assert "step-00000004, is intact" in r.stderr and "Traceback" not in r.stderr
+    assert sorted(p.name for p in (run_b / "checkpoints").iterdir()) == ["step-00000004"]  # no partial folder
+    r = ddpmkit("run", str(broken))  # space freed
+    assert r.returncode == 0 and "resuming from" in r.stdout, r.stderr
+    _same_state(_final(tmp_path / "a" / "runs" / "d"), _final(run_b))
+    assert _losses(tmp_path / "a" / "runs" / "d") == _losses(run_b)
