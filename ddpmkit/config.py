@@ -30,7 +30,7 @@ class Section(StrictNumbers):
 class RunSection(Section):
     name: str = Field("default", description="run directory name under run.dir")
     dir: str = Field("runs", description="parent folder of run directories (relative to the current directory)")
-    seed: int = Field(0, ge=0, description="seed of every random stream of the run")
+    seed: int = Field(0, ge=0, le=2**63 - 1, description="seed of every random stream of the run")
     device: str = Field("auto", description="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
 
     @field_validator("name")
@@ -100,7 +100,7 @@ class TrainSection(Section):
 class SampleSection(Section):
     num_images: int = Field(64, ge=0, description="images written to samples.png/.npz after training")
     batch_size: int = Field(64, ge=1)
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=2**63 - 1)
     use_ema: bool = True
     trajectory_images: int = Field(4, ge=0, description="rows of trajectory.png")
     trajectory_steps: list[int] = Field(default_factory=lambda: list(TUTORIAL_TRAJECTORY_STEPS))

@@ -30,6 +30,9 @@ BAD_SETTINGS = [
     ("sampler.name=nonexistent", "unknown sampler"),
     ("run.name=../../escape", "run.name"),
     ("train.ema_decay=1.5", "train.ema_decay"),
+    ("run.seed=18446744073709551616", "run.seed"),  # 2**64: torch's generators take at most 2**63 - 1
+    ("sample.seed=-1", "sample.seed"),
+    ("run.device=cuda:-1", "run.device"),
 ]
 
 
@@ -66,13 +69,9 @@ def test_an_inline_table_override_sets_its_keys_and_keeps_the_rest(tmp_path):
     assert (cfg.train.lr, cfg.train.batch_size, cfg.train.grad_clip, cfg.train.ema_decay) == (0.5, 4, 1.0, 0.9)
 
 
-def _mnist_copy(tmp_path, damage):
+def _mnist_copy(tmp_path, mnist_root, damage):
     """A data root whose MNIST files are the real ones, except train-images, passed through ``damage``."""
-    from pathlib import Path
-
-    real = Path(__file__).resolve().parents[2] / "shared" / "data" / "MNIST" / "raw"
-    if not real.is_dir():
-        pytest.skip("no MNIST here")
+    real = mnist_root / "MNIST" / "raw"
     raw = tmp_path / "data" / "MNIST" / "raw"
     raw.mkdir(parents=True)
     for f in real.iterdir():
@@ -91,11 +90,18 @@ def _mnist_copy(tmp_path, damage):
     lambda d: d[: len(d) // 3],               # truncated
     lambda d: d[:4] + b"\x7f\xff\xff\xff" + d[8:],  # an impossible image count
 ], ids=["bad-magic", "empty", "truncated", "impossible-header"])
-def test_damaged_mnist_files_are_one_line_that_says_damaged(damage, tmp_path):
-    root = _mnist_copy(tmp_path, damage)
+def test_damaged_mnist_files_are_one_line_that_says_damaged(damage, tmp_path, mnist_root):
+    root = _mnist_copy(tmp_path, mnist_root, damage)
     cfg = write_config(tmp_path, "m")
     cfg.write_text(cfg.read_text().replace('dataset = "synthetic"', 'dataset = "mnist"\ndownload = false'))
     r = invoke("run", str(cfg), "--data-root", str(root))
     assert r.exit_code == 2, r.output
     assert "the MNIST files are there but damaged" in " ".join(r.output.split())
     assert not (tmp_path / "runs" / "m" / "checkpoints").exists()
+
+
+def test_a_seed_beyond_what_torch_takes_is_one_line_on_the_command_line(tmp_path):
+    cfg = write_config(tmp_path, "s", epochs=1, num_images=0, trajectory_images=0)
+    assert invoke("run", str(cfg)).exit_code == 0
+    r = invoke("sample", str(tmp_path / "runs" / "s"), "--num", "2", "--seed", str(2**64), "--out", str(tmp_path / "x.png"))
+    assert r.exit_code == 2 and "--seed" in r.output
