@@ -58,3 +58,7 @@ class DdpmkitWarning(UserWarning):
 def debug_enabled() -> bool:
     """Whether full tracebacks were asked for (``DDPMKIT_DEBUG=1``)."""
     return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+#: The exit code of a run or a sampling stopped by Ctrl-C or SIGTERM (128 + SIGINT), after saving what was done.
+EXIT_INTERRUPTED = 130

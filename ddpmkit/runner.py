@@ -19,7 +19,7 @@ from .checkpoint import check_compatible, checkpoints_dir, describe_run, latest_
 from .config import RunConfig
 from .data import load_dataset
 from .device import pick_device
-from .errors import DdpmkitError, HookFailed
+from .errors import EXIT_INTERRUPTED, DdpmkitError, HookFailed
 from .events import EventDispatcher, RunInfo
 from .factory import build_checked
 from .distributed import World, from_environment, join, leave
@@ -30,7 +30,6 @@ from .sampling import generate, nearest_visited, sampling_progress, write_images
 from .train import CPU_WARN_SECONDS, TrainEvents, steps_per_epoch, total_steps, train
 
 OUTPUT_FILES = ("samples.png", "samples.npz", "trajectory.png")
-EXIT_INTERRUPTED = 130
 
 
 def _ensure_writable(run_dir: Path) -> None:

@@ -15,7 +15,7 @@ from .data import to_uint8
 from .limits import check_fits
 from .speed import SpeedModes, autocast, maybe_compiled, memory_format
 from .blame import blame
-from .errors import ConfigError, DdpmkitError, DdpmkitWarning, PluginCodeError
+from .errors import EXIT_INTERRUPTED, ConfigError, DdpmkitError, DdpmkitWarning, PluginCodeError
 from .interfaces import Denoiser, NoiseSchedule, Sampler
 
 if TYPE_CHECKING:
@@ -27,6 +27,14 @@ SAMPLING_SPEED_KEYS = ("train.precision", "train.channels_last", "train.compile"
 #: Sampler output this far beyond [-1, 1] on more than OUT_OF_RANGE_SHARE of the pixels is reported.
 OUT_OF_RANGE_SLACK = 0.05
 OUT_OF_RANGE_SHARE = 0.001
+
+
+class SamplingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during sampling, carrying the images of the batches finished before it."""
+
+    def __init__(self, images: torch.Tensor) -> None:
+        super().__init__(f"interrupted after {len(images)} images")
+        self.images = images
 
 
 def nearest_visited(requested: list[int], visited: list[int]) -> list[int]:
@@ -86,6 +94,10 @@ def generate(
                     got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
                     raise ValueError(f"sample returned {got}, expected shape {(n, *image_shape)}")
             out.append(x.float().cpu())
+    except KeyboardInterrupt:
+        if out:  # keep the finished batches: the caller may write them
+            raise SamplingInterrupted(torch.cat(out)) from None
+        raise
     finally:
         denoiser.train(was_training)
     images = torch.cat(out) if out else torch.empty((0, *image_shape))
@@ -181,8 +193,13 @@ def sample_command(
     """`ddpmkit sample`: images from a run's (or a checkpoint's) weights, written to ``out``."""
     if Path(out).suffix.lower() not in (".png", ".npz"):
         raise ConfigError(f"--out {out}: must end in .png or .npz")
-    images, _ = draw_from_checkpoint(source, num=num, batch_size=batch_size, seed=seed, use_ema=use_ema, sampler=sampler,
-                                  overrides=overrides, device=device, console=console)
+    try:
+        images, _ = draw_from_checkpoint(source, num=num, batch_size=batch_size, seed=seed, use_ema=use_ema,
+                                         sampler=sampler, overrides=overrides, device=device, console=console)
+    except SamplingInterrupted as stop:  # Ctrl-C: what is done is kept
+        write_images(stop.images, out)
+        console.print(f"[yellow]interrupted[/] after {len(stop.images):,} of {num:,} images; wrote them to {out}")
+        raise SystemExit(EXIT_INTERRUPTED) from None
     write_images(images, out)
     console.print(f"[green]wrote[/] {out}")
 

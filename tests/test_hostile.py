@@ -105,3 +105,30 @@ def test_a_seed_beyond_what_torch_takes_is_one_line_on_the_command_line(tmp_path
     assert invoke("run", str(cfg)).exit_code == 0
     r = invoke("sample", str(tmp_path / "runs" / "s"), "--num", "2", "--seed", str(2**64), "--out", str(tmp_path / "x.png"))
     assert r.exit_code == 2 and "--seed" in r.output
+
+
+def test_ctrl_c_during_a_long_sampling_keeps_the_finished_batches(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import numpy as np
+
+    from runconfigs import REPO, cli_env
+
+    cfg = write_config(tmp_path, "c", epochs=1, num_images=0, trajectory_images=0)
+    assert invoke("run", str(cfg)).exit_code == 0
+    out = tmp_path / "partial.npz"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ddpmkit", "sample", str(tmp_path / "runs" / "c"), "--num", "200000", "--batch-size", "4",
+         "--out", str(out)], cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    assert proc.stdout.readline().startswith("sampling 200000 images")  # loaded, sampling begins
+    time.sleep(2.0)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    images = np.load(out)["images"]
+    assert 0 < len(images) < 200_000 and len(images) % 4 == 0
+    assert f"interrupted after {len(images):,} of 200,000 images" in " ".join(stdout.split())
