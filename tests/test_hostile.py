@@ -124,10 +124,15 @@ def test_ctrl_c_during_a_long_sampling_keeps_the_finished_batches(tmp_path):
         [sys.executable, "-m", "ddpmkit", "sample", str(tmp_path / "runs" / "c"), "--num", "200000", "--batch-size", "4",
          "--out", str(out)], cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
-    assert proc.stdout.readline().startswith("sampling 200000 images")  # loaded, sampling begins
-    time.sleep(2.0)
-    proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=60)
+    try:
+        assert proc.stdout.readline().startswith("sampling 200000 images")  # loaded, sampling begins
+        time.sleep(4.0)  # a batch of 4 takes well under a second here: several are done
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:  # never leave a sampler running
+            proc.kill()
+            proc.wait()
     assert proc.returncode == 130, stderr
     images = np.load(out)["images"]
     assert 0 < len(images) < 200_000 and len(images) % 4 == 0
