@@ -24,10 +24,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def ddpmkit(*args: str, log: Path | None = None) -> float:
-    """Run the CLI; returns its wall time in seconds (exits if it fails)."""
+    """Run the CLI (its output to ``log`` when given); returns its wall time in seconds (exits if it fails)."""
     start = time.perf_counter()
-    with open(log, "w") if log else open("/dev/null", "w") as out:
-        code = subprocess.call([sys.executable, "-m", "ddpmkit", *args], stdout=out if log else None, stderr=subprocess.STDOUT if log else None)
+    command = [sys.executable, "-m", "ddpmkit", *args]
+    if log is None:
+        code = subprocess.call(command)
+    else:
+        with open(log, "w") as out:
+            code = subprocess.call(command, stdout=out, stderr=subprocess.STDOUT)
     if code:
         sys.exit(f"ddpmkit {' '.join(args)} failed with exit code {code}" + (f" (see {log})" if log else ""))
     return time.perf_counter() - start
@@ -57,10 +61,7 @@ def main() -> None:
     if not a.skip_run:
         from ddpmkit.benchmark.bench import parse_mode
 
-        m = parse_mode(fastest["mode"])
-        sets = [f"train.precision={m.precision}", f"train.channels_last={str(m.channels_last).lower()}",
-                f"train.compile={str(m.compile).lower()}", f"train.fused_adam={str(m.fused_adam).lower()}",
-                f"run.dir={a.out / 'runs'}"]
+        sets = parse_mode(fastest["mode"]).overrides() + [f"run.dir={a.out / 'runs'}"]
         args = ["run", str(a.config), "--device", "cuda", "--fresh"] + [x for s in sets for x in ("--set", s)]
         if a.data_root:
             args += ["--data-root", a.data_root]

@@ -179,7 +179,7 @@ def save_checkpoint(
     """
     root = checkpoints_dir(run_dir)
     try:
-        return _save(run_dir, root, step, model_state, ema_state, optimizer_state, state, keep)
+        return _save(run_dir, step, model_state, ema_state, optimizer_state, state, keep)
     except OSError as exc:
         for partial in root.glob(f".tmp-step-{step:08d}-{os.getpid()}"):
             shutil.rmtree(partial, ignore_errors=True)
@@ -192,9 +192,10 @@ def save_checkpoint(
 
 
 def _save(
-    run_dir: Path, root: Path, step: int, model_state: dict[str, torch.Tensor], ema_state: dict[str, torch.Tensor],
+    run_dir: Path, step: int, model_state: dict[str, torch.Tensor], ema_state: dict[str, torch.Tensor],
     optimizer_state: dict[str, Any], state: dict[str, Any], keep: int,
 ) -> Path:
+    root = checkpoints_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
     for stale in root.glob(".tmp-*"):  # left by a process killed mid-write

@@ -88,12 +88,11 @@ def data_finding(cfg: RunConfig, data_root: Path | None) -> tuple[Finding, int |
 
 def time_finding(cfg: RunConfig, built: Components, steps: int, device: torch.device) -> Finding:
     """Seconds per training image, measured over a few forward+backward passes at a small batch on ``device``."""
-    from .speed import autocast
+    from .speed import autocast, memory_format
 
     model, schedule = built.denoiser, built.schedule.to(device)
     batch = min(cfg.train.batch_size, 8)
-    memory = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-    model.to(device, memory_format=memory).train()
+    model.to(device, memory_format=memory_format(cfg.train.channels_last)).train()
     g = torch.Generator(device).manual_seed(0)
     x0 = torch.rand((batch, *cfg.image_shape), generator=g, device=device) * 2 - 1
     timings = []

@@ -51,6 +51,17 @@ class SpeedModes:
             tf32=train.tf32 and device.type == "cuda",
         )
 
+    def train_settings(self) -> dict[str, Any]:
+        """The ``[train]`` keys that ask for these modes."""
+        return {"precision": self.precision, "channels_last": self.channels_last, "compile": self.compile,
+                "fused_adam": self.fused_adam, "tf32": self.tf32}
+
+    def overrides(self) -> list[str]:
+        """The same as ``--set`` arguments (``train.precision=bf16`` ...); TF32 only when on, so that
+        otherwise the config's own default (on, for CUDA) stands."""
+        settings = {k: v for k, v in self.train_settings().items() if k != "tf32" or v}
+        return [f"train.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in settings.items()]
+
     def describe(self) -> str:
         parts = [self.precision]
         parts += [name for name, on in (("channels-last", self.channels_last), ("compiled", self.compile),

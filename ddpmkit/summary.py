@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .config import RunConfig
+from .speed import SpeedModes
 
 if TYPE_CHECKING:
     from .factory import Components
@@ -24,16 +25,11 @@ def describe_config(cfg: RunConfig, built: "Components") -> str:
         f"predicts {built.denoiser.prediction}",
         f"sampler    {refs['sampler'].qualified}, {len(built.timesteps())} steps, {cfg.sampler.options}",
         f"train      {t.epochs} epochs, batch {t.batch_size}, lr {t.lr:g}, EMA {t.ema_decay:g}"
-        f"{' with warm-up' if t.ema_warmup else ''}, {_modes(t)}"
+        f"{' with warm-up' if t.ema_warmup else ''}, "
+        f"{SpeedModes(t.precision, channels_last=t.channels_last, compile=t.compile, fused_adam=bool(t.fused_adam)).describe()}"
         + (f", at most {t.max_steps} steps" if t.max_steps is not None else ""),
     ]
     if cfg.plugins:
         lines.append("plugins    " + "; ".join(f"{name} {opts}" for name, opts in sorted(cfg.plugins.items())))
     return "\n".join(lines)
 
-
-def _modes(t) -> str:
-    """The speed modes a [train] table asks for (``fused_adam`` unset: decided per device at run time)."""
-    flags = [name for name, on in (("channels-last", t.channels_last), ("compiled", t.compile),
-                                   ("fused Adam", t.fused_adam)) if on]
-    return ", ".join([t.precision, *flags])

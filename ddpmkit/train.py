@@ -73,15 +73,12 @@ def learning_rate(cfg: RunConfig, step: int, last_step: int) -> float:
     return tc.lr
 
 
-def _divergence_advice(
-    cfg: RunConfig, step: int, loss: float, last_good: Path | None, skipped: int, what: str = "the loss or gradients"
-) -> str:
-    """One line: what went non-finite where, that nothing bad was saved, and how to recover."""
-    got = f"the loss became {loss}" if not math.isfinite(loss) and what != "the weights" else f"{what} became non-finite"
+def _divergence_advice(cfg: RunConfig, happened: str, step: int, last_good: Path | None, skipped: int = 0) -> str:
+    """One line: what went non-finite (``happened``) where, that nothing bad was saved, and how to recover."""
     skip = f" after {skipped} skipped steps in a row" if skipped else ""
     kept = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written"
     return (
-        f"{got} at step {step}{skip}; nothing from that step was saved and {kept}. Lower train.lr "
+        f"{happened} at step {step}{skip}; nothing from that step was saved and {kept}. Lower train.lr "
         f"(now {cfg.train.lr:g}) or set train.grad_clip, then run again with --fresh to start over "
         "(resuming keeps the weights of the last checkpoint, which a too-large learning rate may already have spoiled)"
     )
@@ -206,8 +203,8 @@ def train(
             return None
         if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
             # finite gradients can still overflow the weights (a huge learning rate): never save those
-            raise TrainingDiverged(_divergence_advice(cfg, at_step, math.nan, result.last_checkpoint or resume_path, 0,
-                                                      what="the weights"))
+            raise TrainingDiverged(_divergence_advice(cfg, "the weights became non-finite", at_step,
+                                                      result.last_checkpoint or resume_path))
         state = {**checkpoint_state, "step": at_step, "epoch": at_step / per_epoch}
         if scaler is not None:
             state["grad_scaler"] = scaler.state_dict()
@@ -249,7 +246,7 @@ def train(
             torch.manual_seed(derive_seed(seed, f"dropout:{world.rank}" if world.enabled else "dropout", step))
 
             guard = blame(denoiser_component, "in training") if denoiser_component else nullcontext()
-            with guard, autocast(device, tc.precision):
+            with guard, autocast(device, modes.precision):
                 loss = training_loss(forward, schedule, x0, t, noise, weighting=tc.loss_weighting, gamma=tc.min_snr_gamma)
             lr = learning_rate(cfg, step, last_step)
             for group in optimizer.param_groups:
@@ -266,13 +263,15 @@ def train(
             # Non-finite loss or gradients are caught before the update, so no bad step reaches the
             # weights. (fp16's overflowing gradients are the loss scaler's: it skips those steps itself.)
             bad = not math.isfinite(loss_value) or (scaler is None and not bool(torch.isfinite(norm)))
-            if world.enabled:  # the mean loss over ranks; a bad step on any rank is bad on all
-                loss_sum, bad_any = world.all_reduce([loss_value, float(bad)])
-                loss_value, bad = loss_sum / world.size, bad_any > 0
+            # the mean loss over ranks; a bad step on any rank is bad on all (one process: as they are)
+            loss_sum, bad_any = world.all_reduce([loss_value, float(bad)])
+            loss_value, bad = loss_sum / world.size, bad_any > 0
             if bad:
                 skipped_in_a_row += 1
                 if tc.nonfinite == "halt" or skipped_in_a_row > tc.max_nonfinite_skips:
-                    raise TrainingDiverged(_divergence_advice(cfg, step + 1, loss_value, result.last_checkpoint or resume_path,
+                    happened = (f"the loss became {loss_value}" if not math.isfinite(loss_value)
+                                else "the loss or gradients became non-finite")
+                    raise TrainingDiverged(_divergence_advice(cfg, happened, step + 1, result.last_checkpoint or resume_path,
                                                               skipped_in_a_row - 1))
                 optimizer.zero_grad(set_to_none=True)
                 if scaler is not None:
@@ -313,20 +312,16 @@ def train(
                     result.last_checkpoint = checkpoint(step) or result.last_checkpoint
             except HookFailed as exc:  # a plugin's bug must not cost training progress
                 failure = exc
-            except Exception as exc:  # with several ranks: raised below, once every rank knows
-                if not world.enabled:
-                    raise
+            except Exception as exc:  # raised below, once every rank knows
                 error = exc
+            # every rank stops at the same step, whichever rank had the reason (one process: as they are)
             local_stop = stop.signal is not None or failure is not None
-            if world.enabled:  # every rank stops at the same step, whichever rank had the reason
-                stop_any, error_any = world.all_reduce([float(local_stop), float(error is not None)], op="max")
-                if error is not None:
-                    raise error
-                if error_any:
-                    raise RankStopped("another training process failed (its error is above); this one stopped too")
-                stopping = stop_any > 0
-            else:
-                stopping = local_stop
+            stop_any, error_any = world.all_reduce([float(local_stop), float(error is not None)], op="max")
+            if error is not None:
+                raise error
+            if error_any:
+                raise RankStopped("another training process failed (its error is above); this one stopped too")
+            stopping = stop_any > 0
 
     result.step = step
     if stopping:

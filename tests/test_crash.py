@@ -70,14 +70,17 @@ def _same_state(a: Path, b: Path) -> None:
             assert torch.equal(oa["state"][k][field], ob["state"][k][field])
 
 
+def _uninterrupted_and_broken(tmp_path: Path, name: str, **options) -> tuple[Path, Path, Path]:
+    """Two copies of one config: ``a`` run to the end now, ``b`` to be broken. Returns (a's run, b's config, b's run)."""
+    common = dict(num_images=0, trajectory_images=0, **options)
+    for side in ("a", "b"):
+        (tmp_path / side).mkdir()
+    assert ddpmkit("run", str(write_config(tmp_path / "a", name, **common))).returncode == 0
+    return tmp_path / "a" / "runs" / name, write_config(tmp_path / "b", name, **common), tmp_path / "b" / "runs" / name
+
+
 def test_many_random_kills_then_resume_lose_nothing(tmp_path):
-    common = dict(epochs=30, checkpoint_every=3, num_images=0, trajectory_images=0, dropout=0.1)
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    whole = write_config(tmp_path / "a", "c", **common)
-    broken = write_config(tmp_path / "b", "c", **common)
-    assert ddpmkit("run", str(whole)).returncode == 0
-    run_b = tmp_path / "b" / "runs" / "c"
+    run_a, broken, run_b = _uninterrupted_and_broken(tmp_path, "c", epochs=30, checkpoint_every=3, dropout=0.1)
     env = _env(tmp_path, CRASHTEST_WRITE_PAUSE="0.02")
     rng = random.Random(20261126)
     kills, inside_writes = 0, 0
@@ -104,19 +107,13 @@ def test_many_random_kills_then_resume_lose_nothing(tmp_path):
     print(f"crash test: {kills} kills, {inside_writes} inside a checkpoint write")
     r = ddpmkit("run", str(broken))  # finish
     assert r.returncode == 0, r.stderr
-    _same_state(_final(tmp_path / "a" / "runs" / "c"), _final(run_b))
-    assert _losses(tmp_path / "a" / "runs" / "c") == _losses(run_b)
+    _same_state(_final(run_a), _final(run_b))
+    assert _losses(run_a) == _losses(run_b)
     assert not list((run_b / "checkpoints").glob(".tmp-*")) and not (run_b / "run.lock").exists()
 
 
 def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one_and_resumes(tmp_path):
-    common = dict(epochs=3, checkpoint_every=4, num_images=0, trajectory_images=0, dropout=0.0)
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    whole = write_config(tmp_path / "a", "d", **common)
-    broken = write_config(tmp_path / "b", "d", **common)
-    assert ddpmkit("run", str(whole)).returncode == 0
-    run_b = tmp_path / "b" / "runs" / "d"
+    run_a, broken, run_b = _uninterrupted_and_broken(tmp_path, "d", epochs=3, checkpoint_every=4, dropout=0.0)
     # each checkpoint writes 4 files: the 6th write is inside the second checkpoint (step 8)
     r = ddpmkit("run", str(broken), env=_env(tmp_path, CRASHTEST_ENOSPC_AT="6"))
     assert r.returncode == 2, r.stderr
@@ -125,5 +122,5 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one_and_resumes(tmp_
     assert sorted(p.name for p in (run_b / "checkpoints").iterdir()) == ["step-00000004"]  # no partial folder
     r = ddpmkit("run", str(broken))  # space freed
     assert r.returncode == 0 and "resuming from" in r.stdout, r.stderr
-    _same_state(_final(tmp_path / "a" / "runs" / "d"), _final(run_b))
-    assert _losses(tmp_path / "a" / "runs" / "d") == _losses(run_b)
+    _same_state(_final(run_a), _final(run_b))
+    assert _losses(run_a) == _losses(run_b)

@@ -51,9 +51,7 @@ def _losses(run_dir: Path) -> list[float]:
 
 
 def _sets(mode: str) -> list[str]:
-    m = parse_mode(mode)
-    return [f"train.precision={m.precision}", f"train.channels_last={str(m.channels_last).lower()}",
-            f"train.compile={str(m.compile).lower()}", f"train.fused_adam={str(m.fused_adam).lower()}"]
+    return parse_mode(mode).overrides()
 
 
 @pytest.fixture(scope="module")

@@ -83,12 +83,8 @@ def fresh_model(cfg: RunConfig) -> tuple[Denoiser, Any, Any]:
 
 
 def with_modes(cfg: RunConfig, modes: SpeedModes, **train: Any) -> RunConfig:
-    fields = dict(
-        precision=modes.precision, channels_last=modes.channels_last, compile=modes.compile,
-        fused_adam=modes.fused_adam, tf32=modes.tf32, **train,
-    )
     data = cfg.model_dump(mode="json")
-    data["train"].update(fields)
+    data["train"].update(modes.train_settings(), **train)
     return RunConfig.model_validate(data)
 
 
@@ -164,8 +160,8 @@ def bench_tutorial_sampling(cfg: RunConfig, device: torch.device, *, steps: int)
     return steps / seconds
 
 
-def flops_per_image(cfg: RunConfig, device: torch.device) -> tuple[float, float]:
-    """(training forward+backward, forward) FLOPs per image of the config's denoiser."""
+def flops_per_image(cfg: RunConfig, device: torch.device) -> tuple[float, float, int]:
+    """(training forward+backward FLOPs, forward FLOPs) per image of the config's denoiser, and its parameters."""
     model, _, _ = fresh_model(cfg)
     model.to(device)
     x = torch.randn(2, *cfg.image_shape, device=device)
@@ -173,7 +169,7 @@ def flops_per_image(cfg: RunConfig, device: torch.device) -> tuple[float, float]
     train_flops = count_flops(lambda: model(x, t).square().mean().backward())
     with torch.no_grad():
         forward_flops = count_flops(lambda: model(x, t))
-    return train_flops / 2, forward_flops / 2
+    return train_flops / 2, forward_flops / 2, model.num_parameters()
 
 
 def run_bench(
@@ -201,7 +197,7 @@ def run_bench(
         torch.backends.cuda.matmul.allow_tf32 = True
         peaks["tf32"] = matmul_peak(device, torch.float32)
         torch.backends.cuda.matmul.allow_tf32 = before
-    train_flops, forward_flops = flops_per_image(cfg, device)
+    train_flops, forward_flops, parameters = flops_per_image(cfg, device)
 
     def peak_for(m: SpeedModes | None) -> float | None:
         if m is None or m.precision == "fp32":
@@ -251,14 +247,13 @@ def run_bench(
             sampling.append(row(f"ddpmkit {cfg.sampler.name}, batch {b}", m, per_s, forward_flops, ref_s, setup))
 
     _, memory_kind = peak_memory_bytes(device)
-    model, _, _ = fresh_model(cfg)
     return {
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "denoiser": cfg.denoiser.name,
-        "parameters": model.num_parameters(),
+        "parameters": parameters,
         "image_shape": list(cfg.image_shape),
         "batch_size": batch,
         "sample_batch_size": sample_batch,
