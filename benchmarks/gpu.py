@@ -37,6 +37,25 @@ def ddpmkit(*args: str, log: Path | None = None) -> float:
     return time.perf_counter() - start
 
 
+def extrapolate(runs: Path, max_steps: int | None) -> dict:
+    """The run's steady-state training rate from its metrics.jsonl and, for a shortened run, the
+    training time of the whole config at that rate."""
+    metrics = sorted(runs.glob("*/metrics.jsonl"))
+    if not metrics:
+        return {}
+    records = [json.loads(line) for line in metrics[0].read_text().splitlines() if line.strip()]
+    steps = [r for r in records if "images_per_s" in r]
+    if not steps:
+        return {}
+    rate = steps[-1]["images_per_s"]
+    out = {"steady_images_per_s": rate, "trained_steps": steps[-1].get("step")}
+    if max_steps:
+        epochs = json.loads((metrics[0].parent / "config.json").read_text())["train"]["epochs"]
+        total_images = epochs * 60_000  # MNIST's training set
+        out["full_training_s_estimate"] = total_images / rate
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("gpu-bench"))
@@ -44,6 +63,9 @@ def main() -> None:
     p.add_argument("--data-root", default=None)
     p.add_argument("--steps", default="20")
     p.add_argument("--skip-run", action="store_true", help="only the bench, not the end-to-end run")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="stop the end-to-end run's training after this many steps (a short lease); "
+                        "the summary then extrapolates the full run from its steady-state rate")
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
 
@@ -63,10 +85,13 @@ def main() -> None:
 
         sets = parse_mode(fastest["mode"]).overrides() + [f"run.dir={a.out / 'runs'}"]
         args = ["run", str(a.config), "--device", "cuda", "--fresh"] + [x for s in sets for x in ("--set", s)]
+        if a.max_steps:
+            args += ["--set", f"train.max_steps={a.max_steps}"]
         if a.data_root:
             args += ["--data-root", a.data_root]
         summary["end_to_end_s"] = ddpmkit(*args, log=a.out / "run.log")
         summary["end_to_end_mode"] = fastest["mode"]
+        summary.update(extrapolate(a.out / "runs", a.max_steps))
     (a.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
 
