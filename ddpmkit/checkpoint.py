@@ -277,7 +277,7 @@ def latest_checkpoint(run_dir: Path, warn: Callable[[str], None] | None = None) 
 def find_checkpoint(source: Path, warn: Callable[[str], None] | None = None) -> Checkpoint:
     """A checkpoint directory itself, or the latest checkpoint of a run directory."""
     source = Path(source)
-    if (source / STATE_FILE).exists() or _STEP_DIR.match(source.name):
+    if (source / STATE_FILE).exists() or (_STEP_DIR.match(source.name) and not checkpoints_dir(source).is_dir()):
         return load_checkpoint(source)
     if not source.is_dir():
         raise CheckpointError(f"{source}: no such run or checkpoint directory")

@@ -262,6 +262,8 @@ def parse_override(item: str) -> tuple[str, Any, str]:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw
+    except RecursionError:
+        raise ConfigError(f"--set {key}: the value is nested too deeply to be a setting") from None
     return key, value, raw
 
 
@@ -295,8 +297,14 @@ def _merged(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 # --- loading ----------------------------------------------------------------------------------
 
 
+#: No real run config comes near this; a larger file is a mistake (or an attack on memory).
+MAX_CONFIG_BYTES = 1 << 20
+
+
 def read_toml(path: Path) -> tuple[dict[str, Any], str]:
     try:
+        if path.is_file() and path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: {path.stat().st_size:,} bytes is too large for a config (at most 1 MiB)")
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file") from None
@@ -309,6 +317,8 @@ def read_toml(path: Path) -> tuple[dict[str, Any], str]:
         where = f"{path}:{m.group(1)}" if m else str(path)
         reason = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(exc))
         raise ConfigError(f"{where}: invalid TOML: {reason}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: invalid TOML: nested too deeply") from None
 
 
 def config_from_dict(

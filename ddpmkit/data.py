@@ -141,6 +141,9 @@ def _image_folder(root: Path, size: int, channels: int) -> Dataset:
                 data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
         except (OSError, UnidentifiedImageError) as exc:
             raise DataError(f"{path}: cannot read image ({exc})") from None
+        except Image.DecompressionBombError:
+            raise DataError(f"{path}: refused: its header claims more pixels than Pillow allows "
+                            f"({Image.MAX_IMAGE_PIXELS:,}; a decompression bomb?)") from None
         out[i] = data.view(size, size, channels).permute(2, 0, 1)
     return Dataset(out, f"image folder {root} ({len(files)} images)")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -40,6 +41,10 @@ def _ensure_writable(run_dir: Path) -> None:
         probe.unlink()
     except OSError as exc:
         raise DdpmkitError(f"cannot write the run directory {run_dir}: {exc.strerror or exc}") from None
+    folder = checkpoints_dir(run_dir)
+    if os.path.lexists(folder) and not folder.is_dir():  # found now, not at the first checkpoint
+        raise DdpmkitError(f"{folder} exists but is not a folder (a file, a broken link or a link loop): "
+                           "move it away, or point run.dir elsewhere")
 
 
 def _format_duration(seconds: float) -> str:

@@ -177,6 +177,18 @@ def _with_column_labels(body: np.ndarray, labels: list[str], cell: int) -> np.nd
     return np.asarray(img)
 
 
+def check_output_path(path: Path) -> None:
+    """ConfigError now, before any sampling, if ``path`` could not be written: it is a folder, or a
+    file stands where one of its folders would be."""
+    if path.is_dir():
+        raise ConfigError(f"--out {path}: is a folder; give a file name ending in .png or .npz")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"--out {path}: {parent} is a file, not a folder")
+            break
+
+
 def sample_command(
     source: Path,
     *,
@@ -193,6 +205,7 @@ def sample_command(
     """`ddpmkit sample`: images from a run's (or a checkpoint's) weights, written to ``out``."""
     if Path(out).suffix.lower() not in (".png", ".npz"):
         raise ConfigError(f"--out {out}: must end in .png or .npz")
+    check_output_path(Path(out))
     try:
         images, _ = draw_from_checkpoint(source, num=num, batch_size=batch_size, seed=seed, use_ema=use_ema,
                                          sampler=sampler, overrides=overrides, device=device, console=console)

@@ -9,9 +9,9 @@ tolerances tests/test_speed.py states); TF32 (CUDA only) does too.
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 
@@ -98,6 +98,21 @@ def set_matmul_precision(device: torch.device, modes: SpeedModes) -> None:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = modes.tf32
         torch.backends.cudnn.allow_tf32 = modes.tf32
+
+
+@contextmanager
+def pytorch_default_precision(device: torch.device) -> Iterator[None]:
+    """PyTorch's own TF32 defaults for the duration (on CUDA: TF32 convolutions, full fp32 matmuls),
+    as a script that never touches these settings runs; the previous settings come back after."""
+    if device.type != "cuda":
+        yield
+        return
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = False, True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
 class RoutedDenoiser:

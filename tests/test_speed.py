@@ -174,3 +174,21 @@ def test_bench_prints_the_side_by_side_table_and_json(tmp_path):
     ]
     r = invoke("bench", str(REPO / "configs" / "smoke.toml"), "--sample-batches", "4,x")
     assert r.exit_code == 2 and "expected comma-separated batch sizes" in r.output
+
+
+def test_the_tutorial_reference_runs_on_pytorchs_own_tf32_defaults():
+    """On CUDA torch's defaults already use TF32 for convolutions (not matmuls); the bench's tutorial
+    reference must get exactly those, whatever ddpmkit's modes set before, and leave them as it found them."""
+    from ddpmkit.speed import pytorch_default_precision
+
+    flags = torch.backends.cuda.matmul, torch.backends.cudnn
+    before = flags[0].allow_tf32, flags[1].allow_tf32
+    try:
+        flags[0].allow_tf32, flags[1].allow_tf32 = True, False  # as a ddpmkit mode may leave them
+        with pytorch_default_precision(torch.device("cuda")):
+            assert (flags[0].allow_tf32, flags[1].allow_tf32) == (False, True)
+        assert (flags[0].allow_tf32, flags[1].allow_tf32) == (True, False)
+        with pytorch_default_precision(torch.device("cpu")):
+            assert (flags[0].allow_tf32, flags[1].allow_tf32) == (True, False)
+    finally:
+        flags[0].allow_tf32, flags[1].allow_tf32 = before

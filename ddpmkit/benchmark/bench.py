@@ -18,7 +18,7 @@ from ..errors import ConfigError
 from ..factory import build_components
 from ..interfaces import Denoiser
 from ..sampling import generate
-from ..speed import PRECISIONS, SpeedModes
+from ..speed import PRECISIONS, SpeedModes, pytorch_default_precision
 from ..train import TrainEvents, train
 from .measure import count_flops, matmul_peak, median_seconds, peak_memory_bytes, reset_peak_memory
 from .tutorial import TutorialTrainer, tutorial_sample_one
@@ -214,7 +214,8 @@ def run_bench(
     training: list[Row] = []
     note(f"training: the tutorial's fp32 eager step, batch {batch}")
     reset_peak_memory(device)
-    ref = bench_tutorial_training(cfg, device, warmup=warmup, steps=steps)
+    with pytorch_default_precision(device):  # the tutorial never sets TF32: it runs on torch's defaults
+        ref = bench_tutorial_training(cfg, device, warmup=warmup, steps=steps)
     training.append(row("tutorial", None, ref, train_flops, None))
     for m in modes:
         note(f"training: ddpmkit, {mode_name(m)}")
@@ -227,7 +228,8 @@ def run_bench(
     if sample:
         note(f"sampling: the tutorial's one-image loop, {sample_steps} steps")
         reset_peak_memory(device)
-        ref_s = bench_tutorial_sampling(cfg, device, steps=sample_steps)
+        with pytorch_default_precision(device):
+            ref_s = bench_tutorial_sampling(cfg, device, steps=sample_steps)
         sampling.append(row("tutorial, 1 image", None, ref_s, forward_flops, None))
         for m in modes:
             m = replace(m, fused_adam=False)

@@ -20,6 +20,8 @@ PAIRS_SHOWN = 16
 def read_images(path: Path) -> torch.Tensor:
     """uint8 [N, C, H, W] from an ``.npz`` (uint8 NHWC under ``images``, as ``ddpmkit sample`` writes) or an image folder."""
     path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file or folder")
     if path.suffix.lower() == ".npz":
         try:
             with np.load(path) as data:
@@ -38,8 +40,13 @@ def read_images(path: Path) -> torch.Tensor:
             raise DataError(f"{path}: empty folder")
         from PIL import Image
 
-        with Image.open(probe) as img:
-            size = img.size[0]
+        try:
+            with Image.open(probe) as img:
+                size = img.size[0]
+        except OSError as exc:  # UnidentifiedImageError is one
+            raise DataError(f"{probe}: not an image ({exc})") from None
+        except Image.DecompressionBombError:
+            raise DataError(f"{probe}: refused: more pixels than Pillow allows (a decompression bomb?)") from None
         section = DataSection(dataset="image-folder", root=str(path), image_size=size, channels=1)
         return load_dataset(section).images
     raise DataError(f"{path}: expected a .npz file or a folder of images")
