@@ -189,6 +189,10 @@ def save_checkpoint(
             f"could not write checkpoint step {step} in {root}: {exc.strerror or exc}; {kept}. "
             "Free space (or fix the folder) and run the same command again to resume"
         ) from None
+    except BaseException:  # a second Ctrl-C mid-write: nothing half-written stays behind
+        for partial in root.glob(f".tmp-step-{step:08d}-{os.getpid()}"):
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
 
 
 def _save(

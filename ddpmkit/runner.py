@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from . import __version__
-from .checkpoint import check_compatible, checkpoints_dir, describe_run, latest_checkpoint
+from .checkpoint import check_compatible, checkpoints_dir, describe_run, latest_checkpoint, step_dirs
 from .config import RunConfig
 from .data import load_dataset
 from .device import pick_device
@@ -179,11 +179,19 @@ def _run_config(
                 events=TrainEvents(on_step=on_step, on_checkpoint=on_checkpoint, on_measured=on_measured),
                 world=world,
             )
-    except BaseException:
+    except BaseException as exc:
         try:  # let the plugins close their files; the original error is the one to report
             events.emit("train_end", step=reached["step"], interrupted=True)
         except HookFailed:
             pass
+        if isinstance(exc, KeyboardInterrupt):  # the second Ctrl-C: stopped at once, mid-step or mid-write
+            done = step_dirs(run_dir)
+            console.print(
+                f"[yellow]stopped at once[/] (a second interrupt) near step {reached['step']:,}; "
+                + (f"the last complete checkpoint is {done[-1]}: run the same command again to resume from it."
+                   if done else "no checkpoint was written yet.")
+            )
+            return EXIT_INTERRUPTED
         raise
     try:
         events.emit("train_end", step=result.step, interrupted=result.interrupted)

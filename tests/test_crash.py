@@ -124,3 +124,35 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one_and_resumes(tmp_
     assert r.returncode == 0 and "resuming from" in r.stdout, r.stderr
     _same_state(_final(run_a), _final(run_b))
     assert _losses(run_a) == _losses(run_b)
+
+
+def test_a_second_ctrl_c_inside_a_checkpoint_write_stops_at_once_and_resumes_exactly(tmp_path):
+    """The first Ctrl-C asks for a checkpoint at the end of the step; a second one gives up at once. Sent
+    while checkpoint 4 is being written (writes slowed), it leaves no partial folder, says which complete
+    checkpoint remains, and the run resumes from it to the same bits as an uninterrupted run."""
+    run_a, broken, run_b = _uninterrupted_and_broken(tmp_path, "i", epochs=3, checkpoint_every=2, dropout=0.1)
+    proc = subprocess.Popen([sys.executable, "-m", "ddpmkit", "run", str(broken)], cwd=REPO,
+                            env=_env(tmp_path, CRASHTEST_WRITE_PAUSE="0.3", COLUMNS="200"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not list((run_b / "checkpoints").glob(".tmp-step-00000004-*")) and time.time() < deadline:
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, (out, err)
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+    assert "stopped at once" in out and "step-00000002" in out, out
+    assert sorted(p.name for p in (run_b / "checkpoints").iterdir()) == ["step-00000002"]  # no partial folder
+    assert not (run_b / "run.lock").exists()
+    r = ddpmkit("run", str(broken))
+    assert r.returncode == 0 and "resuming from" in r.stdout, r.stderr
+    _same_state(_final(run_a), _final(run_b))
+    assert _losses(run_a) == _losses(run_b)

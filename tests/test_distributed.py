@@ -103,3 +103,27 @@ def test_a_locked_run_refuses_every_process_with_one_line(tmp_path):
     r = ddpmkit("run", str(cfg), "--nproc", "2", timeout=180)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert f"ddpmkit process {os.getpid()}" in r.stderr and not (run_dir / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("failing_rank", ["0", "1"])
+def test_an_error_on_one_rank_before_training_stops_both_with_one_line(failing_rank, tmp_path):
+    """A failure that only one process meets before the first step (its data, say) must not leave the
+    other waiting in a collective: both stop, within the test's timeout, with that one line."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import os\n"
+        f"if os.environ.get('RANK') == '{failing_rank}':\n"
+        "    import ddpmkit.runner as r\n"
+        "    from ddpmkit.errors import DataError\n"
+        "    def fail(*a, **k):\n"
+        "        raise DataError('injected: this process cannot read its data')\n"
+        "    r.load_dataset = fail\n"
+    )
+    cfg = write_config(tmp_path, "one", epochs=1, num_images=0, trajectory_images=0)
+    env = cli_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(hook), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    r = ddpmkit("run", str(cfg), "--nproc", "2", env=env, timeout=120)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert r.stderr.strip() == "error: injected: this process cannot read its data", r.stderr
+    assert not (tmp_path / "runs" / "one" / "checkpoints").exists()
