@@ -67,8 +67,8 @@ class ComponentSection(Section):
 
 
 class TrainSection(Section):
-    epochs: int = Field(75, ge=0)
-    max_steps: int | None = Field(None, ge=0, description="stop after this many optimizer steps in all")
+    epochs: int = Field(75, ge=1, description="passes over the dataset (at least one: an untrained network has nothing to sample)")
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps in all")
     batch_size: int = Field(64, ge=1)
     lr: float = Field(2e-5, gt=0, allow_inf_nan=False, description="peak learning rate (Adam)")
     lr_warmup_steps: int = Field(0, ge=0, description="ramp the learning rate linearly from lr / N up to lr over N steps")

@@ -213,6 +213,9 @@ def sample_command(
         write_images(stop.images, out)
         console.print(f"[yellow]interrupted[/] after {len(stop.images):,} of {num:,} images; wrote them to {out}")
         raise SystemExit(EXIT_INTERRUPTED) from None
+    except KeyboardInterrupt:
+        console.print(f"[yellow]interrupted[/] before the first batch of {batch_size:,} finished; nothing written")
+        raise SystemExit(EXIT_INTERRUPTED) from None
     write_images(images, out)
     console.print(f"[green]wrote[/] {out}")
 
