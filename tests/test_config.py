@@ -74,7 +74,7 @@ CASES = [
     ("lr-negative", "lr = 1e-3", "lr = -1e-3", "train.lr: Input should be greater than 0"),
     ("ema-one", "ema_decay = 0.9", "ema_decay = 1.0", "train.ema_decay: Input should be less than 1"),
     ("ema-negative", "ema_decay = 0.9", "ema_decay = -0.1", "train.ema_decay: Input should be greater than or equal to 0"),
-    ("epochs-negative", "epochs = 2", "epochs = -1", "train.epochs: Input should be greater than or equal to 0"),
+    ("epochs-zero", "epochs = 2", "epochs = 0", "train.epochs: Input should be greater than or equal to 1"),
     ("batch-zero", "batch_size = 16", "batch_size = 0", "train.batch_size: Input should be greater than or equal to 1"),
     ("checkpoint-every-zero", "checkpoint_every = 3", "checkpoint_every = 0", "train.checkpoint_every: Input should be greater than or equal to 1"),
     ("num-images-negative", "num_images = 8", "num_images = -1", "sample.num_images: Input should be greater than or equal to 0"),
