@@ -174,6 +174,8 @@ def run(
         args += [a for item in (set_ or []) for a in ("--set", item)]
         args += (["--fresh"] if fresh else []) + (["--data-root", str(data_root)] if data_root else [])
         args += ["--device", device] if device else []
+        # the cores shared out between the processes (torchrun would pick 1 and print a banner about it)
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
         raise typer.Exit(_launch(args))
     overrides = list(set_ or [])
     if device:
