@@ -180,19 +180,17 @@ def save_checkpoint(
     root = checkpoints_dir(run_dir)
     try:
         return _save(run_dir, step, model_state, ema_state, optimizer_state, state, keep)
-    except OSError as exc:
+    except BaseException as exc:  # a full disk, or a second Ctrl-C mid-write: nothing half-written stays
         for partial in root.glob(f".tmp-step-{step:08d}-{os.getpid()}"):
             shutil.rmtree(partial, ignore_errors=True)
+        if not isinstance(exc, OSError):
+            raise
         previous = [p.name for p in root.glob("step-*")] if root.is_dir() else []
         kept = f"the last complete checkpoint, {max(previous)}, is intact" if previous else "no earlier checkpoint exists"
         raise CheckpointError(
             f"could not write checkpoint step {step} in {root}: {exc.strerror or exc}; {kept}. "
             "Free space (or fix the folder) and run the same command again to resume"
         ) from None
-    except BaseException:  # a second Ctrl-C mid-write: nothing half-written stays behind
-        for partial in root.glob(f".tmp-step-{step:08d}-{os.getpid()}"):
-            shutil.rmtree(partial, ignore_errors=True)
-        raise
 
 
 def _save(

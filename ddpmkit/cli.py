@@ -175,8 +175,8 @@ def run(
         args += (["--fresh"] if fresh else []) + (["--data-root", str(data_root)] if data_root else [])
         args += ["--device", device] if device else []
         # the cores shared out between the processes (torchrun would pick 1 and print a banner about it)
-        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-        raise typer.Exit(_launch(args))
+        env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc)), **os.environ}
+        raise typer.Exit(_launch(args, env))
     overrides = list(set_ or [])
     if device:
         overrides.append(f"run.device={device}")
@@ -401,12 +401,12 @@ def bench(
 RANK_STOPPED_HINT = "this one stopped too"
 
 
-def _launch(args: list[str]) -> int:
+def _launch(args: list[str], env: dict[str, str]) -> int:
     """Run torchrun; when a worker fails with ddpmkit's one-line error, show that line once (exit code 2)
     instead of torchrun's own traceback about a failed child. Anything else is shown whole."""
     import subprocess
 
-    proc = subprocess.run(args, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.run(args, env=env, stderr=subprocess.PIPE, text=True)
     lines = proc.stderr.splitlines()
     warnings_ = list(dict.fromkeys(line for line in lines if line.startswith("warning:")))
     errors = list(dict.fromkeys(line for line in lines if line.startswith("error:")))

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +18,9 @@ import torch.nn.functional as F
 from .config import DataSection
 from .limits import check_fits
 from .errors import DataError
+
+if TYPE_CHECKING:
+    import PIL.Image
 
 DATA_ROOT_ENV = "DDPMKIT_DATA_ROOT"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif"}
@@ -118,8 +123,24 @@ def _mnist(root: Path, download: bool, size: int) -> Dataset:
     return Dataset(_fit(images, size), f"MNIST train ({root})")
 
 
+@contextmanager
+def open_image(path: Path) -> Iterator["PIL.Image.Image"]:
+    """``PIL.Image.open(path)``, with a file that is not an image, or that claims more pixels than
+    Pillow allows (a decompression bomb), turned into one DataError."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            yield im
+    except OSError as exc:  # PIL.UnidentifiedImageError is one
+        raise DataError(f"{path}: not an image ({exc})") from None
+    except Image.DecompressionBombError:
+        raise DataError(f"{path}: refused: its header claims more pixels than Pillow allows "
+                        f"({Image.MAX_IMAGE_PIXELS:,}; a decompression bomb?)") from None
+
+
 def _image_folder(root: Path, size: int, channels: int) -> Dataset:
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     if not root.is_dir():
         raise DataError(f"image folder {root} does not exist")
@@ -129,21 +150,15 @@ def _image_folder(root: Path, size: int, channels: int) -> Dataset:
     mode = "L" if channels == 1 else "RGB"
     out = torch.empty((len(files), channels, size, size), dtype=torch.uint8)
     for i, path in enumerate(files):
-        try:
-            with Image.open(path) as im:
-                im = im.convert(mode)
-                w, h = im.size
-                scale = size / min(w, h)  # resize the shorter side to `size`, then center-crop
-                im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
-                w, h = im.size
-                left, top = (w - size) // 2, (h - size) // 2
-                im = im.crop((left, top, left + size, top + size))
-                data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
-        except (OSError, UnidentifiedImageError) as exc:
-            raise DataError(f"{path}: cannot read image ({exc})") from None
-        except Image.DecompressionBombError:
-            raise DataError(f"{path}: refused: its header claims more pixels than Pillow allows "
-                            f"({Image.MAX_IMAGE_PIXELS:,}; a decompression bomb?)") from None
+        with open_image(path) as im:
+            im = im.convert(mode)
+            w, h = im.size
+            scale = size / min(w, h)  # resize the shorter side to `size`, then center-crop
+            im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+            w, h = im.size
+            left, top = (w - size) // 2, (h - size) // 2
+            im = im.crop((left, top, left + size, top + size))
+            data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
         out[i] = data.view(size, size, channels).permute(2, 0, 1)
     return Dataset(out, f"image folder {root} ({len(files)} images)")
 

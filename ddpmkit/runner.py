@@ -25,10 +25,9 @@ from .events import EventDispatcher, RunInfo
 from .factory import build_checked
 from .distributed import World, from_environment, join, leave
 from .runlock import acquire, locked, release
-from .train import RankStopped
 from .speed import SpeedModes
 from .sampling import generate, nearest_visited, sampling_progress, write_images, write_trajectory
-from .train import CPU_WARN_SECONDS, TrainEvents, steps_per_epoch, total_steps, train
+from .train import CPU_WARN_SECONDS, RankStopped, TrainEvents, steps_per_epoch, total_steps, train
 
 OUTPUT_FILES = ("samples.png", "samples.npz", "trajectory.png")
 

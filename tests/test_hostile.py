@@ -248,10 +248,6 @@ def test_a_decompression_bomb_in_an_image_folder_is_refused_for_training(tmp_pat
     assert r.exit_code == 2 and "decompression bomb" in r.output, r.output
 
 
-def _npz(path, **arrays):
-    np.savez(path, **arrays)
-
-
 def _file(path, content: bytes):
     path.write_bytes(content)
     return path
@@ -266,7 +262,7 @@ def _folder(path, *files):
 
 
 def _saved(path, **arrays):
-    _npz(path, **arrays)
+    np.savez(path, **arrays)
     return path
 
 

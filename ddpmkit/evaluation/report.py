@@ -33,20 +33,13 @@ def read_images(path: Path) -> torch.Tensor:
         return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
     if path.is_dir():
         from ..config import DataSection
-        from ..data import load_dataset
+        from ..data import load_dataset, open_image
 
         probe = next((p for p in sorted(path.iterdir()) if p.is_file()), None)
         if probe is None:
             raise DataError(f"{path}: empty folder")
-        from PIL import Image
-
-        try:
-            with Image.open(probe) as img:
-                size = img.size[0]
-        except OSError as exc:  # UnidentifiedImageError is one
-            raise DataError(f"{probe}: not an image ({exc})") from None
-        except Image.DecompressionBombError:
-            raise DataError(f"{probe}: refused: more pixels than Pillow allows (a decompression bomb?)") from None
+        with open_image(probe) as img:
+            size = img.size[0]
         section = DataSection(dataset="image-folder", root=str(path), image_size=size, channels=1)
         return load_dataset(section).images
     raise DataError(f"{path}: expected a .npz file or a folder of images")
