@@ -113,6 +113,23 @@ class SampleSection(Section):
         return v
 
 
+class GuidanceSection(Section):
+    """Autoguidance (Karras et al. 2024): a smaller, briefly trained denoiser of the same run guides the main one."""
+
+    weight: float = Field(
+        1.0, ge=0, allow_inf_nan=False,
+        description="w in D_guide + w (D_main - D_guide): 1 is off (no guide is trained), above 1 guides",
+    )
+    steps: int = Field(400, ge=1, description="training steps of the guide (trained before the main network)")
+    denoiser_options: dict[str, Any] = Field(
+        default_factory=dict, description="the guide's [denoiser.options], over the main network's (e.g. fewer channels)"
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.weight != 1.0
+
+
 class LogSection(Section):
     """Deprecated: the switches moved to ``[plugins.metrics] enabled`` and ``[plugins.tensorboard] enabled``."""
 
@@ -128,6 +145,7 @@ class RunConfig(Section):
     sampler: ComponentSection = Field(default_factory=lambda: ComponentSection(name="ddpm"))
     train: TrainSection = Field(default_factory=TrainSection)
     sample: SampleSection = Field(default_factory=SampleSection)
+    guidance: GuidanceSection = Field(default_factory=GuidanceSection)
     log: LogSection = Field(default_factory=LogSection, exclude=True)
     plugins: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="[plugins.<name>]: each plugin's own options, validated by its Options model"
@@ -364,6 +382,11 @@ def _validate_components(cfg: RunConfig, source: _Source) -> None:
             continue
         section.options = validated.model_dump(mode="json")
         section._component, section._options = component, validated
+        if kind == "denoiser" and cfg.guidance.denoiser_options:
+            try:  # the guide is the same denoiser with these options over the main one's
+                model.model_validate({**section.options, **cfg.guidance.denoiser_options})
+            except ValidationError as exc:
+                problems.extend(_messages(exc, model, ("guidance", "denoiser_options"), source))
     if problems:
         raise ConfigError("\n".join(problems))
 

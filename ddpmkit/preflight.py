@@ -130,5 +130,13 @@ def preflight(cfg: RunConfig, built: Components, *, data_root: Path | None = Non
     steps = total_steps(cfg, num_images)
     findings += [ema_finding(cfg, steps), snr_finding(built)]
     if timing and steps:
-        findings.append(time_finding(cfg, built, steps, pick_device(cfg.run.device)))
+        device = pick_device(cfg.run.device)
+        findings.append(time_finding(cfg, built, steps, device))
+        if cfg.guidance.enabled:  # the guide trains first: its time adds to the main network's
+            from .factory import build_components
+            from .guidance import guide_config
+
+            guide = guide_config(cfg)
+            found = time_finding(guide, build_components(guide), min(total_steps(guide, num_images), steps), device)
+            findings.append(Finding("guide", found.text.replace(" of training", " of training first (autoguidance)", 1)))
     return findings

@@ -23,6 +23,7 @@ from .device import pick_device
 from .errors import EXIT_INTERRUPTED, DdpmkitError, HookFailed
 from .events import EventDispatcher, RunInfo
 from .factory import build_checked
+from .guidance import guide_config, guided
 from .distributed import World, from_environment, join, leave
 from .runlock import acquire, locked, release
 from .speed import SpeedModes
@@ -99,6 +100,15 @@ def _run_config(
     cfg: RunConfig, *, console: Console, fresh: bool, data_root: Path | None, world: World, device: torch.device
 ) -> int:
     run_dir = cfg.run_dir
+    if cfg.guidance.enabled:  # autoguidance: the guide trains first, as a run of its own in RUN/guide
+        console.print(f"[bold]guide[/] for autoguidance (weight {cfg.guidance.weight:g}): "
+                      f"{cfg.guidance.steps:,} steps, trained first", highlight=False)
+        guide = guide_config(cfg)
+        if world.is_main:
+            _ensure_writable(guide.run_dir)
+        code = _run_config(guide, console=console, fresh=fresh, data_root=data_root, world=world, device=device)
+        if code:
+            return code
     if fresh and world.is_main:
         shutil.rmtree(checkpoints_dir(run_dir), ignore_errors=True)
         for name in ("metrics.jsonl", *OUTPUT_FILES):
@@ -161,7 +171,7 @@ def _run_config(
         if device.type == "cpu" and eta_s > CPU_WARN_SECONDS:
             progress.console.print(
                 f"[yellow]warning:[/] this run needs about {_format_duration(eta_s)} on this CPU; "
-                "configs/mnist-cpu.toml is sized for a CPU (about 14 minutes on 2 cores)", highlight=False
+                "configs/mnist-cpu.toml is sized for a CPU (about 15 minutes on 2 cores)", highlight=False
             )
 
     def on_checkpoint(path: Path, step: int) -> None:
@@ -212,7 +222,8 @@ def _run_config(
         return 0
 
     sc = cfg.sample
-    ema_or_raw = result.ema_model if sc.use_ema else result.model
+    ema_or_raw = guided(result.ema_model if sc.use_ema else result.model, cfg, run_dir, schedule,
+                        weights="ema" if sc.use_ema else "model")
     started = time.perf_counter()
     # one pass draws the samples; the first few of them also give the denoising strip
     count = max(sc.num_images, sc.trajectory_images if sc.trajectory_steps else 0)
@@ -224,18 +235,20 @@ def _run_config(
             f"showing the visited t nearest to those asked for: {', '.join(map(str, shown))}",
             highlight=False,
         )
-    if count:
-        with sampling_progress(console, count * len(visited), "sampling") as advance:
-            images, captured = generate(
-                ema_or_raw, schedule, sampler, count, batch_size=sc.batch_size, seed=sc.seed,
-                image_shape=cfg.image_shape, modes=SpeedModes.for_run(cfg.train, ema_or_raw.device),
-                capture_steps=shown or None, progress=advance, sampler_component=built.refs["sampler"],
-            )
-        if sc.num_images:
-            write_images(images[: sc.num_images], run_dir / "samples.png")
-            write_images(images[: sc.num_images], run_dir / "samples.npz")
-        if sc.trajectory_images and captured:
-            write_trajectory({t: x[: sc.trajectory_images] for t, x in captured.items()}, run_dir / "trajectory.png")
+    if not count:  # nothing to draw (the guide's run, or num_images = 0)
+        events.emit("samples_written", paths=[])
+        return 0
+    with sampling_progress(console, count * len(visited), "sampling") as advance:
+        images, captured = generate(
+            ema_or_raw, schedule, sampler, count, batch_size=sc.batch_size, seed=sc.seed,
+            image_shape=cfg.image_shape, modes=SpeedModes.for_run(cfg.train, ema_or_raw.device),
+            capture_steps=shown or None, progress=advance, sampler_component=built.refs["sampler"],
+        )
+    if sc.num_images:
+        write_images(images[: sc.num_images], run_dir / "samples.png")
+        write_images(images[: sc.num_images], run_dir / "samples.npz")
+    if sc.trajectory_images and captured:
+        write_trajectory({t: x[: sc.trajectory_images] for t, x in captured.items()}, run_dir / "trajectory.png")
     written = [run_dir / name for name in OUTPUT_FILES if (run_dir / name).exists()]
     events.emit("samples_written", paths=written)
     console.print(

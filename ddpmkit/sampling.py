@@ -16,6 +16,7 @@ from .limits import check_fits
 from .speed import SpeedModes, autocast, maybe_compiled, memory_format
 from .blame import blame
 from .errors import EXIT_INTERRUPTED, ConfigError, DdpmkitError, DdpmkitWarning, PluginCodeError
+from .guidance import guided
 from .interfaces import Denoiser, NoiseSchedule, Sampler
 
 if TYPE_CHECKING:
@@ -24,6 +25,8 @@ if TYPE_CHECKING:
 ProgressFn = Callable[[int], None]
 #: The [train] keys that also decide how sampling runs, and so may change when sampling from a checkpoint.
 SAMPLING_SPEED_KEYS = ("train.precision", "train.channels_last", "train.compile")
+#: Keys outside [sampler], [sample] and [run] that sampling from a checkpoint may change.
+SAMPLING_KEYS = (*SAMPLING_SPEED_KEYS, "guidance.weight")
 #: Sampler output this far beyond [-1, 1] on more than OUT_OF_RANGE_SHARE of the pixels is reported.
 OUT_OF_RANGE_SLACK = 0.05
 OUT_OF_RANGE_SHARE = 0.001
@@ -233,7 +236,7 @@ def draw_from_checkpoint(
     console: Console,
 ) -> tuple[torch.Tensor, int]:
     """``num`` images in [-1, 1] from a run's latest (or a given) checkpoint, with its components or another
-    sampler, and the number of denoiser evaluations each image cost."""
+    sampler, and the number of network evaluations each image cost (a guided step counts the guide's too)."""
     from .checkpoint import find_checkpoint
     from .config import config_from_dict
     from .device import pick_device
@@ -252,20 +255,22 @@ def draw_from_checkpoint(
     denoiser = built.denoiser
     with blame(built.refs["denoiser"], "to load the checkpoint's weights"):
         denoiser.load_state_dict(ckpt.weights("ema" if use_ema else "model"))
-    denoiser.to(dev)
+    denoiser = guided(denoiser.to(dev), cfg, ckpt.path.parent.parent, built.schedule, weights="ema" if use_ema else "model")
     c, h, w = cfg.image_shape
     check_fits(num * c * h * w * 5, f"--num {num:,}", "ask for fewer images, or run sample several times with --seed")
     steps = len(built.timesteps())
     console.print(
         f"sampling {num} images from {ckpt.path} ({'EMA' if use_ema else 'raw'} weights, step {ckpt.step}) "
         f"with {cfg.sampler.name} ({steps} steps) on {dev}"
+        + (f", guided by its guide (weight {cfg.guidance.weight:g})" if cfg.guidance.enabled else "")
     )
     with sampling_progress(console, num * steps) as advance:
         images, _ = generate(
             denoiser, built.schedule, built.sampler, num, batch_size=batch_size, seed=seed, image_shape=cfg.image_shape,
             modes=SpeedModes.for_run(cfg.train, dev), progress=advance, sampler_component=built.refs["sampler"],
         )
-    return images, steps
+    # a guided step calls two networks: the count a guided sampler is compared by (seconds tell the cost)
+    return images, steps * (2 if cfg.guidance.enabled else 1)
 
 
 def _same_component(kind: str, a: str, b: str) -> bool:
@@ -282,10 +287,10 @@ def _refuse_process_changes(overrides: list[str]) -> None:
     """Sampling with another process, model or data shape than the weights were trained with gives wrong images."""
     for item in overrides:
         key = item.partition("=")[0].strip()
-        if key.split(".")[0] not in ("sampler", "sample", "run") and key not in SAMPLING_SPEED_KEYS:
+        if key.split(".")[0] not in ("sampler", "sample", "run") and key not in SAMPLING_KEYS:
             raise ConfigError(
-                f"--set {item}: the weights were trained with the checkpoint's {key.split('.')[0]}; "
-                "sampling may change only [sampler], [sample], [run] and train.precision/channels_last/compile"
+                f"--set {item}: the weights were trained with the checkpoint's {key.split('.')[0]}; sampling may "
+                "change only [sampler], [sample], [run], guidance.weight and train.precision/channels_last/compile"
             )
 
 

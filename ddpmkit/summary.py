@@ -29,6 +29,14 @@ def describe_config(cfg: RunConfig, built: "Components") -> str:
         f"{SpeedModes(t.precision, channels_last=t.channels_last, compile=t.compile, fused_adam=bool(t.fused_adam)).describe()}"
         + (f", at most {t.max_steps} steps" if t.max_steps is not None else ""),
     ]
+    if cfg.guidance.enabled:
+        from .factory import build_components
+        from .guidance import guide_config
+
+        guide = guide_config(cfg)
+        n = build_components(guide).denoiser.num_parameters()
+        lines.append(f"guidance   weight {cfg.guidance.weight:g} (autoguidance): a guide of {n:,} parameters "
+                     f"({n / 1e6:.1f} M), trained {guide.train.max_steps:,} steps first, in {guide.run_dir}")
     if cfg.plugins:
         lines.append("plugins    " + "; ".join(f"{name} {opts}" for name, opts in sorted(cfg.plugins.items())))
     return "\n".join(lines)

@@ -127,3 +127,13 @@ def test_an_error_on_one_rank_before_training_stops_both_with_one_line(failing_r
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert r.stderr.strip() == "error: injected: this process cannot read its data", r.stderr
     assert not (tmp_path / "runs" / "one" / "checkpoints").exists()
+
+
+def test_the_guide_trains_under_ddp_before_the_main_network(tmp_path):
+    cfg = write_config(tmp_path, "g", epochs=1, num_images=4, trajectory_images=0, dropout=0.0)
+    cfg.write_text(cfg.read_text() + "\n[guidance]\nweight = 2.0\nsteps = 2\n")
+    r = ddpmkit("run", str(cfg), "--nproc", "2")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("trained to step 2 ") == 1 and r.stdout.count("trained to step 4 ") == 1  # rank 0 only
+    run = tmp_path / "runs" / "g"
+    assert (run / "guide" / "checkpoints" / "step-00000002").is_dir() and (run / "samples.npz").exists()
