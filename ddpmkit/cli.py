@@ -271,6 +271,9 @@ def sweep(
         None, "--sampler", metavar="NAME[:STEPS,...]", help="A sampler, with step counts to try, e.g. ddim:10,20,50 (repeatable; default: ddpm, ddim:10,20,50,100, and diffusers:10,20 with the extra)."
     ),
     num: int = typer.Option(1000, "--num", min=10, help="Samples per point (the same seeds for every point)."),
+    guidance: Optional[str] = typer.Option(
+        None, "--guidance", metavar="W[,W...]", help="Repeat the plan at each autoguidance weight (guidance.weight; 1 is off; above 1 needs the run's guide)."
+    ),
     batch_size: int = typer.Option(250, "--batch-size", min=1),
     seed: int = typer.Option(0, "--seed", min=0, max=2**63 - 1),
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="The folder holding MNIST/raw (default: DDPMKIT_DATA_ROOT or ./data)."),
@@ -282,7 +285,7 @@ def sweep(
     from .evaluation.sweep import default_plan, parse_plan, sweep as run_sweep
 
     shown = err_console if as_json else console
-    plan = parse_plan(list(samplers or default_plan()))
+    plan = parse_plan(list(samplers or default_plan()), _weights(guidance))
     root = _mnist_root(data_root)
     result = run_sweep(run, plan, num=num, batch_size=batch_size, seed=seed, data_root=root,
                        out_dir=out or Path(run) / "sweep", console=shown)
@@ -296,13 +299,28 @@ def sweep(
         table.add_column(col, no_wrap=col != "sampler", overflow="fold", min_width=9 if col == "sampler" else None)
     f = result["floor"]
     for r in result["points"]:
-        table.add_row(r["sampler"], str(r["denoiser_evaluations"]), f"{r['seconds']:.1f}", f"{r['fid']:.2f}",
+        table.add_row(r["line"], str(r["denoiser_evaluations"]), f"{r['seconds']:.1f}", f"{r['fid']:.2f}",
                       f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['confident_share']:.1%}",
                       str(r["classes_present"]))
     table.add_row("real data", "", "", f"{f['fid']:.2f}", f"{f['precision']:.3f}", f"{f['recall']:.3f}",
                   f"{f['confident_share']:.1%}", "")
     console.print(table)
     console.print(f"wrote {result['plot']} and {Path(result['plot']).with_name('sweep.json')}", highlight=False)
+
+
+def _weights(text: Optional[str]) -> list[float] | None:
+    """``"1,2.5"`` -> [1.0, 2.5]; ConfigError for anything that is not a list of numbers >= 0."""
+    from .errors import ConfigError
+
+    if text is None:
+        return None
+    try:
+        weights = [float(w) for w in text.split(",")]
+    except ValueError:
+        weights = []
+    if not weights or any(not (w >= 0 and w < float("inf")) for w in weights):
+        raise ConfigError(f"--guidance {text}: expected weights >= 0 separated by commas, e.g. 1,2,2.5")
+    return weights
 
 
 def _mnist_root(data_root: Optional[Path]) -> Path:

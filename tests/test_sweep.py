@@ -36,3 +36,25 @@ def test_sweep_cli(tmp_path, mnist_root, quick_classifier_cache):
     assert table.returncode == 0 and "real data" in table.stdout and "FID" in table.stdout, table.stderr
     bad = ddpmkit("sweep", str(run), "--sampler", "ddim:50", "--num", "10", "--data-root", str(mnist_root), env=env)
     assert bad.returncode == 2 and "50 steps exceed the schedule's T = 20" in bad.stderr, bad.stderr
+
+
+def test_parse_plan_repeats_at_each_guidance_weight():
+    assert parse_plan(["ddim:5,10"], [1, 2.5]) == [
+        Point("ddim", 5, 1.0), Point("ddim", 10, 1.0), Point("ddim", 5, 2.5), Point("ddim", 10, 2.5)]
+    assert Point("ddim", 5, 2.5).label == "ddim:5 w=2.5" and Point("ddim", 5, 2.5).line == "ddim w=2.5"
+
+
+def test_sweep_over_guidance_weights(tmp_path, mnist_root, quick_classifier_cache):
+    cfg = write_config(tmp_path, "gw", epochs=1, num_images=0, trajectory_images=0, dropout=0.0)
+    cfg.write_text(cfg.read_text() + "\n[guidance]\nweight = 2.0\nsteps = 2\n")
+    assert ddpmkit("run", str(cfg)).returncode == 0
+    run = tmp_path / "runs" / "gw"
+    env = cli_env(DDPMKIT_CACHE_DIR=str(quick_classifier_cache))
+    r = ddpmkit("sweep", str(run), "--sampler", "ddim:5", "--guidance", "1,3", "--num", "10", "--data-root",
+                str(mnist_root), "--json", env=env)
+    assert r.returncode == 0, r.stderr
+    points = json.loads(r.stdout)["points"]
+    assert [(p["label"], p["denoiser_evaluations"]) for p in points] == [("ddim:5 w=1", 5), ("ddim:5 w=3", 10)]
+    assert points[0]["fid"] != points[1]["fid"]
+    bad = ddpmkit("sweep", str(run), "--guidance", "1,x", "--num", "10", "--data-root", str(mnist_root), env=env)
+    assert bad.returncode == 2 and "--guidance 1,x: expected weights" in bad.stderr, bad.stderr

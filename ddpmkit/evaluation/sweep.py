@@ -32,14 +32,22 @@ class Point:
 
     sampler: str
     steps: int | None  # None: the sampler's own count (ddpm: T)
+    guidance: float | None = None  # None: the run's [guidance] weight
+
+    @property
+    def line(self) -> str:
+        """The plot's line this point belongs to: the sampler, at one guidance weight."""
+        return self.sampler if self.guidance is None else f"{self.sampler} w={self.guidance:g}"
 
     @property
     def label(self) -> str:
-        return self.sampler if self.steps is None else f"{self.sampler}:{self.steps}"
+        steps = "" if self.steps is None else f":{self.steps}"
+        return f"{self.sampler}{steps}" + ("" if self.guidance is None else f" w={self.guidance:g}")
 
 
-def parse_plan(items: list[str]) -> list[Point]:
-    """``["ddpm", "ddim:10,20"]`` -> points; a step count sets ``sampler.options.steps``."""
+def parse_plan(items: list[str], guidance: list[float] | None = None) -> list[Point]:
+    """``["ddpm", "ddim:10,20"]`` -> points; a step count sets ``sampler.options.steps``; each guidance
+    weight (``guidance.weight``) repeats the plan."""
     points = []
     for item in items:
         m = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._:-]*?)(?::(\d+(?:,\d+)*))?", item.strip())
@@ -50,6 +58,8 @@ def parse_plan(items: list[str]) -> list[Point]:
             points.append(Point(name, None))
         else:
             points.extend(Point(name, int(s)) for s in steps.split(","))
+    if guidance:
+        points = [Point(p.sampler, p.steps, float(w)) for w in guidance for p in points]
     return points
 
 
@@ -75,12 +85,14 @@ def sweep(
     rows = []
     for point in plan:
         overrides = [] if point.steps is None else [f"sampler.options.steps={point.steps}"]
+        if point.guidance is not None:
+            overrides.append(f"guidance.weight={point.guidance}")
         started = time.perf_counter()
         images, steps = draw_from_checkpoint(run, num=num, batch_size=batch_size, seed=seed, use_ema=True,
                                              sampler=point.sampler, overrides=overrides, device=None, console=console)
         seconds = time.perf_counter() - started
         scored = ev.score(to_uint8(images))["samples"]
-        rows.append({**asdict(point), "label": point.label, "denoiser_evaluations": steps, "seconds": seconds,
+        rows.append({**asdict(point), "label": point.label, "line": point.line, "denoiser_evaluations": steps, "seconds": seconds,
                      **{k: scored[k] for k in ("fid", "kid", "precision", "recall", "confident_share", "classes_present")}})
         log(f"{point.label}: FID {scored['fid']:.2f}, {scored['confident_share']:.1%} confident, {seconds:.1f} s")
     floor = {k: ev.floor[k] for k in ("fid", "kid", "precision", "recall", "confident_share")}
@@ -93,7 +105,7 @@ def sweep(
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    """Classifier FID against denoiser evaluations and against seconds, one line per sampler, the floor dashed."""
+    """Classifier FID against denoiser evaluations and against seconds, one line per sampler (and guidance weight), the floor dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -102,7 +114,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
     by_sampler: dict[str, list[dict]] = {}
     for row in result["points"]:
-        by_sampler.setdefault(row["sampler"], []).append(row)
+        by_sampler.setdefault(row.get("line", row["sampler"]), []).append(row)
     for ax, x_key, x_label in ((axes[0], "denoiser_evaluations", "denoiser evaluations per image"),
                                (axes[1], "seconds", f"seconds for {result['num_samples']:,} images")):
         for name, rows in by_sampler.items():
