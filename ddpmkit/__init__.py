@@ -12,7 +12,7 @@ from .factory import create_denoiser, create_sampler, create_schedule
 from .hookspecs import PLUGIN_API_VERSION, Register, hookimpl
 from .plugins import list_plugins
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 __all__ = [
     "CheckpointError",

@@ -98,7 +98,7 @@ class Component:
 
     @property
     def label(self) -> str:
-        """``denoiser 'unet' (plugin 'builtin', ddpmkit 0.3.0)``, for messages."""
+        """``denoiser 'unet' (plugin 'builtin', ddpmkit 0.4.0)``, for messages."""
         where = f", {self.plugin.distribution} {self.plugin.version}" if self.plugin.distribution else ""
         return f"{self.kind} '{self.name}' (plugin '{self.plugin.name}'{where})"
 
