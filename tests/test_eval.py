@@ -6,6 +6,7 @@ which ddpmkit trains once per machine (about 45 s here); the statistics do not d
 
 from __future__ import annotations
 
+from pathlib import Path
 import json
 import math
 
@@ -136,3 +137,67 @@ def test_eval_cli_on_a_samples_file(mnist_root, tmp_path, test_images, quick_cla
     assert table.returncode == 0 and "classifier FID" in table.stdout and "floor" in table.stdout, table.stderr
     bad = ddpmkit("eval", str(tmp_path / "none.npz"), "--data-root", str(mnist_root), env=env)
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
+
+
+@pytest.fixture(scope="module")
+def random_inception_weights(tmp_path_factory) -> Path:
+    """A state dict for torch-fidelity's InceptionV3 with random weights: the real ones are a download away."""
+    pytest.importorskip("torch_fidelity")
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    folder = tmp_path_factory.mktemp("inception")
+    placeholder = folder / "placeholder.pt"
+    torch.save({}, placeholder)
+    original = FeatureExtractorInceptionV3.load_state_dict
+    FeatureExtractorInceptionV3.load_state_dict = lambda self, state, *a, **k: None  # keep the random init
+    try:
+        net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(placeholder))
+    finally:
+        FeatureExtractorInceptionV3.load_state_dict = original
+    torch.manual_seed(0)
+    for module in net.modules():  # He initialisation keeps the activations alive through 48 layers
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+    path = folder / "weights.pt"
+    torch.save(net.state_dict(), path)
+    return path
+
+
+def test_inception_fid_runs_offline_with_given_weights(mnist_root, tmp_path, test_images, quick_classifier_cache,
+                                                       random_inception_weights):
+    """The Inception path end to end through torchmetrics: identical sets score 0, other digits more."""
+    env = cli_env(DDPMKIT_CACHE_DIR=str(quick_classifier_cache))
+    a, b = tmp_path / "a.npz", tmp_path / "b.npz"
+    np.savez_compressed(a, images=test_images[:30].permute(0, 2, 3, 1).numpy())
+    np.savez_compressed(b, images=test_images[30:60].permute(0, 2, 3, 1).numpy())
+    fids = {}
+    for name, samples in (("same", a), ("other", b)):
+        r = ddpmkit("eval", str(samples), "--reference", str(a), "--data-root", str(mnist_root), "--json",
+                    "--inception-weights", str(random_inception_weights), env=env)
+        assert r.returncode == 0, r.stderr
+        inc = json.loads(r.stdout)["inception_fid"]
+        assert inc["status"] == "ok", inc
+        fids[name] = inc["fid"]
+    assert abs(fids["same"]) < 1e-2 and fids["other"] > 100 * max(abs(fids["same"]), 1e-4), fids
+
+
+def test_inception_weights_that_are_not_a_state_dict_are_refused_unread(mnist_root, tmp_path, test_images,
+                                                                       quick_classifier_cache):
+    import pickle
+
+    samples = tmp_path / "a.npz"
+    np.savez_compressed(samples, images=test_images[:20].permute(0, 2, 3, 1).numpy())
+    marker = tmp_path / "ran"
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(pickle.dumps(_Payload(str(marker))))
+    r = ddpmkit("eval", str(samples), "--data-root", str(mnist_root), "--inception-weights", str(bad),
+                env=cli_env(DDPMKIT_CACHE_DIR=str(quick_classifier_cache)))
+    assert r.returncode == 2 and "not a plain PyTorch state dict" in r.stderr and not marker.exists(), r.stderr
+
+
+class _Payload:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))

@@ -153,12 +153,18 @@ def inception_fid(samples: torch.Tensor, reference: torch.Tensor, weights: Path 
         return {"status": "skipped", "reason": "no --inception-weights given (ddpmkit never downloads them at eval time)"}
     if not Path(weights).is_file():
         raise ConfigError(f"--inception-weights {weights}: no such file")
+    try:  # torch-fidelity unpickles the file in full; only a plain state dict gets that far
+        torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise DataError(f"--inception-weights {weights}: not a plain PyTorch state dict, refused unread "
+                        f"({type(exc).__name__})") from None
     try:
         from torchmetrics.image.fid import FrechetInceptionDistance
 
         metric = FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=str(weights))
     except (ImportError, ModuleNotFoundError, RuntimeError) as exc:
-        return {"status": "skipped", "reason": f"Inception FID needs torch-fidelity ({type(exc).__name__}: {exc})"}
+        return {"status": "skipped", "reason": f"Inception FID needs torch-fidelity: pip install 'ddpmkit[inception]' "
+                                               f"({type(exc).__name__}: {exc})"}
     for images, real in ((reference, True), (samples, False)):
         for x in images.split(100):
             metric.update(x.expand(-1, 3, -1, -1).contiguous(), real=real)
