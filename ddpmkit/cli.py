@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import sys
 import traceback
 import warnings
@@ -318,7 +319,7 @@ def _weights(text: Optional[str]) -> list[float] | None:
         weights = [float(w) for w in text.split(",")]
     except ValueError:
         weights = []
-    if not weights or any(not (w >= 0 and w < float("inf")) for w in weights):
+    if not weights or not all(math.isfinite(w) and w >= 0 for w in weights):
         raise ConfigError(f"--guidance {text}: expected weights >= 0 separated by commas, e.g. 1,2,2.5")
     return weights
 

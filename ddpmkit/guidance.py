@@ -21,6 +21,7 @@ from .interfaces import Denoiser, NoiseSchedule
 
 if TYPE_CHECKING:
     from .config import RunConfig
+    from .factory import Components
 
 #: The guide's run folder, inside the main run's folder.
 GUIDE_DIR = "guide"
@@ -72,6 +73,14 @@ def guide_config(cfg: "RunConfig") -> "RunConfig":
     data["sample"].update(num_images=0, trajectory_images=0)
     data["guidance"] = {}
     return config_from_dict(data)
+
+
+def build_guide(cfg: "RunConfig") -> tuple["RunConfig", "Components"]:
+    """The guide's run config and its freshly built (untrained) components."""
+    from .factory import build_components
+
+    guide = guide_config(cfg)
+    return guide, build_components(guide)
 
 
 def load_guide(run_dir: Path, weight: float, *, weights: str = "ema", device: torch.device | str = "cpu") -> Denoiser:

@@ -86,7 +86,9 @@ def data_finding(cfg: RunConfig, data_root: Path | None) -> tuple[Finding, int |
     return Finding("data", f"{len(ds):,} images, values in [{lo:.2f}, {hi:.2f}]", warning), len(ds)
 
 
-def time_finding(cfg: RunConfig, built: Components, steps: int, device: torch.device) -> Finding:
+def time_finding(
+    cfg: RunConfig, built: Components, steps: int, device: torch.device, *, label: str = "time", what: str = "of training"
+) -> Finding:
     """Seconds per training image, measured over a few forward+backward passes at a small batch on ``device``."""
     from .speed import autocast, memory_format
 
@@ -108,7 +110,7 @@ def time_finding(cfg: RunConfig, built: Components, steps: int, device: torch.de
         model.zero_grad(set_to_none=True)
     per_image = min(timings[1:]) / batch
     total = per_image * cfg.train.batch_size * steps
-    return Finding("time", f"about {_duration(total)} of training on {device} "
+    return Finding(label, f"about {_duration(total)} {what} on {device} "
                            f"({1 / per_image:,.0f} images/s forward+backward, measured at batch {batch})")
 
 
@@ -133,10 +135,9 @@ def preflight(cfg: RunConfig, built: Components, *, data_root: Path | None = Non
         device = pick_device(cfg.run.device)
         findings.append(time_finding(cfg, built, steps, device))
         if cfg.guidance.enabled:  # the guide trains first: its time adds to the main network's
-            from .factory import build_components
-            from .guidance import guide_config
+            from .guidance import build_guide
 
-            guide = guide_config(cfg)
-            found = time_finding(guide, build_components(guide), min(total_steps(guide, num_images), steps), device)
-            findings.append(Finding("guide", found.text.replace(" of training", " of training first (autoguidance)", 1)))
+            guide, guide_built = build_guide(cfg)
+            findings.append(time_finding(guide, guide_built, total_steps(guide, num_images), device,
+                                         label="guide", what="of training first (autoguidance)"))
     return findings

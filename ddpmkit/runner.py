@@ -101,9 +101,9 @@ def _run_config(
 ) -> int:
     run_dir = cfg.run_dir
     if cfg.guidance.enabled:  # autoguidance: the guide trains first, as a run of its own in RUN/guide
-        console.print(f"[bold]guide[/] for autoguidance (weight {cfg.guidance.weight:g}): "
-                      f"{cfg.guidance.steps:,} steps, trained first", highlight=False)
         guide = guide_config(cfg)
+        console.print(f"[bold]guide[/] for autoguidance (weight {cfg.guidance.weight:g}): "
+                      f"{guide.train.max_steps:,} steps, trained first", highlight=False)
         if world.is_main:
             _ensure_writable(guide.run_dir)
         code = _run_config(guide, console=console, fresh=fresh, data_root=data_root, world=world, device=device)
@@ -222,8 +222,6 @@ def _run_config(
         return 0
 
     sc = cfg.sample
-    ema_or_raw = guided(result.ema_model if sc.use_ema else result.model, cfg, run_dir, schedule,
-                        weights="ema" if sc.use_ema else "model")
     started = time.perf_counter()
     # one pass draws the samples; the first few of them also give the denoising strip
     count = max(sc.num_images, sc.trajectory_images if sc.trajectory_steps else 0)
@@ -238,6 +236,8 @@ def _run_config(
     if not count:  # nothing to draw (the guide's run, or num_images = 0)
         events.emit("samples_written", paths=[])
         return 0
+    ema_or_raw = guided(result.ema_model if sc.use_ema else result.model, cfg, run_dir, schedule,
+                        weights="ema" if sc.use_ema else "model")
     with sampling_progress(console, count * len(visited), "sampling") as advance:
         images, captured = generate(
             ema_or_raw, schedule, sampler, count, batch_size=sc.batch_size, seed=sc.seed,

@@ -30,11 +30,10 @@ def describe_config(cfg: RunConfig, built: "Components") -> str:
         + (f", at most {t.max_steps} steps" if t.max_steps is not None else ""),
     ]
     if cfg.guidance.enabled:
-        from .factory import build_components
-        from .guidance import guide_config
+        from .guidance import build_guide
 
-        guide = guide_config(cfg)
-        n = build_components(guide).denoiser.num_parameters()
+        guide, guide_built = build_guide(cfg)
+        n = guide_built.denoiser.num_parameters()
         lines.append(f"guidance   weight {cfg.guidance.weight:g} (autoguidance): a guide of {n:,} parameters "
                      f"({n / 1e6:.1f} M), trained {guide.train.max_steps:,} steps first, in {guide.run_dir}")
     if cfg.plugins:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -109,8 +110,6 @@ def test_a_checkpoint_without_its_guide_says_how_to_sample(tmp_path):
     path = _guided_config(tmp_path)
     assert cli("run", str(path)).returncode == 0
     lone = tmp_path / "lone"
-    import shutil
-
     shutil.copytree(tmp_path / "runs" / "g" / "checkpoints" / "step-00000004", lone)
     r = cli("sample", str(lone), "--num", "2", "--out", str(tmp_path / "x.png"))
     assert r.returncode == 2

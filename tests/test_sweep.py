@@ -19,10 +19,16 @@ def test_parse_plan():
         parse_plan(["ddim:10,"])
 
 
-def test_sweep_cli(tmp_path, mnist_root, quick_classifier_cache):
-    cfg = write_config(tmp_path, "sw", epochs=1, num_images=0, trajectory_images=0)
+def _trained(tmp_path, name: str, extra: str = "", **values):
+    """A tiny run trained through the CLI (``extra``: TOML appended to its config), and the env for sweeping it."""
+    cfg = write_config(tmp_path, name, epochs=1, num_images=0, trajectory_images=0, **values)
+    cfg.write_text(cfg.read_text() + extra)
     assert ddpmkit("run", str(cfg)).returncode == 0
-    run = tmp_path / "runs" / "sw"
+    return tmp_path / "runs" / name
+
+
+def test_sweep_cli(tmp_path, mnist_root, quick_classifier_cache):
+    run = _trained(tmp_path, "sw")
     env = cli_env(DDPMKIT_CACHE_DIR=str(quick_classifier_cache))
     r = ddpmkit("sweep", str(run), "--sampler", "ddpm", "--sampler", "ddim:5,10", "--num", "20", "--data-root",
                 str(mnist_root), "--json", env=env)
@@ -45,10 +51,7 @@ def test_parse_plan_repeats_at_each_guidance_weight():
 
 
 def test_sweep_over_guidance_weights(tmp_path, mnist_root, quick_classifier_cache):
-    cfg = write_config(tmp_path, "gw", epochs=1, num_images=0, trajectory_images=0, dropout=0.0)
-    cfg.write_text(cfg.read_text() + "\n[guidance]\nweight = 2.0\nsteps = 2\n")
-    assert ddpmkit("run", str(cfg)).returncode == 0
-    run = tmp_path / "runs" / "gw"
+    run = _trained(tmp_path, "gw", "\n[guidance]\nweight = 2.0\nsteps = 2\n", dropout=0.0)
     env = cli_env(DDPMKIT_CACHE_DIR=str(quick_classifier_cache))
     r = ddpmkit("sweep", str(run), "--sampler", "ddim:5", "--guidance", "1,3", "--num", "10", "--data-root",
                 str(mnist_root), "--json", env=env)

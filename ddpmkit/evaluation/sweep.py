@@ -35,14 +35,18 @@ class Point:
     guidance: float | None = None  # None: the run's [guidance] weight
 
     @property
+    def _weight(self) -> str:
+        return "" if self.guidance is None else f" w={self.guidance:g}"
+
+    @property
     def line(self) -> str:
         """The plot's line this point belongs to: the sampler, at one guidance weight."""
-        return self.sampler if self.guidance is None else f"{self.sampler} w={self.guidance:g}"
+        return f"{self.sampler}{self._weight}"
 
     @property
     def label(self) -> str:
         steps = "" if self.steps is None else f":{self.steps}"
-        return f"{self.sampler}{steps}" + ("" if self.guidance is None else f" w={self.guidance:g}")
+        return f"{self.sampler}{steps}{self._weight}"
 
 
 def parse_plan(items: list[str], guidance: list[float] | None = None) -> list[Point]:
