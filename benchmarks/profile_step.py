@@ -23,7 +23,7 @@ def profile_steps(config: Path, mode: str, device: str, steps: int, overrides: l
     from torch.profiler import ProfilerActivity, profile
 
     from ddpmkit.benchmark.bench import bench_ddpmkit_training, parse_mode
-    from ddpmkit.config import load_config
+    from ddpmkit.run.config import load_config
 
     cfg = load_config(config, overrides)
     dev, modes = torch.device(device), parse_mode(mode)
@@ -43,8 +43,8 @@ def time_hooks(steps: int = 3000) -> None:
     sys.path.insert(0, str(REPO / "tests"))
     from runconfigs import write_config
 
-    from ddpmkit.config import load_config
-    from ddpmkit.events import EventDispatcher, RunInfo
+    from ddpmkit.run.config import load_config
+    from ddpmkit.run.events import EventDispatcher, RunInfo
 
     cfg = load_config(write_config(Path(tempfile.mkdtemp()), "hooks"))
     cfg.run_dir.mkdir(parents=True)

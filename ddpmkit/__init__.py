@@ -1,18 +1,18 @@
 """ddpmkit: a plugin-based toolkit for Denoising Diffusion Probabilistic Models.
 
-Importing ddpmkit is cheap: torch is imported only when a component is built or a run starts.
+The front door. Importing ddpmkit is cheap: torch is imported only when a component is built, a run is
+loaded or a run starts. For plugin authors: :mod:`ddpmkit.interfaces`, :mod:`ddpmkit.diffusion`,
+:mod:`ddpmkit.errors`, :mod:`ddpmkit.testing` and ``ddpmkit.hookimpl``; the map of the package is
+``docs/architecture.md``.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .errors import CheckpointError, ConfigError, DataError, DdpmkitError, DdpmkitWarning, PluginCodeError, PluginError
-from .factory import create_denoiser, create_sampler, create_schedule
-from .hookspecs import PLUGIN_API_VERSION, Register, hookimpl
-from .plugins import list_plugins
-
-__version__ = "0.4.0"
+from ddpmkit.errors import CheckpointError, ConfigError, DataError, DdpmkitError, DdpmkitWarning, PluginCodeError, PluginError
+from ddpmkit.hookspecs import PLUGIN_API_VERSION, Register, hookimpl
+from ddpmkit.version import __version__
 
 __all__ = [
     "CheckpointError",
@@ -21,6 +21,7 @@ __all__ = [
     "DdpmkitError",
     "DdpmkitWarning",
     "Denoiser",
+    "LoadedRun",
     "NoiseSchedule",
     "PLUGIN_API_VERSION",
     "PluginCodeError",
@@ -28,30 +29,41 @@ __all__ = [
     "Register",
     "ReverseStepSampler",
     "Sampler",
+    "__version__",
     "create_denoiser",
     "create_sampler",
     "create_schedule",
     "hookimpl",
     "list_plugins",
     "load_config",
+    "load_run",
 ]
 
-if TYPE_CHECKING:  # imported lazily at run time (they need torch)
-    from .interfaces import Denoiser, NoiseSchedule, ReverseStepSampler, Sampler
+if TYPE_CHECKING:
+    from ddpmkit.interfaces import Denoiser, NoiseSchedule, ReverseStepSampler, Sampler
+    from ddpmkit.registry.build import create_denoiser, create_sampler, create_schedule
+    from ddpmkit.registry.discovery import list_plugins
+    from ddpmkit.run.config import load_config
+    from ddpmkit.sampling.loaded import LoadedRun, load_run
 
-_LAZY = {name: "interfaces" for name in ("NoiseSchedule", "Denoiser", "Sampler", "ReverseStepSampler")}
-
-
-def load_config(path: Any, overrides: list[str] | None = None):
-    """Read and validate a run config from a TOML file (see :mod:`ddpmkit.config`)."""
-    from .config import load_config as _load
-
-    return _load(path, overrides)
+#: name -> the module that defines it; imported on first use (most need torch)
+_LAZY = {
+    **{name: "ddpmkit.interfaces" for name in ("NoiseSchedule", "Denoiser", "Sampler", "ReverseStepSampler")},
+    **{name: "ddpmkit.registry.build" for name in ("create_schedule", "create_denoiser", "create_sampler")},
+    "list_plugins": "ddpmkit.registry.discovery",
+    "load_config": "ddpmkit.run.config",
+    "load_run": "ddpmkit.sampling.loaded",
+    "LoadedRun": "ddpmkit.sampling.loaded",
+}
 
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'ddpmkit' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

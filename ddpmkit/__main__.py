@@ -1,3 +1,3 @@
-from .cli import main
+from ddpmkit.commands import main
 
 main()

@@ -15,15 +15,46 @@ where abar = 1 (the end of a reverse chain).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Union
+from typing import Callable, Protocol, Union
 
 import torch
 import torch.nn.functional as F
 
-from .errors import ConfigError
+from ddpmkit.errors import ConfigError
 
-if TYPE_CHECKING:
-    from .interfaces import Denoiser, NoiseSchedule, SamplerCallback
+
+# The maths is written against what it reads, so that it sits below the interfaces that use it:
+# ddpmkit.interfaces.NoiseSchedule and Denoiser provide these members.
+class ScheduleTables(Protocol):
+    """The tables of a noise schedule the maths reads (see :class:`ddpmkit.interfaces.NoiseSchedule`)."""
+
+    num_timesteps: int
+    betas: torch.Tensor
+    alphas_cumprod: torch.Tensor
+    sqrt_alphas_cumprod: torch.Tensor
+    sqrt_one_minus_alphas_cumprod: torch.Tensor
+    posterior_variance: torch.Tensor
+    posterior_mean_coef1: torch.Tensor
+    posterior_mean_coef2: torch.Tensor
+
+    def to(self, device: torch.device | str) -> ScheduleTables: ...
+
+    def snr(self) -> torch.Tensor: ...
+
+
+class Network(Protocol):
+    """A network the maths calls (see :class:`ddpmkit.interfaces.Denoiser`)."""
+
+    prediction: str
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor: ...
+
+
+#: Called by a sampler after every reverse step with (step index, t, current x).
+SamplerCallback = Callable[[int, int, torch.Tensor], None]
 
 #: The prediction targets a denoiser may declare.
 PREDICTIONS: tuple[str, ...] = ("epsilon", "x0", "v")
@@ -40,7 +71,7 @@ def _at(values: torch.Tensor, t: Step, like: torch.Tensor) -> torch.Tensor:
     return values[t].view(-1, *([1] * (like.ndim - 1)))
 
 
-def alpha_bar(schedule: "NoiseSchedule", t: int) -> float:
+def alpha_bar(schedule: ScheduleTables, t: int) -> float:
     """abar_t as a Python float, with abar_{-1} = 1 (nothing noised yet)."""
     return 1.0 if t < 0 else float(schedule.alphas_cumprod[t])
 
@@ -55,13 +86,13 @@ def check_prediction(prediction: str) -> str:
 # --- the forward process ---------------------------------------------------------------------------
 
 
-def q_sample(schedule: "NoiseSchedule", x0: torch.Tensor, t: Step, noise: torch.Tensor) -> torch.Tensor:
+def q_sample(schedule: ScheduleTables, x0: torch.Tensor, t: Step, noise: torch.Tensor) -> torch.Tensor:
     """eq. 4: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps."""
     return _at(schedule.sqrt_alphas_cumprod, t, x0) * x0 + _at(schedule.sqrt_one_minus_alphas_cumprod, t, x0) * noise
 
 
 def q_posterior_mean_variance(
-    schedule: "NoiseSchedule", x0: torch.Tensor, x_t: torch.Tensor, t: Step
+    schedule: ScheduleTables, x0: torch.Tensor, x_t: torch.Tensor, t: Step
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """eq. 7: the mean mu-tilde_t(x_t, x_0) and variance beta-tilde_t of q(x_{t-1} | x_t, x_0)."""
     mean = _at(schedule.posterior_mean_coef1, t, x_t) * x0 + _at(schedule.posterior_mean_coef2, t, x_t) * x_t
@@ -71,23 +102,23 @@ def q_posterior_mean_variance(
 # --- conversions between prediction targets ----------------------------------------------------------
 
 
-def x0_from_eps(schedule: "NoiseSchedule", x_t: torch.Tensor, t: Step, eps: torch.Tensor) -> torch.Tensor:
+def x0_from_eps(schedule: ScheduleTables, x_t: torch.Tensor, t: Step, eps: torch.Tensor) -> torch.Tensor:
     """eq. 4 solved for x_0: (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)."""
     return (x_t - _at(schedule.sqrt_one_minus_alphas_cumprod, t, x_t) * eps) / _at(schedule.sqrt_alphas_cumprod, t, x_t)
 
 
-def eps_from_x0(schedule: "NoiseSchedule", x_t: torch.Tensor, t: Step, x0: torch.Tensor) -> torch.Tensor:
+def eps_from_x0(schedule: ScheduleTables, x_t: torch.Tensor, t: Step, x0: torch.Tensor) -> torch.Tensor:
     """eq. 4 solved for eps: (x_t - sqrt(abar_t) x_0) / sqrt(1 - abar_t)."""
     return (x_t - _at(schedule.sqrt_alphas_cumprod, t, x_t) * x0) / _at(schedule.sqrt_one_minus_alphas_cumprod, t, x_t)
 
 
-def v_from_x0_eps(schedule: "NoiseSchedule", t: Step, x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+def v_from_x0_eps(schedule: ScheduleTables, t: Step, x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     """Salimans & Ho (2022): v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0."""
     return _at(schedule.sqrt_alphas_cumprod, t, x0) * eps - _at(schedule.sqrt_one_minus_alphas_cumprod, t, x0) * x0
 
 
 def x0_eps_from_v(
-    schedule: "NoiseSchedule", x_t: torch.Tensor, t: Step, v: torch.Tensor
+    schedule: ScheduleTables, x_t: torch.Tensor, t: Step, v: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Salimans & Ho (2022): x_0 = sqrt(abar) x_t - sqrt(1 - abar) v and eps = sqrt(1 - abar) x_t + sqrt(abar) v."""
     a, b = _at(schedule.sqrt_alphas_cumprod, t, x_t), _at(schedule.sqrt_one_minus_alphas_cumprod, t, x_t)
@@ -95,7 +126,7 @@ def x0_eps_from_v(
 
 
 def split_prediction(
-    schedule: "NoiseSchedule", x_t: torch.Tensor, t: Step, output: torch.Tensor, prediction: str
+    schedule: ScheduleTables, x_t: torch.Tensor, t: Step, output: torch.Tensor, prediction: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(x_0, eps) implied by a denoiser's ``output`` for its declared ``prediction`` target."""
     if prediction == "epsilon":
@@ -108,7 +139,7 @@ def split_prediction(
 
 
 def training_target(
-    schedule: "NoiseSchedule", x0: torch.Tensor, noise: torch.Tensor, t: Step, prediction: str
+    schedule: ScheduleTables, x0: torch.Tensor, noise: torch.Tensor, t: Step, prediction: str
 ) -> torch.Tensor:
     """What a denoiser with target ``prediction`` should output for x_t = q_sample(x0, t, noise)."""
     if prediction == "epsilon":
@@ -123,7 +154,7 @@ def training_target(
 # --- calling a denoiser ---------------------------------------------------------------------------------
 
 
-def denoise(denoiser: "Denoiser", x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+def denoise(denoiser: Network, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """``denoiser(x_t, t)``, checked: a tensor shaped like ``x_t``, else ValueError saying what came back."""
     out = denoiser(x_t, t)
     if not isinstance(out, torch.Tensor):
@@ -134,8 +165,8 @@ def denoise(denoiser: "Denoiser", x_t: torch.Tensor, t: torch.Tensor) -> torch.T
 
 
 def predict_x0_eps(
-    denoiser: "Denoiser",
-    schedule: "NoiseSchedule",
+    denoiser: Network,
+    schedule: ScheduleTables,
     x_t: torch.Tensor,
     t: int,
     *,
@@ -161,7 +192,7 @@ def predict_x0_eps(
 LOSS_WEIGHTINGS: tuple[str, ...] = ("uniform", "min_snr")
 
 
-def loss_weight(schedule: "NoiseSchedule", t: torch.Tensor, prediction: str, weighting: str, gamma: float = 5.0) -> torch.Tensor:
+def loss_weight(schedule: ScheduleTables, t: torch.Tensor, prediction: str, weighting: str, gamma: float = 5.0) -> torch.Tensor:
     """Per-image weight of the squared error at steps ``t``.
 
     ``min_snr`` (Hang et al. 2023) weights the x0 error by min(SNR_t, gamma). For estimates consistent with
@@ -178,8 +209,8 @@ def loss_weight(schedule: "NoiseSchedule", t: torch.Tensor, prediction: str, wei
 
 
 def training_loss(
-    denoiser: "Denoiser",
-    schedule: "NoiseSchedule",
+    denoiser: Network,
+    schedule: ScheduleTables,
     x0: torch.Tensor,
     t: torch.Tensor,
     noise: torch.Tensor,
@@ -225,13 +256,13 @@ class ReverseStep:
     sigma: float
 
 
-def ddim_sigma(schedule: "NoiseSchedule", t: int, t_prev: int, eta: float) -> float:
+def ddim_sigma(schedule: ScheduleTables, t: int, t_prev: int, eta: float) -> float:
     """Song et al. (2021), eq. 16: sigma = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev)."""
     ab, ab_prev = alpha_bar(schedule, t), alpha_bar(schedule, t_prev)
     return eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)) ** 0.5
 
 
-def ancestral_steps(schedule: "NoiseSchedule", variance: str = "beta") -> list[ReverseStep]:
+def ancestral_steps(schedule: ScheduleTables, variance: str = "beta") -> list[ReverseStep]:
     """The T steps of DDPM ancestral sampling (Ho et al. 2020, Algorithm 2), sigma^2 = beta_t or beta-tilde_t."""
     steps = []
     for t in reversed(range(schedule.num_timesteps)):
@@ -242,7 +273,7 @@ def ancestral_steps(schedule: "NoiseSchedule", variance: str = "beta") -> list[R
 
 
 def reverse_step(
-    schedule: "NoiseSchedule",
+    schedule: ScheduleTables,
     step: ReverseStep,
     x0: torch.Tensor,
     eps: torch.Tensor,
@@ -261,16 +292,17 @@ def reverse_step(
 
 def run_reverse_steps(
     steps: list[ReverseStep],
-    denoiser: "Denoiser",
-    schedule: "NoiseSchedule",
+    denoiser: Network,
+    schedule: ScheduleTables,
     shape: tuple[int, ...],
     *,
     generator: torch.Generator,
     clip_denoised: bool = False,
-    callback: "SamplerCallback | None" = None,
+    callback: SamplerCallback | None = None,
 ) -> torch.Tensor:
     """x_T ~ N(0, I), then each step of eq. 12 (Song et al. 2021) on ``denoiser.device``; every draw from
-    ``generator``; ``callback(index, t, x)`` after each step. Returns the last x clipped to [-1, 1]."""
+    ``generator``; ``callback(index, t, x)`` after each step.
+    Returns the last x clipped to [-1, 1]."""
     device = denoiser.device
     s = schedule.to(device)
     x = torch.randn(shape, generator=generator, device=generator.device).to(device)
@@ -284,7 +316,7 @@ def run_reverse_steps(
 
 
 def gaussian_reverse_moments(
-    schedule: "NoiseSchedule", steps: list[ReverseStep], mu: float, s: float
+    schedule: ScheduleTables, steps: list[ReverseStep], mu: float, s: float
 ) -> tuple[float, float]:
     """The exact mean and std of the output of ``steps`` from x_T ~ N(0, 1), with the exact predictor of
     data N(mu, s^2) (computed in float64, no clipping).

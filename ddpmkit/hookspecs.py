@@ -40,7 +40,7 @@ def register_samplers(register: Register) -> None:
 
 
 # --- training events: a plugin adds a logger or a callback without touching the loop -----------
-# ``run`` is a :class:`ddpmkit.events.RunInfo` (run directory, validated config, device, steps);
+# ``run`` is a :class:`ddpmkit.run.events.RunInfo` (run directory, validated config, device, steps);
 # ``options`` is the plugin's own validated ``[plugins.<name>]`` table (its module's ``Options``
 # model), or None for a plugin that declares no options. Ask only for the arguments you need.
 

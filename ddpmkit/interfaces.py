@@ -7,20 +7,18 @@ Each component declares its constructor options as a nested pydantic ``Options``
 from __future__ import annotations
 
 import abc
-from typing import TYPE_CHECKING, Callable, ClassVar
+from typing import ClassVar
 
 import torch
 from pydantic import ConfigDict, Field
 from torch import nn
 
-from .errors import ConfigError
-from .validation import StrictNumbers
+from ddpmkit.errors import ConfigError
+from ddpmkit.validation import StrictNumbers
 
-if TYPE_CHECKING:
-    from .diffusion import ReverseStep
+from ddpmkit.diffusion import ReverseStep, SamplerCallback, run_reverse_steps
 
-#: Called by a sampler after every reverse step with (step index, t, current x).
-SamplerCallback = Callable[[int, int, torch.Tensor], None]
+__all__ = ["ComponentOptions", "Denoiser", "NoiseSchedule", "ReverseStepSampler", "Sampler", "SamplerCallback", "check_betas"]
 
 
 class ComponentOptions(StrictNumbers):
@@ -170,7 +168,7 @@ class Sampler(abc.ABC):
     def __init__(self, options: "Sampler.Options | None" = None) -> None:
         self.options = options if options is not None else type(self).Options()
 
-    def reverse_steps(self, schedule: NoiseSchedule) -> "list[ReverseStep] | None":
+    def reverse_steps(self, schedule: NoiseSchedule) -> list[ReverseStep] | None:
         """The generalised reverse steps this sampler takes under ``schedule``, or None if it is not of that family."""
         return None
 
@@ -209,7 +207,7 @@ class ReverseStepSampler(Sampler):
     ``ddpm`` and ``ddim`` are written this way; a subclass implements ``reverse_steps`` only."""
 
     @abc.abstractmethod
-    def reverse_steps(self, schedule: NoiseSchedule) -> "list[ReverseStep]":
+    def reverse_steps(self, schedule: NoiseSchedule) -> list[ReverseStep]:
         """The generalised reverse steps this sampler takes under ``schedule``."""
 
     @torch.no_grad()
@@ -222,8 +220,6 @@ class ReverseStepSampler(Sampler):
         generator: torch.Generator,
         callback: SamplerCallback | None = None,
     ) -> torch.Tensor:
-        from .diffusion import run_reverse_steps
-
         clip = bool(getattr(self.options, "clip_denoised", False))
         return run_reverse_steps(self.reverse_steps(schedule), denoiser, schedule, shape, generator=generator,
                                  clip_denoised=clip, callback=callback)

@@ -14,7 +14,7 @@ EVENTS = "events"
 
 def base_class(kind: str) -> type:
     """The abstract base class components of ``kind`` subclass (imports torch)."""
-    from .interfaces import Denoiser, NoiseSchedule, Sampler
+    from ddpmkit.interfaces import Denoiser, NoiseSchedule, Sampler
 
     return {"schedule": NoiseSchedule, "denoiser": Denoiser, "sampler": Sampler}[kind]
 

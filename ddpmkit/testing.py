@@ -17,11 +17,11 @@ from typing import Any, Callable
 
 import torch
 
-from .blame import one_line
-from .diffusion import MAX_FINAL_SNR, PREDICTIONS, gaussian_reverse_moments
-from .errors import ConfigError, DdpmkitError
-from .factory import create_denoiser, create_sampler, create_schedule
-from .interfaces import Denoiser
+from ddpmkit.registry.blame import one_line
+from ddpmkit.diffusion import MAX_FINAL_SNR, PREDICTIONS, gaussian_reverse_moments
+from ddpmkit.errors import ConfigError, DdpmkitError
+from ddpmkit.registry.build import create_denoiser, create_sampler, create_schedule
+from ddpmkit.interfaces import Denoiser
 
 
 
@@ -43,7 +43,7 @@ class CheckResult:
 
 class _Checks:
     def __init__(self, kind: str, name: str) -> None:
-        from .plugins import find
+        from ddpmkit.registry.discovery import find
 
         self.kind, self.name, self.results = kind, name.rpartition(":")[2], []
         try:

@@ -32,7 +32,7 @@ def one_thread():
 @pytest.fixture
 def fresh_plugin_registry(monkeypatch):
     """Third-party plugins allowed, and the registry rediscovered before and after the test."""
-    from ddpmkit import plugins
+    from ddpmkit.registry import discovery as plugins
 
     monkeypatch.delenv(plugins.DISABLE_ENV, raising=False)
     plugins.reset()
@@ -52,7 +52,7 @@ def plugin_module(monkeypatch):
     import textwrap
     import types
 
-    from ddpmkit import plugins
+    from ddpmkit.registry import discovery as plugins
 
     monkeypatch.delenv(plugins.DISABLE_ENV, raising=False)
     added: list[types.ModuleType] = []

@@ -92,7 +92,7 @@ def invoke(*args: str):
     """Run the CLI in-process (Typer's runner): plugins registered in-process are seen; bugs still raise."""
     from typer.testing import CliRunner
 
-    from ddpmkit.cli import app
+    from ddpmkit.commands import app
 
     result = CliRunner().invoke(app, list(args))
     assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)

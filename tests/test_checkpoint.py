@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ddpmkit.checkpoint import (
+from ddpmkit.run.checkpoint import (
     EMA_FILE,
     MODEL_FILE,
     OPTIMIZER_FILE,
@@ -92,7 +92,7 @@ KILL_DURING_WRITE = r"""
 import sys, time
 from pathlib import Path
 import torch
-import ddpmkit.checkpoint as ck
+import ddpmkit.run.checkpoint as ck
 
 run = Path(sys.argv[1])
 m = torch.nn.Linear(4, 3)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import ddpmkit
-from ddpmkit import plugins
+from ddpmkit.registry import discovery as plugins
 from runconfigs import invoke
 
 ROOT = Path(__file__).resolve().parents[1]

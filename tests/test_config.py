@@ -15,8 +15,9 @@ import pytest
 from typer.testing import CliRunner
 
 import ddpmkit
-from ddpmkit import ConfigError, plugins
-from ddpmkit.cli import app
+from ddpmkit import ConfigError
+from ddpmkit.registry import discovery as plugins
+from ddpmkit.commands import app
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = (ROOT / "configs" / "smoke.toml").read_text()
@@ -238,3 +239,19 @@ def test_subprocess_relative_path_and_missing_file(tmp_path):
     proc = run_cli("validate", "missing.toml", cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: missing.toml: no such config file"
+
+
+def test_the_default_trajectory_steps_follow_T(tmp_path):
+    """Without sample.trajectory_steps the strip is the tutorial's at the same fractions of any T; a config with
+    T = 200 validates without rewriting them (the tutorial's list has steps >= 200)."""
+    from ddpmkit.run.config import default_trajectory_steps
+
+    assert default_trajectory_steps(1000) == [0, 15, 50, 100, 200, 300, 400, 550, 700, 999]
+    assert default_trajectory_steps(200) == [0, 3, 10, 20, 40, 60, 80, 110, 139, 199]
+    assert default_trajectory_steps(2) == [0, 1]
+    text = SMOKE.replace("trajectory_steps = [0, 5, 10, 20, 30, 49]\n", "")
+    path = tmp_path / "t200.toml"
+    path.write_text(text.replace("num_timesteps = 50", "num_timesteps = 200"))
+    cfg = ddpmkit.load_config(path)
+    assert cfg.sample.trajectory_steps == [0, 3, 10, 20, 40, 60, 80, 110, 139, 199]
+    assert ddpmkit.load_config(ROOT / "configs" / "smoke.toml").sample.trajectory_steps == [0, 5, 10, 20, 30, 49]

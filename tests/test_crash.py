@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 #: random kills land inside writes often, and can make the Nth write fail with ENOSPC.
 SITECUSTOMIZE = '''
 import errno, os, time
-import ddpmkit.checkpoint as c
+import ddpmkit.run.checkpoint as c
 _real = c._write_file
 _count = {"n": 0}
 def _write_file(path, data):

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpmkit.config import DataSection
-from ddpmkit.data import load_dataset, resolve_root, to_model_scale, to_uint8
+from ddpmkit.run.config import DataSection
+from ddpmkit.run.data import load_dataset, resolve_root, to_model_scale, to_uint8
 from ddpmkit.errors import DataError
 
 

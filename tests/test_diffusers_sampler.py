@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import ddpmkit
-from ddpmkit import plugins
+from ddpmkit.registry import discovery as plugins
 from ddpmkit.testing import GaussianOracle, check_component
 from runconfigs import invoke
 

@@ -114,7 +114,7 @@ def test_an_error_on_one_rank_before_training_stops_both_with_one_line(failing_r
     (hook / "sitecustomize.py").write_text(
         "import os\n"
         f"if os.environ.get('RANK') == '{failing_rank}':\n"
-        "    import ddpmkit.runner as r\n"
+        "    import ddpmkit.training.runner as r\n"
         "    from ddpmkit.errors import DataError\n"
         "    def fail(*a, **k):\n"
         "        raise DataError('injected: this process cannot read its data')\n"

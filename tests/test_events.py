@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from ddpmkit import plugins
+from ddpmkit.registry import discovery as plugins
 from runconfigs import ddpmkit, invoke, write_config
 
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import ddpmkit
-from ddpmkit.config import load_config
+from ddpmkit.run.config import load_config
 from ddpmkit.diffusion import split_prediction
 from ddpmkit.errors import ConfigError
-from ddpmkit.guidance import GuidedDenoiser, guide_config
+from ddpmkit.run.guidance import GuidedDenoiser, guide_config
 from ddpmkit.interfaces import Denoiser
 
 from runconfigs import ddpmkit as cli, write_config

@@ -304,7 +304,7 @@ def test_a_batch_larger_than_the_dataset_says_what_it_trains_with(tmp_path):
 
 
 def test_an_inline_table_override_sets_its_keys_and_keeps_the_rest(tmp_path):
-    from ddpmkit.config import load_config
+    from ddpmkit.run.config import load_config
 
     cfg = load_config(write_config(tmp_path, "t"), ["train={lr=0.5, batch_size=4}"])
     assert (cfg.train.lr, cfg.train.batch_size, cfg.train.grad_clip, cfg.train.ema_decay) == (0.5, 4, 1.0, 0.9)

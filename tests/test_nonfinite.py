@@ -3,19 +3,17 @@ checkpoint and the advice it prints recovers the run; ``train.nonfinite = "skip"
 
 from __future__ import annotations
 
-import io
 import json
 import math
 
 import pytest
 import torch
-from rich.console import Console
 from safetensors.torch import load_file
 
-import ddpmkit.train as train_module
-from ddpmkit.config import load_config
+import ddpmkit.training.loop as train_module
+from ddpmkit.run.config import load_config
 from ddpmkit.errors import TrainingDiverged
-from ddpmkit.runner import run_config
+from ddpmkit.training.runner import run_config
 from runconfigs import ddpmkit, write_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -55,7 +53,7 @@ def _cfg(tmp_path, name, *sets, epochs=2):
 
 
 def _run(cfg) -> int:
-    return run_config(cfg, console=Console(file=io.StringIO()))
+    return run_config(cfg)
 
 
 def test_halt_stops_before_the_bad_update_and_names_the_last_good_checkpoint(tmp_path, monkeypatch):

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 import ddpmkit
-from ddpmkit import PluginError, plugins
+from ddpmkit import PluginError
+from ddpmkit.registry import discovery as plugins
 
 ROW_KEYS = {"kind", "name", "qualified_name", "plugin", "distribution", "version", "status", "error"}
 BUILTIN_ROWS = [
@@ -144,8 +145,8 @@ def test_builtins_come_through_the_entry_point_group(site):
 
 
 def test_the_folder_plugins_is_not_a_top_level_package(tmp_path):
-    """Installed, the folder plugins/ is the package ddpmkit_plugins; no top-level `plugins` exists
-    (run from an empty folder, so the source tree's own plugins/ is not on sys.path)."""
+    """Installed, the built-ins are the package ddpmkit_plugins (its folder named as it is imported); no
+    top-level `plugins` exists (run from an empty folder, so the source tree is not on sys.path)."""
     code = (
         "import importlib.util, pathlib, ddpmkit_plugins; "
         "print(importlib.util.find_spec('plugins') is None, pathlib.Path(ddpmkit_plugins.__file__).parent.name)"
@@ -153,7 +154,7 @@ def test_the_folder_plugins_is_not_a_top_level_package(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", plugins.DISABLE_ENV)}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["True", "plugins"]
+    assert proc.stdout.split() == ["True", "ddpmkit_plugins"]
 
 
 # --- a working third-party plugin ---------------------------------------------------------------
@@ -502,7 +503,7 @@ def test_cli_does_not_import_torch(args, tmp_path):
         f"""
         import sys
         from typer.testing import CliRunner
-        from ddpmkit.cli import app
+        from ddpmkit.commands import app
         result = CliRunner().invoke(app, {args!r})
         assert result.exit_code == 0, (result.exit_code, result.output)
         assert {args[0]!r} == "--help" or "ddpmkit" in result.output

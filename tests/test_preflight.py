@@ -11,8 +11,8 @@ from timm.utils import ModelEmaV3
 
 import ddpmkit
 from ddpmkit import diffusion as D
-from ddpmkit.preflight import ema_schedule
-from ddpmkit.train import learning_rate
+from ddpmkit.training.preflight import ema_schedule
+from ddpmkit.training.loop import learning_rate
 from runconfigs import invoke, write_config
 
 
@@ -23,7 +23,7 @@ def test_ema_schedule_matches_timm(decay, warmup, steps):
     torch.nn.init.ones_(model.weight)
     ema = ModelEmaV3(model, decay=decay, use_warmup=warmup)
     torch.nn.init.zeros_(model.weight)
-    for step in range(steps):  # as ddpmkit.train updates it
+    for step in range(steps):  # as ddpmkit.training.loop updates it
         ema.update(model, step=step + 1 if warmup else None)
     share, last = ema_schedule(decay, warmup, steps)
     assert float(ema.module.weight.detach()) == pytest.approx(share, rel=1e-4, abs=1e-12)
@@ -77,7 +77,7 @@ def test_min_snr_weighting_is_the_same_objective_for_every_target():
 
 def test_learning_rate_schedule():
     base = {"train": {"lr": 1e-3, "lr_warmup_steps": 10, "lr_decay": "cosine", "lr_min": 1e-5}}
-    from ddpmkit.config import config_from_dict
+    from ddpmkit.run.config import config_from_dict
 
     cfg = config_from_dict({**base, "data": {"dataset": "synthetic"}})
     assert learning_rate(cfg, 0, 110) == pytest.approx(1e-4)

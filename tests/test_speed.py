@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
 import pytest
 import torch
-from rich.console import Console
 from safetensors.torch import load_file
 
-import ddpmkit.train as train_module
+import ddpmkit.training.loop as train_module
 from ddpmkit.benchmark.bench import mode_name, parse_mode
-from ddpmkit.config import load_config
-from ddpmkit.factory import build_components
-from ddpmkit.runner import run_config
-from ddpmkit.sampling import generate
-from ddpmkit.speed import SpeedModes
+from ddpmkit.run.config import load_config
+from ddpmkit.run.components import build_components
+from ddpmkit.training.runner import run_config
+from ddpmkit.sampling.draw import generate
+from ddpmkit.runtime.speed import SpeedModes
 from runconfigs import REPO, invoke, write_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -42,7 +40,7 @@ def _train(tmp_path: Path, name: str, *sets: str, epochs: int = 3) -> Path:
     cfg_path = write_config(tmp_path, name, epochs=epochs, checkpoint_every=2, num_images=0, trajectory_images=0,
                             dropout=0.0, num_samples=32)
     cfg = load_config(cfg_path, list(sets))
-    assert run_config(cfg, console=Console(file=io.StringIO())) == 0
+    assert run_config(cfg) == 0
     return cfg.run_dir
 
 
@@ -126,7 +124,7 @@ def test_the_eta_is_measured_after_the_warm_up(tmp_path, monkeypatch):
     monkeypatch.setattr(train_module, "training_loss", slow_start)
     measured = []
     cfg = load_config(write_config(tmp_path, "eta", epochs=8, num_images=0, trajectory_images=0, dropout=0.0))
-    from ddpmkit.data import load_dataset
+    from ddpmkit.run.data import load_dataset
 
     built = build_components(cfg)
     train_module.train(
@@ -179,7 +177,7 @@ def test_bench_prints_the_side_by_side_table_and_json(tmp_path):
 def test_the_tutorial_reference_runs_on_pytorchs_own_tf32_defaults():
     """On CUDA torch's defaults already use TF32 for convolutions (not matmuls); the bench's tutorial
     reference must get exactly those, whatever ddpmkit's modes set before, and leave them as it found them."""
-    from ddpmkit.speed import pytorch_default_precision
+    from ddpmkit.runtime.speed import pytorch_default_precision
 
     flags = torch.backends.cuda.matmul, torch.backends.cudnn
     before = flags[0].allow_tf32, flags[1].allow_tf32

@@ -12,16 +12,22 @@ from typing import Any, Callable
 
 import torch
 
-from ..config import RunConfig
-from ..data import Dataset, to_model_scale
-from ..errors import ConfigError
-from ..factory import build_components
-from ..interfaces import Denoiser
-from ..sampling import generate
-from ..speed import PRECISIONS, SpeedModes, pytorch_default_precision
-from ..train import TrainEvents, train
-from .measure import count_flops, matmul_peak, median_seconds, peak_memory_bytes, reset_peak_memory
-from .tutorial import TutorialTrainer, tutorial_sample_one
+from ddpmkit.run.config import RunConfig
+from ddpmkit.run.data import Dataset, to_model_scale
+from ddpmkit.errors import ConfigError
+from ddpmkit.run.components import build_components
+from ddpmkit.interfaces import Denoiser
+from ddpmkit.sampling.draw import generate
+from ddpmkit.runtime.speed import PRECISIONS, SpeedModes, pytorch_default_precision
+from ddpmkit.training.loop import TrainEvents, train
+from ddpmkit.benchmark.measure import (
+    count_flops,
+    matmul_peak,
+    median_seconds,
+    peak_memory_bytes,
+    reset_peak_memory,
+)
+from ddpmkit.benchmark.tutorial import TutorialTrainer, tutorial_sample_one
 
 #: Mode flags after the precision in a mode name such as ``bf16+cl+compile``.
 FLAGS = {"cl": "channels_last", "fused": "fused_adam", "compile": "compile", "tf32": "tf32"}
@@ -38,6 +44,14 @@ def parse_mode(text: str) -> SpeedModes:
             raise ConfigError(f"--modes {text}: unknown flag '{flag}' (flags: {', '.join(FLAGS)})")
         fields[FLAGS[flag]] = True
     return SpeedModes(precision=precision, **fields)
+
+
+def parse_modes(text: str) -> list[SpeedModes]:
+    """``"fp32,bf16+cl"`` -> the modes; an empty item is named as such."""
+    items = text.split(",")
+    if any(not item.strip() for item in items):
+        raise ConfigError(f"--modes {text}: an empty mode (a comma too many?); e.g. --modes fp32,bf16+cl")
+    return [parse_mode(item) for item in items]
 
 
 def mode_name(modes: SpeedModes) -> str:
@@ -102,7 +116,7 @@ def bench_ddpmkit_training(
     cfg: RunConfig, modes: SpeedModes, device: torch.device, *, warmup: int, steps: int
 ) -> tuple[float, float]:
     """(images/s from the median step time after ``warmup``, seconds of the first step) of
-    ddpmkit's own training loop (`ddpmkit.train.train`: EMA, bookkeeping and all) in ``modes``."""
+    ddpmkit's own training loop (`ddpmkit.training.loop.train`: EMA, bookkeeping and all) in ``modes``."""
     batch = cfg.train.batch_size
     run_cfg = with_modes(cfg, modes, max_steps=warmup + steps, epochs=10**6, checkpoint_every=10**9, keep_checkpoints=1)
     model, schedule, _ = fresh_model(run_cfg)

@@ -11,6 +11,9 @@ from typing import Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+#: A matrix product this long is long enough to time the peak (see matmul_peak).
+MATMUL_SECONDS = 0.05
+
 
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
@@ -32,13 +35,21 @@ def median_seconds(fn: Callable[[], object], device: torch.device, *, warmup: in
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, size: int | None = None, repeats: int = 5) -> float:
-    """FLOP/s of a ``size`` x ``size`` matrix product in ``dtype`` on ``device``: the achievable peak
-    (2048 on a CPU; 8192 on a GPU, where a smaller product finishes too fast to fill the chip)."""
-    size = size or (8192 if device.type == "cuda" else 2048)
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
-    seconds = median_seconds(lambda: a @ b, device, warmup=2, repeats=repeats)
-    return 2 * size**3 / seconds
+    """FLOP/s of a square matrix product in ``dtype`` on ``device``: the achievable peak. The product grows
+    from 256 until one takes MATMUL_SECONDS or reaches ``size`` (2048 on a CPU; 8192 on a GPU, where a smaller
+    product finishes too fast to fill the chip), so that an emulated dtype (bf16 on a CPU without native
+    bf16: ~0.3 GFLOP/s) is measured in a second, not in minutes."""
+    largest = size or (8192 if device.type == "cuda" else 2048)
+    n = min(256, largest)
+    while True:
+        a = torch.randn(n, n, device=device).to(dtype)
+        b = torch.randn(n, n, device=device).to(dtype)
+        seconds = median_seconds(lambda: a @ b, device, warmup=1, repeats=1)
+        if n >= largest or seconds >= MATMUL_SECONDS:
+            break
+        n = min(largest, n * 2)
+    seconds = median_seconds(lambda: a @ b, device, warmup=1, repeats=repeats)
+    return 2 * n**3 / seconds
 
 
 def count_flops(fn: Callable[[], object]) -> int:

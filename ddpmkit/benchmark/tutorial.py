@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from timm.utils import ModelEmaV3
 
-from ..interfaces import Denoiser, NoiseSchedule
+from ddpmkit.interfaces import Denoiser, NoiseSchedule
 
 
 class TutorialTrainer:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..errors import DataError
+from ddpmkit.errors import DataError
 
 #: Bump when the network below changes: cached classifiers of another version are never reused.
 ARCHITECTURE_VERSION = 1

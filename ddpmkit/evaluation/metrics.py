@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .classifier import FeatureNetwork, MnistClassifier, to_classifier_input
+from ddpmkit.evaluation.classifier import FeatureNetwork, MnistClassifier, to_classifier_input
 
 CONFIDENT = 0.9
 

@@ -8,10 +8,16 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..errors import ConfigError, DataError
-from .classifier import ClassifierSpec, load_or_train, mnist_tensors
-from .metrics import (
-    confidence, distribution_distances, features, memorisation, nearest_distances, pixel_vectors, precision_recall,
+from ddpmkit.errors import ConfigError, DataError
+from ddpmkit.evaluation.classifier import ClassifierSpec, load_or_train, mnist_tensors
+from ddpmkit.evaluation.metrics import (
+    confidence,
+    distribution_distances,
+    features,
+    memorisation,
+    nearest_distances,
+    pixel_vectors,
+    precision_recall,
 )
 
 PAIRS_SHOWN = 16
@@ -32,8 +38,8 @@ def read_images(path: Path) -> torch.Tensor:
             raise DataError(f"{path}: 'images' must be uint8 [N, H, W, C], got {array.dtype} {array.shape}")
         return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
     if path.is_dir():
-        from ..config import DataSection
-        from ..data import load_dataset, open_image
+        from ddpmkit.run.config import DataSection
+        from ddpmkit.run.data import load_dataset, open_image
 
         probe = next((p for p in sorted(path.iterdir()) if p.is_file()), None)
         if probe is None:
@@ -173,8 +179,8 @@ def inception_fid(samples: torch.Tensor, reference: torch.Tensor, weights: Path 
 
 def _write_pairs(samples: torch.Tensor, neighbours: torch.Tensor, path: Path) -> None:
     """A grid of (sample, its nearest training image) pairs, side by side, closest first."""
-    from ..sampling import grid, save_png
-    from .classifier import to_classifier_input
+    from ddpmkit.sampling.images import grid, save_png
+    from ddpmkit.evaluation.classifier import to_classifier_input
 
     a = (to_classifier_input(samples) * 255).round().to(torch.uint8)
     b = (to_classifier_input(neighbours) * 255).round().to(torch.uint8)

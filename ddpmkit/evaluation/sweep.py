@@ -7,12 +7,15 @@ import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from rich.console import Console
+from ddpmkit.errors import ConfigError
+from ddpmkit.evaluation.report import Evaluator
 
-from ..errors import ConfigError
-from .report import Evaluator
+if TYPE_CHECKING:
+    import torch
+
+    from ddpmkit.sampling.loaded import LoadedRun, SamplingPlan
 
 #: What `ddpmkit sweep` runs when no --sampler is given: ancestral sampling, DDIM at a range of steps, and
 #: DPM-Solver++ (the diffusers sampler's default scheduler) at 10 and 20 steps when ddpmkit[diffusers] is installed.
@@ -68,39 +71,39 @@ def parse_plan(items: list[str], guidance: list[float] | None = None) -> list[Po
 
 
 def sweep(
-    run: Path,
+    run: "LoadedRun",
     plan: list[Point],
     *,
     num: int,
-    batch_size: int,
     seed: int,
     data_root: Path,
     out_dir: Path,
-    console: Console,
+    batch_size: int = 250,
+    draw: Callable[["SamplingPlan"], "torch.Tensor"] | None = None,
     evaluator: Evaluator | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Sample ``num`` images for every point from the same seed, score each, and write sweep.json and sweep.png."""
-    from ..data import to_uint8
-    from ..sampling import draw_from_checkpoint
+    """Sample ``num`` images for every point of ``plan`` from the same seed, from the run loaded once, score
+    each, and write sweep.json and sweep.png. ``draw(sampling_plan)`` (default: ``run.draw``) gives the images."""
+    from ddpmkit.run.data import to_uint8
 
-    log = log or (lambda m: console.print(m, highlight=False))
+    log = log or (lambda m: None)
+    draw = draw or (lambda p: run.draw(num, plan=p, seed=seed, batch_size=batch_size)[0])
     ev = evaluator or Evaluator(num, data_root=data_root, seed=seed, log=log)
+    # every point's sampler is validated before the first one samples
+    plans = [run.plan(sampler=point.sampler, steps=point.steps, guidance=point.guidance) for point in plan]
     rows = []
-    for point in plan:
-        overrides = [] if point.steps is None else [f"sampler.options.steps={point.steps}"]
-        if point.guidance is not None:
-            overrides.append(f"guidance.weight={point.guidance}")
+    for point, sampling in zip(plan, plans):
         started = time.perf_counter()
-        images, steps = draw_from_checkpoint(run, num=num, batch_size=batch_size, seed=seed, use_ema=True,
-                                             sampler=point.sampler, overrides=overrides, device=None, console=console)
+        images = draw(sampling)
         seconds = time.perf_counter() - started
         scored = ev.score(to_uint8(images))["samples"]
-        rows.append({**asdict(point), "label": point.label, "line": point.line, "denoiser_evaluations": steps, "seconds": seconds,
+        rows.append({**asdict(point), "label": point.label, "line": point.line,
+                     "denoiser_evaluations": sampling.evaluations, "seconds": seconds,
                      **{k: scored[k] for k in ("fid", "kid", "precision", "recall", "confident_share", "classes_present")}})
         log(f"{point.label}: FID {scored['fid']:.2f}, {scored['confident_share']:.1%} confident, {seconds:.1f} s")
     floor = {k: ev.floor[k] for k in ("fid", "kid", "precision", "recall", "confident_share")}
-    result = {"run": str(run), "num_samples": num, "seed": seed, "floor": floor, "points": rows}
+    result = {"run": str(run.run_dir), "num_samples": num, "seed": seed, "floor": floor, "points": rows}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "sweep.json").write_text(json.dumps(result, indent=2))
     plot(result, out_dir / "sweep.png")

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import os
 
-from .errors import ConfigError
+from ddpmkit.errors import ConfigError
+from ddpmkit.runtime.units import format_bytes
 
 
 def available_memory() -> int:
@@ -21,16 +22,6 @@ def available_memory() -> int:
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return 2**63
-
-
-def format_bytes(n: float) -> str:
-    if n < 1024:
-        return f"{n:,.0f} bytes"
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
-        n /= 1024
-        if n < 1024:
-            return f"{n:,.1f} {unit}"
-    return f"{n / 1024:,.1f} PiB"
 
 
 def check_fits(needed: float, what: str, hint: str) -> None:

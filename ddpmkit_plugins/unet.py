@@ -21,7 +21,7 @@ from pydantic import Field, ValidationInfo, field_validator
 from torch import nn
 
 from ddpmkit.errors import ConfigError
-from ddpmkit.limits import check_fits
+from ddpmkit.runtime.limits import check_fits
 from ddpmkit.interfaces import Denoiser
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .errors import ConfigError
+from ddpmkit.errors import ConfigError
 
 #: How long a collective may wait before the process group gives up (a last resort: ranks agree
 #: to stop through their flags long before this).

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from .errors import DdpmkitError
+from ddpmkit.errors import DdpmkitError
 
 LOCK_FILE = "run.lock"
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Iterator
 
-from .errors import DdpmkitError, PluginCodeError
+from ddpmkit.errors import DdpmkitError, PluginCodeError
 
 if TYPE_CHECKING:
-    from .plugins import Component
+    from ddpmkit.registry.discovery import Component
 
 
 def one_line(exc: BaseException) -> str:

@@ -1,78 +1,23 @@
-"""Building components: look each up once, validate its options once, construct it, and check it works.
+"""A run's components: the schedule, denoiser and sampler its config names, built once and smoke-tested.
 
-:func:`build_components` is the one place a run, ``sample`` and ``validate`` get their schedule,
-denoiser and sampler from; ``create_*`` are the same steps for one component, from Python.
+:func:`build_components` is the one place a run, ``sample``, ``validate`` and ``bench`` get them from.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING
 
-from pydantic import BaseModel, ValidationError
-
-from . import plugins
-from .blame import blame
-from .limits import check_fits
-from .errors import ConfigError, PluginCodeError
-from .kinds import KINDS
-from .validation import problems
+from ddpmkit.errors import PluginCodeError
+from ddpmkit.kinds import KINDS
+from ddpmkit.registry.blame import blame
+from ddpmkit.registry.build import construct
+from ddpmkit.runtime.limits import check_fits
 
 if TYPE_CHECKING:
-    from .config import RunConfig
-    from .interfaces import Denoiser, NoiseSchedule, Sampler
-    from .plugins import Component
-
-
-def validate_options(component: "Component", options: Mapping[str, Any] | BaseModel, prefix: str = "") -> BaseModel:
-    """Validate ``options`` with the Options model of ``component``; ConfigError names the key."""
-    model = plugins.load(component).Options
-    if isinstance(options, model):
-        return options
-    try:
-        return model.model_validate(dict(options))
-    except ValidationError as exc:
-        where = tuple((prefix or f"{component.kind}.options").split("."))
-        raise ConfigError("; ".join(f"{key}: {msg}" for key, msg in problems(exc, model, where))) from None
-
-
-def construct(component: "Component", options: BaseModel, **context: Any) -> Any:
-    """``cls(options, **context)`` for ``component``, with any failure reported as one line naming it."""
-    cls = plugins.load(component)
-    with blame(component, "to build"):
-        built = cls(options, **context)
-    if component.kind == "schedule":
-        with blame(component, "to give its betas"):
-            from .interfaces import check_betas
-
-            check_betas(built.betas.double(), built.num_timesteps)
-    if component.kind == "denoiser":
-        from .diffusion import PREDICTIONS
-
-        if getattr(built, "prediction", None) not in PREDICTIONS:
-            raise PluginCodeError(
-                f"{component.label} declares prediction = {getattr(built, 'prediction', None)!r}; "
-                f"ddpmkit knows {', '.join(PREDICTIONS)}"
-            )
-    return built
-
-
-def create_schedule(name: str, **options: Any) -> "NoiseSchedule":
-    """Build the noise schedule registered as ``name`` (or ``DISTRIBUTION:NAME``) with the given options."""
-    comp = plugins.find("schedule", name)
-    return construct(comp, validate_options(comp, options))
-
-
-def create_denoiser(name: str, *, image_shape: tuple[int, int, int], num_timesteps: int, **options: Any) -> "Denoiser":
-    """Build the denoiser registered as ``name`` for images of ``image_shape`` (C, H, W) and T steps."""
-    comp = plugins.find("denoiser", name)
-    return construct(comp, validate_options(comp, options), image_shape=tuple(image_shape), num_timesteps=num_timesteps)
-
-
-def create_sampler(name: str, **options: Any) -> "Sampler":
-    """Build the sampler registered as ``name`` with the given options."""
-    comp = plugins.find("sampler", name)
-    return construct(comp, validate_options(comp, options))
+    from ddpmkit.interfaces import Denoiser, NoiseSchedule, Sampler
+    from ddpmkit.registry.discovery import Component
+    from ddpmkit.run.config import RunConfig
 
 
 @dataclass
@@ -127,7 +72,7 @@ def smoke_test(built: Components, image_shape: tuple[int, int, int]) -> None:
     sampler's step list, so that shape, NaN and plugin errors show before any training."""
     import torch
 
-    from .diffusion import denoise
+    from ddpmkit.diffusion import denoise
 
     built.timesteps()
     denoiser, comp = built.denoiser, built.refs["denoiser"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import ConfigError
+from ddpmkit.errors import ConfigError
 
 
 def pick_device(spec: str = "auto") -> torch.device:

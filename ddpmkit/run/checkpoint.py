@@ -21,8 +21,9 @@ import io
 import json
 import os
 import re
-import shutil
 import platform
+import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -33,12 +34,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .errors import CheckpointError
-from .kinds import KINDS
+from ddpmkit.errors import CheckpointError, DdpmkitWarning
+from ddpmkit.kinds import KINDS
 
 if TYPE_CHECKING:
-    from .config import RunConfig
-    from .factory import Components
+    from ddpmkit.run.config import RunConfig
+    from ddpmkit.run.components import Components
 
 FORMAT_VERSION = 1
 CHECKPOINTS_DIR = "checkpoints"
@@ -222,9 +223,40 @@ def _save(
     else:
         tmp.rename(final)
     _fsync_dir(root)
-    for old in step_dirs(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    _VERIFIED.add(_verified_key(final))
+    _rotate(run_dir, keep)
     return final
+
+
+#: (folder, state.json's mtime) of the checkpoints this process wrote or verified: rotation hashes each once
+_VERIFIED: set[tuple[Path, int]] = set()
+_REPORTED: set[Path] = set()
+
+
+def _verified_key(path: Path) -> tuple[Path, int]:
+    try:
+        return path.resolve(), (path / STATE_FILE).stat().st_mtime_ns
+    except OSError:
+        return path.resolve(), -1
+
+
+def _rotate(run_dir: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` checkpoints that verify. A broken one is not counted and is left in
+    place (reported once): rotation must never delete a good checkpoint to keep a broken one."""
+    good = 0
+    for path in reversed(step_dirs(run_dir)):
+        if _verified_key(path) not in _VERIFIED:
+            try:
+                load_checkpoint(path)
+            except CheckpointError as exc:
+                if path not in _REPORTED:
+                    _REPORTED.add(path)
+                    warnings.warn(f"{exc}: not counted as one of the {keep} checkpoints kept, and left in place "
+                                  "(delete it or move it away)", DdpmkitWarning, stacklevel=3)
+                continue
+        good += 1
+        if good > keep:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def load_checkpoint(path: Path) -> Checkpoint:
@@ -262,6 +294,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
             raise CheckpointError(f"{file}: truncated or wrong size ({len(data)} bytes, expected {meta.bytes})")
         if hashlib.sha256(data).hexdigest() != meta.sha256:
             raise CheckpointError(f"{file}: corrupt (checksum mismatch)")
+    _VERIFIED.add(_verified_key(path))
     return Checkpoint(path, schema)
 
 
@@ -313,7 +346,7 @@ def describe_run(cfg: "RunConfig", built: "Components", fingerprint: str, versio
             "seed": cfg.run.seed,
             "dataset_fingerprint": fingerprint,
         },
-        "rng": "every stream is derived from run.seed and the step (see ddpmkit.train.derive_seed)",
+        "rng": "every stream is derived from run.seed and the step (see ddpmkit.training.loop.derive_seed)",
     }
 
 

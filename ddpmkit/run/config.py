@@ -12,14 +12,16 @@ import re
 import tomllib
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
-from .errors import ConfigError, DdpmkitWarning, PluginError
-from .kinds import KINDS
-from .validation import StrictNumbers, problems
+from ddpmkit.errors import ConfigError, DdpmkitWarning, PluginError
+from ddpmkit.kinds import KINDS
+from ddpmkit.validation import StrictNumbers, problems
 
+#: Bounds a run can reach (a billion steps is weeks at a thousand steps a second).
+MAX_EPOCHS, MAX_STEPS = 10**9, 10**9
 TUTORIAL_TRAJECTORY_STEPS = [0, 15, 50, 100, 200, 300, 400, 550, 700, 999]
 
 
@@ -67,8 +69,8 @@ class ComponentSection(Section):
 
 
 class TrainSection(Section):
-    epochs: int = Field(75, ge=1, description="passes over the dataset (at least one: an untrained network has nothing to sample)")
-    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps in all")
+    epochs: int = Field(75, ge=1, le=MAX_EPOCHS, description="passes over the dataset (at least one: an untrained network has nothing to sample)")
+    max_steps: int | None = Field(None, ge=1, le=MAX_STEPS, description="stop after this many optimizer steps in all")
     batch_size: int = Field(64, ge=1)
     lr: float = Field(2e-5, gt=0, allow_inf_nan=False, description="peak learning rate (Adam)")
     lr_warmup_steps: int = Field(0, ge=0, description="ramp the learning rate linearly from lr / N up to lr over N steps")
@@ -117,13 +119,22 @@ class GuidanceSection(Section):
     """Autoguidance (Karras et al. 2024): a smaller, briefly trained denoiser of the same run guides the main one."""
 
     weight: float = Field(
-        1.0, ge=0, allow_inf_nan=False,
+        1.0, allow_inf_nan=False,
         description="w in D_guide + w (D_main - D_guide): 1 is off (no guide is trained), above 1 guides",
     )
     steps: int = Field(400, ge=1, description="training steps of the guide (trained before the main network)")
     denoiser_options: dict[str, Any] = Field(
         default_factory=dict, description="the guide's [denoiser.options], over the main network's (e.g. fewer channels)"
     )
+
+    @field_validator("weight")
+    @classmethod
+    def _at_least_one(cls, v: float) -> float:
+        # w < 1 interpolates towards the guide (w = 0 samples from the guide alone, the worst network of the run)
+        if v < 1:
+            raise ValueError(f"must be at least 1, got {v:g}: 1 turns guidance off, above 1 guides "
+                             "(below 1 would move towards the small guide network, 0 samples from it alone)")
+        return v
 
     @property
     def enabled(self) -> bool:
@@ -157,10 +168,10 @@ class RunConfig(Section):
         return int(self.schedule.options.get("num_timesteps", 1000))
 
     def component(self, kind: str):
-        """The registry entry (:class:`ddpmkit.plugins.Component`) that ``[kind] name`` resolved to."""
+        """The registry entry (:class:`ddpmkit.registry.discovery.Component`) that ``[kind] name`` resolved to."""
         section: ComponentSection = getattr(self, kind)
         if section._component is None:
-            from . import plugins
+            from ddpmkit.registry import discovery as plugins
 
             section._component = plugins.find(kind, section.name)
         return section._component
@@ -169,7 +180,7 @@ class RunConfig(Section):
         """The validated Options instance of ``[kind]``."""
         section: ComponentSection = getattr(self, kind)
         if section._options is None:
-            from .factory import validate_options
+            from ddpmkit.registry.build import validate_options
 
             section._options = validate_options(self.component(kind), section.options)
         return section._options
@@ -252,13 +263,13 @@ class _Source:
         probe = key
         while probe:
             if probe in self.overrides:
-                return f"--set {probe}={self.overrides[probe]}"
+                return self.overrides[probe]
             if probe in self.lines and self.path is not None:
                 return f"{self.path}:{self.lines[probe]}"
             # a table that only an override creates (--set nope.x=1 makes the unknown key 'nope')
             below = [k for k in self.overrides if k.startswith(probe + ".")]
             if below:
-                return f"--set {below[0]}={self.overrides[below[0]]}"
+                return self.overrides[below[0]]
             probe = probe.rpartition(".")[0]
         return str(self.path) if self.path is not None else "config"
 
@@ -285,10 +296,15 @@ def parse_override(item: str) -> tuple[str, Any, str]:
     return key, value, raw
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, str]:
-    """Set each ``key.path=value`` in ``data``; returns {key: raw value} for error locations."""
+#: ``"key.path=value"`` as given with --set, or (``"key.path=value"``, how the user gave it: ``"--device cuda:1"``)
+Override = Union[str, tuple[str, str]]
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[Override]) -> dict[str, str]:
+    """Set each ``key.path=value`` in ``data``; returns {key: how it was given} for error locations."""
     seen: dict[str, str] = {}
-    for item in overrides:
+    for given in overrides:
+        item, label = given if isinstance(given, tuple) else (given, None)
         key, value, raw = parse_override(item)
         node = data
         parts = key.split(".")
@@ -301,7 +317,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, str
         # an inline table sets the keys it names and keeps the rest (``--set "train={lr=0.5}"``
         # must not reset every other [train] key to its default)
         node[parts[-1]] = _merged(old, value) if isinstance(old, dict) and isinstance(value, dict) else value
-        seen[key] = raw
+        seen[key] = label or f"--set {key}={raw}"
     return seen
 
 
@@ -340,7 +356,7 @@ def read_toml(path: Path) -> tuple[dict[str, Any], str]:
 
 
 def config_from_dict(
-    data: dict[str, Any], *, path: Path | None = None, text: str = "", overrides: list[str] | None = None
+    data: dict[str, Any], *, path: Path | None = None, text: str = "", overrides: list[Override] | None = None
 ) -> RunConfig:
     """Validate a config given as a dict (plus overrides); ConfigError lists every problem."""
     data = copy.deepcopy(data)
@@ -356,7 +372,7 @@ def config_from_dict(
     return cfg
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+def load_config(path: str | Path, overrides: list[Override] | None = None) -> RunConfig:
     """Read ``path`` (TOML), apply ``--set`` overrides and validate everything, plugin options included."""
     path = Path(path)
     data, text = read_toml(path)
@@ -364,7 +380,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
 
 
 def _validate_components(cfg: RunConfig, source: _Source) -> None:
-    from . import plugins
+    from ddpmkit.registry import discovery as plugins
 
     problems = []
     for kind in KINDS:
@@ -411,7 +427,7 @@ def _move_log_switches(cfg: RunConfig, source: _Source) -> None:
 
 def _validate_plugin_tables(cfg: RunConfig, source: _Source) -> None:
     """Each ``[plugins.<name>]`` table, validated by that plugin's ``Options`` model."""
-    from . import plugins
+    from ddpmkit.registry import discovery as plugins
 
     problems = []
     for name, table in cfg.plugins.items():
@@ -440,8 +456,16 @@ def _validate_plugin_tables(cfg: RunConfig, source: _Source) -> None:
         raise ConfigError("\n".join(problems))
 
 
+def default_trajectory_steps(num_timesteps: int) -> list[int]:
+    """The tutorial's strip (t = 0 ... 999 of T = 1000) at the same fractions of another T."""
+    last = max(1, TUTORIAL_TRAJECTORY_STEPS[-1])
+    return sorted({round(s * (num_timesteps - 1) / last) for s in TUTORIAL_TRAJECTORY_STEPS})
+
+
 def _validate_cross(cfg: RunConfig, source: _Source) -> None:
     T = cfg.num_timesteps
+    if "trajectory_steps" not in cfg.sample.model_fields_set:  # the default follows T
+        cfg.sample.trajectory_steps = default_trajectory_steps(T)
     bad = [s for s in cfg.sample.trajectory_steps if s >= T]
     if bad:
         key = "sample.trajectory_steps"

@@ -23,9 +23,9 @@ from typing import Any
 
 import pluggy
 
-from . import hookspecs
-from .errors import DdpmkitWarning, PluginError
-from .kinds import EVENTS, KINDS, REGISTER_HOOKS, base_class, check_kind
+from ddpmkit import hookspecs
+from ddpmkit.errors import DdpmkitWarning, PluginError
+from ddpmkit.kinds import EVENTS, KINDS, REGISTER_HOOKS, base_class, check_kind
 
 ENTRY_POINT_GROUP = "ddpmkit"
 #: Set to 1 to load only the plugins that ship with ddpmkit itself.

@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Iterator
 import torch
 import torch.nn.functional as F
 
-from .config import DataSection
-from .limits import check_fits
-from .errors import DataError
+from ddpmkit.run.config import DataSection
+from ddpmkit.runtime.limits import check_fits
+from ddpmkit.errors import DataError
 
 if TYPE_CHECKING:
     import PIL.Image

@@ -1,4 +1,5 @@
-"""The pre-flight report of ``ddpmkit validate``: what a run will do, measured, and what looks wrong before it starts."""
+"""The pre-flight report of ``ddpmkit validate``: what a config builds, what the run will do, measured, and what
+looks wrong before it starts."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ from pathlib import Path
 
 import torch
 
-from .config import RunConfig
-from .diffusion import MAX_FINAL_SNR, draw_training_batch_noise, training_loss
-from .errors import DataError
-from .factory import Components
+from ddpmkit.run.config import RunConfig
+from ddpmkit.diffusion import MAX_FINAL_SNR, draw_training_batch_noise, training_loss
+from ddpmkit.errors import DataError
+from ddpmkit.run.components import Components
+from ddpmkit.runtime.speed import SpeedModes
+from ddpmkit.runtime.units import format_duration
 
 #: An EMA that still holds more than this share of the initial (random) weights at the end is flagged.
 MAX_EMA_INITIAL_SHARE = 0.05
@@ -32,13 +35,14 @@ class Finding:
 def ema_schedule(decay: float, warmup: bool, steps: int) -> tuple[float, float]:
     """(share of the initial weights left in the EMA after ``steps`` updates, decay at the last update),
     as ddpmkit's training loop updates timm's ModelEmaV3 (with warm-up: decay 0 at the first update)."""
-    share, last = 1.0, decay
     if not warmup:
         return decay**steps, decay
-    for k in range(steps):
-        last = 0.0 if k == 0 else min(decay, 1 - (1 + k / EMA_WARMUP_GAMMA) ** -EMA_WARMUP_POWER)
-        share *= last
-    return share, last
+    if steps == 0:
+        return 1.0, decay
+    # the first update has decay 0 and so replaces the initial weights entirely; the decay of the last
+    # update (k = steps - 1) is the warm-up formula's, capped at ``decay``
+    k = steps - 1
+    return 0.0, 0.0 if k == 0 else min(decay, 1 - (1 + k / EMA_WARMUP_GAMMA) ** -EMA_WARMUP_POWER)
 
 
 def ema_finding(cfg: RunConfig, steps: int) -> Finding:
@@ -72,7 +76,7 @@ def snr_finding(built: Components) -> Finding:
 
 def data_finding(cfg: RunConfig, data_root: Path | None) -> tuple[Finding, int | None]:
     """The dataset's size and the range of values the model will see; (finding, number of images or None)."""
-    from .data import load_dataset, to_model_scale
+    from ddpmkit.run.data import load_dataset, to_model_scale
 
     section = cfg.data.model_copy(update={"download": False})
     try:
@@ -90,7 +94,7 @@ def time_finding(
     cfg: RunConfig, built: Components, steps: int, device: torch.device, *, label: str = "time", what: str = "of training"
 ) -> Finding:
     """Seconds per training image, measured over a few forward+backward passes at a small batch on ``device``."""
-    from .speed import autocast, memory_format
+    from ddpmkit.runtime.speed import autocast, memory_format
 
     model, schedule = built.denoiser, built.schedule.to(device)
     batch = min(cfg.train.batch_size, 8)
@@ -110,20 +114,14 @@ def time_finding(
         model.zero_grad(set_to_none=True)
     per_image = min(timings[1:]) / batch
     total = per_image * cfg.train.batch_size * steps
-    return Finding(label, f"about {_duration(total)} {what} on {device} "
+    return Finding(label, f"about {format_duration(total)} {what} on {device} "
                            f"({1 / per_image:,.0f} images/s forward+backward, measured at batch {batch})")
-
-
-def _duration(seconds: float) -> str:
-    h, rem = divmod(int(seconds), 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h {m:02d}m" if h else f"{m}m {s:02d}s"
 
 
 def preflight(cfg: RunConfig, built: Components, *, data_root: Path | None = None, timing: bool = True) -> list[Finding]:
     """The report: data, planned steps, EMA horizon, terminal SNR and (with ``timing``) the training time."""
-    from .device import pick_device
-    from .train import total_steps
+    from ddpmkit.runtime.device import pick_device
+    from ddpmkit.training.loop import total_steps
 
     data, num_images = data_finding(cfg, data_root)
     findings = [data]
@@ -135,9 +133,40 @@ def preflight(cfg: RunConfig, built: Components, *, data_root: Path | None = Non
         device = pick_device(cfg.run.device)
         findings.append(time_finding(cfg, built, steps, device))
         if cfg.guidance.enabled:  # the guide trains first: its time adds to the main network's
-            from .guidance import build_guide
+            from ddpmkit.run.guidance import build_guide
 
             guide, guide_built = build_guide(cfg)
             findings.append(time_finding(guide, guide_built, total_steps(guide, num_images), device,
                                          label="guide", what="of training first (autoguidance)"))
     return findings
+
+
+def describe_config(cfg: RunConfig, built: Components) -> str:
+    """A few lines naming the data, schedule, denoiser (with its parameter count), sampler and training plan."""
+    params = built.denoiser.num_parameters()
+    c, h, w = cfg.image_shape
+    t = cfg.train
+    refs = built.refs
+    lines = [
+        f"run        {cfg.run_dir}  (seed {cfg.run.seed}, device {cfg.run.device})",
+        f"data       {cfg.data.dataset}, {c}x{h}x{w}",
+        f"schedule   {refs['schedule'].qualified}, T = {cfg.num_timesteps}",
+        f"denoiser   {refs['denoiser'].qualified}, {params:,} parameters ({params / 1e6:.1f} M), "
+        f"predicts {built.denoiser.prediction}",
+        f"sampler    {refs['sampler'].qualified}, {len(built.timesteps())} steps, {cfg.sampler.options}",
+        f"train      {t.epochs} epochs, batch {t.batch_size}, lr {t.lr:g}, EMA {t.ema_decay:g}"
+        f"{' with warm-up' if t.ema_warmup else ''}, "
+        f"{SpeedModes(t.precision, channels_last=t.channels_last, compile=t.compile, fused_adam=bool(t.fused_adam)).describe()}"
+        + (f", at most {t.max_steps} steps" if t.max_steps is not None else ""),
+    ]
+    if cfg.guidance.enabled:
+        from ddpmkit.run.guidance import build_guide
+
+        guide, guide_built = build_guide(cfg)
+        n = guide_built.denoiser.num_parameters()
+        lines.append(f"guidance   weight {cfg.guidance.weight:g} (autoguidance): a guide of {n:,} parameters "
+                     f"({n / 1e6:.1f} M), trained {guide.train.max_steps:,} steps first, in {guide.run_dir}")
+    if cfg.plugins:
+        lines.append("plugins    " + "; ".join(f"{name} {opts}" for name, opts in sorted(cfg.plugins.items())))
+    return "\n".join(lines)
+

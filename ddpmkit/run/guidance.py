@@ -1,5 +1,5 @@
 """Autoguidance (Karras et al. 2024, "Guiding a diffusion model with a bad version of itself"): the guided
-denoiser, the guide's own run inside the main run's folder, and loading the guide for sampling.
+denoiser and the guide's own run inside the main run's folder (:mod:`ddpmkit.sampling.loaded` loads it to sample).
 
 The guide is a smaller network of the same family trained for a few hundred steps on the same data and
 schedule. Where it and the main network disagree, the main one is usually right about what makes an
@@ -15,13 +15,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .diffusion import denoise, split_prediction, training_target
-from .errors import ConfigError
-from .interfaces import Denoiser, NoiseSchedule
+from ddpmkit.diffusion import denoise, split_prediction, training_target
+from ddpmkit.interfaces import Denoiser, NoiseSchedule
 
 if TYPE_CHECKING:
-    from .config import RunConfig
-    from .factory import Components
+    from ddpmkit.run.config import RunConfig
+    from ddpmkit.run.components import Components
 
 #: The guide's run folder, inside the main run's folder.
 GUIDE_DIR = "guide"
@@ -59,7 +58,7 @@ def guide_dir(run_dir: Path) -> Path:
 def guide_config(cfg: "RunConfig") -> "RunConfig":
     """The guide's run: ``cfg`` with ``[guidance] denoiser_options`` over the denoiser's options, trained for
     ``guidance.steps`` (at most the main run's steps) in RUN/guide, without compilation, sampling nothing."""
-    from .config import config_from_dict
+    from ddpmkit.run.config import config_from_dict
 
     data = cfg.model_dump(mode="json")
     data["run"].update(dir=str(cfg.run_dir), name=GUIDE_DIR)
@@ -77,33 +76,7 @@ def guide_config(cfg: "RunConfig") -> "RunConfig":
 
 def build_guide(cfg: "RunConfig") -> tuple["RunConfig", "Components"]:
     """The guide's run config and its freshly built (untrained) components."""
-    from .factory import build_components
+    from ddpmkit.run.components import build_components
 
     guide = guide_config(cfg)
     return guide, build_components(guide)
-
-
-def load_guide(run_dir: Path, weight: float, *, weights: str = "ema", device: torch.device | str = "cpu") -> Denoiser:
-    """The trained guide of the run in ``run_dir`` (its latest checkpoint), on ``device``, in eval mode."""
-    from .checkpoint import latest_checkpoint
-    from .config import config_from_dict
-    from .factory import build_components
-
-    folder = guide_dir(run_dir).resolve()
-    ckpt = latest_checkpoint(folder)
-    if ckpt is None:
-        raise ConfigError(
-            f"guidance.weight = {weight:g} needs the run's guide, and {folder} holds none: `ddpmkit run` on the "
-            "run's config trains it, or --set guidance.weight=1 samples without guidance"
-        )
-    built = build_components(config_from_dict(ckpt.config_for_sampling()))
-    built.denoiser.load_state_dict(ckpt.weights(weights))
-    return built.denoiser.to(device).eval()
-
-
-def guided(denoiser: Denoiser, cfg: "RunConfig", run_dir: Path, schedule: NoiseSchedule, *, weights: str = "ema") -> Denoiser:
-    """``denoiser`` itself, or guided by the run's guide when ``[guidance] weight`` is not 1."""
-    if not cfg.guidance.enabled:
-        return denoiser
-    guide = load_guide(run_dir, cfg.guidance.weight, weights=weights, device=denoiser.device)
-    return GuidedDenoiser(denoiser, guide, cfg.guidance.weight, schedule)

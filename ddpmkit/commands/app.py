@@ -1,0 +1,156 @@
+"""The Typer application, its consoles, the options several commands share (each declared once here), and
+the rule that a user's mistake is one line on stderr with exit code 2."""
+
+from __future__ import annotations
+
+import functools
+import sys
+import traceback
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Optional, TextIO
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from ddpmkit.errors import DEBUG_ENV, DdpmkitError, DdpmkitWarning, debug_enabled
+from ddpmkit.version import __version__
+
+app = typer.Typer(
+    name="ddpmkit",
+    help="Train and sample Denoising Diffusion Probabilistic Models from one TOML config.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+class _Stdout:
+    """sys.stdout that, once it cannot be written (a full disk, /dev/full, a closed pipe), says so once on
+    stderr and writes there instead: a failing log must not stop a training run."""
+
+    def __init__(self) -> None:
+        self.failed = False
+
+    @property
+    def _target(self) -> TextIO:
+        return sys.stderr if self.failed else sys.stdout
+
+    def write(self, text: str) -> int:
+        try:
+            return self._target.write(text)
+        except OSError as exc:
+            if self.failed:
+                raise
+            self.failed = True
+            sys.stderr.write(f"warning: cannot write to standard output ({exc.strerror or exc}); "
+                             "writing to standard error from now on\n")
+            return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        try:
+            self._target.flush()
+        except OSError:
+            if not self.failed:
+                self.failed = True
+                sys.stderr.write("warning: cannot write to standard output; writing to standard error from now on\n")
+
+    def isatty(self) -> bool:
+        return self._target.isatty()
+
+    def fileno(self) -> int:
+        return self._target.fileno()
+
+    @property
+    def encoding(self) -> str:
+        return getattr(self._target, "encoding", "utf-8")
+
+
+# emoji=False: ":100:" in "ddim:100:" is a step count. soft_wrap: a message that names a path or a figure
+# is never broken mid-phrase at the terminal's width (tables still fit it).
+console = Console(file=_Stdout(), emoji=False, soft_wrap=True)  # type: ignore[arg-type]
+err_console = Console(stderr=True, emoji=False, soft_wrap=True)
+
+SetOption = typer.Option(
+    None, "--set", metavar="KEY.PATH=VALUE", help="Override a config value, e.g. --set train.batch_size=128 (repeatable)."
+)
+DataRootOption = typer.Option(
+    None, "--data-root", help="The folder holding the dataset, e.g. MNIST/raw (overrides data.root and DDPMKIT_DATA_ROOT)."
+)
+DeviceOption = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps (overrides run.device).")
+JsonOption = typer.Option(False, "--json", help="Print only JSON on stdout.")
+SeedOption = typer.Option(0, "--seed", min=0, max=2**63 - 1, help="Seed of the sampling.")
+
+_flags = {"debug": False}
+
+
+def warn(text: str) -> None:
+    """A warning line on stdout, with the run's other output."""
+    console.print(f"[yellow]warning:[/] {escape(text)}", highlight=False)
+
+
+def say(text: str) -> None:
+    """A plain line on stdout (no markup is read from ``text``)."""
+    console.print(escape(text), highlight=False)
+
+
+def debug() -> bool:
+    return _flags["debug"] or debug_enabled()
+
+
+def _show_warning(message: Any, category: type, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+    """ddpmkit's warnings are one line on stderr; others keep Python's format."""
+    if issubclass(category, DdpmkitWarning):
+        err_console.print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+def user_errors(func: Callable) -> Callable:
+    """Turn a DdpmkitError into one line on stderr and exit code 2; bugs keep their traceback.
+
+    With ``--debug`` (or DDPMKIT_DEBUG=1) the traceback behind a one-line plugin error is shown too.
+    """
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        warnings.showwarning = _show_warning
+        warnings.simplefilter("always", DdpmkitWarning)
+        try:
+            return func(*args, **kwargs)
+        except DdpmkitError as exc:
+            if debug():
+                traceback.print_exception(exc, file=sys.stderr)
+            # escape: a message may quote user text such as "[/x]" that rich would read as markup
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"ddpmkit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    debug: bool = typer.Option(False, "--debug", help=f"Show the full traceback behind an error (or set {DEBUG_ENV}=1)."),
+) -> None:
+    _flags["debug"] = debug
+
+
+def with_device(overrides: Optional[list[str]], device: Optional[str]) -> list[Any]:
+    """The ``--set`` items, plus ``run.device`` from ``--device`` (errors name it as ``--device D``)."""
+    return list(overrides or []) + ([(f"run.device={device}", f"--device {device}")] if device else [])
+
+
+def mnist_root(data_root: Optional[Path]) -> Path:
+    """Where eval and sweep read MNIST: --data-root, else $DDPMKIT_DATA_ROOT, else ./data (as a run config's default)."""
+    from ddpmkit.run.config import DataSection
+    from ddpmkit.run.data import resolve_root
+
+    return resolve_root(DataSection(), data_root)

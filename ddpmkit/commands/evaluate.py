@@ -1,0 +1,164 @@
+"""``ddpmkit eval`` and ``ddpmkit sweep``: sample quality, for one set of images or across samplers, steps and weights."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from ddpmkit.commands.app import DataRootOption, JsonOption, SeedOption, app, console, err_console, mnist_root, user_errors
+
+
+@app.command("eval")
+@user_errors
+def eval_cmd(
+    samples: Path = typer.Argument(..., help="A samples .npz (from ddpmkit sample or run), a folder of images, or a run directory to sample from first."),
+    reference: Optional[Path] = typer.Option(None, "--reference", help="A .npz or image folder (default: the MNIST test set)."),
+    num: Optional[int] = typer.Option(None, "--num", min=10, help="Use this many samples (run directory: draw this many; default 1000)."),
+    sampler: Optional[str] = typer.Option(None, "--sampler", help="Run directory only: sample with another sampler."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", metavar="KEY.PATH=VALUE", help="Run directory only: sampling overrides."),
+    batch_size: int = typer.Option(250, "--batch-size", min=1, help="Run directory only: sampling batch size."),
+    seed: int = typer.Option(0, "--seed", min=0, max=2**63 - 1, help="Seed of the sampling and of the reference subsets."),
+    data_root: Optional[Path] = DataRootOption,
+    pairs: Optional[Path] = typer.Option(None, "--pairs", help="Where to write the closest sample/training pairs (PNG)."),
+    inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help="torchmetrics' FID Inception weights, for Inception FID."),
+    as_json: bool = JsonOption,
+) -> None:
+    """Measure sample quality: classifier FID, KID and MiFID (torchmetrics), precision/recall, confidence and
+    memorisation, each beside its floor (the same statistic for real training images)."""
+    from ddpmkit.commands.sample import draw_with_progress
+    from ddpmkit.evaluation.report import evaluate, read_images
+    from ddpmkit.run.data import to_uint8
+
+    out = err_console if as_json else console
+    root = mnist_root(data_root)
+    if (samples / "checkpoints").is_dir() or (samples / "state.json").is_file():  # a run or a checkpoint
+        from ddpmkit.sampling.loaded import load_run
+
+        loaded = load_run(samples, sampler=sampler, overrides=list(set_ or []), warn=_warner(out))
+        images = to_uint8(draw_with_progress(loaded, num or 1000, batch_size=batch_size, seed=seed, out=out))
+        pairs = pairs or samples / "eval-closest-pairs.png"
+    else:
+        if sampler or set_:
+            from ddpmkit.errors import ConfigError
+
+            raise ConfigError("--sampler and --set apply when SAMPLES is a run directory")
+        images = read_images(samples)[:num] if num else read_images(samples)
+        pairs = pairs or samples.with_name(samples.stem + "-closest-pairs.png")
+    ref = read_images(reference) if reference is not None else None
+    result = evaluate(images, data_root=root, reference=ref, pairs_png=pairs, inception_weights=inception_weights,
+                      seed=seed, log=lambda m: out.print(m, highlight=False))
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    _print_eval(result)
+
+
+@app.command()
+@user_errors
+def sweep(
+    run: Path = typer.Argument(..., help="A run directory (its latest checkpoint) or a checkpoint directory."),
+    samplers: Optional[List[str]] = typer.Option(
+        None, "--sampler", metavar="NAME[:STEPS,...]", help="A sampler, with step counts to try, e.g. ddim:10,20,50 (repeatable; default: ddpm, ddim:10,20,50,100, and diffusers:10,20 with the extra)."
+    ),
+    num: int = typer.Option(1000, "--num", min=10, help="Samples per point (the same seeds for every point)."),
+    guidance: Optional[str] = typer.Option(
+        None, "--guidance", metavar="W[,W...]", help="Repeat the plan at each autoguidance weight (guidance.weight; 1 is off; above 1 needs the run's guide)."
+    ),
+    batch_size: int = typer.Option(250, "--batch-size", min=1),
+    seed: int = SeedOption,
+    data_root: Optional[Path] = DataRootOption,
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for sweep.json and sweep.png (default: RUN/sweep)."),
+    as_json: bool = JsonOption,
+) -> None:
+    """Sample with each sampler at each step count from the same seeds, score each with `eval`'s statistics, and
+    plot quality against denoiser evaluations and against seconds."""
+    import torch
+
+    from ddpmkit.commands.sample import draw_with_progress
+    from ddpmkit.evaluation.sweep import default_plan, parse_plan, sweep as run_sweep
+    from ddpmkit.sampling.loaded import SamplingPlan, load_run
+
+    shown = err_console if as_json else console
+    plan = parse_plan(list(samplers or default_plan()), _weights(guidance))
+    root = mnist_root(data_root)
+    loaded = load_run(run, warn=_warner(shown))
+
+    def draw(point_plan: SamplingPlan) -> torch.Tensor:
+        return draw_with_progress(loaded, num, batch_size=batch_size, seed=seed, plan=point_plan, out=shown)
+
+    result = run_sweep(loaded, plan, num=num, seed=seed, data_root=root, out_dir=out or Path(run) / "sweep",
+                       draw=draw, log=lambda m: shown.print(m, highlight=False))
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    from rich import box
+
+    table = Table(title=f"{num:,} samples per point, seed {seed} (classifier FID; KID in the JSON)", box=box.SIMPLE_HEAD)
+    for col in ("sampler", "steps", "seconds", "FID", "precision", "recall", "confident", "digits"):
+        table.add_column(col, no_wrap=col != "sampler", overflow="fold", min_width=9 if col == "sampler" else None)
+    f = result["floor"]
+    for r in result["points"]:
+        table.add_row(r["line"], str(r["denoiser_evaluations"]), f"{r['seconds']:.1f}", f"{r['fid']:.2f}",
+                      f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['confident_share']:.1%}",
+                      str(r["classes_present"]))
+    table.add_row("real data", "", "", f"{f['fid']:.2f}", f"{f['precision']:.3f}", f"{f['recall']:.3f}",
+                  f"{f['confident_share']:.1%}", "")
+    console.print(table)
+    console.print(f"wrote {result['plot']} and {Path(result['plot']).with_name('sweep.json')}", highlight=False)
+
+
+def _weights(text: Optional[str]) -> list[float] | None:
+    """``"1,2.5"`` -> [1.0, 2.5]; ConfigError for anything that is not a list of numbers >= 0."""
+    from ddpmkit.errors import ConfigError
+
+    if text is None:
+        return None
+    try:
+        weights = [float(w) for w in text.split(",")]
+    except ValueError:
+        weights = []
+    if not weights or not all(math.isfinite(w) and w >= 1 for w in weights):
+        raise ConfigError(f"--guidance {text}: expected weights of at least 1 (1 is off) separated by commas, e.g. 1,2,2.5")
+    return weights
+
+
+def _print_eval(r: dict) -> None:
+    s, f = r["samples"], r["floor"]
+    table = Table(title=f"{r['num_samples']:,} samples against {r['num_reference']:,} reference images")
+    for col in ("statistic", "samples", f"floor ({r['num_samples']:,} real training images)"):
+        table.add_column(col)
+    rows = [
+        ("classifier FID", "fid", "{:.3f}"), ("KID", "kid", "{:.4g}"), ("MiFID", "mifid", "{:.3f}"),
+        ("precision (k = 3)", "precision", "{:.3f}"), ("recall (k = 3)", "recall", "{:.3f}"),
+        ("mean confidence", "mean_confidence", "{:.3f}"), ("confidence > 0.9", "confident_share", "{:.1%}"),
+        ("class entropy (bits, max 3.32)", "class_entropy_bits", "{:.3f}"),
+        ("digits present (confident)", "classes_present", "{} of 10"),
+    ]
+    for label, key, fmt in rows:
+        table.add_row(label, fmt.format(s[key]), fmt.format(f[key]))
+    console.print(table)
+    console.print(f"predicted classes 0..9: {s['class_histogram']}", highlight=False)
+    m = r["memorisation"]
+    console.print(
+        f"memorisation: median distance to the nearest training image {m['sample_median_nn_distance']:.2f} "
+        f"(real test images: {m['test_median_nn_distance']:.2f}); {m['share_closer_than_test_p1']:.1%} of samples "
+        f"are closer to one than 99 % of test images are" + (f"; closest pairs: {m['closest_pairs_png']}" if "closest_pairs_png" in m else ""),
+        highlight=False,
+    )
+    inc = r["inception_fid"]
+    console.print(f"Inception FID: {inc['fid']:.3f}" if inc["status"] == "ok" else f"Inception FID: skipped: {inc['reason']}",
+                  highlight=False)
+    c = r["classifier"]
+    console.print(f"feature network: MNIST classifier {c['key']} (test accuracy {c['test_accuracy']:.2%}"
+                  f"{', cached' if c['cached'] else ', trained now'})", highlight=False)
+
+
+def _warner(out: Console) -> Callable[[str], None]:
+    return lambda text: out.print(f"[yellow]warning:[/] {escape(text)}", highlight=False)

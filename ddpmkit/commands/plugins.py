@@ -1,0 +1,183 @@
+"""``ddpmkit list-plugins``, ``describe`` and ``check-plugins``: what is installed, what it takes, and whether it conforms."""
+
+from __future__ import annotations
+
+import json
+from typing import List, Optional
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from ddpmkit.commands.app import JsonOption, app, console, err_console, user_errors
+
+
+@app.command("list-plugins")
+@user_errors
+def list_plugins_cmd(as_json: bool = JsonOption) -> None:
+    """Show the installed noise schedules, denoisers and samplers, and plugins that failed to load."""
+    from ddpmkit.registry.discovery import list_plugins
+
+    rows = list_plugins()
+    if as_json:
+        keys = ("kind", "name", "qualified_name", "plugin", "distribution", "version", "status", "error")
+        print(json.dumps([{k: r[k] for k in keys} for r in rows], indent=2))
+        return
+    table = Table(title="ddpmkit plugins")
+    styles = {"ok": "green", "clash": "yellow", "shadowed": "yellow", "error": "red", "incompatible": "red"}
+    # the qualified name is DISTRIBUTION:NAME, so it also says where a component comes from
+    cells = [
+        (r["kind"] or "-", r["name"] or "-",
+         r["qualified_name"] or f"{r['distribution'] or '?'} (plugin {r['plugin']})", r["version"] or "?", r["status"])
+        for r in rows
+    ]
+    for col in ("kind", "name", "qualified name", "version", "status"):
+        # names fold, never truncate (two long distribution names must not end up looking the same);
+        # the short columns never wrap
+        short = col in ("kind", "version", "status")
+        table.add_column(col, overflow="fold", no_wrap=short)
+    for c in cells:
+        table.add_row(*map(escape, c[:4]), f"[{styles.get(c[4], 'white')}]{c[4]}[/]")
+    console.print(table)
+    for r in rows:
+        if r["error"]:
+            what = f"{r['kind']} '{r['name']}'" if r["name"] else f"plugin '{r['plugin']}'"
+            console.print(f"[{styles.get(r['status'], 'white')}]{escape(what)}:[/] {escape(r['error'])}", highlight=False)
+
+
+@app.command("check-plugins")
+@user_errors
+def check_plugins(
+    names: Optional[List[str]] = typer.Argument(None, help="Components to check, plain or DISTRIBUTION:NAME (default: all)."),
+    set_: Optional[List[str]] = typer.Option(
+        None, "--set", metavar="KEY=VALUE", help="Check with this option set, e.g. --set steps=10 (one NAME only; repeatable)."
+    ),
+    as_json: bool = JsonOption,
+    device: str = typer.Option("cpu", "--device", help="Device to run the checks on."),
+) -> None:
+    """Run the conformance checks on installed schedules, denoisers and samplers; exit 1 if any fails."""
+    from ddpmkit.run.config import parse_override
+    from ddpmkit.errors import ConfigError
+    from ddpmkit.testing import check_component
+
+    targets = _components_named(names or [])
+    options: dict = {}
+    for item in set_ or []:
+        if len(targets) != 1:
+            raise ConfigError("--set needs exactly one component NAME to apply to")
+        key, value, _ = parse_override(item)
+        options[key] = value
+    if options:
+        from ddpmkit.registry.build import validate_options
+
+        validate_options(targets[0], options)  # a bad option is a user error (exit 2), not a failed check
+    results = []
+    for comp in targets:
+        if not as_json:
+            console.print(f"checking {comp.label} as {comp.qualified} ...", highlight=False)
+        results.extend(check_component(comp.kind, comp.qualified, options or None, device=device))
+    if as_json:
+        print(json.dumps([x.as_dict() for x in results], indent=2))
+    else:
+        table = Table(title="conformance")
+        for col in ("kind", "name", "check", "result", "detail"):
+            table.add_column(col, overflow="fold")
+        for x in results:
+            table.add_row(x.kind, x.qualified_name, x.check, "[green]pass[/]" if x.passed else "[red]FAIL[/]", escape(x.detail))
+        console.print(table)
+    failed = [x for x in results if not x.passed]
+    if failed:
+        if not as_json:
+            err_console.print(f"[red]{len(failed)} of {len(results)} checks failed[/]")
+        raise typer.Exit(1)
+
+
+def _components_named(names: list[str]) -> list:
+    """The installed components ``names`` mean (each plain name in every kind that has it); when empty, all
+    of them but those that need an optional extra that is not installed (said in one line each)."""
+    from ddpmkit.errors import MissingExtra, PluginError
+    from ddpmkit.kinds import KINDS
+    from ddpmkit.registry.discovery import find, load, registry
+
+    reg = registry()
+    if not names:
+        found = []
+        for comp in (c for c in reg.components if c.plugin.status == "ok"):
+            try:
+                load(comp)
+            except PluginError as exc:
+                if isinstance(exc.__cause__, MissingExtra):
+                    err_console.print(f"skipping {comp.qualified}: {escape(str(exc.__cause__))}", highlight=False)
+                    continue
+            found.append(comp)
+        return found
+    found = []
+    for name in names:
+        kinds = [k for k in KINDS if reg.named(k, name.rpartition(":")[2])]
+        if not kinds:
+            raise PluginError(f"no installed component named {name}; see ddpmkit list-plugins")
+        found.extend(find(kind, name) for kind in kinds)
+    return found
+
+
+@app.command()
+@user_errors
+def describe(
+    name: str = typer.Argument(..., help="A component or event plugin, plain or DISTRIBUTION:NAME, e.g. unet."),
+    kind: Optional[str] = typer.Option(
+        None, "--kind", help="schedule, denoiser, sampler or events (when a name is used by several kinds)."
+    ),
+    as_json: bool = JsonOption,
+) -> None:
+    """Show a component's (or an event plugin's) options: types, defaults and descriptions."""
+    from ddpmkit.errors import PluginError
+    from ddpmkit.kinds import EVENTS, KINDS
+    from ddpmkit.registry.discovery import event_plugins, find, find_plugin, load, registry
+
+    reg = registry()
+    if kind and kind not in (*KINDS, EVENTS):
+        raise PluginError(f"--kind must be one of {', '.join((*KINDS, EVENTS))}")
+    short = name.rpartition(":")[2]
+    kinds = [k for k in KINDS if reg.named(k, short)]
+    if any(p.name == short for p, _ in event_plugins(reg)) or any(p.name == short and p.options_model for p in reg.plugins):
+        kinds.append(EVENTS)
+    if kind:
+        kinds = [kind]
+    if not kinds:
+        raise PluginError(
+            f"nothing installed is named '{name}'; components: {', '.join(sorted({c.name for c in reg.components}))}; "
+            f"event plugins: {', '.join(sorted(p.name for p, _ in event_plugins(reg))) or 'none'}"
+        )
+    if len(kinds) > 1:
+        raise PluginError(f"'{name}' names a {' and a '.join(kinds)}; choose one with --kind")
+    if kinds[0] == EVENTS:
+        plugin = find_plugin(name)
+        model, title = plugin.options_model, f"event plugin [bold]{plugin.name}[/] ({plugin.distribution} {plugin.version})"
+        title += escape(f", configured by [plugins.{plugin.name}]")
+    else:
+        comp = find(kinds[0], name)
+        model, title = load(comp).Options, f"{escape(comp.label)} as {comp.qualified}"
+    schema = model.model_json_schema() if model is not None else {"properties": {}}
+    if as_json:
+        print(json.dumps(schema, indent=2))
+        return
+    console.print(title, highlight=False)
+    if not schema.get("properties"):
+        console.print("no options")
+        return
+    table = Table()
+    for col in ("option", "type", "default", "description"):
+        table.add_column(col)
+    for key, prop in schema.get("properties", {}).items():
+        table.add_row(key, escape(_schema_type(prop)), escape(json.dumps(prop.get("default"))), escape(prop.get("description", "")))
+    console.print(table)
+
+
+def _schema_type(prop: dict) -> str:
+    """A short type name for one property of a JSON schema."""
+    if "enum" in prop:
+        return "one of " + ", ".join(map(str, prop["enum"]))
+    if "type" in prop:
+        return str(prop["type"])
+    return " | ".join(str(a.get("type", "?")) for a in prop.get("anyOf", [])) or "?"
+

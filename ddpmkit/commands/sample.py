@@ -1,0 +1,70 @@
+"""``ddpmkit sample``: images from a run's (or a checkpoint's) weights, written as a grid or an .npz."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, List, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from ddpmkit.commands.app import DeviceOption, SeedOption, app, console, user_errors, warn
+from ddpmkit.errors import EXIT_INTERRUPTED, ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+    from ddpmkit.sampling.loaded import LoadedRun, SamplingPlan
+
+
+@app.command()
+@user_errors
+def sample(
+    source: Path = typer.Argument(..., help="A run directory (its latest checkpoint) or a checkpoint directory."),
+    num: int = typer.Option(16, "--num", min=1, help="Number of images."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1),
+    seed: int = SeedOption,
+    out: Path = typer.Option(Path("samples.png"), "--out", help="FILE.png (a grid) or FILE.npz (uint8 NHWC 'images')."),
+    raw: bool = typer.Option(False, "--raw", help="Use the raw weights instead of the EMA weights."),
+    sampler: Optional[str] = typer.Option(None, "--sampler", help="Another installed sampler than the config's."),
+    set_: Optional[List[str]] = typer.Option(
+        None, "--set", metavar="KEY.PATH=VALUE", help="Override a config value, e.g. --set sampler.options.variance=posterior."
+    ),
+    device: Optional[str] = DeviceOption,
+) -> None:
+    """Draw images from a trained run's checkpoint."""
+    from ddpmkit.sampling.draw import SamplingInterrupted
+    from ddpmkit.sampling.images import check_output_path, write_images
+    from ddpmkit.sampling.loaded import load_run
+
+    if out.suffix.lower() not in (".png", ".npz"):
+        raise ConfigError(f"--out {out}: must end in .png or .npz")
+    check_output_path(out)
+    loaded = load_run(source, weights="model" if raw else "ema", device=device, sampler=sampler,
+                      overrides=list(set_ or []), warn=warn)
+    try:
+        images = draw_with_progress(loaded, num, batch_size=batch_size, seed=seed)
+    except SamplingInterrupted as stop:  # Ctrl-C: what is done is kept
+        write_images(stop.images, out)
+        console.print(f"[yellow]interrupted[/] after {len(stop.images):,} of {num:,} images; wrote them to {out}")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except KeyboardInterrupt:
+        console.print(f"[yellow]interrupted[/] before the first batch of {batch_size:,} finished; nothing written")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    write_images(images, out)
+    console.print(f"[green]wrote[/] {out}", highlight=False)
+
+
+def draw_with_progress(loaded: "LoadedRun", num: int, *, batch_size: int, seed: int,
+                       plan: "SamplingPlan | None" = None, out: Console = console) -> "torch.Tensor":
+    """``num`` images in [-1, 1] from ``loaded``, announced in one line and shown with a progress bar on ``out``."""
+    from ddpmkit.commands.progress import sampling_progress
+
+    plan = plan or loaded.plan()
+    out.print(escape(f"sampling {num} images from {loaded.source} ({'EMA' if loaded.weights == 'ema' else 'raw'} weights, "
+        f"step {loaded.step}) with {plan.config.sampler.name} ({len(plan.timesteps)} steps) on {loaded.device}"
+        + (f", guided by its guide (weight {plan.config.guidance.weight:g})" if plan.guided else "")), highlight=False)
+    with sampling_progress(out, num * len(plan.timesteps)) as advance:
+        images, _ = loaded.draw(num, plan=plan, seed=seed, batch_size=batch_size, progress=advance)
+    return images

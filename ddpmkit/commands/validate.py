@@ -1,0 +1,38 @@
+"""``ddpmkit validate``: check a config, build what it names, and report on the run before it starts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.markup import escape
+
+from ddpmkit.commands.app import DataRootOption, SetOption, app, console, user_errors
+
+
+@app.command()
+@user_errors
+def validate(
+    config: Path = typer.Argument(..., help="The run's TOML config."),
+    set_: Optional[List[str]] = SetOption,
+    data_root: Optional[Path] = DataRootOption,
+    timing: bool = typer.Option(True, "--timing/--no-timing", help="Time a few training steps to estimate the run's length."),
+) -> None:
+    """Check a config, build what it names, and report on the run before it starts (no training)."""
+    from ddpmkit.run.config import load_config
+    from ddpmkit.training.preflight import preflight
+    from ddpmkit.run.components import build_checked
+    from ddpmkit.training.preflight import describe_config
+
+    cfg = load_config(config, set_)
+    built = build_checked(cfg)
+    console.print(describe_config(cfg, built))
+    findings = preflight(cfg, built, data_root=data_root, timing=timing)
+    for f in findings:
+        console.print(f"{f.label:<10} {escape(f.text)}", highlight=False)
+    for f in findings:
+        if f.warning:
+            console.print(f"[yellow]warning:[/] {escape(f.warning)}", highlight=False)
+    console.print(f"[green]ok:[/] {config} is valid")
+

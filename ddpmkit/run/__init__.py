@@ -1,0 +1,1 @@
+"""What a run is: its config, data, components, checkpoints, the guide's run, event hooks and the run lock."""

@@ -1,0 +1,207 @@
+"""A trained run loaded once and sampled many times: :func:`load_run` and :class:`LoadedRun`.
+
+``ddpmkit sample``, ``eval``, ``sweep`` and the end of ``ddpmkit run`` all draw through it, so a sweep
+over ten samplers verifies and builds its checkpoint once::
+
+    run = ddpmkit.load_run("runs/mnist-cpu")
+    images = run.sample(16, sampler="ddim", steps=50, seed=0)   # uint8 [16, H, W, C]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import torch
+
+from ddpmkit.errors import ConfigError, DdpmkitError
+from ddpmkit.interfaces import Denoiser, Sampler
+from ddpmkit.registry import discovery
+from ddpmkit.registry.blame import blame
+from ddpmkit.registry.build import construct
+from ddpmkit.run.checkpoint import Checkpoint, find_checkpoint, latest_checkpoint
+from ddpmkit.run.components import Components, build_components
+from ddpmkit.run.config import RunConfig, config_from_dict
+from ddpmkit.run.data import to_uint8
+from ddpmkit.run.guidance import GuidedDenoiser, guide_dir
+from ddpmkit.runtime.device import pick_device
+from ddpmkit.runtime.limits import check_fits
+from ddpmkit.runtime.speed import SpeedModes
+from ddpmkit.sampling.draw import ProgressFn, generate
+
+#: The [train] keys that also decide how sampling runs, and so may change when sampling from a checkpoint.
+SAMPLING_SPEED_KEYS = ("train.precision", "train.channels_last", "train.compile")
+#: Keys outside [sampler], [sample] and [run] that sampling from a checkpoint may change.
+SAMPLING_KEYS = (*SAMPLING_SPEED_KEYS, "guidance.weight")
+Weights = Literal["ema", "model"]
+
+
+@dataclass(frozen=True)
+class SamplingPlan:
+    """What one draw runs: the config it follows, the sampler built from it, and the steps it takes."""
+
+    config: RunConfig
+    sampler: Sampler
+    components: Components
+    timesteps: list[int]
+
+    @property
+    def guided(self) -> bool:
+        return self.config.guidance.enabled
+
+    @property
+    def evaluations(self) -> int:
+        """Network evaluations per image: a guided step calls the guide too."""
+        return len(self.timesteps) * (2 if self.guided else 1)
+
+
+class LoadedRun:
+    """A trained run's weights, verified and loaded once, that draws images as often as asked.
+
+    ``config`` is the run's validated config (with any sampling overrides), ``components`` its schedule,
+    sampler and denoiser (holding the loaded weights, in eval mode on ``device``), ``step`` the step the
+    weights were saved at, ``checkpoint`` the checkpoint they came from (None for weights still in memory
+    at the end of ``ddpmkit run``).
+    """
+
+    def __init__(self, config: RunConfig, components: Components, *, run_dir: Path, step: int,
+                 weights: Weights = "ema", checkpoint: Checkpoint | None = None) -> None:
+        self.config, self.components = config, components
+        self.run_dir, self.step, self.weights, self.checkpoint = Path(run_dir), step, weights, checkpoint
+        self._guide: Denoiser | None = None
+
+    @property
+    def denoiser(self) -> Denoiser:
+        return self.components.denoiser
+
+    @property
+    def device(self) -> torch.device:
+        return self.components.denoiser.device
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        """Versions, plugins and the dataset fingerprint the weights were trained with (empty in memory)."""
+        return self.checkpoint.schema.manifest if self.checkpoint is not None else {}
+
+    @property
+    def source(self) -> Path:
+        """The checkpoint folder the weights came from, or the run folder."""
+        return self.checkpoint.path if self.checkpoint is not None else self.run_dir
+
+    def plan(self, *, sampler: str | None = None, steps: int | None = None,
+             options: dict[str, Any] | None = None, guidance: float | None = None) -> SamplingPlan:
+        """The run's own sampling, or another sampler, step count (``sampler.options.steps``), sampler options
+        or guidance weight, validated as a config would be."""
+        cfg, built = self.config, self.components
+        if sampler is not None or steps is not None or options or guidance is not None:
+            data = cfg.model_dump(mode="json")
+            if sampler is not None and not _same_component("sampler", sampler, data["sampler"]["name"]):
+                data["sampler"] = {"name": sampler, "options": {}}
+            data["sampler"]["options"].update(options or {})
+            if steps is not None:
+                data["sampler"]["options"]["steps"] = steps
+            if guidance is not None:
+                data["guidance"]["weight"] = guidance
+            cfg = config_from_dict(data)
+            comp = cfg.component("sampler")
+            built = Components(built.schedule, built.denoiser, construct(comp, cfg.component_options("sampler")),
+                               {**built.refs, "sampler": comp})
+        return SamplingPlan(cfg, built.sampler, built, built.timesteps())
+
+    def draw(self, num: int, *, plan: SamplingPlan | None = None, seed: int = 0, batch_size: int = 64,
+             progress: ProgressFn | None = None,
+             capture_steps: list[int] | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """``num`` images in [-1, 1] (float, NCHW, on the CPU) and the states at ``capture_steps``."""
+        plan = plan or self.plan()
+        c, h, w = plan.config.image_shape
+        check_fits(num * c * h * w * 5, f"--num {num:,}", "ask for fewer images, or sample several times with --seed")
+        network = self._network(plan)
+        return generate(
+            network, plan.components.schedule, plan.sampler, num, batch_size=batch_size, seed=seed,
+            image_shape=plan.config.image_shape, modes=SpeedModes.for_run(plan.config.train, self.device),
+            capture_steps=capture_steps, progress=progress, sampler_component=plan.components.refs["sampler"],
+        )
+
+    def sample(self, num: int, *, sampler: str | None = None, steps: int | None = None,
+               options: dict[str, Any] | None = None, guidance: float | None = None, seed: int = 0,
+               batch_size: int = 64, output: Literal["uint8", "float"] = "uint8",
+               progress: ProgressFn | None = None) -> torch.Tensor:
+        """``num`` images: uint8 NHWC (``output="uint8"``, as files hold them) or float NCHW in [-1, 1]."""
+        if output not in ("uint8", "float"):
+            raise ConfigError(f"output = {output!r}: expected 'uint8' or 'float'")
+        plan = self.plan(sampler=sampler, steps=steps, options=options, guidance=guidance)
+        images, _ = self.draw(num, plan=plan, seed=seed, batch_size=batch_size, progress=progress)
+        return to_uint8(images).permute(0, 2, 3, 1).contiguous() if output == "uint8" else images
+
+    def _network(self, plan: SamplingPlan) -> Denoiser:
+        if not plan.guided:
+            return self.denoiser
+        if self._guide is None:  # loaded once, for every weight
+            self._guide = _load_guide(self.run_dir, plan.config.guidance.weight, self.weights, self.device)
+        return GuidedDenoiser(self.denoiser, self._guide, plan.config.guidance.weight, plan.components.schedule)
+
+
+def load_run(source: str | Path, *, weights: Weights = "ema", device: str | None = None,
+             sampler: str | None = None, overrides: list[str] | None = None,
+             warn: Callable[[str], None] | None = None) -> LoadedRun:
+    """Verify and load a run's latest checkpoint (or the checkpoint folder ``source``) once.
+
+    ``sampler`` and ``overrides`` (``KEY.PATH=VALUE``) may change how it samples ([sampler], [sample],
+    [run], ``guidance.weight`` and the sampling speed modes), never what the weights were trained with.
+    Broken newer checkpoints are skipped, each reported through ``warn``.
+    """
+    if weights not in ("ema", "model"):
+        raise ConfigError(f"weights = {weights!r}: expected 'ema' or 'model'")
+    ckpt = find_checkpoint(Path(source), warn=warn)
+    saved = ckpt.config_for_sampling()
+    if sampler is not None and not _same_component("sampler", sampler, saved["sampler"]["name"]):
+        saved["sampler"] = {"name": sampler, "options": {}}
+    _refuse_process_changes(overrides or [])
+    cfg = config_from_dict(saved, overrides=overrides or [])
+    dev = pick_device(device or cfg.run.device)
+    torch.manual_seed(0)  # the initialisation the loaded weights replace
+    built = build_components(cfg)
+    _check_prediction(ckpt.schema.prediction, built, ckpt.path)
+    with blame(built.refs["denoiser"], "to load the checkpoint's weights"):
+        built.denoiser.load_state_dict(ckpt.weights(weights))
+    built.denoiser.to(dev).eval()
+    return LoadedRun(cfg, built, run_dir=ckpt.path.parent.parent, step=ckpt.step, weights=weights, checkpoint=ckpt)
+
+
+def _load_guide(run_dir: Path, weight: float, weights: Weights, device: torch.device) -> Denoiser:
+    """The trained guide of the run in ``run_dir`` (its latest checkpoint), on ``device``, in eval mode."""
+    folder = guide_dir(run_dir).resolve()
+    if latest_checkpoint(folder) is None:
+        raise ConfigError(
+            f"guidance.weight = {weight:g} needs the run's guide, and {folder} holds none: `ddpmkit run` on the "
+            "run's config trains it, or --set guidance.weight=1 samples without guidance"
+        )
+    return load_run(folder, weights=weights, device=str(device)).denoiser
+
+
+def _same_component(kind: str, a: str, b: str) -> bool:
+    """Whether two names (plain or qualified) resolve to one installed component."""
+    try:
+        return discovery.find(kind, a) is discovery.find(kind, b)
+    except DdpmkitError:
+        return a == b
+
+
+def _refuse_process_changes(overrides: list[str]) -> None:
+    """Sampling with another process, model or data shape than the weights were trained with gives wrong images."""
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        if key.split(".")[0] not in ("sampler", "sample", "run") and key not in SAMPLING_KEYS:
+            raise ConfigError(
+                f"--set {item}: the weights were trained with the checkpoint's {key.split('.')[0]}; sampling may "
+                "change only [sampler], [sample], [run], guidance.weight and train.precision/channels_last/compile"
+            )
+
+
+def _check_prediction(saved: str, built: Components, path: Path) -> None:
+    if built.denoiser.prediction != saved:
+        raise ConfigError(
+            f"{path}: trained to predict {saved!r} but {built.refs['denoiser'].label} now predicts "
+            f"{built.denoiser.prediction!r}; install the plugin version that trained it"
+        )

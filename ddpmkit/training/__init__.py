@@ -1,0 +1,1 @@
+"""Training: the loop as named steps, the job of ``ddpmkit run``, and the pre-flight report."""

@@ -1,0 +1,294 @@
+"""The job of ``ddpmkit run``: set up the run directory, resume or start, train (the guide first), then
+draw and write the samples. It reports through a :class:`RunReport`; the command prints."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from ddpmkit.errors import EXIT_INTERRUPTED, DdpmkitError, HookFailed
+from ddpmkit.run.checkpoint import Checkpoint, check_compatible, checkpoints_dir, describe_run, latest_checkpoint, step_dirs
+from ddpmkit.run.components import Components, build_checked
+from ddpmkit.run.config import RunConfig
+from ddpmkit.run.data import Dataset, load_dataset
+from ddpmkit.run.events import EventDispatcher, RunInfo
+from ddpmkit.run.guidance import guide_config
+from ddpmkit.run.lock import acquire, locked, release
+from ddpmkit.runtime.device import pick_device
+from ddpmkit.runtime.distributed import World, from_environment, join, leave
+from ddpmkit.runtime.speed import SpeedModes
+from ddpmkit.runtime.units import format_duration
+from ddpmkit.sampling.draw import nearest_visited
+from ddpmkit.sampling.images import write_images, write_trajectory
+from ddpmkit.sampling.loaded import LoadedRun
+from ddpmkit.training.preflight import snr_finding
+from ddpmkit.training.loop import CPU_WARN_SECONDS, RankStopped, TrainEvents, TrainResult, steps_per_epoch, total_steps, train
+from ddpmkit.version import __version__
+
+OUTPUT_FILES = ("samples.png", "samples.npz", "trajectory.png")
+StepFn = Callable[[dict[str, Any]], None]
+AdvanceFn = Callable[[int], None]
+
+
+@contextmanager
+def _no_progress(*args: Any) -> Iterator[Callable[..., None]]:
+    yield lambda *a: None
+
+
+def _ignore(text: str) -> None:
+    pass
+
+
+@dataclass
+class RunReport:
+    """Where a run's messages and progress go. ``training(total, completed)`` and ``sampling(total)``
+    are context managers yielding the function to call after each step (metrics) or image-step count."""
+
+    info: Callable[[str], None] = _ignore
+    warn: Callable[[str], None] = _ignore
+    training: Callable[[int, int], AbstractContextManager[StepFn]] = field(default=_no_progress)
+    sampling: Callable[[int], AbstractContextManager[AdvanceFn]] = field(default=_no_progress)
+
+
+def run_config(cfg: RunConfig, *, report: RunReport | None = None, fresh: bool = False,
+               data_root: Path | None = None) -> int:
+    """Train (or resume) and sample; returns the process exit code (0, or 130 when interrupted).
+
+    The run directory is locked for the duration: a second process on the same run refuses to start.
+    Under torchrun every process calls this; rank 0 holds the lock, reports, writes and samples.
+    """
+    report = report or RunReport()
+    world = from_environment()
+    if not world.enabled:
+        created = [d for d in (cfg.run_dir, *cfg.run_dir.parents) if not d.exists()]
+        try:
+            _ensure_writable(cfg.run_dir)
+            with locked(cfg.run_dir):
+                return _run(cfg, report=report, fresh=fresh, data_root=data_root, world=world,
+                            device=pick_device(cfg.run.device))
+        except DdpmkitError:
+            _remove_empty(created)  # a refusal before training leaves no empty run folder behind
+            raise
+    device = join(world, pick_device(cfg.run.device))
+    try:
+        lock, error = None, None
+        if world.is_main:
+            try:
+                _ensure_writable(cfg.run_dir)
+                lock = acquire(cfg.run_dir)
+            except DdpmkitError as exc:
+                error = exc
+        if world.any(error is not None):  # every rank learns whether rank 0 could start
+            raise error if error is not None else RankStopped("the first process could not start the run; this one stopped too")
+        try:
+            return _run(cfg, report=report if world.is_main else RunReport(), fresh=fresh, data_root=data_root,
+                        world=world, device=device)
+        finally:
+            if lock is not None:
+                release(lock)
+    finally:
+        leave(world)
+
+
+def _ensure_writable(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise DdpmkitError(f"cannot write the run directory {run_dir}: {exc.strerror or exc}") from None
+    folder = checkpoints_dir(run_dir)
+    if os.path.lexists(folder) and not folder.is_dir():  # found now, not at the first checkpoint
+        raise DdpmkitError(f"{folder} exists but is not a folder (a file, a broken link or a link loop): "
+                           "move it away, or point run.dir elsewhere")
+
+
+def _remove_empty(created: list[Path]) -> None:
+    """Remove the folders this run created (deepest first), each only if nothing was written in it."""
+    for folder in created:
+        for sub in sorted(folder.glob("**/"), key=lambda p: len(p.parts), reverse=True) if folder.is_dir() else []:
+            try:
+                sub.rmdir()
+            except OSError:
+                pass
+
+
+class _Silent:
+    """The event dispatcher of ranks other than 0: plugins (metrics, TensorBoard) run on rank 0 only."""
+
+    def emit(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+@dataclass
+class _Prepared:
+    """A run ready to train: its data, components, the checkpoint it resumes from and its plan."""
+
+    cfg: RunConfig
+    dataset: Dataset
+    built: Components
+    resume: Checkpoint | None
+    steps: int
+    fingerprint: str
+
+
+def _run(cfg: RunConfig, *, report: RunReport, fresh: bool, data_root: Path | None, world: World,
+         device: torch.device) -> int:
+    if cfg.guidance.enabled:  # autoguidance: the guide trains first, as a run of its own in RUN/guide
+        guide = guide_config(cfg)
+        report.info(f"guide for autoguidance (weight {cfg.guidance.weight:g}): "
+                    f"{guide.train.max_steps:,} steps, trained first")
+        if world.is_main:
+            _ensure_writable(guide.run_dir)
+        code = _run(guide, report=report, fresh=fresh, data_root=data_root, world=world, device=device)
+        if code:
+            return code
+    if fresh and world.is_main:
+        _remove_outputs(cfg.run_dir)
+    world.all_reduce([0.0])  # a barrier: no rank looks for checkpoints before --fresh removed them
+    prepared = _prepare(cfg, report=report, data_root=data_root, world=world, device=device)
+    info = RunInfo(cfg.run_dir, cfg, str(device), prepared.resume.step if prepared.resume else 0, prepared.steps)
+    events = EventDispatcher(info) if world.is_main else _Silent()
+    result = _train(prepared, report=report, events=events, world=world, device=device)
+    if result is None or result.interrupted:
+        return EXIT_INTERRUPTED
+    if not world.is_main:
+        return 0
+    _write_samples(prepared, result, report=report, events=events)
+    return 0
+
+
+def _remove_outputs(run_dir: Path) -> None:
+    """--fresh: the checkpoints, metrics and samples of an earlier run go."""
+    shutil.rmtree(checkpoints_dir(run_dir), ignore_errors=True)
+    for name in ("metrics.jsonl", *OUTPUT_FILES):
+        (run_dir / name).unlink(missing_ok=True)
+
+
+def _prepare(cfg: RunConfig, *, report: RunReport, data_root: Path | None, world: World,
+             device: torch.device) -> _Prepared:
+    """Find the checkpoint to resume from, load the data, build and smoke-test the components, and say the plan."""
+    resume = latest_checkpoint(cfg.run_dir, report.warn)
+    dataset = load_dataset(cfg.data, root_override=data_root, seed=cfg.run.seed)
+    fingerprint = dataset.fingerprint()
+    if resume is not None:
+        check_compatible(resume, cfg, fingerprint)
+    built = build_checked(cfg)
+    schedule_check = snr_finding(built)  # validate's warning, said again where the run starts
+    if schedule_check.warning:
+        report.warn(schedule_check.warning)
+    if world.is_main:
+        (cfg.run_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
+    steps = total_steps(cfg, len(dataset))
+    if cfg.train.batch_size > len(dataset):
+        report.warn(f"train.batch_size = {cfg.train.batch_size:,} is larger than the dataset ({len(dataset):,} images): "
+                    f"every step trains on the whole dataset, a batch of {len(dataset):,}")
+    model, tc = built.denoiser, cfg.train
+    report.info(
+        f"ddpmkit run {cfg.run_dir}: {dataset.description}, {len(dataset):,} images\n"
+        f"  device {device}, {cfg.denoiser.name} {model.num_parameters():,} parameters predicting {model.prediction}, "
+        f"{SpeedModes.for_run(tc, device).describe()}\n"
+        f"  {steps_per_epoch(len(dataset), tc.batch_size):,} steps of batch {min(tc.batch_size, len(dataset))} per epoch; "
+        f"{steps:,} steps in all ({tc.epochs} epochs"
+        + (f", at most {tc.max_steps:,} steps)" if tc.max_steps is not None else ")")
+        + (f"\n  resuming from {resume.path} (step {resume.step:,})" if resume is not None else "")
+    )
+    return _Prepared(cfg, dataset, built, resume, steps, fingerprint)
+
+
+def _train(prepared: _Prepared, *, report: RunReport, events: Any, world: World,
+           device: torch.device) -> TrainResult | None:
+    """The training loop with its progress, events and the interrupt and failure policies; None when a
+    second interrupt stopped it at once."""
+    cfg, resume = prepared.cfg, prepared.resume
+    reached = {"step": resume.step if resume else 0}
+    started = time.perf_counter()
+
+    def on_measured(images_per_s: float, eta_s: float) -> None:
+        report.info(f"  measured {images_per_s:.1f} images/s: about {format_duration(eta_s)} of training left")
+        if device.type == "cpu" and eta_s > CPU_WARN_SECONDS:
+            report.warn(f"this run needs about {format_duration(eta_s)} on this CPU; "
+                        "configs/mnist-cpu.toml is sized for a CPU (about 15 minutes on 2 cores)")
+
+    events.emit("train_start")
+    try:
+        with report.training(prepared.steps, reached["step"]) as show_step:
+            def on_step(metrics: dict[str, Any]) -> None:
+                reached["step"] = metrics["step"]
+                events.emit("step_end", step=metrics["step"], metrics=metrics)
+                show_step(metrics)
+
+            result = train(
+                cfg, model=prepared.built.denoiser, schedule=prepared.built.schedule, dataset=prepared.dataset,
+                device=device, run_dir=cfg.run_dir,
+                checkpoint_state=describe_run(cfg, prepared.built, prepared.fingerprint, __version__),
+                resume=resume, denoiser_component=prepared.built.refs["denoiser"], world=world,
+                events=TrainEvents(on_step=on_step, on_measured=on_measured,
+                                   on_checkpoint=lambda path, step: events.emit("checkpoint_written", step=step, path=path)),
+            )
+    except BaseException as exc:
+        try:  # let the plugins close their files; the original error is the one to report
+            events.emit("train_end", step=reached["step"], interrupted=True)
+        except HookFailed:
+            pass
+        if isinstance(exc, KeyboardInterrupt):  # the second Ctrl-C: stopped at once, mid-step or mid-write
+            done = step_dirs(cfg.run_dir)
+            report.info(f"stopped at once (a second interrupt) near step {reached['step']:,}; "
+                        + (f"the last complete checkpoint is {done[-1]}: run the same command again to resume from it."
+                           if done else "no checkpoint was written yet."))
+            return None
+        raise
+    try:
+        events.emit("train_end", step=result.step, interrupted=result.interrupted)
+    except HookFailed:
+        if result.failure is None:
+            raise
+    if result.failure is not None:
+        raise result.failure
+    if result.interrupted:
+        report.info(f"interrupted at step {result.step:,}; checkpoint {result.last_checkpoint}. "
+                    "Run the same command again to resume.")
+        return result
+    report.info(f"trained to step {result.step:,} in {format_duration(time.perf_counter() - started)}"
+                + (f" on {world.size} processes" if world.enabled else ""))
+    return result
+
+
+def _write_samples(prepared: _Prepared, result: TrainResult, *, report: RunReport, events: Any) -> None:
+    """One pass draws ``sample.num_images`` images, the first few of which also give the denoising strip."""
+    cfg, sc, run_dir = prepared.cfg, prepared.cfg.sample, prepared.cfg.run_dir
+    count = max(sc.num_images, sc.trajectory_images if sc.trajectory_steps else 0)
+    visited = prepared.built.timesteps()
+    shown = nearest_visited(sc.trajectory_steps, visited) if sc.trajectory_images else []
+    if shown and set(shown) != set(sc.trajectory_steps):
+        report.info(f"  trajectory.png: {cfg.sampler.name} visits {len(visited)} of {cfg.num_timesteps} steps; "
+                    f"showing the visited t nearest to those asked for: {', '.join(map(str, shown))}")
+    if not count:  # nothing to draw (the guide's run, or num_images = 0)
+        events.emit("samples_written", paths=[])
+        return
+    weights = "ema" if sc.use_ema else "model"
+    built = prepared.built
+    trained = LoadedRun(cfg, Components(built.schedule, result.ema_model if sc.use_ema else result.model,
+                                        built.sampler, built.refs),
+                        run_dir=run_dir, step=result.step, weights=weights)
+    started = time.perf_counter()
+    with report.sampling(count * len(visited)) as advance:
+        images, captured = trained.draw(count, seed=sc.seed, batch_size=sc.batch_size, progress=advance,
+                                        capture_steps=shown or None)
+    if sc.num_images:
+        write_images(images[: sc.num_images], run_dir / "samples.png")
+        write_images(images[: sc.num_images], run_dir / "samples.npz")
+    if sc.trajectory_images and captured:
+        write_trajectory({t: x[: sc.trajectory_images] for t, x in captured.items()}, run_dir / "trajectory.png")
+    written = [run_dir / name for name in OUTPUT_FILES if (run_dir / name).exists()]
+    events.emit("samples_written", paths=written)
+    report.info(f"sampled in {format_duration(time.perf_counter() - started)}; wrote " + ", ".join(map(str, written)))
