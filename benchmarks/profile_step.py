@@ -22,15 +22,16 @@ def profile_steps(config: Path, mode: str, device: str, steps: int, overrides: l
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from ddpmkit.benchmark.bench import bench_ddpmkit_training, parse_mode
+    from ddpmkit.benchmark.bench import parse_mode
+    from ddpmkit.training.autotune import measure_training
     from ddpmkit.run.config import load_config
 
     cfg = load_config(config, overrides)
     dev, modes = torch.device(device), parse_mode(mode)
-    bench_ddpmkit_training(cfg, modes, dev, warmup=2, steps=1)  # builds, compiles, warms the kernels
+    measure_training(cfg, modes, dev, warmup=2, steps=1)  # builds, compiles, warms the kernels
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     with profile(activities=activities) as prof:
-        images_per_s, _ = bench_ddpmkit_training(cfg, modes, dev, warmup=1, steps=steps)
+        images_per_s, _ = measure_training(cfg, modes, dev, warmup=1, steps=steps)
     print(f"{mode} on {dev}: {images_per_s:.1f} images/s while profiled")
     table = prof.key_averages()
     print(table.table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=60))

@@ -52,6 +52,8 @@ ema_warmup = true
 grad_clip = 1.0
 checkpoint_every = {checkpoint_every}
 keep_checkpoints = 3
+precision = "fp32"  # pinned: tests compare numbers, and "auto" may choose bf16 on some CPUs
+channels_last = false
 
 [sample]
 num_images = {num_images}

@@ -97,3 +97,24 @@ def test_a_changed_learning_rate_takes_effect_on_resume(tmp_path):
     assert r.exit_code == 0, r.output
     lrs = [json.loads(line)["lr"] for line in (tmp_path / "runs" / "lr" / "metrics.jsonl").read_text().splitlines()]
     assert lrs == [1e-3] * 4 + [5e-4] * 4
+
+
+def test_extending_a_finished_cosine_run_continues_at_lr_min(tmp_path):
+    """The decay's end is the first start's plan, recorded in the checkpoints: more steps later train at
+    lr_min (with a warning) instead of sending the learning rate back to its peak."""
+    import json
+
+    from runconfigs import invoke, write_config
+
+    cfg = write_config(tmp_path, "ext", epochs=1, num_images=0, trajectory_images=0)
+    cfg.write_text(cfg.read_text().replace("lr = 1e-3\n", 'lr = 1e-3\nlr_decay = "cosine"\nlr_min = 1e-5\n'))
+    assert invoke("run", str(cfg)).exit_code == 0
+    r = invoke("run", str(cfg), "--set", "train.epochs=2")
+    assert r.exit_code == 0, r.output
+    assert "cosine learning-rate decay ended at step 4" in r.output and "lr_min = 1e-05" in r.output
+    records = [json.loads(line) for line in (tmp_path / "runs" / "ext" / "metrics.jsonl").read_text().splitlines()]
+    lrs = {rec["step"]: rec["lr"] for rec in records}
+    assert lrs[4] == pytest.approx(1e-5 + (1e-3 - 1e-5) * 0.5 * (1 + math.cos(math.pi * 3 / 4)))
+    assert [lrs[s] for s in (5, 6, 7, 8)] == [pytest.approx(1e-5)] * 4
+    state = json.loads((tmp_path / "runs" / "ext" / "checkpoints" / "step-00000008" / "state.json").read_text())
+    assert state["lr_decay_end"] == 4

@@ -3,23 +3,18 @@
 from __future__ import annotations
 
 import platform
-import statistics
-import tempfile
 import time
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from ddpmkit.run.config import RunConfig
-from ddpmkit.run.data import Dataset, to_model_scale
+from ddpmkit.run.data import to_model_scale
 from ddpmkit.errors import ConfigError
-from ddpmkit.run.components import build_components
-from ddpmkit.interfaces import Denoiser
 from ddpmkit.sampling.draw import generate
-from ddpmkit.runtime.speed import PRECISIONS, SpeedModes, pytorch_default_precision
-from ddpmkit.training.loop import TrainEvents, train
+from ddpmkit.runtime.speed import AUTO, PRECISIONS, SpeedModes, pytorch_default_precision
+from ddpmkit.training.autotune import candidates, fresh_model, measure_training, synthetic_dataset
 from ddpmkit.benchmark.measure import (
     count_flops,
     matmul_peak,
@@ -83,25 +78,6 @@ class Row:
     setup_s: float | None = None  # the first (untimed) step: kernel selection, compilation
 
 
-def synthetic_dataset(cfg: RunConfig, num: int, seed: int = 0) -> Dataset:
-    """Random uint8 images of the config's shape: speed does not depend on what the pixels show."""
-    g = torch.Generator().manual_seed(seed)
-    images = torch.randint(0, 256, (num, *cfg.image_shape), generator=g, dtype=torch.uint8)
-    return Dataset(images, f"{num} random images of {cfg.image_shape}")
-
-
-def fresh_model(cfg: RunConfig) -> tuple[Denoiser, Any, Any]:
-    torch.manual_seed(cfg.run.seed)
-    built = build_components(cfg)
-    return built.denoiser, built.schedule, built.sampler
-
-
-def with_modes(cfg: RunConfig, modes: SpeedModes, **train: Any) -> RunConfig:
-    data = cfg.model_dump(mode="json")
-    data["train"].update(modes.train_settings(), **train)
-    return RunConfig.model_validate(data)
-
-
 def bench_tutorial_training(cfg: RunConfig, device: torch.device, *, warmup: int, steps: int) -> float:
     """Images/s of the tutorial's fp32 eager step (median step time)."""
     model, schedule, _ = fresh_model(cfg)
@@ -110,26 +86,6 @@ def bench_tutorial_training(cfg: RunConfig, device: torch.device, *, warmup: int
     trainer = TutorialTrainer(model, schedule, lr=cfg.train.lr, ema_decay=cfg.train.ema_decay)
     x = to_model_scale(synthetic_dataset(cfg, cfg.train.batch_size).images.to(device))
     return cfg.train.batch_size / median_seconds(lambda: trainer.step(x), device, warmup=warmup, repeats=steps)
-
-
-def bench_ddpmkit_training(
-    cfg: RunConfig, modes: SpeedModes, device: torch.device, *, warmup: int, steps: int
-) -> tuple[float, float]:
-    """(images/s from the median step time after ``warmup``, seconds of the first step) of
-    ddpmkit's own training loop (`ddpmkit.training.loop.train`: EMA, bookkeeping and all) in ``modes``."""
-    batch = cfg.train.batch_size
-    run_cfg = with_modes(cfg, modes, max_steps=warmup + steps, epochs=10**6, checkpoint_every=10**9, keep_checkpoints=1)
-    model, schedule, _ = fresh_model(run_cfg)
-    stamps: list[float] = []
-    started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="ddpmkit-bench-") as tmp:
-        train(
-            run_cfg, model=model, schedule=schedule, dataset=synthetic_dataset(run_cfg, batch * 4),
-            device=device, run_dir=Path(tmp), checkpoint_state={},
-            events=TrainEvents(on_step=lambda m: stamps.append(time.perf_counter())),
-        )
-    times = [b - a for a, b in zip(stamps, stamps[1:])][warmup - 1 :]
-    return batch / statistics.median(times), stamps[0] - started
 
 
 class _Enough(Exception):
@@ -234,7 +190,7 @@ def run_bench(
     for m in modes:
         note(f"training: ddpmkit, {mode_name(m)}")
         reset_peak_memory(device)
-        ips, setup = bench_ddpmkit_training(cfg, m, device, warmup=warmup, steps=steps)
+        ips, setup = measure_training(cfg, m, device, warmup=warmup, steps=steps)
         training.append(row("ddpmkit", m, ips, train_flops, ref, setup))
 
     sampling: list[Row] = []
@@ -281,4 +237,15 @@ def run_bench(
         "memory": memory_kind,
         "training": [vars(r) for r in training],
         "sampling": [vars(r) for r in sampling],
+        "auto": auto_pick(cfg, device, training),
     }
+
+
+def auto_pick(cfg: RunConfig, device: torch.device, training: list[Row]) -> str | None:
+    """Of the measured ddpmkit rows, the mode ``train.precision = channels_last = "auto"`` would choose (the
+    fastest of its candidates here); None when none of its candidates was measured."""
+    probe = cfg.model_copy(update={"train": cfg.train.model_copy(update={"precision": AUTO, "channels_last": AUTO})})
+    options = candidates(probe, device)[0]
+    wanted = {mode_name(m) for m in options} | {mode_name(replace(m, compile=True)) for m in options}
+    rows = [r for r in training if r.loop == "ddpmkit" and r.mode in wanted]
+    return max(rows, key=lambda r: r.per_s).mode if rows else None

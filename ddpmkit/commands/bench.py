@@ -50,9 +50,11 @@ def bench(
     if any(b < 1 for b in batches):
         raise DdpmkitError(f"--sample-batches {sample_batches}: batch sizes must be at least 1")
     say = err_console if as_json else console
-    with say.status("measuring") as status:
-        result = run_bench(cfg, dev, modes=chosen, steps=steps, warmup=warmup, sample_steps=sample_steps,
-                           sample=not no_sample, sample_batches=batches, note=lambda text: status.update(f"measuring {text}"))
+    # one line per measurement as it starts: an emulated mode can take minutes, and a status spinner shows
+    # nothing when the output is not a terminal
+    result = run_bench(cfg, dev, modes=chosen, steps=steps, warmup=warmup, sample_steps=sample_steps,
+                       sample=not no_sample, sample_batches=batches,
+                       note=lambda text: say.print(f"measuring {text} ...", highlight=False))
     result["config"] = str(config)
     text = json.dumps(result, indent=2)
     if out is not None:
@@ -84,8 +86,9 @@ def _print_bench(r: dict) -> None:
         for col in ("loop", "mode", unit, "x tutorial", "GFLOP/s", "of peak", "memory", "set-up s"):
             table.add_column(col, justify="left" if col in ("loop", "mode") else "right")
         for row in r[key]:
+            auto = key == "training" and row["loop"] == "ddpmkit" and row["mode"] == r.get("auto")
             table.add_row(
-                row["loop"], row["mode"], f"{row['per_s']:.1f}", f"{row['ratio']:.2f}",
+                row["loop"], row["mode"] + (" (auto)" if auto else ""), f"{row['per_s']:.1f}", f"{row['ratio']:.2f}",
                 f"{row['flop_per_s'] / 1e9:.1f}", f"{row['utilisation']:.0%}" if row["utilisation"] else "",
                 f"{row['peak_memory'] / 2**20:,.0f} MiB", f"{row['setup_s']:.1f}" if row["setup_s"] is not None else "",
             )

@@ -88,15 +88,46 @@ class TrainSection(Section):
         "or skip it (at most max_nonfinite_skips in a row)"
     )
     max_nonfinite_skips: int = Field(10, ge=1, description="with nonfinite = 'skip': halt after this many in a row")
-    precision: Literal["fp32", "bf16", "fp16"] = Field(
-        "fp32", description="autocast: bf16 (fast on recent CPUs and GPUs) or fp16 with a loss scaler (GPUs without bf16)"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto (the fastest of fp32 and, where it is native, bf16, measured for this model "
+        "before training), fp32, bf16 (fast where native: AVX-512 BF16/AMX CPUs, recent GPUs) or fp16 with a "
+        "loss scaler (GPUs without bf16)"
     )
-    channels_last: bool = Field(False, description="channels-last memory format (faster convolutions on CPUs)")
-    compile: bool = Field(False, description="torch.compile the denoiser for training and sampling (minutes of set-up)")
+    channels_last: Union[bool, Literal["auto"]] = Field(
+        "auto", description="channels-last memory format (faster convolutions on some CPUs); auto: measured"
+    )
+    compile: Union[bool, Literal["auto"]] = Field(
+        False, description="torch.compile the denoiser for training and sampling (a minute of set-up); auto: "
+        "measured on the fastest uncompiled mode, taken when at least 5 % faster"
+    )
     fused_adam: bool | None = Field(None, description="fused Adam; unset: on where it measured faster (CUDA)")
     tf32: bool = Field(True, description="TF32 matmuls and convolutions on CUDA GPUs (no effect elsewhere)")
+    time_budget: float | None = Field(
+        None, gt=0, le=366 * 86400, description='train for this long, e.g. "15m", "1h30m", "900s" or seconds: '
+        "max_steps is planned from the images/s measured before training (the guide's time included, sampling "
+        "not), fixed at the first start and kept on resume; max_steps, if set, stays an upper bound"
+    )
     checkpoint_every: int = Field(1000, ge=1, description="steps between checkpoints (one is always written at the end)")
+
+    @field_validator("time_budget", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> Any:
+        return parse_duration(v)
+
     keep_checkpoints: int = Field(3, ge=1)
+
+
+def parse_duration(value: Any) -> Any:
+    """``"15m"``, ``"1h30m"``, ``"90s"``, ``"2h"`` or a number of seconds -> seconds (other values unchanged,
+    for the field's own validation to report)."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip().lower().replace(" ", "")
+    m = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m(?:in)?)?(?:(\d+(?:\.\d+)?)s)?", text)
+    if not text or not m or not any(m.groups()):
+        raise ValueError(f"expected a duration such as 15m, 1h30m or 900s, got {value!r}")
+    h, mins, secs = (float(g) if g else 0.0 for g in m.groups())
+    return h * 3600 + mins * 60 + secs
 
 
 class SampleSection(Section):

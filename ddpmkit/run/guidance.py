@@ -68,6 +68,7 @@ def guide_config(cfg: "RunConfig") -> "RunConfig":
         max_steps=min(cfg.guidance.steps, main_steps) if main_steps is not None else cfg.guidance.steps,
         keep_checkpoints=1,
         compile=False,  # a few hundred steps never repay the compiler's set-up
+        time_budget=None,  # the main run's budget covers the guide
     )
     data["sample"].update(num_images=0, trajectory_images=0)
     data["guidance"] = {}

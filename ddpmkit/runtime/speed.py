@@ -16,6 +16,8 @@ from typing import Any, Iterable, Iterator
 import torch
 
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
+#: A setting that ddpmkit chooses by measurement before training (ddpmkit.training.autotune).
+AUTO = "auto"
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -41,12 +43,13 @@ class SpeedModes:
 
     @classmethod
     def for_run(cls, train: Any, device: torch.device) -> "SpeedModes":
-        """The modes ``train`` (a config's [train] table) asks for, with ``auto`` resolved for ``device``."""
+        """The modes ``train`` (a config's [train] table) asks for on ``device``; a setting left ``"auto"`` (not
+        yet measured: ``ddpmkit.training.autotune`` resolves it before a run trains) is its plain default."""
         fused = train.fused_adam if train.fused_adam is not None else default_fused_adam(device)
         return cls(
-            precision=train.precision,
-            channels_last=train.channels_last,
-            compile=train.compile,
+            precision=train.precision if train.precision != AUTO else "fp32",
+            channels_last=bool(train.channels_last) if train.channels_last != AUTO else False,
+            compile=bool(train.compile) if train.compile != AUTO else False,
             fused_adam=fused and fused_adam_available(device),
             tf32=train.tf32 and device.type == "cuda",
         )

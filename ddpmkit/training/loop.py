@@ -65,20 +65,30 @@ def steps_per_epoch(num_images: int, batch_size: int) -> int:
     return max(1, num_images // batch_size)
 
 
-def learning_rate(cfg: RunConfig, step: int, last_step: int) -> float:
-    """The learning rate of optimizer step ``step`` (0-based): linear warm-up, then constant or cosine decay.
+def learning_rate(cfg: RunConfig, step: int, decay_end: int) -> float:
+    """The learning rate of optimizer step ``step`` (0-based): linear warm-up, then constant or a cosine decay
+    that reaches ``lr_min`` at ``decay_end`` and stays there.
 
     A function of the step alone, set before every update, so a resumed run follows the same schedule
     (and a changed ``train.lr`` takes effect on resume, instead of the optimizer state's old value).
+    ``decay_end`` is the run's planned last step when it first started (recorded in its checkpoints): a run
+    extended past it trains on at ``lr_min`` rather than jumping back to the peak.
     """
     tc = cfg.train
     if tc.lr_warmup_steps and step < tc.lr_warmup_steps:
         return tc.lr * (step + 1) / tc.lr_warmup_steps
     if tc.lr_decay == "cosine":
-        span = max(1, last_step - tc.lr_warmup_steps)
+        span = max(1, decay_end - tc.lr_warmup_steps)
         progress = min(1.0, (step - tc.lr_warmup_steps) / span)
         return tc.lr_min + (tc.lr - tc.lr_min) * 0.5 * (1 + math.cos(math.pi * progress))
     return tc.lr
+
+
+def lr_decay_end(cfg: RunConfig, resume: Checkpoint | None, last_step: int) -> int:
+    """The step a cosine decay ends at: the plan of the run's first start (as its checkpoints record it), so
+    that extending a run continues at ``lr_min`` instead of restarting the decay; else ``last_step``."""
+    recorded = resume.state.get("lr_decay_end") if resume is not None else None
+    return recorded if isinstance(recorded, int) else last_step  # checkpoints before 0.5 record none
 
 
 def _divergence_advice(cfg: RunConfig, happened: str, step: int, last_good: Path | None, skipped: int = 0) -> str:
@@ -334,6 +344,8 @@ def train(
     share = check_batch(world, batch)  # this rank's slice of the global batch
     mine = slice(world.rank * share, (world.rank + 1) * share)
     last_step = total_steps(cfg, n)
+    decay_end = lr_decay_end(cfg, resume, last_step)
+    checkpoint_state = {**checkpoint_state, "lr_decay_end": decay_end}
 
     result = TrainResult(model, trainer.ema.module, trainer.step, interrupted=False)
     order, order_epoch = None, -1
@@ -349,7 +361,7 @@ def train(
                 order, order_epoch = epoch_order(cfg.run.seed, epoch, n).to(device), epoch
             x0 = to_model_scale(images[order[index * batch : (index + 1) * batch][mine]])
             t, noise = trainer.batch_noise(batch, tuple(x0.shape[1:]), mine)
-            lr = learning_rate(cfg, trainer.step, last_step)
+            lr = learning_rate(cfg, trainer.step, decay_end)
             done = trainer.update(x0, t, noise, lr)
             trainer.step += 1
             step = trainer.step

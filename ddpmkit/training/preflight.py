@@ -3,24 +3,25 @@ looks wrong before it starts."""
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from pathlib import Path
 
 import torch
 
 from ddpmkit.run.config import RunConfig
-from ddpmkit.diffusion import MAX_FINAL_SNR, draw_training_batch_noise, training_loss
+from ddpmkit.diffusion import MAX_FINAL_SNR
 from ddpmkit.errors import DataError
 from ddpmkit.run.components import Components
-from ddpmkit.runtime.speed import SpeedModes
 from ddpmkit.runtime.units import format_duration
+
+if TYPE_CHECKING:
+    from ddpmkit.training.autotune import Timer
 
 #: An EMA that still holds more than this share of the initial (random) weights at the end is flagged.
 MAX_EMA_INITIAL_SHARE = 0.05
 #: timm's ModelEmaV3 warm-up: decay_k = 1 - (1 + k / gamma) ** -power, capped at ema_decay.
 EMA_WARMUP_GAMMA, EMA_WARMUP_POWER = 1.0, 2 / 3
-TIMED_STEPS = 2
 
 
 @dataclass
@@ -91,31 +92,19 @@ def data_finding(cfg: RunConfig, data_root: Path | None) -> tuple[Finding, int |
 
 
 def time_finding(
-    cfg: RunConfig, built: Components, steps: int, device: torch.device, *, label: str = "time", what: str = "of training"
+    cfg: RunConfig, built: Components, steps: int, device: torch.device, *, label: str = "time",
+    what: str = "of training", timer: "Timer | None" = None,
 ) -> Finding:
-    """Seconds per training image, measured over a few forward+backward passes at a small batch on ``device``."""
-    from ddpmkit.runtime.speed import autocast, memory_format
+    """The training time, from images/s measured at the run's own batch in the speed mode that will run
+    (``auto`` resolved as the run will resolve it, and cached for it); a slow explicit mode is warned about."""
+    from ddpmkit.training.autotune import MEASURE_STEPS, is_auto, measured_rate, slow_mode_warning
 
-    model, schedule = built.denoiser, built.schedule.to(device)
-    batch = min(cfg.train.batch_size, 8)
-    model.to(device, memory_format=memory_format(cfg.train.channels_last)).train()
-    g = torch.Generator(device).manual_seed(0)
-    x0 = torch.rand((batch, *cfg.image_shape), generator=g, device=device) * 2 - 1
-    timings = []
-    for _ in range(TIMED_STEPS + 1):  # the first step pays one-off set-up costs
-        t, noise = draw_training_batch_noise(batch, cfg.image_shape, schedule.num_timesteps, g)
-        start = time.perf_counter()
-        with autocast(device, cfg.train.precision):
-            loss = training_loss(model, schedule, x0, t, noise)
-        loss.backward()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        timings.append(time.perf_counter() - start)
-        model.zero_grad(set_to_none=True)
-    per_image = min(timings[1:]) / batch
-    total = per_image * cfg.train.batch_size * steps
-    return Finding(label, f"about {format_duration(total)} {what} on {device} "
-                           f"({1 / per_image:,.0f} images/s forward+backward, measured at batch {batch})")
+    modes, ips = measured_rate(cfg, device, timer=timer)
+    warning = None if is_auto(cfg.train) else slow_mode_warning(cfg, device, timer=timer)
+    total = cfg.train.batch_size * steps / ips
+    return Finding(label, f"about {format_duration(total)} {what} on {device} in {modes.describe()}: {ips:,.1f} "
+                          f"images/s measured at the run's batch of {cfg.train.batch_size} (the median of "
+                          f"{MEASURE_STEPS} steps; a busy machine can take up to twice as long)", warning)
 
 
 def preflight(cfg: RunConfig, built: Components, *, data_root: Path | None = None, timing: bool = True) -> list[Finding]:
@@ -125,6 +114,12 @@ def preflight(cfg: RunConfig, built: Components, *, data_root: Path | None = Non
 
     data, num_images = data_finding(cfg, data_root)
     findings = [data]
+    if cfg.train.time_budget is not None and timing:  # the steps the run will plan (it measures the same way)
+        from ddpmkit.training.budget import plan, with_steps
+
+        budget = plan(cfg, pick_device(cfg.run.device))
+        cfg = with_steps(cfg, budget.steps)
+        findings.append(Finding("budget", budget.describe()))
     if num_images is None:
         return findings + [snr_finding(built)]
     steps = total_steps(cfg, num_images)
@@ -156,7 +151,7 @@ def describe_config(cfg: RunConfig, built: Components) -> str:
         f"sampler    {refs['sampler'].qualified}, {len(built.timesteps())} steps, {cfg.sampler.options}",
         f"train      {t.epochs} epochs, batch {t.batch_size}, lr {t.lr:g}, EMA {t.ema_decay:g}"
         f"{' with warm-up' if t.ema_warmup else ''}, "
-        f"{SpeedModes(t.precision, channels_last=t.channels_last, compile=t.compile, fused_adam=bool(t.fused_adam)).describe()}"
+        f"{t.precision} precision, channels-last {t.channels_last}, compile {t.compile}"
         + (f", at most {t.max_steps} steps" if t.max_steps is not None else ""),
     ]
     if cfg.guidance.enabled:

@@ -8,7 +8,7 @@ import os
 import shutil
 import time
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -24,13 +24,16 @@ from ddpmkit.run.guidance import guide_config
 from ddpmkit.run.lock import acquire, locked, release
 from ddpmkit.runtime.device import pick_device
 from ddpmkit.runtime.distributed import World, from_environment, join, leave
-from ddpmkit.runtime.speed import SpeedModes
+from ddpmkit.runtime.speed import AUTO, SpeedModes
 from ddpmkit.runtime.units import format_duration
 from ddpmkit.sampling.draw import nearest_visited
 from ddpmkit.sampling.images import write_images, write_trajectory
 from ddpmkit.sampling.loaded import LoadedRun
+from ddpmkit.training.autotune import candidates, choose, is_auto, slow_mode_warning
+from ddpmkit.training.budget import TimePlan, with_steps
+from ddpmkit.training.budget import plan as budget_plan
 from ddpmkit.training.preflight import snr_finding
-from ddpmkit.training.loop import CPU_WARN_SECONDS, RankStopped, TrainEvents, TrainResult, steps_per_epoch, total_steps, train
+from ddpmkit.training.loop import CPU_WARN_SECONDS, lr_decay_end, RankStopped, TrainEvents, TrainResult, steps_per_epoch, total_steps, train
 from ddpmkit.version import __version__
 
 OUTPUT_FILES = ("samples.png", "samples.npz", "trajectory.png")
@@ -139,10 +142,18 @@ class _Prepared:
     resume: Checkpoint | None
     steps: int
     fingerprint: str
+    #: what this start decided that its checkpoints record: the speed modes' choice, the time plan
+    record: dict[str, Any] = field(default_factory=dict)
 
 
 def _run(cfg: RunConfig, *, report: RunReport, fresh: bool, data_root: Path | None, world: World,
          device: torch.device) -> int:
+    started = time.perf_counter()
+    record: dict[str, Any] = {}
+    if cfg.train.time_budget is not None:
+        if fresh and world.is_main:
+            _remove_outputs(cfg.run_dir)  # a fresh run plans anew
+        cfg, record["time_plan"] = _plan_budget(cfg, device=device, world=world, report=report)
     if cfg.guidance.enabled:  # autoguidance: the guide trains first, as a run of its own in RUN/guide
         guide = guide_config(cfg)
         report.info(f"guide for autoguidance (weight {cfg.guidance.weight:g}): "
@@ -156,15 +167,38 @@ def _run(cfg: RunConfig, *, report: RunReport, fresh: bool, data_root: Path | No
         _remove_outputs(cfg.run_dir)
     world.all_reduce([0.0])  # a barrier: no rank looks for checkpoints before --fresh removed them
     prepared = _prepare(cfg, report=report, data_root=data_root, world=world, device=device)
+    prepared.record.update(record)
     info = RunInfo(cfg.run_dir, cfg, str(device), prepared.resume.step if prepared.resume else 0, prepared.steps)
     events = EventDispatcher(info) if world.is_main else _Silent()
     result = _train(prepared, report=report, events=events, world=world, device=device)
     if result is None or result.interrupted:
         return EXIT_INTERRUPTED
+    if cfg.train.time_budget is not None:
+        used = time.perf_counter() - started
+        report.info(f"time budget {format_duration(cfg.train.time_budget)}: this start trained for "
+                    f"{format_duration(used)} ({used / cfg.train.time_budget:.0%} of the budget)")
     if not world.is_main:
         return 0
     _write_samples(prepared, result, report=report, events=events)
     return 0
+
+
+def _plan_budget(cfg: RunConfig, *, device: torch.device, world: World,
+                 report: RunReport) -> tuple[RunConfig, dict[str, Any]]:
+    """``cfg`` with the steps its time budget allows: the plan recorded by the run's first start when it
+    resumes, else measured now (on rank 0, for every rank)."""
+    resume = latest_checkpoint(cfg.run_dir)
+    recorded = resume.state.get("time_plan") if resume is not None else None
+    if isinstance(recorded, dict) and recorded.get("budget_s") == cfg.train.time_budget:
+        plan = TimePlan(**recorded)
+        report.info(f"{plan.describe()} (planned at the run's first start)")
+    else:
+        plan = budget_plan(cfg, device) if world.is_main else None
+        (steps,) = world.all_reduce([float(plan.steps if plan is not None else 0)])
+        if plan is None:
+            plan = TimePlan(cfg.train.time_budget, int(steps), 0.0, 0.0)
+        report.info(plan.describe())
+    return with_steps(cfg, plan.steps), plan.record()
 
 
 def _remove_outputs(run_dir: Path) -> None:
@@ -180,15 +214,20 @@ def _prepare(cfg: RunConfig, *, report: RunReport, data_root: Path | None, world
     resume = latest_checkpoint(cfg.run_dir, report.warn)
     dataset = load_dataset(cfg.data, root_override=data_root, seed=cfg.run.seed)
     fingerprint = dataset.fingerprint()
+    built = build_checked(cfg)
+    cfg, speed = _resolve_speed(cfg, resume, device=device, world=world, report=report)
     if resume is not None:
         check_compatible(resume, cfg, fingerprint)
-    built = build_checked(cfg)
     schedule_check = snr_finding(built)  # validate's warning, said again where the run starts
     if schedule_check.warning:
         report.warn(schedule_check.warning)
     if world.is_main:
         (cfg.run_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
     steps = total_steps(cfg, len(dataset))
+    end = lr_decay_end(cfg, resume, steps)
+    if cfg.train.lr_decay == "cosine" and steps > end:
+        report.warn(f"the run's cosine learning-rate decay ended at step {end:,}, as first planned; the steps up to "
+                    f"{steps:,} train at train.lr_min = {cfg.train.lr_min:g} (--fresh starts a new schedule)")
     if cfg.train.batch_size > len(dataset):
         report.warn(f"train.batch_size = {cfg.train.batch_size:,} is larger than the dataset ({len(dataset):,} images): "
                     f"every step trains on the whole dataset, a batch of {len(dataset):,}")
@@ -202,7 +241,40 @@ def _prepare(cfg: RunConfig, *, report: RunReport, data_root: Path | None, world
         + (f", at most {tc.max_steps:,} steps)" if tc.max_steps is not None else ")")
         + (f"\n  resuming from {resume.path} (step {resume.step:,})" if resume is not None else "")
     )
-    return _Prepared(cfg, dataset, built, resume, steps, fingerprint)
+    return _Prepared(cfg, dataset, built, resume, steps, fingerprint, {"speed": speed} if speed else {})
+
+
+def _resolve_speed(cfg: RunConfig, resume: Checkpoint | None, *, device: torch.device, world: World,
+                   report: RunReport) -> tuple[RunConfig, dict[str, Any] | None]:
+    """``cfg`` with its ``auto`` speed modes made concrete: kept from the checkpoint when resuming (so resume
+    stays exact), else measured (rank 0 measures; every rank takes its choice). An explicit mode measured to
+    be much slower than another exact one is warned about."""
+    if not is_auto(cfg.train):
+        warning = slow_mode_warning(cfg, device) if world.is_main else None
+        if warning:
+            report.warn(warning)
+        return cfg, None
+    if resume is not None:
+        saved = resume.schema.config.get("train", {})
+        kept = {key: saved.get(key, default)
+                for key, default in (("precision", "fp32"), ("channels_last", False), ("compile", False))}
+        cfg = _with_train(cfg, **{k: v for k, v in kept.items() if getattr(cfg.train, k) == AUTO})
+        report.info(f"  speed modes kept from the run's start: {SpeedModes.for_run(cfg.train, device).describe()}")
+        return cfg, resume.state.get("speed")
+    options, _ = candidates(cfg, device)
+    options += [replace(m, compile=True) for m in options if not m.compile]
+    choice = choose(cfg, device) if world.is_main else None
+    index = options.index(choice.modes) if choice is not None else 0
+    (index_sum,) = world.all_reduce([float(index)])  # rank 0's choice, on every rank (the others add 0)
+    modes = options[int(index_sum)]
+    if choice is not None:
+        report.info("  " + choice.reason())
+    cfg = _with_train(cfg, precision=modes.precision, channels_last=modes.channels_last, compile=modes.compile)
+    return cfg, choice.record() if choice is not None else None
+
+
+def _with_train(cfg: RunConfig, **settings: Any) -> RunConfig:
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update=settings)})
 
 
 def _train(prepared: _Prepared, *, report: RunReport, events: Any, world: World,
@@ -210,7 +282,7 @@ def _train(prepared: _Prepared, *, report: RunReport, events: Any, world: World,
     """The training loop with its progress, events and the interrupt and failure policies; None when a
     second interrupt stopped it at once."""
     cfg, resume = prepared.cfg, prepared.resume
-    reached = {"step": resume.step if resume else 0}
+    reached: dict[str, Any] = {"step": resume.step if resume else 0}
     started = time.perf_counter()
 
     def on_measured(images_per_s: float, eta_s: float) -> None:
@@ -223,6 +295,9 @@ def _train(prepared: _Prepared, *, report: RunReport, events: Any, world: World,
     try:
         with report.training(prepared.steps, reached["step"]) as show_step:
             def on_step(metrics: dict[str, Any]) -> None:
+                if prepared.record and reached.get("first", True):  # the first record of a start says its plan
+                    metrics = {**metrics, **prepared.record}
+                    reached["first"] = False
                 reached["step"] = metrics["step"]
                 events.emit("step_end", step=metrics["step"], metrics=metrics)
                 show_step(metrics)
@@ -230,7 +305,8 @@ def _train(prepared: _Prepared, *, report: RunReport, events: Any, world: World,
             result = train(
                 cfg, model=prepared.built.denoiser, schedule=prepared.built.schedule, dataset=prepared.dataset,
                 device=device, run_dir=cfg.run_dir,
-                checkpoint_state=describe_run(cfg, prepared.built, prepared.fingerprint, __version__),
+                checkpoint_state={**describe_run(cfg, prepared.built, prepared.fingerprint, __version__),
+                                  **prepared.record},
                 resume=resume, denoiser_component=prepared.built.refs["denoiser"], world=world,
                 events=TrainEvents(on_step=on_step, on_measured=on_measured,
                                    on_checkpoint=lambda path, step: events.emit("checkpoint_written", step=step, path=path)),

@@ -1,0 +1,281 @@
+"""``auto`` speed modes: the fastest exact mode for this model on this device, measured before training.
+
+``train.precision = "auto"`` and ``train.channels_last = "auto"`` are resolved by timing a few training steps
+of the run's own model at its own batch in each candidate mode (what ``ddpmkit bench`` measures), and the
+fastest is taken. bf16 is a candidate only where it is native (CUDA with bf16, or a CPU with AVX-512 BF16 or
+AMX): emulated bf16 measured 14x slower than fp32 on an AVX2-only CPU, so it is pruned without paying for
+the measurement. fp16 is never chosen by ``auto`` (it needs a loss scaler; name it explicitly). The answer is
+cached (keyed by device, CPU or GPU model and flags, torch version and the model's identity), recorded in
+the run's checkpoints, and kept when the run resumes, so a resumed run stays bit-exact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ddpmkit.run.components import build_components
+from ddpmkit.run.config import RunConfig, config_from_dict
+from ddpmkit.run.data import Dataset
+from ddpmkit.runtime.speed import AUTO, SpeedModes
+from ddpmkit.training.loop import TrainEvents, train
+
+CACHE_FILE = "speed-modes.json"
+#: steps untimed, then timed, per candidate (the median step is taken)
+MEASURE_WARMUP, MEASURE_STEPS = 2, 3
+#: ``compile = "auto"`` compiles when that measured at least this many times the uncompiled images/s
+COMPILE_GAIN = 1.05
+#: an explicit mode this many times slower than the fastest exact one is warned about
+SLOW_RATIO = 2.0
+#: the CPU flags that mean native bf16 (x86: AVX-512 BF16, AMX)
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+Timer = Callable[[RunConfig, SpeedModes, torch.device], float]
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def native_bf16(device: torch.device, flags: set[str] | None = None) -> bool:
+    """Whether bf16 runs natively on ``device`` (else it is emulated, many times slower than fp32)."""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    if device.type == "cpu":
+        flags = cpu_flags() if flags is None else flags
+        return any(f in flags for f in BF16_FLAGS) or platform.machine() in ("arm64", "aarch64") and bool(flags & {"bf16"})
+    return False
+
+
+def machine_key(device: torch.device, flags: set[str] | None = None) -> dict[str, Any]:
+    """What a measurement depends on besides the model: the device, its model and flags, torch."""
+    flags = cpu_flags() if flags is None else flags
+    key: dict[str, Any] = {"device": device.type, "torch": torch.__version__, "threads": torch.get_num_threads(),
+                           "cpu": cpu_model(), "flags": sorted(f for f in flags if f.startswith(("avx", "amx", "fma")))}
+    if device.type == "cuda":
+        key["gpu"] = torch.cuda.get_device_name(device)
+    return key
+
+
+@dataclass
+class Choice:
+    """The modes a run trains in, and why: images/s of each candidate measured, what was pruned."""
+
+    modes: SpeedModes
+    figures: dict[str, float] = field(default_factory=dict)
+    pruned: dict[str, str] = field(default_factory=dict)
+    cached: bool = False
+
+    def reason(self) -> str:
+        """One line: what was chosen, the figures, and what was left out."""
+        chosen = mode_label(self.modes)
+        shown = ", ".join(f"{name} {ips:,.0f}" for name, ips in sorted(self.figures.items(), key=lambda kv: -kv[1]))
+        text = f"speed modes: {chosen}" + (f" (measured images/s: {shown}{'; cached' if self.cached else ''})" if shown else "")
+        if self.pruned:
+            text += "; " + "; ".join(f"{name} not tried: {why}" for name, why in self.pruned.items())
+        return text
+
+    def record(self) -> dict[str, Any]:
+        return {"modes": asdict(self.modes), "figures": self.figures, "pruned": self.pruned}
+
+
+def mode_label(modes: SpeedModes) -> str:
+    return modes.precision + ("+channels-last" if modes.channels_last else "") + ("+compiled" if modes.compile else "")
+
+
+def is_auto(train_section: Any) -> bool:
+    return AUTO in (train_section.precision, train_section.channels_last, train_section.compile)
+
+
+def candidates(cfg: RunConfig, device: torch.device, flags: set[str] | None = None) -> tuple[list[SpeedModes], dict[str, str]]:
+    """The exact modes ``auto`` measures for this config on ``device``, and those pruned with the reason."""
+    tc = cfg.train
+    pruned: dict[str, str] = {}
+    if tc.precision == AUTO:
+        precisions = ["fp32"]
+        if native_bf16(device, flags):
+            precisions.append("bf16")
+        else:
+            pruned["bf16"] = ("no native bf16 on this CPU (no AVX-512 BF16 or AMX): it is emulated, about 14x slower"
+                              if device.type == "cpu" else f"no native bf16 on {device.type}")
+    else:
+        precisions = [tc.precision]
+    layouts = [False, True] if tc.channels_last == AUTO else [bool(tc.channels_last)]
+    base = SpeedModes.for_run(tc, device)
+    compiled = tc.compile is True  # "auto": tried afterwards, on the fastest of these (see choose)
+    return [SpeedModes(p, channels_last=cl, compile=compiled, fused_adam=base.fused_adam, tf32=base.tf32)
+            for p in precisions for cl in layouts], pruned
+
+
+def measure_training(cfg: RunConfig, modes: SpeedModes, device: torch.device, *, warmup: int = MEASURE_WARMUP,
+                     steps: int = MEASURE_STEPS) -> tuple[float, float]:
+    """(images/s from the median step after ``warmup``, seconds of the first step) of ddpmkit's own training
+    loop (EMA, bookkeeping and all) for ``cfg``'s model and batch in ``modes``, on random images."""
+    batch = cfg.train.batch_size
+    run_cfg = with_modes(cfg, modes, max_steps=warmup + steps, epochs=10**6, checkpoint_every=10**9, keep_checkpoints=1)
+    model, schedule, _ = fresh_model(run_cfg)
+    stamps: list[float] = []
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="ddpmkit-measure-") as tmp:
+        train(
+            run_cfg, model=model, schedule=schedule, dataset=synthetic_dataset(run_cfg, batch * 4),
+            device=device, run_dir=Path(tmp), checkpoint_state={},
+            events=TrainEvents(on_step=lambda m: stamps.append(time.perf_counter())),
+        )
+    times = [b - a for a, b in zip(stamps, stamps[1:])][warmup - 1 :]
+    return batch / statistics.median(times), stamps[0] - started
+
+
+def _measured_rate(cfg: RunConfig, modes: SpeedModes, device: torch.device) -> float:
+    return measure_training(cfg, modes, device)[0]
+
+
+def synthetic_dataset(cfg: RunConfig, num: int, seed: int = 0) -> Dataset:
+    """Random uint8 images of the config's shape: speed does not depend on what the pixels show."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (num, *cfg.image_shape), generator=g, dtype=torch.uint8)
+    return Dataset(images, f"{num} random images of {cfg.image_shape}")
+
+
+def fresh_model(cfg: RunConfig) -> tuple[Any, Any, Any]:
+    torch.manual_seed(cfg.run.seed)
+    built = build_components(cfg)
+    return built.denoiser, built.schedule, built.sampler
+
+
+def with_modes(cfg: RunConfig, modes: SpeedModes, **train_settings: Any) -> RunConfig:
+    """``cfg`` training in ``modes`` (and with ``train_settings``)."""
+    data = cfg.model_dump(mode="json")
+    data["train"].update(modes.train_settings(), **train_settings)
+    return RunConfig.model_validate(data) if not train_settings else config_from_dict(data)
+
+
+def model_key(cfg: RunConfig) -> dict[str, Any]:
+    """The model and the step being timed: the identity's model keys, the batch and the image shape."""
+    identity = {k: v for k, v in cfg.identity().items() if k.startswith(("denoiser.", "schedule."))}
+    return {**identity, "batch": cfg.train.batch_size, "shape": list(cfg.image_shape), "compile": cfg.train.compile}
+
+
+def choose(cfg: RunConfig, device: torch.device, *, timer: Timer | None = None, flags: set[str] | None = None,
+           cache: Path | None = None) -> Choice:
+    """The fastest exact candidate mode for ``cfg`` on ``device`` (measured with ``timer``, or cached)."""
+    modes, pruned = candidates(cfg, device, flags)
+    figures: dict[str, float] = {}
+    cached = True
+    if len(modes) > 1 or cfg.train.compile == AUTO:
+        figures, cached = _figures(cfg, device, modes, timer=timer, flags=flags, cache=cache)
+    best = max(modes, key=lambda m: figures.get(mode_label(m), 0.0))
+    if cfg.train.compile == AUTO:  # one compilation, of the fastest mode: each costs up to a minute to measure
+        compiled = replace(best, compile=True)
+        more, more_cached = _figures(cfg, device, [compiled], timer=timer, flags=flags, cache=cache)
+        figures, cached = {**figures, **more}, cached and more_cached
+        if more[mode_label(compiled)] >= COMPILE_GAIN * figures[mode_label(best)]:
+            best = compiled
+    return Choice(best, figures, pruned, cached and bool(figures))
+
+
+def measured_rate(cfg: RunConfig, device: torch.device, *, timer: Timer | None = None,
+                  flags: set[str] | None = None, cache: Path | None = None) -> tuple[SpeedModes, float]:
+    """The modes ``cfg`` will train in on ``device`` (``auto`` resolved) and their images/s, measured for
+    this model at its batch (cached like the choice)."""
+    if is_auto(cfg.train):
+        choice = choose(cfg, device, timer=timer, flags=flags, cache=cache)
+        if choice.figures:
+            return choice.modes, choice.figures[mode_label(choice.modes)]
+        modes = choice.modes
+    else:
+        modes = SpeedModes.for_run(cfg.train, device)
+    figures, _ = _figures(cfg, device, [modes], timer=timer, flags=flags, cache=cache)
+    return modes, figures[mode_label(modes)]
+
+
+def slow_mode_warning(cfg: RunConfig, device: torch.device, *, timer: Timer | None = None,
+                      flags: set[str] | None = None, cache: Path | None = None) -> str | None:
+    """The warning for an explicit ``train.precision = "bf16"`` on a CPU without native bf16, with fp32's and
+    bf16's measured images/s when bf16 is SLOW_RATIO or more times slower; None otherwise."""
+    tc = cfg.train
+    if device.type != "cpu" or tc.precision != "bf16" or native_bf16(device, flags):
+        return None
+    base = SpeedModes.for_run(tc, device)
+    modes = [SpeedModes(p, channels_last=base.channels_last, compile=base.compile, fused_adam=base.fused_adam)
+             for p in ("fp32", "bf16")]
+    figures, _ = _figures(cfg, device, modes, timer=timer, flags=flags, cache=cache)
+    fp32, bf16 = (figures[mode_label(m)] for m in modes)
+    if fp32 < SLOW_RATIO * bf16:
+        return None
+    return (f"train.precision = bf16 is {fp32 / bf16:.1f}x slower than fp32 here ({bf16:,.1f} against {fp32:,.1f} "
+            "images/s measured for this model): this CPU has no native bf16 (no AVX-512 BF16 or AMX), so it is "
+            'emulated; set train.precision = "auto" (or "fp32")')
+
+
+def _figures(cfg: RunConfig, device: torch.device, modes: list[SpeedModes], *, timer: Timer | None,
+             flags: set[str] | None, cache: Path | None) -> tuple[dict[str, float], bool]:
+    """Images/s of each of ``modes`` for ``cfg``'s model on ``device``: from the cache, or measured and cached."""
+    cache = cache or default_cache_file()
+    key = hashlib.sha256(json.dumps([machine_key(device, flags), model_key(cfg), [asdict(m) for m in modes]],
+                                    sort_keys=True, default=str).encode()).hexdigest()
+    stored = _read_cache(cache).get(key)
+    if stored is not None and set(stored.get("figures", {})) == {mode_label(m) for m in modes}:
+        return stored["figures"], True
+    timer = timer or _measured_rate
+    figures = {mode_label(m): float(timer(cfg, m, device)) for m in modes}
+    _write_cache(cache, key, {"figures": figures, "machine": machine_key(device, flags), "time": time.time()})
+    return figures, False
+
+
+def default_cache_file() -> Path:
+    """``$DDPMKIT_CACHE_DIR/speed-modes.json``, else under ``$XDG_CACHE_HOME/ddpmkit`` or ``~/.cache/ddpmkit``."""
+    if os.environ.get("DDPMKIT_CACHE_DIR"):
+        return Path(os.environ["DDPMKIT_CACHE_DIR"]) / CACHE_FILE
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "ddpmkit" / CACHE_FILE
+
+
+def _read_cache(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_cache(path: Path, key: str, value: dict[str, Any]) -> None:
+    """Best effort: a cache that cannot be written only costs the next run a measurement."""
+    try:
+        data = _read_cache(path)
+        data[key] = value
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+        tmp.replace(path)
+    except OSError:
+        pass

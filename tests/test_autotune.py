@@ -1,0 +1,141 @@
+"""``auto`` speed modes: candidates pruned by CPU flags, the fastest measured mode chosen (a fake timer here,
+whatever machine runs the tests), the measurement cached, the choice recorded and kept on resume, and an
+explicit bf16 on a CPU without native bf16 warned about with both figures."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import ddpmkit.training.autotune as autotune
+from ddpmkit.run.config import load_config
+from ddpmkit.runtime.speed import SpeedModes
+from ddpmkit.training.runner import RunReport, run_config
+from runconfigs import write_config
+
+CPU = torch.device("cpu")
+AVX2 = {"avx", "avx2", "fma"}
+AMX = AVX2 | {"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}
+
+
+def _auto_config(tmp_path, name="a", precision="auto", channels_last="auto", **values):
+    path = write_config(tmp_path, name, **values)
+    layout = '"auto"' if channels_last == "auto" else str(channels_last).lower()
+    path.write_text(path.read_text().replace('precision = "fp32"', f'precision = "{precision}"')
+                    .replace("channels_last = false", f"channels_last = {layout}"))
+    return load_config(path)
+
+
+class FakeTimer:
+    """Images/s per mode from a table; counts its calls."""
+
+    def __init__(self, table):
+        self.table, self.calls = table, []
+
+    def __call__(self, cfg, modes: SpeedModes, device):
+        self.calls.append(autotune.mode_label(modes))
+        return self.table[autotune.mode_label(modes)]
+
+
+def test_bf16_is_pruned_without_native_support_and_measured_with_it(tmp_path):
+    cfg = _auto_config(tmp_path)
+    modes, pruned = autotune.candidates(cfg, CPU, flags=AVX2)
+    assert [autotune.mode_label(m) for m in modes] == ["fp32", "fp32+channels-last"]
+    assert "no native bf16" in pruned["bf16"]
+    modes, pruned = autotune.candidates(cfg, CPU, flags=AMX)
+    assert [autotune.mode_label(m) for m in modes] == ["fp32", "fp32+channels-last", "bf16", "bf16+channels-last"]
+    assert not pruned
+
+
+def test_the_fastest_mode_is_chosen_and_the_measurement_cached(tmp_path):
+    cfg = _auto_config(tmp_path)
+    cache = tmp_path / "cache.json"
+    timer = FakeTimer({"fp32": 70.0, "fp32+channels-last": 71.0, "bf16": 380.0, "bf16+channels-last": 450.0})
+    choice = autotune.choose(cfg, CPU, timer=timer, flags=AMX, cache=cache)
+    assert autotune.mode_label(choice.modes) == "bf16+channels-last" and not choice.cached
+    assert len(timer.calls) == 4 and "bf16+channels-last 450" in choice.reason()
+    again = autotune.choose(cfg, CPU, timer=timer, flags=AMX, cache=cache)
+    assert again.cached and again.modes == choice.modes and len(timer.calls) == 4  # no second measurement
+    on_avx2 = autotune.choose(cfg, CPU, timer=timer, flags=AVX2, cache=cache)  # another CPU: measured anew
+    assert autotune.mode_label(on_avx2.modes) == "fp32+channels-last" and len(timer.calls) == 6
+    assert "bf16 not tried: no native bf16 on this CPU" in on_avx2.reason()
+    bigger = cfg.model_copy(update={"train": cfg.train.model_copy(update={"batch_size": 16})})  # another step
+    autotune.choose(bigger, CPU, timer=timer, flags=AMX, cache=cache)
+    assert len(timer.calls) == 10
+
+
+def test_an_explicit_mode_is_measured_only_when_it_is_not_auto(tmp_path):
+    cfg = _auto_config(tmp_path, precision="fp32", channels_last=False)
+    timer = FakeTimer({})
+    choice = autotune.choose(cfg, CPU, timer=timer, flags=AMX, cache=tmp_path / "c.json")
+    assert autotune.mode_label(choice.modes) == "fp32" and timer.calls == []
+
+
+def test_explicit_bf16_without_native_support_warns_with_both_figures(tmp_path):
+    cfg = _auto_config(tmp_path, precision="bf16", channels_last=False)
+    timer = FakeTimer({"fp32": 71.2, "bf16": 5.2})
+    text = autotune.slow_mode_warning(cfg, CPU, timer=timer, flags=AVX2, cache=tmp_path / "c.json")
+    assert "13.7x slower than fp32" in text and "5.2 against 71.2 images/s" in text and 'precision = "auto"' in text
+    assert autotune.slow_mode_warning(cfg, CPU, timer=timer, flags=AMX, cache=tmp_path / "c.json") is None
+    close = FakeTimer({"fp32": 71.2, "bf16": 60.0})
+    assert autotune.slow_mode_warning(cfg, CPU, timer=close, flags=AVX2, cache=tmp_path / "d.json") is None
+
+
+def test_a_run_records_its_choice_and_a_resume_keeps_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("DDPMKIT_CACHE_DIR", str(tmp_path / "cache"))
+    prefer_cl = {"fp32": 10.0, "fp32+channels-last": 20.0, "bf16": 1.0, "bf16+channels-last": 1.0}
+    monkeypatch.setattr(autotune, "_measured_rate", FakeTimer(prefer_cl))
+    cfg = _auto_config(tmp_path, "r", epochs=1, num_images=0, trajectory_images=0)
+    said: list[str] = []
+    assert run_config(cfg, report=RunReport(info=said.append)) == 0
+    assert any("speed modes: fp32+channels-last (measured images/s: fp32+channels-last 20" in line for line in said), said
+    state = json.loads((tmp_path / "runs" / "r" / "checkpoints" / "step-00000004" / "state.json").read_text())
+    assert state["config"]["train"]["channels_last"] is True and state["config"]["train"]["precision"] == "fp32"
+    assert state["speed"]["figures"]["fp32+channels-last"] == 20.0
+    first = json.loads((tmp_path / "runs" / "r" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["speed"]["modes"]["channels_last"] is True
+
+    # a longer run, resumed on a "machine" that now measures the other layout faster: the mode is kept
+    monkeypatch.setenv("DDPMKIT_CACHE_DIR", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(autotune, "_measured_rate", FakeTimer({**prefer_cl, "fp32": 99.0}))
+    longer = _auto_config(tmp_path, "r", epochs=2, num_images=0, trajectory_images=0)
+    said.clear()
+    assert run_config(longer, report=RunReport(info=said.append)) == 0
+    assert any("speed modes kept from the run's start: fp32, channels-last" in line for line in said), said
+    state = json.loads((tmp_path / "runs" / "r" / "checkpoints" / "step-00000008" / "state.json").read_text())
+    assert state["config"]["train"]["channels_last"] is True
+
+
+def test_validate_times_the_mode_that_will_run(tmp_path, monkeypatch):
+    from ddpmkit.run.components import build_checked
+    from ddpmkit.training.preflight import time_finding
+
+    monkeypatch.setenv("DDPMKIT_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = _auto_config(tmp_path)
+    timer = FakeTimer({"fp32": 100.0, "fp32+channels-last": 50.0, "bf16": 1.0, "bf16+channels-last": 1.0})
+    finding = time_finding(cfg, build_checked(cfg), 1000, CPU, timer=timer)
+    # 1000 steps of batch 8 at 100 images/s
+    assert "about 1m 20s of training on cpu in fp32: 100.0 images/s measured at the run's batch of 8" in finding.text
+
+
+@pytest.mark.parametrize("value", ["fast", "bf17"])
+def test_a_bad_precision_is_still_a_user_error(value, tmp_path):
+    from runconfigs import invoke
+
+    r = invoke("validate", str(write_config(tmp_path, "p")), "--no-timing", "--set", f"train.precision={value}")
+    assert r.exit_code == 2 and "train.precision" in r.output
+
+
+@pytest.mark.parametrize("compiled, chosen", [(26.0, "fp32+channels-last+compiled"), (20.5, "fp32+channels-last")])
+def test_compile_auto_is_measured_once_on_the_fastest_mode(compiled, chosen, tmp_path):
+    path = write_config(tmp_path, "c")
+    path.write_text(path.read_text().replace('precision = "fp32"', 'precision = "auto"')
+                    .replace("channels_last = false", 'channels_last = "auto"\ncompile = "auto"'))
+    cfg = load_config(path)
+    timer = FakeTimer({"fp32": 10.0, "fp32+channels-last": 20.0, "bf16": 1.0, "bf16+channels-last": 1.0,
+                       "fp32+channels-last+compiled": compiled})
+    choice = autotune.choose(cfg, CPU, timer=timer, flags=AVX2, cache=tmp_path / "c.json")
+    assert autotune.mode_label(choice.modes) == chosen
+    assert timer.calls == ["fp32", "fp32+channels-last", "fp32+channels-last+compiled"]  # one compilation measured
