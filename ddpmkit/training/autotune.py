@@ -32,7 +32,7 @@ from ddpmkit.training.loop import TrainEvents, train
 
 CACHE_FILE = "speed-modes.json"
 #: steps untimed, then timed, per candidate (the median step is taken)
-MEASURE_WARMUP, MEASURE_STEPS = 2, 3
+MEASURE_WARMUP, MEASURE_STEPS = 3, 5
 #: ``compile = "auto"`` compiles when that measured at least this many times the uncompiled images/s
 COMPILE_GAIN = 1.05
 #: an explicit mode this many times slower than the fastest exact one is warned about

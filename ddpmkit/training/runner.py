@@ -148,12 +148,12 @@ class _Prepared:
 
 def _run(cfg: RunConfig, *, report: RunReport, fresh: bool, data_root: Path | None, world: World,
          device: torch.device) -> int:
-    started = time.perf_counter()
     record: dict[str, Any] = {}
     if cfg.train.time_budget is not None:
         if fresh and world.is_main:
             _remove_outputs(cfg.run_dir)  # a fresh run plans anew
         cfg, record["time_plan"] = _plan_budget(cfg, device=device, world=world, report=report)
+    started = time.perf_counter()  # the budget counts training (the guide's too), not the measuring before it
     if cfg.guidance.enabled:  # autoguidance: the guide trains first, as a run of its own in RUN/guide
         guide = guide_config(cfg)
         report.info(f"guide for autoguidance (weight {cfg.guidance.weight:g}): "
@@ -237,8 +237,9 @@ def _prepare(cfg: RunConfig, *, report: RunReport, data_root: Path | None, world
         f"  device {device}, {cfg.denoiser.name} {model.num_parameters():,} parameters predicting {model.prediction}, "
         f"{SpeedModes.for_run(tc, device).describe()}\n"
         f"  {steps_per_epoch(len(dataset), tc.batch_size):,} steps of batch {min(tc.batch_size, len(dataset))} per epoch; "
-        f"{steps:,} steps in all ({tc.epochs} epochs"
-        + (f", at most {tc.max_steps:,} steps)" if tc.max_steps is not None else ")")
+        f"{steps:,} steps in all ("
+        + ("train.max_steps" if tc.max_steps is not None and steps == tc.max_steps else f"{tc.epochs:,} epochs")
+        + (" planned by the time budget" if tc.time_budget is not None else "") + ")"
         + (f"\n  resuming from {resume.path} (step {resume.step:,})" if resume is not None else "")
     )
     return _Prepared(cfg, dataset, built, resume, steps, fingerprint, {"speed": speed} if speed else {})
