@@ -7,6 +7,9 @@ from typing import Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError, ValidationInfo, field_validator
 
+#: A setting that ddpmkit chooses by measurement before training (``train.precision = "auto"``, ...).
+AUTO = "auto"
+
 
 def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
     """The keys the (nested) model accepts at ``loc``'s parent, for "did you mean" hints."""

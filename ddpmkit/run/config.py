@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from ddpmkit.errors import ConfigError, DdpmkitWarning, PluginError
 from ddpmkit.kinds import KINDS
-from ddpmkit.validation import StrictNumbers, problems
+from ddpmkit.validation import AUTO, StrictNumbers, problems
 
 #: Bounds a run can reach (a billion steps is weeks at a thousand steps a second).
 MAX_EPOCHS, MAX_STEPS = 10**9, 10**9
@@ -108,6 +108,13 @@ class TrainSection(Section):
         "not), fixed at the first start and kept on resume; max_steps, if set, stays an upper bound"
     )
     checkpoint_every: int = Field(1000, ge=1, description="steps between checkpoints (one is always written at the end)")
+
+    @field_validator("channels_last", "compile", mode="before")
+    @classmethod
+    def _switch(cls, v: Any) -> Any:
+        if v is True or v is False or v == AUTO:
+            return v
+        raise ValueError(f'expected true, false or "auto", got {v!r}')
 
     @field_validator("time_budget", mode="before")
     @classmethod

@@ -15,9 +15,9 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
+from ddpmkit.validation import AUTO  # noqa: F401  (re-exported: speed modes' own vocabulary)
+
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
-#: A setting that ddpmkit chooses by measurement before training (ddpmkit.training.autotune).
-AUTO = "auto"
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
