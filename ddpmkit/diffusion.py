@@ -301,18 +301,34 @@ def run_reverse_steps(
     callback: SamplerCallback | None = None,
 ) -> torch.Tensor:
     """x_T ~ N(0, I), then each step of eq. 12 (Song et al. 2021) on ``denoiser.device``; every draw from
-    ``generator``; ``callback(index, t, x)`` after each step.
+    ``generator``; ``callback(index, t, x)`` after each step (``callback(index, t, x, x0=...)`` when it
+    takes ``x0``: see :func:`takes_x0`).
     Returns the last x clipped to [-1, 1]."""
     device = denoiser.device
     s = schedule.to(device)
     x = torch.randn(shape, generator=generator, device=generator.device).to(device)
+    with_x0 = callback is not None and takes_x0(callback)
     for index, step in enumerate(steps):
         x0, eps = predict_x0_eps(denoiser, s, x, step.t, clip_denoised=clip_denoised)
         z = torch.randn(shape, generator=generator, device=generator.device).to(device) if step.sigma > 0 else None
         x = reverse_step(s, step, x0, eps, z)
-        if callback is not None:
+        if with_x0:
+            callback(index, step.t, x, x0=x0)
+        elif callback is not None:
             callback(index, step.t, x)
     return x.clamp(-1.0, 1.0)
+
+
+def takes_x0(callback: SamplerCallback) -> bool:
+    """Whether ``callback`` accepts the keyword ``x0`` (the step's clean-image estimate, k-diffusion's
+    ``denoised``); callbacks written as ``callback(index, t, x)`` keep being called that way."""
+    import inspect
+
+    try:
+        params = inspect.signature(callback).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "x0" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
 def gaussian_reverse_moments(

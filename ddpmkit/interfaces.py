@@ -195,7 +195,9 @@ class Sampler(abc.ABC):
     ) -> torch.Tensor:
         """Draw ``shape[0]`` images on ``denoiser.device``; every random draw uses ``generator``.
 
-        Calls ``callback(index, t, x)`` after each step, with t from :meth:`timesteps`.
+        Calls ``callback(index, t, x)`` after each step, with t from :meth:`timesteps`; a sampler that has an
+        estimate of the clean image passes it as ``x0=`` to a callback that takes it
+        (:func:`ddpmkit.diffusion.takes_x0`), as :class:`ReverseStepSampler` does.
         """
 
 

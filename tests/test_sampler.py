@@ -202,6 +202,22 @@ def test_callback_sees_every_step():
     assert torch.allclose(seen[-1][2].clamp(-1, 1), out)
 
 
+def test_a_callback_that_takes_x0_gets_each_steps_clean_image_estimate():
+    """k-diffusion's habit: the step's x0 estimate goes to callbacks that ask for it; at the last DDPM step
+    (no noise, abar_prev = 1) the sample is that estimate."""
+    schedule, denoiser = small(T=20)
+    sampler = ddpmkit.create_sampler("ddpm")
+    seen = []
+    out = sampler.sample(denoiser, schedule, (3, 1, 8, 8), generator=torch.Generator().manual_seed(0),
+                         callback=lambda index, t, x, x0: seen.append((x.clone(), x0.clone())))
+    assert len(seen) == 20 and all(x0.shape == (3, 1, 8, 8) for _, x0 in seen)
+    assert torch.allclose(seen[-1][0], seen[-1][1]) and torch.allclose(seen[-1][1].clamp(-1, 1), out)
+    assert not torch.allclose(seen[0][0], seen[0][1])  # early on, x_t is mostly noise, not its estimate
+    from ddpmkit.diffusion import takes_x0
+
+    assert takes_x0(lambda i, t, x, **kw: None) and not takes_x0(lambda i, t, x: None) and not takes_x0(print)
+
+
 def test_output_is_within_minus_one_one():
     T = 20
     schedule = ddpmkit.create_schedule("linear", num_timesteps=T, beta_start=1e-3, beta_end=0.2)
