@@ -72,7 +72,8 @@ def native_bf16(device: torch.device, flags: set[str] | None = None) -> bool:
         return bool(torch.cuda.is_bf16_supported())
     if device.type == "cpu":
         flags = cpu_flags() if flags is None else flags
-        return any(f in flags for f in BF16_FLAGS) or platform.machine() in ("arm64", "aarch64") and bool(flags & {"bf16"})
+        arm_bf16 = platform.machine() in ("arm64", "aarch64") and "bf16" in flags
+        return arm_bf16 or any(f in flags for f in BF16_FLAGS)
     return False
 
 
@@ -176,7 +177,7 @@ def with_modes(cfg: RunConfig, modes: SpeedModes, **train_settings: Any) -> RunC
     """``cfg`` training in ``modes`` (and with ``train_settings``)."""
     data = cfg.model_dump(mode="json")
     data["train"].update(modes.train_settings(), **train_settings)
-    return RunConfig.model_validate(data) if not train_settings else config_from_dict(data)
+    return config_from_dict(data)  # validated as a config, so its components are resolved
 
 
 def model_key(cfg: RunConfig) -> dict[str, Any]:
