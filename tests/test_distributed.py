@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -63,12 +64,18 @@ def test_kill_and_resume_under_ddp_is_bit_for_bit(tmp_path):
         ):
             assert proc.poll() is None, "the run ended before it could be killed"
             time.sleep(0.01)
-        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers
+        # torchrun alone: its workers run in sessions of their own, and must stop because it died
+        os.killpg(proc.pid, signal.SIGKILL)
     finally:
         proc.wait(timeout=60)
+    deadline = time.time() + 60  # they stop at the end of their step, checkpoint, and release the run
+    while (run_b / "run.lock").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    assert not (run_b / "run.lock").exists(), "the workers kept running after their launcher was killed"
     r = _torchrun(broken)
     assert r.returncode == 0, r.stderr
-    assert "resuming from" in r.stdout
+    resumed = re.search(r"resuming from .* \(step (\d+)\)", r.stdout)
+    assert resumed and 30 <= int(resumed[1]) < 160, r.stdout  # from where it was killed, not from the end
     final = "step-00000160"
     for name in ("model.safetensors", "ema.safetensors"):
         a = load_file(tmp_path / "a" / "runs" / "k" / "checkpoints" / final / name)

@@ -96,13 +96,11 @@ def _check_process_count(nproc: int, device: str) -> None:
 def _die_with_parent() -> None:
     """In torchrun's process, before it starts: get SIGTERM when ddpmkit dies (even by SIGKILL), so that a
     killed launch leaves no torchrun and no workers behind (torchrun stops its workers on SIGTERM)."""
-    import ctypes
     import signal
 
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+    from ddpmkit.runtime.processes import signal_on_parent_death
+
+    signal_on_parent_death(signal.SIGTERM)
 
 
 def _launch(args: list[str], env: dict[str, str]) -> int:

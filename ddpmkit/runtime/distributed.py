@@ -8,18 +8,25 @@ averages the gradients, so every rank applies the same update and keeps an ident
 0 writes (checkpoints, metrics, event plugins, samples); every step ends with one small all-reduce
 of the ranks' stop flags (a signal, a failing hook, an I/O error on rank 0), so an error anywhere
 stops every rank at the same step instead of leaving the others waiting in a collective.
+
+torchrun starts each worker in a session of its own, so a launcher killed outright (``kill -9``, an
+out-of-memory kill) would leave its workers training on, and writing, unseen. A worker therefore asks
+Linux for SIGTERM when its launcher dies: the ranks stop as they do when torchrun itself is stopped,
+rank 0 saving a checkpoint on the way out.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+import signal
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from ddpmkit.errors import ConfigError
+from ddpmkit.runtime.processes import signal_on_parent_death
 
 #: How long a collective may wait before the process group gives up (a last resort: ranks agree
 #: to stop through their flags long before this).
@@ -72,6 +79,7 @@ def join(world: World, device: torch.device) -> torch.device:
     """Join the process group (once) and return this rank's device (cuda:LOCAL_RANK on CUDA)."""
     if not world.enabled:
         return device
+    stop_with_launcher()
     if device.type == "cuda":
         device = torch.device("cuda", world.local_rank)
         torch.cuda.set_device(device)
@@ -79,6 +87,12 @@ def join(world: World, device: torch.device) -> torch.device:
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, timeout=TIMEOUT)
     return device
+
+
+def stop_with_launcher() -> None:
+    """Under torchrun: have this process sent SIGTERM when its launcher dies."""
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        signal_on_parent_death(signal.SIGTERM)
 
 
 def leave(world: World) -> None:
