@@ -10,12 +10,18 @@ Notation of Ho et al. (2020): abar_t = prod_{s<=t} (1 - beta_s); x_t = sqrt(abar
 Any one of them, with x_t, gives the other two. ``t`` is an integer tensor [B] (one step per image)
 or a Python int (the same step for the whole batch); a step of -1 means "before the first step",
 where abar = 1 (the end of a reverse chain).
+
+Conditioning (plugin API 3): a denoiser may be called ``denoiser(x_t, t, cond=cond)`` with ``cond`` a
+:data:`Cond`, a dict from a kind of condition to one entry per image. The one kind so far is
+``"class"``: an integer tensor [B] of class indices, where :data:`NULL_CLASS` means "no class" (the
+unconditional model of classifier-free guidance, Ho & Salimans 2022). ``cond=None`` is never passed: an
+unconditional call is ``denoiser(x_t, t)``, as in API 2.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Protocol, Union
+from typing import Callable, Dict, Protocol, Union
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +57,14 @@ class Network(Protocol):
     def device(self) -> torch.device: ...
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor: ...
+
+
+#: What a conditional denoiser is asked for, per image: ``{"class": int64 [B]}`` (see the module docstring).
+Cond = Dict[str, torch.Tensor]
+#: The class index meaning "no class": the unconditional model a conditional denoiser also learns.
+NULL_CLASS = -1
+#: The kinds of condition ddpmkit knows (a denoiser declares the ones it takes in ``conditions``).
+CONDITIONS: tuple[str, ...] = ("class",)
 
 
 #: Called by a sampler after every reverse step with (step index, t, current x).
@@ -154,9 +168,10 @@ def training_target(
 # --- calling a denoiser ---------------------------------------------------------------------------------
 
 
-def denoise(denoiser: Network, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """``denoiser(x_t, t)``, checked: a tensor shaped like ``x_t``, else ValueError saying what came back."""
-    out = denoiser(x_t, t)
+def denoise(denoiser: Network, x_t: torch.Tensor, t: torch.Tensor, cond: Cond | None = None) -> torch.Tensor:
+    """``denoiser(x_t, t)`` (``denoiser(x_t, t, cond=cond)`` when ``cond`` is given), checked: a tensor shaped
+    like ``x_t``, else ValueError saying what came back."""
+    out = denoiser(x_t, t) if cond is None else denoiser(x_t, t, cond=cond)
     if not isinstance(out, torch.Tensor):
         raise ValueError(f"forward returned {type(out).__name__}, expected a tensor shaped like x_t")
     if out.shape != x_t.shape:
@@ -217,10 +232,12 @@ def training_loss(
     *,
     weighting: str = "uniform",
     gamma: float = 5.0,
+    cond: Cond | None = None,
 ) -> torch.Tensor:
     """eq. 14, the simplified objective, for the denoiser's target: || target - output ||^2 averaged over
-    pixels, then over the batch with :func:`loss_weight` (all 1 for ``uniform``)."""
-    output = denoise(denoiser, q_sample(schedule, x0, t, noise), t)
+    pixels, then over the batch with :func:`loss_weight` (all 1 for ``uniform``); ``cond`` is what each
+    image is conditioned on (classifier-free training drops some of it to :data:`NULL_CLASS` first)."""
+    output = denoise(denoiser, q_sample(schedule, x0, t, noise), t, cond)
     target = training_target(schedule, x0, noise, t, denoiser.prediction)
     if weighting == "uniform":
         return F.mse_loss(output.float(), target)
@@ -331,24 +348,34 @@ def takes_x0(callback: SamplerCallback) -> bool:
     return any(p.name == "x0" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
+def _posterior_mean_coefficients(ab: float, mu: float, s: float) -> tuple[float, float]:
+    """E[x0 | x_t] = a x_t + b for x0 ~ N(mu, s^2): mu + sqrt(ab) s^2 / (ab s^2 + 1 - ab) (x_t - sqrt(ab) mu)."""
+    gain = ab**0.5 * s**2 / (ab * s**2 + 1 - ab)
+    return gain, mu - gain * ab**0.5 * mu
+
+
 def gaussian_reverse_moments(
-    schedule: ScheduleTables, steps: list[ReverseStep], mu: float, s: float
+    schedule: ScheduleTables, steps: list[ReverseStep], mu: float, s: float, *,
+    guided_by: tuple[float, float] | None = None, weight: float = 1.0, interval: tuple[int, int] | None = None,
 ) -> tuple[float, float]:
     """The exact mean and std of the output of ``steps`` from x_T ~ N(0, 1), with the exact predictor of
-    data N(mu, s^2) (computed in float64, no clipping).
+    data N(mu, s^2) (computed in float64, no clipping); ``guided_by=(mu_0, s_0)``: guided by the exact
+    predictor of N(mu_0, s_0^2) with ``weight`` w, x0_hat = x0_0 + w (x0 - x0_0), at the steps in ``interval``.
 
-    With that predictor every step is affine in x plus independent Gaussian noise, so x stays Gaussian:
+    With these predictors every step is affine in x plus independent Gaussian noise, so x stays Gaussian:
     x0_hat = a0 x + b0, eps_hat = (x - sqrt(abar) x0_hat) / sqrt(1 - abar), and eq. 12 gives
-    x_prev = A x + B + sigma z. This is how far a sampler's own discretisation is from N(mu, s^2).
+    x_prev = A x + B + sigma z. This is how far a sampler's own discretisation is from N(mu, s^2) (or, guided,
+    the closed-form answer guidance has for it).
     """
     abar = schedule.alphas_cumprod.double()
     mean, var = 0.0, 1.0
     for step in steps:
         ab = float(abar[step.t])
         ab_prev = 1.0 if step.t_prev < 0 else float(abar[step.t_prev])
-        # E[x0 | x_t] for x0 ~ N(mu, s^2): mu + sqrt(ab) s^2 / (ab s^2 + 1 - ab) (x_t - sqrt(ab) mu)
-        gain = ab**0.5 * s**2 / (ab * s**2 + 1 - ab)
-        a0, b0 = gain, mu - gain * ab**0.5 * mu
+        a0, b0 = _posterior_mean_coefficients(ab, mu, s)
+        if guided_by is not None and (interval is None or interval[0] <= step.t <= interval[1]):
+            a_ref, b_ref = _posterior_mean_coefficients(ab, *guided_by)
+            a0, b0 = a_ref + weight * (a0 - a_ref), b_ref + weight * (b0 - b_ref)
         a_eps, b_eps = (1 - ab**0.5 * a0) / (1 - ab) ** 0.5, -(ab**0.5) * b0 / (1 - ab) ** 0.5
         direction = max(1.0 - ab_prev - step.c**2, 0.0) ** 0.5
         A = ab_prev**0.5 * a0 + direction * a_eps

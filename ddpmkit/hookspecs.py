@@ -11,11 +11,12 @@ from typing import Any, Callable
 import pluggy
 
 PROJECT_NAME = "ddpmkit"
-#: The plugin API this ddpmkit speaks. A plugin module may declare ``DDPMKIT_PLUGIN_API = 2`` (or a
+#: The plugin API this ddpmkit speaks. A plugin module may declare ``DDPMKIT_PLUGIN_API = 3`` (or a
 #: list of versions); a plugin that declares none is assumed compatible.
-PLUGIN_API_VERSION = 2
-#: Every plugin API this ddpmkit still loads: API 1 plugins keep working (API 2 only added to it).
-SUPPORTED_PLUGIN_APIS = (1, 2)
+PLUGIN_API_VERSION = 3
+#: Every plugin API this ddpmkit still loads: API 1 and 2 plugins keep working (API 2 and 3 only added:
+#: API 3 the ``cond`` argument and ``conditions`` of a denoiser, which an unconditional run never uses).
+SUPPORTED_PLUGIN_APIS = (1, 2, 3)
 
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
@@ -52,7 +53,9 @@ def train_start(run: Any, options: Any) -> None:
 
 @hookspec
 def step_end(run: Any, step: int, metrics: dict[str, Any], options: Any) -> None:
-    """An optimizer step finished; ``metrics`` holds step, epoch, loss, lr, images_per_s."""
+    """An optimizer step finished; ``metrics`` holds step, epoch, loss, lr, images_per_s, time and elapsed_s (see
+    ``ddpmkit.testing.METRIC_KEYS``), grad_norm when train.grad_clip is set, skipped on a skipped non-finite step,
+    and at the first step of each start the plan it made (speed, time_plan)."""
 
 
 @hookspec

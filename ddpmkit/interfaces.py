@@ -16,9 +16,9 @@ from torch import nn
 from ddpmkit.errors import ConfigError
 from ddpmkit.validation import StrictNumbers
 
-from ddpmkit.diffusion import ReverseStep, SamplerCallback, run_reverse_steps
+from ddpmkit.diffusion import CONDITIONS, Cond, ReverseStep, SamplerCallback, run_reverse_steps
 
-__all__ = ["ComponentOptions", "Denoiser", "NoiseSchedule", "ReverseStepSampler", "Sampler", "SamplerCallback", "check_betas"]
+__all__ = ["CONDITIONS", "ComponentOptions", "Cond", "Denoiser", "NoiseSchedule", "ReverseStepSampler", "Sampler", "SamplerCallback", "check_betas"]
 
 
 class ComponentOptions(StrictNumbers):
@@ -31,7 +31,7 @@ class NoiseSchedule(abc.ABC):
     """A variance schedule beta_1..beta_T and the quantities of Ho et al. (2020) derived from it.
 
     Subclasses implement :meth:`make_betas`; everything else is derived here, once, in float64,
-    and exposed as float32 tensors (move them with :meth:`to`).
+    and exposed as float32 tensors (move them with :meth:`to`); :meth:`float64` gives any of them as computed.
     """
 
     class Options(ComponentOptions):
@@ -69,8 +69,17 @@ class NoiseSchedule(abc.ABC):
             "posterior_mean_coef2": (1.0 - alphas_cumprod_prev) * alphas.sqrt() / (1.0 - alphas_cumprod),
         }
         self._tensor_names = tuple(derived)
+        self._float64 = derived
         for name, value in derived.items():
             setattr(self, name, value.to(torch.float32))
+
+    def float64(self, name: str) -> torch.Tensor:
+        """The table ``name`` (``"alphas_cumprod"``, ``"betas"``, ...) as computed, in float64, on this schedule's
+        device: for samplers that derive more from it (sigma = sqrt((1 - abar) / abar) loses up to 0.3 % near
+        sigma_min from the float32 table)."""
+        if name not in self._float64:
+            raise KeyError(f"no table {name!r}; the tables are {', '.join(self._tensor_names)}")
+        return self._float64[name].to(self.device)
 
     def to(self, device: torch.device | str) -> "NoiseSchedule":
         """Move every derived tensor to ``device``; returns self."""
@@ -106,10 +115,18 @@ class Denoiser(nn.Module, abc.ABC):
     per image). What the output estimates is ``prediction``: ``"epsilon"`` (the noise), ``"x0"`` (the
     clean image) or ``"v"`` (Salimans & Ho 2022); :mod:`ddpmkit.diffusion` converts between them. A
     class sets it as a class attribute, or declares an option named ``prediction`` to let users choose.
+
+    Conditioning (plugin API 3): a class that lists ``"class"`` in :attr:`conditions` is built with
+    ``num_classes=K`` for a class-conditional run and called ``denoiser(x_t, t, cond={"class": labels})``,
+    labels an integer tensor [B] in 0..K-1 or :data:`~ddpmkit.diffusion.NULL_CLASS` (no class: it must
+    learn the unconditional model too). Unconditional runs build it without ``num_classes`` and call it
+    without ``cond``; a denoiser that declares no conditions (every API-2 one) is only used that way.
     """
 
     #: What the output estimates: "epsilon", "x0" or "v" (an option named ``prediction`` overrides it).
     prediction: str = "epsilon"
+    #: The kinds of condition this class can be trained on (of ``ddpmkit.diffusion.CONDITIONS``).
+    conditions: ClassVar[frozenset[str]] = frozenset()
 
     class Options(ComponentOptions):
         pass
@@ -120,11 +137,14 @@ class Denoiser(nn.Module, abc.ABC):
         *,
         image_shape: tuple[int, int, int],
         num_timesteps: int,
+        num_classes: int = 0,
     ) -> None:
         super().__init__()
         self.options = options if options is not None else type(self).Options()
         self.image_shape = tuple(int(v) for v in image_shape)
         self.num_timesteps = int(num_timesteps)
+        #: classes of a class-conditional model (0: unconditional)
+        self.num_classes = int(num_classes)
         chosen = getattr(self.options, "prediction", None)
         if isinstance(chosen, str):
             self.prediction = chosen
@@ -132,8 +152,8 @@ class Denoiser(nn.Module, abc.ABC):
         self.register_buffer("_ddpmkit_device", torch.empty(0), persistent=False)
 
     @abc.abstractmethod
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Predict ``self.prediction`` for the noisy images ``x_t`` at steps ``t``."""
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond | None = None) -> torch.Tensor:
+        """Predict ``self.prediction`` for the noisy images ``x_t`` at steps ``t`` (given ``cond``, if conditional)."""
 
     @property
     def device(self) -> torch.device:
@@ -151,15 +171,17 @@ class Denoiser(nn.Module, abc.ABC):
 class Sampler(abc.ABC):
     """Runs the reverse process from pure noise to images in [-1, 1].
 
-    A sampler says which steps it takes (:meth:`timesteps`: the t at which it calls the denoiser, in
-    order), so progress bars, ETAs and the denoising strip follow it. A sampler built from the
+    A sampler says which steps it takes (:meth:`timesteps`: the t of each step, in order, as its callback
+    reports them), so progress bars, ETAs and the denoising strip follow it; what a batch costs is
+    :meth:`num_evaluations`, the denoiser calls (more than the steps for a multi-call solver). A sampler built from the
     generalised reverse steps of :mod:`ddpmkit.diffusion` returns them from :meth:`reverse_steps`; the
     conformance kit then knows the exact answer for its own discretisation on Gaussian data. Any
     other sampler is held to the ideal answer within :attr:`oracle_tolerance`.
     """
 
     #: How far from the ideal mean and std on the kit's Gaussian data this sampler's discretisation may
-    #: land (beyond sampling error); used only when :meth:`reverse_steps` returns None.
+    #: land (beyond sampling error); used only when neither :meth:`reverse_steps` nor :meth:`gaussian_answer`
+    #: gives the exact answer. A solver's error depends on its step count: prefer stating the answer.
     oracle_tolerance: ClassVar[float] = 0.005
 
     class Options(ComponentOptions):
@@ -172,6 +194,13 @@ class Sampler(abc.ABC):
         """The generalised reverse steps this sampler takes under ``schedule``, or None if it is not of that family."""
         return None
 
+    def gaussian_answer(self, schedule: NoiseSchedule, mu: float, s: float) -> tuple[float, float] | None:
+        """The exact (mean, std) this sampler's own discretisation gives for data N(mu, s^2) with the exact
+        predictor, or None. With the exact predictor a linear solver stays Gaussian, so its answer is a short
+        recursion in floats (:func:`ddpmkit.diffusion.gaussian_reverse_moments` is the one for reverse steps);
+        the conformance kit then holds the sampler to it instead of to :attr:`oracle_tolerance`."""
+        return None
+
     def timesteps(self, schedule: NoiseSchedule) -> list[int]:
         """The t at which this sampler evaluates the denoiser, in order (default: T-1 down to 0)."""
         steps = self.reverse_steps(schedule)
@@ -180,8 +209,14 @@ class Sampler(abc.ABC):
         return list(reversed(range(schedule.num_timesteps)))
 
     def num_steps(self, schedule: NoiseSchedule) -> int:
-        """How many denoiser evaluations one batch costs under ``schedule``."""
+        """How many steps (callbacks) one batch takes under ``schedule``: ``len(timesteps(schedule))``."""
         return len(self.timesteps(schedule))
+
+    def num_evaluations(self, schedule: NoiseSchedule) -> int:
+        """What one batch costs: how many times :meth:`sample` calls the denoiser under ``schedule`` (default: once
+        per step; a second-order sampler such as Heun's calls it twice in most steps and says so here). Sweeps,
+        ``validate`` and the plans report this, and the conformance kit counts the calls it observes."""
+        return self.num_steps(schedule)
 
     @abc.abstractmethod
     def sample(

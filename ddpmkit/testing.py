@@ -45,9 +45,11 @@ class _Checks:
     def __init__(self, kind: str, name: str) -> None:
         from ddpmkit.registry.discovery import find
 
+        from ddpmkit.kinds import KINDS
+
         self.kind, self.name, self.results = kind, name.rpartition(":")[2], []
         try:
-            self.qualified = find(kind, name).qualified
+            self.qualified = find(kind, name).qualified if kind in KINDS else name
         except DdpmkitError:  # reported by the "builds" check
             self.qualified = name
 
@@ -139,9 +141,10 @@ def check_denoiser(
     built: dict[str, Any] = {}
     image_shape = tuple(image_shape)
 
-    def make(seed: int, shape: tuple[int, int, int] = image_shape) -> Denoiser:
+    def make(seed: int, shape: tuple[int, int, int] = image_shape, num_classes: int = 0) -> Denoiser:
         torch.manual_seed(seed)
-        return create_denoiser(name, image_shape=shape, num_timesteps=num_timesteps, **(options or {})).to(device)
+        return create_denoiser(name, image_shape=shape, num_timesteps=num_timesteps, num_classes=num_classes,
+                               **(options or {})).to(device)
 
     def build() -> str:
         built["m"] = make(0)
@@ -152,6 +155,9 @@ def check_denoiser(
     if "m" not in built:
         return c.results
     m: Denoiser = built["m"]
+    # the dependence checks (on t, on the class, gradients) run on a copy with every weight nudged: a layer
+    # initialised to zero (DiT's output layer, adaLN-Zero) hides them at initialisation, not after training
+    nudged = _nudged(m)
     g = torch.Generator().manual_seed(0)
 
     def batch(n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,13 +174,13 @@ def check_denoiser(
         return str(p)
 
     def uses_t() -> str:
-        m.eval()
+        nudged.eval()
         x, _ = batch(2)
         x = x[:1].expand(2, *image_shape).contiguous()
         t = torch.tensor([num_timesteps - 1, 0], device=device)
         with torch.no_grad():
-            together = m(x, t)
-            alone = [m(x[i : i + 1], t[i : i + 1]) for i in range(2)]
+            together = nudged(x, t)
+            alone = [nudged(x[i : i + 1], t[i : i + 1]) for i in range(2)]
         for i in range(2):
             assert torch.allclose(together[i], alone[i][0], rtol=1e-4, atol=1e-5), (
                 f"image {i} of a batch with t = {t.tolist()} differs from the same image alone: "
@@ -231,17 +237,24 @@ def check_denoiser(
             assert torch.equal(m(x, t), m(x, t)), "two eval-mode calls differ"
 
     def gradients() -> str:
-        m.train()
-        m.zero_grad(set_to_none=True)
-        x, t = batch(2)
-        m(x, t).square().mean().backward()
+        for model in (m, nudged):
+            model.train()
+            model.zero_grad(set_to_none=True)
+            x, t = batch(2)
+            model(x, t).square().mean().backward()
         missing = [n for n, p in m.named_parameters() if p.requires_grad and p.grad is None]
         assert not missing, f"no gradient reaches {len(missing)} parameters, e.g. {missing[:3]}"
         bad = [n for n, p in m.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
         assert not bad, f"non-finite gradients in {bad[:3]}"
-        m.zero_grad(set_to_none=True)
-        m.eval()
-        return f"{sum(1 for _ in m.parameters())} tensors"
+        # with the weights nudged off any zero initialisation, every tensor must get some gradient
+        zero = [n for n, p in nudged.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
+        total = sum(1 for p in m.parameters() if p.requires_grad)
+        assert not zero, f"{len(zero)} of {total} parameter tensors get exactly zero gradient, e.g. {zero[:3]}"
+        at_init = sum(1 for p in m.parameters() if p.requires_grad and not p.grad.any())
+        for model in (m, nudged):
+            model.zero_grad(set_to_none=True)
+            model.eval()
+        return f"{total} tensors" + (f" ({at_init} reached only past a zero initialisation)" if at_init else "")
 
     def round_trip() -> None:
         other = make(1)
@@ -263,12 +276,64 @@ def check_denoiser(
                 torch.cuda.synchronize()
         return f"{(time.perf_counter() - start) * 1000 / 8:.2f} ms per image forward on {device}"
 
+    def conditions() -> str:
+        """A denoiser that declares "class": its output changes with the label, per image, and takes the null class."""
+        from ddpmkit.diffusion import NULL_CLASS
+
+        declared = set(getattr(type(m), "conditions", frozenset()))
+        if "class" not in declared:
+            return "declares no conditions: trained unconditionally only"
+        k = 3
+        conditional = _nudged(make(0, num_classes=k)).eval()
+        assert getattr(conditional, "num_classes", 0) == k, f"built with num_classes = {k}, reports {getattr(conditional, 'num_classes', None)}"
+        x, _ = batch(1)
+        x = x.expand(4, *image_shape).contiguous()
+        t = torch.full((4,), num_timesteps // 2, device=device)
+        labels = torch.tensor([0, 1, 2, NULL_CLASS], device=device)
+        with torch.no_grad():
+            out = conditional(x, t, cond={"class": labels})
+            alone = [conditional(x[i : i + 1], t[i : i + 1], cond={"class": labels[i : i + 1]}) for i in range(4)]
+        assert tuple(out.shape) == tuple(x.shape) and torch.isfinite(out).all(), "bad output for labels 0, 1, 2 and null"
+        assert not torch.allclose(out[0], out[1]), "the same image at class 0 and class 1 gives the same output: the label is ignored"
+        assert not torch.allclose(out[0], out[3]), "class 0 and the null class give the same output"
+        for i in range(4):
+            assert torch.allclose(out[i], alone[i][0], rtol=1e-4, atol=1e-5), (
+                f"image {i} of a batch with labels {labels.tolist()} differs from the same image alone: the label "
+                "must be used per image")
+        return f"{k} classes and the null class ({NULL_CLASS}), per image"
+
     for check, fn in (("prediction target", predicts), ("shape in == out", shapes), ("uses t per image", uses_t),
                       ("other image shapes", other_shapes), ("eval deterministic", deterministic),
                       ("gradients reach all parameters", gradients), ("state_dict round trip", round_trip),
-                      ("forward time", speed)):
+                      ("conditions on the class", conditions), ("forward time", speed)):
         c.run(check, fn)
     return c.results
+
+
+class _Counting(Denoiser):
+    """``inner``, recording the batch size of every call in ``calls``."""
+
+    def __init__(self, inner: Denoiser, calls: list[int]) -> None:
+        super().__init__(image_shape=inner.image_shape, num_timesteps=inner.num_timesteps)
+        self.inner, self.calls = inner, calls
+        self.prediction = inner.prediction
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict | None = None) -> torch.Tensor:
+        self.calls.append(len(x_t))
+        return self.inner(x_t, t) if cond is None else self.inner(x_t, t, cond=cond)
+
+
+def _nudged(model: Denoiser, scale: float = 0.02) -> Denoiser:
+    """A copy of ``model`` with every weight moved by a little seeded noise (scaled to the tensor's spread)."""
+    import copy
+
+    other = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(12345)
+    with torch.no_grad():
+        for p in other.parameters():
+            spread = float(p.float().std()) if p.numel() > 1 and float(p.float().std()) > 0 else 1.0
+            p.add_(scale * spread * torch.randn(p.shape, generator=g).to(p.device, p.dtype))
+    return other
 
 
 # --- samplers -------------------------------------------------------------------------------------
@@ -279,18 +344,31 @@ class GaussianOracle(Denoiser):
 
     x_t = sqrt(abar) x_0 + sqrt(1 - abar) eps gives E[eps | x_t] = sqrt(1 - abar) (x_t - sqrt(abar) mu) / (abar s^2 + 1 - abar);
     E[x_0 | x_t] and v follow from eq. 4 and v = sqrt(abar) eps - sqrt(1 - abar) x_0.
+
+    Class-conditional with ``class_means``: class k is N(class_means[k], s^2), and the null class (the
+    unconditional model) N(mu, s^2), so that guidance has a closed form too
+    (:func:`ddpmkit.diffusion.gaussian_reverse_moments` with ``guided_by``).
     """
 
-    def __init__(self, schedule, mu: float, s: float, image_shape=(1, 8, 8), prediction: str = "epsilon") -> None:
-        super().__init__(Denoiser.Options(), image_shape=image_shape, num_timesteps=schedule.num_timesteps)
+    conditions = frozenset({"class"})
+
+    def __init__(self, schedule, mu: float, s: float, image_shape=(1, 8, 8), prediction: str = "epsilon",
+                 class_means: list[float] | None = None) -> None:
+        super().__init__(Denoiser.Options(), image_shape=image_shape, num_timesteps=schedule.num_timesteps,
+                         num_classes=len(class_means or []))
         self.mu, self.s = mu, s
         self.prediction = prediction
         self.register_buffer("abar", schedule.alphas_cumprod.double().clone())
+        self.register_buffer("class_means", torch.tensor([*(class_means or []), mu], dtype=torch.float64))
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict | None = None) -> torch.Tensor:
         ab = self.abar[t].view(-1, *([1] * (x_t.ndim - 1)))
         x = x_t.double()
-        eps = (1 - ab).sqrt() * (x - ab.sqrt() * self.mu) / (ab * self.s**2 + 1 - ab)
+        mu: Any = self.mu
+        if cond is not None and self.num_classes:
+            labels = torch.where(cond["class"] < 0, self.num_classes, cond["class"])
+            mu = self.class_means[labels].view(-1, *([1] * (x_t.ndim - 1)))
+        eps = (1 - ab).sqrt() * (x - ab.sqrt() * mu) / (ab * self.s**2 + 1 - ab)
         x0 = (x - (1 - ab).sqrt() * eps) / ab.sqrt()
         out = {"epsilon": eps, "x0": x0, "v": ab.sqrt() * eps - (1 - ab).sqrt() * x0}[self.prediction]
         return out.to(x_t.dtype)
@@ -305,10 +383,14 @@ def check_sampler(
     mu: float = 0.3,
     s: float = 0.2,
     num_timesteps: int = 1000,
+    schedule: str = "linear",
 ) -> list[CheckResult]:
-    """With the exact predictor of N(mu, s^2) data, samples match the exact answer for the sampler's own
-    steps (or N(mu, s^2) within its declared tolerance); x0- and v-predicting denoisers give the same
-    images; seeds reproduce; output in [-1, 1]; the callback sees the steps the sampler lists."""
+    """With the exact predictor of N(mu, s^2) data under ``schedule`` (an installed schedule's name, at
+    ``num_timesteps``), samples match the exact answer for the sampler's own steps (or N(mu, s^2) within its
+    declared tolerance); x0- and v-predicting denoisers give the same images; seeds reproduce; output in
+    [-1, 1]; the callback sees the steps the sampler lists; a class-conditional oracle is drawn per class and
+    with classifier-free guidance at w = 2, against the closed form."""
+    schedule_name = schedule
     c = _Checks("sampler", name)
     built: dict[str, Any] = {}
 
@@ -319,7 +401,7 @@ def check_sampler(
     if "sampler" not in built:
         return c.results
     sampler = built["sampler"]
-    schedule = create_schedule("linear", num_timesteps=num_timesteps)
+    schedule = create_schedule(schedule_name, num_timesteps=num_timesteps)
     side = int(math.isqrt(num_pixels // 16))
     shape = (16, 1, side, side)
     oracles = {p: GaussianOracle(schedule, mu, s, image_shape=shape[1:], prediction=p).to(device) for p in PREDICTIONS}
@@ -337,10 +419,14 @@ def check_sampler(
         first["x"] = x
         n = x.numel()
         steps = sampler.reverse_steps(schedule)
+        stated = sampler.gaussian_answer(schedule, mu, s) if steps is None else None
         if steps is not None:
             # the exact answer for this sampler's own discretisation; 1e-3 covers float32 arithmetic
             target_mu, target_s = gaussian_reverse_moments(schedule, steps, mu, s)
             bias, how = 1e-3, f"exact for its {len(steps)} steps"
+        elif stated is not None:
+            target_mu, target_s = (float(v) for v in stated)
+            bias, how = 1e-3, "the exact answer it states (gaussian_answer)"
         else:
             target_mu, target_s = mu, s
             bias, how = float(sampler.oracle_tolerance), f"ideal, within the declared oracle_tolerance {sampler.oracle_tolerance:g}"
@@ -376,6 +462,18 @@ def check_sampler(
         assert tuple(x.shape) == shape, f"shape {tuple(x.shape)} != {shape}"
         assert torch.isfinite(x).all() and x.min() >= -1 and x.max() <= 1, f"output in [{x.min():.3g}, {x.max():.3g}]"
 
+    def cost() -> str:
+        calls = []
+        oracle = oracles["epsilon"]
+        counting = _Counting(oracle, calls)
+        sampler.sample(counting, schedule, shape, generator=torch.Generator().manual_seed(0))
+        declared = int(sampler.num_evaluations(schedule))
+        assert len(calls) == declared, (
+            f"sample() called the denoiser {len(calls)} times for one batch, but num_evaluations() says {declared}; "
+            "a sampler that calls it more than once per step says so in num_evaluations()")
+        steps = len(sampler.timesteps(schedule))
+        return f"{declared} denoiser calls per batch for {steps} steps"
+
     def callback() -> str:
         listed = [int(t) for t in sampler.timesteps(schedule)]
         assert seen_t, "the callback was never called"
@@ -386,10 +484,122 @@ def check_sampler(
         assert all(a >= b for a, b in zip(seen_t, seen_t[1:])), "the callback's t increases somewhere"
         return f"{len(seen_t)} steps, t from {seen_t[0]} to {seen_t[-1]}"
 
+    # two classes either side of the unconditional N(0, s_c^2), narrow enough that guiding them stays inside [-1, 1]
+    # (the samplers clip their output)
+    mu_c, s_c = 0.0, 0.15
+    class_means = [mu_c - s_c, mu_c + s_c]
+    conditional = GaussianOracle(schedule, mu_c, s_c, image_shape=shape[1:], class_means=class_means).to(device)
+    labels = torch.tensor([0, 1] * (shape[0] // 2))
+
+    def per_class(weight: float) -> list[tuple[float, float]]:
+        from ddpmkit.guidance import ClassConditioned
+
+        guided = ClassConditioned(conditional, labels, weight)
+        x = sampler.sample(guided, schedule, shape, generator=torch.Generator().manual_seed(0)).double()
+        return [(float(x[labels == k].mean()), float(x[labels == k].std())) for k in range(len(class_means))]
+
+    def check_classes(weight: float) -> str:
+        steps = sampler.reverse_steps(schedule)
+        if steps is None and weight != 1:
+            # guided, an SDE and an ODE sampler of the same model reach different answers: no ideal to hold it to
+            return "not of the reverse-step family: guidance is checked for those only"
+        got, shown = per_class(weight), []
+        n = num_pixels // len(class_means)
+        for k, (m_hat, s_hat) in enumerate(got):
+            if steps is not None:
+                target_mu, target_s = gaussian_reverse_moments(schedule, steps, class_means[k], s_c,
+                                                               guided_by=(mu_c, s_c), weight=weight)
+                bias = 1e-3
+            else:
+                target_mu, target_s, bias = class_means[k], s_c, float(sampler.oracle_tolerance)
+            tol_mean, tol_std = 5 * target_s / math.sqrt(n) + bias, 5 * target_s / math.sqrt(2 * n) + bias
+            assert abs(m_hat - target_mu) < tol_mean, (
+                f"class {k} at guidance weight {weight:g}: mean {m_hat:.4f}, expected {target_mu:.4f} +- {tol_mean:.4f}")
+            assert abs(s_hat - target_s) < tol_std, (
+                f"class {k} at guidance weight {weight:g}: std {s_hat:.4f}, expected {target_s:.4f} +- {tol_std:.4f}")
+            shown.append(f"class {k}: mean {m_hat:.4f} (expected {target_mu:.4f}), std {s_hat:.4f} ({target_s:.4f})")
+        return "; ".join(shown)
+
     for check, fn in (("matches the Gaussian oracle", moments), ("x0 and v denoisers", targets),
                       ("seeds reproduce", seeds), ("output in [-1, 1]", in_range),
-                      ("callback sees the listed steps", callback)):
+                      ("callback sees the listed steps", callback), ("cost as declared", cost),
+                      ("each class of a conditional oracle", lambda: check_classes(1.0)),
+                      ("classifier-free guidance (w = 2)", lambda: check_classes(2.0))):
         c.run(check, fn)
+    return c.results
+
+
+# --- event plugins ----------------------------------------------------------------------------------
+
+#: The keys of the ``metrics`` every ``step_end`` hook gets (more may come: the first step of a start also
+#: carries its plan, ``speed`` and ``time_plan``; ``grad_norm`` with train.grad_clip; ``skipped`` on a
+#: non-finite step that was skipped).
+METRIC_KEYS: dict[str, type] = {"step": int, "epoch": int, "loss": float, "lr": float, "images_per_s": float,
+                                "time": float, "elapsed_s": float}
+
+
+def check_event_plugin(name: str, options: dict[str, Any] | None = None, *, steps: int = 3) -> list[CheckResult]:
+    """Drive the event plugin ``name`` through a short pretend run in a scratch folder (its hooks only): its
+    options validate; train_start, ``steps`` step_end calls with the documented metric keys,
+    checkpoint_written, samples_written and train_end each run without an exception."""
+    import tempfile
+    from pathlib import Path
+
+    from ddpmkit.registry import discovery
+    from ddpmkit.run.config import config_from_dict
+    from ddpmkit.run.events import RunInfo
+
+    c = _Checks("event plugin", name)
+    found: dict[str, Any] = {}
+
+    def build() -> str:
+        plugin = discovery.find_plugin(name)
+        c.qualified = plugin.qualified
+        impls = {hook: [i for i in getattr(discovery.registry().manager.hook, hook).get_hookimpls()
+                        if i.plugin_name == plugin.qualified] for hook in discovery.EVENT_HOOKS}
+        found.update(plugin=plugin, impls={h: i for h, i in impls.items() if i})
+        assert found["impls"], f"plugin {plugin.label} implements none of the event hooks ({', '.join(discovery.EVENT_HOOKS)})"
+        return "implements " + ", ".join(found["impls"])
+
+    c.run("loads", build)
+    if "plugin" not in found:
+        return c.results
+    plugin = found["plugin"]
+    with tempfile.TemporaryDirectory(prefix="ddpmkit-check-") as scratch:
+        data = {"run": {"dir": scratch, "name": "probe", "device": "cpu"},
+                "data": {"dataset": "synthetic", "num_samples": 8, "image_size": 8},
+                "plugins": {plugin.name: dict(options or {})}}
+        built: dict[str, Any] = {}
+
+        def configure() -> str:
+            built["cfg"] = config_from_dict(data)
+            return f"[plugins.{plugin.name}] = {built['cfg'].plugins.get(plugin.name)}"
+
+        c.run("options validate", configure)
+        if "cfg" not in built:
+            return c.results
+        cfg = built["cfg"]
+        run_dir = cfg.run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        info = RunInfo(run_dir, cfg, "cpu", 0, steps)
+        args = {"run": info, "options": cfg.plugin_options(plugin)}
+        now = time.time()
+        calls = [("train_start", {})]
+        calls += [("step_end", {"step": k, "metrics": {"step": k, "epoch": 0, "loss": 1.0 / k, "lr": 1e-3,
+                                                          "images_per_s": 100.0, "time": now + k, "elapsed_s": 0.1 * k}})
+                  for k in range(1, steps + 1)]
+        calls += [("checkpoint_written", {"step": steps, "path": run_dir / "checkpoints" / f"step-{steps:08d}"}),
+                  ("samples_written", {"paths": []}), ("train_end", {"step": steps, "interrupted": False})]
+        for hook, kwargs in calls:
+            for impl in found["impls"].get(hook, []):
+                def call(impl=impl, hook=hook, kwargs=kwargs) -> str:
+                    impl.function(*[{**args, **kwargs}[a] for a in impl.argnames])
+                    return ""
+
+                label = hook if hook != "step_end" else f"step_end (step {kwargs['step']})"
+                c.run(label, call)
+        written = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file())
+        c.run("files it wrote", lambda: ", ".join(written) or "none")
     return c.results
 
 

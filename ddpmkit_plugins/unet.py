@@ -6,6 +6,9 @@ in eval mode, and the input/output channel count follows the image shape.
 Option ``time_embedding = "mlp"`` replaces the tutorial's fixed sinusoid (added as is to every
 block) with the conditioning of Ho et al. 2020 (appendix B): a learned two-layer MLP on the
 sinusoid and, in every ResBlock, a learned projection to that block's channels.
+
+Class-conditional (plugin API 3), as the usual recipes (improved-diffusion, DiT) do: a learned embedding
+of the class, with one more row for the null class, added to the time embedding that every block takes.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from torch import nn
 
 from ddpmkit.errors import ConfigError
 from ddpmkit.runtime.limits import check_fits
+from ddpmkit.diffusion import NULL_CLASS, Cond
 from ddpmkit.interfaces import Denoiser
 
 
@@ -122,6 +126,8 @@ class UNetLayer(nn.Module):
 class UNet(Denoiser):
     """The tutorial's UNet: ~35.2 M parameters with the default options at 1x32x32."""
 
+    conditions = frozenset({"class"})
+
     class Options(Denoiser.Options):
         prediction: Literal["epsilon", "x0", "v"] = Field(
             "epsilon", description="what the network outputs: the noise, the clean image, or v (Salimans & Ho 2022)"
@@ -188,8 +194,9 @@ class UNet(Denoiser):
                     raise ValueError("the first half of the layers must go down (false), the second half up (true)")
             return flags
 
-    def __init__(self, options=None, *, image_shape: tuple[int, int, int], num_timesteps: int) -> None:
-        super().__init__(options, image_shape=image_shape, num_timesteps=num_timesteps)
+    def __init__(self, options=None, *, image_shape: tuple[int, int, int], num_timesteps: int,
+                 num_classes: int = 0) -> None:
+        super().__init__(options, image_shape=image_shape, num_timesteps=num_timesteps, num_classes=num_classes)
         o = self.options
         channels_in, height, width = self.image_shape
         factor = 2 ** (len(o.channels) // 2)
@@ -204,6 +211,8 @@ class UNet(Denoiser):
         self.embedding = SinusoidalEmbedding(num_timesteps, max(o.channels))
         learned = o.time_embedding == "mlp"
         self.time_mlp = TimeMLP(max(o.channels)) if learned else None
+        # row num_classes is the null class (NULL_CLASS): the unconditional model of classifier-free guidance
+        self.class_embedding = nn.Embedding(num_classes + 1, max(o.channels)) if num_classes else None
         self.layers = nn.ModuleList(
             UNetLayer(c, up, att, o.num_groups, o.dropout, o.num_heads, max(o.channels) if learned else None)
             for c, up, att in zip(o.channels, o.upscales, o.attentions)
@@ -212,10 +221,14 @@ class UNet(Denoiser):
         self.late_conv = nn.Conv2d(out_channels, out_channels // 2, kernel_size=3, padding=1)
         self.output_conv = nn.Conv2d(out_channels // 2, channels_in, kernel_size=1)
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond | None = None) -> torch.Tensor:
         emb = self.embedding(t)
         if self.time_mlp is not None:
             emb = self.time_mlp(emb)
+        if self.class_embedding is not None:
+            labels = cond["class"] if cond is not None else torch.full_like(t, NULL_CLASS)
+            labels = torch.where(labels == NULL_CLASS, self.num_classes, labels)
+            emb = emb + self.class_embedding(labels)[:, :, None, None]
         emb = emb.to(x_t.dtype)
         x = self.shallow_conv(x_t)
         half = len(self.layers) // 2

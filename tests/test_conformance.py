@@ -84,6 +84,8 @@ def test_broken_components_fail_their_checks(plugin_module):
         ("lazy", "matches the Gaussian oracle"),
         ("lazy", "seeds reproduce"),
         ("lazy", "callback sees the listed steps"),
+        ("lazy", "cost as declared"),  # it never calls the denoiser
+        ("lazy", "each class of a conditional oracle"),
     }
     assert {x["qualified_name"] for x in results} == {"ddpmkit-broken:flat", "ddpmkit-broken:lazy"}
     flat_snr = next(x for x in results if x["name"] == "flat" and x["check"] == "final SNR")
@@ -101,7 +103,7 @@ def test_check_plugins_cli_on_every_builtin():
     table = ddpmkit("check-plugins", "ddpm")
     assert table.returncode == 0 and "pass" in table.stdout
     unknown = ddpmkit("check-plugins", "nope")
-    assert unknown.returncode == 2 and "no installed component named nope" in unknown.stderr
+    assert unknown.returncode == 2 and "no installed component or event plugin named nope" in unknown.stderr
 
 
 def test_describe_cli():

@@ -13,7 +13,8 @@ import ddpmkit
 from ddpmkit.run.config import load_config
 from ddpmkit.diffusion import split_prediction
 from ddpmkit.errors import ConfigError
-from ddpmkit.run.guidance import GuidedDenoiser, guide_config
+from ddpmkit.guidance import GuidedDenoiser
+from ddpmkit.run.guide import guide_config
 from ddpmkit.interfaces import Denoiser
 
 from runconfigs import ddpmkit as cli, write_config

@@ -87,3 +87,20 @@ def test_the_guide_works_from_an_empty_folder(tmp_path):
     lines = (run / "loss.csv").read_text().splitlines()
     assert lines[0] == "step,loss" and [int(x.split(",")[0]) for x in lines[1:]] == [2, 4, 6, 8]
     assert outer_snapshot() == before
+
+
+def test_the_guide_and_the_example_pin_a_ddpmkit_that_includes_this_one():
+    """pip resolves these pins against the ddpmkit a user has; the tests install with --no-deps, so the pins
+    are checked here (an upper bound like <0.3 refused every later ddpmkit)."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    import ddpmkit
+
+    guide_toml = next(code for lang, code, path in blocks() if path and path.endswith("pyproject.toml"))
+    example = GUIDE.parent / "examples" / "ddpmkit-example-plugin" / "pyproject.toml"
+    for name, project in (("the guide", tomllib.loads(guide_toml)["project"]),
+                          ("the example plugin", tomllib.loads(example.read_text())["project"])):
+        (pin,) = [Requirement(d) for d in project["dependencies"] if Requirement(d).name == "ddpmkit"]
+        assert pin.specifier.contains(ddpmkit.__version__), f"{name} pins {pin}, which refuses ddpmkit {ddpmkit.__version__}"

@@ -16,12 +16,11 @@ PACKAGE = Path(ddpmkit.__file__).parent
 #: The groups (name: the modules or subpackages of ddpmkit in it), lowest level first. A module may import
 #: from its own group and from the levels below; groups on one level do not import each other.
 LEVELS: list[dict[str, tuple[str, ...]]] = [
-    {"plugin API": ("errors", "validation", "version", "hookspecs", "kinds", "diffusion", "interfaces")},
+    {"plugin API": ("errors", "validation", "version", "hookspecs", "kinds", "diffusion", "interfaces", "guidance")},
     {"runtime": ("runtime",)},
     {"registry": ("registry",)},
-    {"conformance kit": ("testing",)},
     {"run": ("run",)},
-    {"sampling": ("sampling",)},
+    {"sampling": ("sampling",), "conformance kit": ("testing",)},
     {"training": ("training",)},
     {"evaluation": ("evaluation",), "benchmark": ("benchmark",)},
     {"commands": ("commands",)},

@@ -33,7 +33,7 @@ def eval_cmd(
     """Measure sample quality: classifier FID, KID and MiFID (torchmetrics), precision/recall, confidence and
     memorisation, each beside its floor (the same statistic for real training images)."""
     from ddpmkit.commands.sample import draw_with_progress
-    from ddpmkit.evaluation.report import evaluate, read_images
+    from ddpmkit.evaluation.report import evaluate, read_images, read_labels
     from ddpmkit.run.data import to_uint8
 
     out = err_console if as_json else console
@@ -42,18 +42,22 @@ def eval_cmd(
         from ddpmkit.sampling.loaded import load_run
 
         loaded = load_run(samples, sampler=sampler, overrides=list(set_ or []), warn=_warner(out))
-        images = to_uint8(draw_with_progress(loaded, num or 1000, batch_size=batch_size, seed=seed, out=out))
+        labels = loaded.labels(num or 1000, "all") if loaded.conditional else None  # class-balanced
+        images = to_uint8(draw_with_progress(loaded, num or 1000, batch_size=batch_size, seed=seed, out=out,
+                                             labels=labels))
         pairs = pairs or samples / "eval-closest-pairs.png"
     else:
         if sampler or set_:
             from ddpmkit.errors import ConfigError
 
             raise ConfigError("--sampler and --set apply when SAMPLES is a run directory")
-        images = read_images(samples)[:num] if num else read_images(samples)
+        images, labels = read_images(samples), read_labels(samples)
+        if num:
+            images, labels = images[:num], labels[:num] if labels is not None else None
         pairs = pairs or samples.with_name(samples.stem + "-closest-pairs.png")
     ref = read_images(reference) if reference is not None else None
     result = evaluate(images, data_root=root, reference=ref, pairs_png=pairs, inception_weights=inception_weights,
-                      seed=seed, log=lambda m: out.print(m, highlight=False))
+                      seed=seed, labels=labels if ref is None else None, log=lambda m: out.print(m, highlight=False))
     if as_json:
         print(json.dumps(result, indent=2))
         return
@@ -69,7 +73,7 @@ def sweep(
     ),
     num: int = typer.Option(1000, "--num", min=10, help="Samples per point (the same seeds for every point)."),
     guidance: Optional[str] = typer.Option(
-        None, "--guidance", metavar="W[,W...]", help="Repeat the plan at each autoguidance weight (guidance.weight; 1 is off; above 1 needs the run's guide)."
+        None, "--guidance", metavar="W[,W...]", help="Repeat the plan at each guidance weight (guidance.weight; 1 is off): classifier-free for a conditional run, else autoguidance (needs the run's guide)."
     ),
     batch_size: int = typer.Option(250, "--batch-size", min=1),
     seed: int = SeedOption,
@@ -90,8 +94,9 @@ def sweep(
     root = mnist_root(data_root)
     loaded = load_run(run, warn=_warner(shown))
 
-    def draw(point_plan: SamplingPlan) -> torch.Tensor:
-        return draw_with_progress(loaded, num, batch_size=batch_size, seed=seed, plan=point_plan, out=shown)
+    def draw(point_plan: SamplingPlan, labels: torch.Tensor | None) -> torch.Tensor:
+        return draw_with_progress(loaded, num, batch_size=batch_size, seed=seed, plan=point_plan, out=shown,
+                                  labels=labels)
 
     result = run_sweep(loaded, plan, num=num, seed=seed, data_root=root, out_dir=out or Path(run) / "sweep",
                        draw=draw, log=lambda m: shown.print(m, highlight=False))
@@ -101,13 +106,15 @@ def sweep(
     from rich import box
 
     table = Table(title=f"{num:,} samples per point, seed {seed} (classifier FID; KID in the JSON)", box=box.SIMPLE_HEAD)
-    for col in ("sampler", "steps", "seconds", "FID", "precision", "recall", "confident", "digits"):
+    conditional = all("class_accuracy" in r for r in result["points"])
+    for col in ("sampler", "steps", "seconds", "FID", "precision", "recall", "confident", "digits") + (
+            ("class accuracy",) if conditional else ()):
         table.add_column(col, no_wrap=col != "sampler", overflow="fold", min_width=9 if col == "sampler" else None)
     f = result["floor"]
     for r in result["points"]:
         table.add_row(r["line"], str(r["denoiser_evaluations"]), f"{r['seconds']:.1f}", f"{r['fid']:.2f}",
                       f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['confident_share']:.1%}",
-                      str(r["classes_present"]))
+                      str(r["classes_present"]), *([f"{r['class_accuracy']:.1%}"] if conditional else []))
     table.add_row("real data", "", "", f"{f['fid']:.2f}", f"{f['precision']:.3f}", f"{f['recall']:.3f}",
                   f"{f['confident_share']:.1%}", "")
     console.print(table)
@@ -155,6 +162,13 @@ def _print_eval(r: dict) -> None:
     inc = r["inception_fid"]
     console.print(f"Inception FID: {inc['fid']:.3f}" if inc["status"] == "ok" else f"Inception FID: skipped: {inc['reason']}",
                   highlight=False)
+    if "conditional" in r:
+        k = r["conditional"]
+        console.print(f"class accuracy {k['class_accuracy']:.1%} over {k['classes_drawn']} classes drawn; "
+                      + (f"per-class classifier FID {k['mean_class_fid']:.3f} on average (floor "
+                         f"{k['mean_class_floor_fid']:.3f}): " if k["mean_class_fid"] is not None else "")
+                      + ", ".join(f"{row['class']}: {row['accuracy']:.0%}" + (f" FID {row['fid']:.2f}" if "fid" in row else "")
+                                  for row in k["per_class"]), highlight=False)
     c = r["classifier"]
     console.print(f"feature network: MNIST classifier {c['key']} (test accuracy {c['test_accuracy']:.2%}"
                   f"{', cached' if c['cached'] else ', trained now'})", highlight=False)

@@ -52,6 +52,12 @@ def check_plugins(
     set_: Optional[List[str]] = typer.Option(
         None, "--set", metavar="KEY=VALUE", help="Check with this option set, e.g. --set steps=10 (one NAME only; repeatable)."
     ),
+    timesteps: Optional[int] = typer.Option(None, "--timesteps", min=1, metavar="T",
+                                            help="T for every check (default 1000; a schedule's num_timesteps)."),
+    image_shape: Optional[str] = typer.Option(None, "--image-shape", metavar="C,H,W",
+                                              help="The images denoisers are checked on (default 1,32,32)."),
+    schedule: Optional[str] = typer.Option(None, "--schedule", metavar="NAME",
+                                           help="The installed schedule samplers are checked with (default linear)."),
     as_json: bool = JsonOption,
     device: str = typer.Option("cpu", "--device", help="Device to run the checks on."),
 ) -> None:
@@ -67,15 +73,36 @@ def check_plugins(
             raise ConfigError("--set needs exactly one component NAME to apply to")
         key, value, _ = parse_override(item)
         options[key] = value
-    if options:
+    if options and hasattr(targets[0], "kind"):
         from ddpmkit.registry.build import validate_options
 
         validate_options(targets[0], options)  # a bad option is a user error (exit 2), not a failed check
+    shape = _image_shape(image_shape) if image_shape is not None else None
+    if schedule is not None:
+        from ddpmkit.registry.discovery import find
+
+        find("schedule", schedule)  # an unknown name is one line, before any check
     results = []
     for comp in targets:
         if not as_json:
             console.print(f"checking {comp.label} as {comp.qualified} ...", highlight=False)
-        results.extend(check_component(comp.kind, comp.qualified, options or None, device=device))
+        if not hasattr(comp, "kind"):  # an event plugin
+            from ddpmkit.testing import check_event_plugin
+
+            results.extend(check_event_plugin(comp.qualified, options or None))
+            continue
+        extra: dict = {"device": device}
+        own = dict(options)
+        if timesteps is not None:
+            if comp.kind == "schedule":
+                own.setdefault("num_timesteps", timesteps)
+            else:
+                extra["num_timesteps"] = timesteps
+        if shape is not None and comp.kind == "denoiser":
+            extra["image_shape"] = shape
+        if schedule is not None and comp.kind == "sampler":
+            extra["schedule"] = schedule
+        results.extend(check_component(comp.kind, comp.qualified, own or None, **extra))
     if as_json:
         print(json.dumps([x.as_dict() for x in results], indent=2))
     else:
@@ -92,12 +119,24 @@ def check_plugins(
         raise typer.Exit(1)
 
 
+def _image_shape(text: str) -> tuple[int, int, int]:
+    from ddpmkit.errors import ConfigError
+
+    try:
+        shape = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1:
+        raise ConfigError(f"--image-shape {text}: expected C,H,W, three positive integers, e.g. 3,32,32")
+    return shape  # type: ignore[return-value]
+
+
 def _components_named(names: list[str]) -> list:
     """The installed components ``names`` mean (each plain name in every kind that has it); when empty, all
     of them but those that need an optional extra that is not installed (said in one line each)."""
     from ddpmkit.errors import MissingExtra, PluginError
     from ddpmkit.kinds import KINDS
-    from ddpmkit.registry.discovery import find, load, registry
+    from ddpmkit.registry.discovery import find, find_plugin, load, registry
 
     reg = registry()
     if not names:
@@ -114,9 +153,13 @@ def _components_named(names: list[str]) -> list:
     found = []
     for name in names:
         kinds = [k for k in KINDS if reg.named(k, name.rpartition(":")[2])]
-        if not kinds:
-            raise PluginError(f"no installed component named {name}; see ddpmkit list-plugins")
-        found.extend(find(kind, name) for kind in kinds)
+        if kinds:
+            found.extend(find(kind, name) for kind in kinds)
+            continue
+        try:  # an event plugin (checked by driving its hooks), named by its entry point
+            found.append(find_plugin(name))
+        except PluginError:
+            raise PluginError(f"no installed component or event plugin named {name}; see ddpmkit list-plugins") from None
     return found
 
 

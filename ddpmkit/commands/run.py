@@ -55,6 +55,9 @@ def _launch_processes(config: Path, overrides: list[str], nproc: int, *, fresh: 
         raise DdpmkitError("--nproc inside torchrun: use one or the other")
     cfg = load_config(config, overrides)  # a config mistake is one line here, not one per process
     _check_process_count(nproc, device or cfg.run.device)
+    from ddpmkit.runtime.distributed import World, check_batch
+
+    check_batch(World(size=nproc), cfg.train.batch_size)  # here, before starting nproc processes to say it
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
             "-m", "ddpmkit", "run", str(config)]
     args += [a for item in overrides for a in ("--set", item)]

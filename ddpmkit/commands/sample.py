@@ -31,6 +31,13 @@ def sample(
     set_: Optional[List[str]] = typer.Option(
         None, "--set", metavar="KEY.PATH=VALUE", help="Override a config value, e.g. --set sampler.options.variance=posterior."
     ),
+    classes: Optional[str] = typer.Option(
+        None, "--class", metavar="CLASSES",
+        help="A conditional run's classes: 7, 0,3,7 (names work too) or all (a row per class); default: the config's.",
+    ),
+    guidance: Optional[float] = typer.Option(
+        None, "--guidance", metavar="W", help="Guidance weight w (1 = none): classifier-free for a conditional run."
+    ),
     device: Optional[str] = DeviceOption,
 ) -> None:
     """Draw images from a trained run's checkpoint."""
@@ -41,30 +48,58 @@ def sample(
     if out.suffix.lower() not in (".png", ".npz"):
         raise ConfigError(f"--out {out}: must end in .png or .npz")
     check_output_path(out)
+    overrides = list(set_ or []) + ([f"guidance.weight={guidance!r}"] if guidance is not None else [])
     loaded = load_run(source, weights="model" if raw else "ema", device=device, sampler=sampler,
-                      overrides=list(set_ or []), warn=warn)
+                      overrides=overrides, warn=warn)
+    labels = loaded.labels(num, parse_classes(classes)) if classes is not None or loaded.conditional else None
     try:
-        images = draw_with_progress(loaded, num, batch_size=batch_size, seed=seed)
+        images = draw_with_progress(loaded, num, batch_size=batch_size, seed=seed, labels=labels)
     except SamplingInterrupted as stop:  # Ctrl-C: what is done is kept
-        write_images(stop.images, out)
+        write_images(stop.images, out, labels=labels[: len(stop.images)] if labels is not None else None,
+                     classes=loaded.classes)
         console.print(f"[yellow]interrupted[/] after {len(stop.images):,} of {num:,} images; wrote them to {out}")
         raise typer.Exit(EXIT_INTERRUPTED) from None
     except KeyboardInterrupt:
         console.print(f"[yellow]interrupted[/] before the first batch of {batch_size:,} finished; nothing written")
         raise typer.Exit(EXIT_INTERRUPTED) from None
-    write_images(images, out)
+    write_images(images, out, labels=labels, classes=loaded.classes)
     console.print(f"[green]wrote[/] {out}", highlight=False)
 
 
+def parse_classes(text: str | None) -> "str | list[str] | None":
+    """``--class``: None (the config's), "all", or the comma-separated classes."""
+    if text is None or text.strip() == "all":
+        return None if text is None else "all"
+    parts = [part.strip() for part in text.split(",")]
+    if not all(parts):
+        raise ConfigError(f"--class {text}: expected all, a class, or classes separated by commas (0,3,7)")
+    return parts
+
+
 def draw_with_progress(loaded: "LoadedRun", num: int, *, batch_size: int, seed: int,
-                       plan: "SamplingPlan | None" = None, out: Console = console) -> "torch.Tensor":
+                       plan: "SamplingPlan | None" = None, out: Console = console,
+                       labels: "torch.Tensor | None" = None) -> "torch.Tensor":
     """``num`` images in [-1, 1] from ``loaded``, announced in one line and shown with a progress bar on ``out``."""
     from ddpmkit.commands.progress import sampling_progress
 
     plan = plan or loaded.plan()
     out.print(escape(f"sampling {num} images from {loaded.source} ({'EMA' if loaded.weights == 'ema' else 'raw'} weights, "
         f"step {loaded.step}) with {plan.config.sampler.name} ({len(plan.timesteps)} steps) on {loaded.device}"
-        + (f", guided by its guide (weight {plan.config.guidance.weight:g})" if plan.guided else "")), highlight=False)
+        + (f", {describe_labels(loaded, labels)}" if labels is not None else "")
+        + (f", {_guidance_words(plan)} (weight {plan.config.guidance.weight:g})" if plan.guided else "")),
+        highlight=False)
     with sampling_progress(out, num * len(plan.timesteps)) as advance:
-        images, _ = loaded.draw(num, plan=plan, seed=seed, batch_size=batch_size, progress=advance)
+        images, _ = loaded.draw(num, plan=plan, seed=seed, batch_size=batch_size, progress=advance, labels=labels)
     return images
+
+
+def _guidance_words(plan: "SamplingPlan") -> str:
+    return "guided by its guide" if plan.config.guidance_method == "autoguidance" else "classifier-free guidance"
+
+
+def describe_labels(loaded: "LoadedRun", labels: "torch.Tensor") -> str:
+    """``classes 0, 3, 7`` (or ``all 10 classes``) for the announcement line."""
+    present = sorted(set(labels.tolist()))
+    if len(present) == len(loaded.classes):
+        return f"all {len(present)} classes"
+    return ("class " if len(present) == 1 else "classes ") + ", ".join(loaded.classes[i] for i in present)

@@ -49,6 +49,24 @@ def distribution_distances(classifier: MnistClassifier, fake: torch.Tensor, real
     return out
 
 
+def frechet_distance(classifier: MnistClassifier, fake: torch.Tensor, real: torch.Tensor) -> float:
+    """torchmetrics' FID alone between ``fake`` and ``real`` in the classifier's features (for small per-class sets)."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    metric = FrechetInceptionDistance(feature=FeatureNetwork(classifier).eval(), reset_real_features=True)
+    for images, is_real in ((real, True), (fake, False)):
+        for x in images.split(1000):
+            metric.update(x, real=is_real)
+    return float(metric.compute())
+
+
+@torch.no_grad()
+def predicted_classes(classifier: MnistClassifier, images: torch.Tensor) -> torch.Tensor:
+    """The classifier's class for each image."""
+    classifier.eval()
+    return torch.cat([classifier(x).argmax(1) for x in images.split(1000)])
+
+
 @torch.no_grad()
 def confidence(classifier: MnistClassifier, images: torch.Tensor) -> dict:
     """Mean top-class probability, the share above 0.9, and the predicted-class histogram with its entropy (bits)."""

@@ -14,10 +14,12 @@ from ddpmkit.evaluation.metrics import (
     confidence,
     distribution_distances,
     features,
+    frechet_distance,
     memorisation,
     nearest_distances,
     pixel_vectors,
     precision_recall,
+    predicted_classes,
 )
 
 PAIRS_SHOWN = 16
@@ -51,10 +53,34 @@ def read_images(path: Path) -> torch.Tensor:
     raise DataError(f"{path}: expected a .npz file or a folder of images")
 
 
+def read_labels(path: Path) -> torch.Tensor | None:
+    """The ``labels`` of a samples ``.npz`` (the class each image was drawn as), or None when it has none.
+
+    Class accuracy is measured with the MNIST classifier, so the labels must be digits: an ``.npz`` whose
+    ``classes`` are other names is refused."""
+    path = Path(path)
+    if path.suffix.lower() != ".npz":
+        return None
+    with np.load(path) as data:
+        if "labels" not in data:
+            return None
+        labels, classes = data["labels"], list(data["classes"]) if "classes" in data else []
+    if classes and [str(c) for c in classes] != [str(d) for d in range(10)]:
+        raise DataError(f"{path}: its classes ({', '.join(map(str, classes[:5]))}...) are not MNIST's digits; "
+                        "class accuracy is measured with the MNIST classifier")
+    return torch.from_numpy(labels.astype(np.int64))
+
+
 def _subset(images: torch.Tensor, n: int, seed: int) -> torch.Tensor:
     if n >= len(images):
         return images
-    return images[torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]]
+    return images[_subset_index(len(images), n, seed)]
+
+
+def _subset_index(total: int, n: int, seed: int) -> torch.Tensor:
+    if n >= total:
+        return torch.arange(total)
+    return torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n]
 
 
 def _statistics(classifier, images: torch.Tensor, reference: torch.Tensor, reference_features: torch.Tensor) -> dict[str, Any]:
@@ -84,9 +110,13 @@ class Evaluator:
             raise ConfigError(f"{num} samples are too few to evaluate: use at least 10 (FID wants 1,000 or more)")
         self.num, self.seed, self.log = num, seed, log
         self.classifier, self.record = load_or_train(spec, data_root=data_root, cache=cache, log=log)
-        self.train_x = mnist_tensors(data_root, train=True)[0]
-        self.test_x = mnist_tensors(data_root, train=False)[0]
-        self.reference = _subset(reference if reference is not None else self.test_x, num, seed)
+        self.train_x, self.train_y = mnist_tensors(data_root, train=True)
+        self.test_x, self.test_y = mnist_tensors(data_root, train=False)
+        if reference is None:  # the test set's labels come along: the reference of each class
+            index = _subset_index(len(self.test_x), num, seed)
+            self.reference, self.reference_labels = self.test_x[index], self.test_y[index]
+        else:
+            self.reference, self.reference_labels = _subset(reference, num, seed), None
         self.reference_features = features(self.classifier, self.reference)
         self._floor: dict[str, Any] | None = None
         self._train_vectors: torch.Tensor | None = None
@@ -125,6 +155,33 @@ class Evaluator:
             summary["closest_pairs_png"] = str(pairs_png)
         return {"samples": stats, "memorisation": summary}
 
+    def score_classes(self, samples: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
+        """Conditional quality: class accuracy (the share of samples the classifier assigns to the class they
+        were drawn as), and per class the classifier FID against that class of the reference beside its floor
+        (as many real training images of the class against the same reference)."""
+        if self.reference_labels is None:
+            raise ConfigError("per-class figures need the MNIST test set as the reference (no --reference)")
+        if len(labels) != len(samples):
+            raise DataError(f"{len(labels):,} labels for {len(samples):,} samples")
+        predicted = predicted_classes(self.classifier, samples)
+        per_class = []
+        for c in sorted(set(labels.tolist())):
+            mine, ref = samples[labels == c], self.reference[self.reference_labels == c]
+            real = _subset(self.train_x[self.train_y == c], len(mine), self.seed + 3 + c)
+            row: dict[str, Any] = {"class": c, "num": len(mine), "accuracy": float((predicted[labels == c] == c).double().mean())}
+            if len(mine) >= 10 and len(ref) >= 10:
+                row["fid"] = frechet_distance(self.classifier, mine, ref)
+                row["floor_fid"] = frechet_distance(self.classifier, real, ref)
+            per_class.append(row)
+        scored = [r for r in per_class if "fid" in r]
+        return {
+            "class_accuracy": float((predicted == labels).double().mean()),
+            "classes_drawn": len(per_class),
+            "mean_class_fid": sum(r["fid"] for r in scored) / len(scored) if scored else None,
+            "mean_class_floor_fid": sum(r["floor_fid"] for r in scored) / len(scored) if scored else None,
+            "per_class": per_class,
+        }
+
 
 def evaluate(
     samples: torch.Tensor,
@@ -136,13 +193,17 @@ def evaluate(
     pairs_png: Path | None = None,
     inception_weights: Path | None = None,
     seed: int = 0,
+    labels: torch.Tensor | None = None,
     log: Callable[[str], None] = lambda m: None,
 ) -> dict[str, Any]:
     """Statistics of ``samples`` (uint8 [N, 1, H, W]) against ``reference`` (default: N images of the MNIST
-    test set), and of N real training images against the same reference (the floor)."""
+    test set), and of N real training images against the same reference (the floor); with ``labels`` (the
+    digit each sample was drawn as), the conditional figures of :meth:`Evaluator.score_classes` too."""
     ev = Evaluator(len(samples), data_root=data_root, reference=reference, spec=spec, cache=cache, seed=seed, log=log)
     scored = ev.score(samples, pairs_png)
+    conditional = {"conditional": ev.score_classes(samples, labels)} if labels is not None else {}
     return {
+        **conditional,
         "num_samples": len(samples),
         "num_reference": len(ev.reference),
         "classifier": {k: ev.record[k] for k in ("key", "test_accuracy", "cached", "path")},

@@ -79,29 +79,37 @@ def sweep(
     data_root: Path,
     out_dir: Path,
     batch_size: int = 250,
-    draw: Callable[["SamplingPlan"], "torch.Tensor"] | None = None,
+    draw: Callable[["SamplingPlan", "torch.Tensor | None"], "torch.Tensor"] | None = None,
     evaluator: Evaluator | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Sample ``num`` images for every point of ``plan`` from the same seed, from the run loaded once, score
-    each, and write sweep.json and sweep.png. ``draw(sampling_plan)`` (default: ``run.draw``) gives the images."""
+    each, and write sweep.json and sweep.png. ``draw(sampling_plan, labels)`` (default: ``run.draw``) gives the
+    images; a conditional run draws every class alike and is also scored by class accuracy."""
     from ddpmkit.run.data import to_uint8
 
     log = log or (lambda m: None)
-    draw = draw or (lambda p: run.draw(num, plan=p, seed=seed, batch_size=batch_size)[0])
+    labels = run.labels(num, "all") if run.conditional else None
+    draw = draw or (lambda p, y: run.draw(num, plan=p, seed=seed, batch_size=batch_size, labels=y)[0])
     ev = evaluator or Evaluator(num, data_root=data_root, seed=seed, log=log)
     # every point's sampler is validated before the first one samples
     plans = [run.plan(sampler=point.sampler, steps=point.steps, guidance=point.guidance) for point in plan]
     rows = []
     for point, sampling in zip(plan, plans):
         started = time.perf_counter()
-        images = draw(sampling)
+        images = to_uint8(draw(sampling, labels))
         seconds = time.perf_counter() - started
-        scored = ev.score(to_uint8(images))["samples"]
+        scored = ev.score(images)["samples"]
+        if labels is not None:
+            classes = ev.score_classes(images, labels)
+            scored.update(class_accuracy=classes["class_accuracy"], mean_class_fid=classes["mean_class_fid"])
         rows.append({**asdict(point), "label": point.label, "line": point.line,
                      "denoiser_evaluations": sampling.evaluations, "seconds": seconds,
-                     **{k: scored[k] for k in ("fid", "kid", "precision", "recall", "confident_share", "classes_present")}})
-        log(f"{point.label}: FID {scored['fid']:.2f}, {scored['confident_share']:.1%} confident, {seconds:.1f} s")
+                     **{k: scored[k] for k in ("fid", "kid", "precision", "recall", "confident_share", "classes_present",
+                                               "class_accuracy", "mean_class_fid") if k in scored}})
+        log(f"{point.label}: FID {scored['fid']:.2f}, {scored['confident_share']:.1%} confident"
+            + (f", class accuracy {scored['class_accuracy']:.1%}" if "class_accuracy" in scored else "")
+            + f", {seconds:.1f} s")
     floor = {k: ev.floor[k] for k in ("fid", "kid", "precision", "recall", "confident_share")}
     result = {"run": str(run.run_dir), "num_samples": num, "seed": seed, "floor": floor, "points": rows}
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -118,7 +126,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    conditional = all("class_accuracy" in row for row in result["points"])
+    fig, axes = plt.subplots(1, 3 if conditional else 2, figsize=(15 if conditional else 10, 4), constrained_layout=True)
     by_sampler: dict[str, list[dict]] = {}
     for row in result["points"]:
         by_sampler.setdefault(row.get("line", row["sampler"]), []).append(row)
@@ -132,6 +141,19 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax.set_xlabel(x_label)
         ax.set_ylabel("classifier FID (lower is better)")
         ax.grid(True, which="both", alpha=0.3)
+    if conditional:  # the trade-off guidance makes: accuracy up, diversity (recall) and FID where they go
+        ax = axes[2]
+        rows = sorted(result["points"], key=lambda r: r["class_accuracy"])
+        ax.plot([r["class_accuracy"] for r in rows], [r["fid"] for r in rows], marker="o", label="FID")
+        ax.set_xlabel("class accuracy")
+        ax.set_ylabel("classifier FID")
+        twin = ax.twinx()
+        twin.plot([r["class_accuracy"] for r in rows], [r["recall"] for r in rows], marker="s", color="tab:orange",
+                  label="recall")
+        twin.set_ylabel("recall (diversity)")
+        for r in rows:
+            ax.annotate(r["label"], (r["class_accuracy"], r["fid"]), fontsize=7)
+        ax.grid(True, alpha=0.3)
     axes[0].legend()
     fig.suptitle(f"speed against quality: {result['run']}, {result['num_samples']:,} samples, seed {result['seed']}")
     fig.savefig(path, dpi=100)

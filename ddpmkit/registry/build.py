@@ -58,10 +58,14 @@ def create_schedule(name: str, **options: Any) -> "NoiseSchedule":
     return construct(comp, validate_options(comp, options))
 
 
-def create_denoiser(name: str, *, image_shape: tuple[int, int, int], num_timesteps: int, **options: Any) -> "Denoiser":
-    """Build the denoiser registered as ``name`` for images of ``image_shape`` (C, H, W) and T steps."""
+def create_denoiser(name: str, *, image_shape: tuple[int, int, int], num_timesteps: int, num_classes: int = 0,
+                    **options: Any) -> "Denoiser":
+    """Build the denoiser registered as ``name`` for images of ``image_shape`` (C, H, W) and T steps; with
+    ``num_classes``, class-conditional (for a denoiser that declares ``conditions = {"class"}``)."""
     comp = plugins.find("denoiser", name)
-    return construct(comp, validate_options(comp, options), image_shape=tuple(image_shape), num_timesteps=num_timesteps)
+    extra = {"num_classes": num_classes} if num_classes else {}
+    return construct(comp, validate_options(comp, options), image_shape=tuple(image_shape), num_timesteps=num_timesteps,
+                     **extra)
 
 
 def create_sampler(name: str, **options: Any) -> "Sampler":

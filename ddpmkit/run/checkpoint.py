@@ -71,6 +71,8 @@ class CheckpointState(BaseModel):
     components: dict[str, str] = Field(default_factory=dict)
     #: what the denoiser's output estimates (checkpoints before plugin API 2 are all epsilon)
     prediction: str = "epsilon"
+    #: the class names of a class-conditional run, in label order (empty: unconditional)
+    classes: list[str] = Field(default_factory=list)
     #: the fp16 loss scaler's state (train.precision = "fp16"), so a resumed run scales as before
     grad_scaler: dict[str, Any] | None = None
     files: dict[str, FileEntry]
@@ -325,8 +327,10 @@ def find_checkpoint(source: Path, warn: Callable[[str], None] | None = None) -> 
 # --- what a checkpoint says about its run ----------------------------------------------------------------
 
 
-def describe_run(cfg: "RunConfig", built: "Components", fingerprint: str, version: str) -> dict[str, Any]:
-    """The part of ``state.json`` that is the same for every checkpoint of a run (all but step and files)."""
+def describe_run(cfg: "RunConfig", built: "Components", fingerprint: str, version: str,
+                 classes: list[str] | None = None) -> dict[str, Any]:
+    """The part of ``state.json`` that is the same for every checkpoint of a run (all but step and files);
+    ``classes``: a conditional run's class names."""
     identity = cfg.identity()
     used = {
         kind: {"name": c.name, "plugin": c.plugin.name, "distribution": c.plugin.distribution, "version": c.plugin.version}
@@ -338,6 +342,7 @@ def describe_run(cfg: "RunConfig", built: "Components", fingerprint: str, versio
         "identity_sha256": hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest(),
         "components": {kind: c.qualified for kind, c in built.refs.items()},
         "prediction": built.denoiser.prediction,
+        "classes": list(classes or []),
         "manifest": {
             "ddpmkit": version,
             "torch": torch.__version__,
@@ -345,6 +350,7 @@ def describe_run(cfg: "RunConfig", built: "Components", fingerprint: str, versio
             "plugins": used,
             "seed": cfg.run.seed,
             "dataset_fingerprint": fingerprint,
+            "classes": len(classes or []),
         },
         "rng": "every stream is derived from run.seed and the step (see ddpmkit.training.loop.derive_seed)",
     }

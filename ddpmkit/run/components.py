@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ddpmkit.errors import PluginCodeError
+from ddpmkit.errors import ConfigError, PluginCodeError
 from ddpmkit.kinds import KINDS
 from ddpmkit.registry.blame import blame
 from ddpmkit.registry.build import construct
@@ -40,8 +40,12 @@ class Components:
         return steps
 
 
-def build_components(cfg: "RunConfig") -> Components:
-    """The schedule, denoiser (freshly initialised, on the CPU) and sampler a validated run config names."""
+def build_components(cfg: "RunConfig", classes: list[str] | None = None) -> Components:
+    """The schedule, denoiser (freshly initialised, on the CPU) and sampler a validated run config names.
+
+    A class-conditional run's denoiser is built for ``classes`` (the dataset's, or a checkpoint's; by
+    default those :func:`ddpmkit.run.data.dataset_classes` names without loading the data).
+    """
     refs = {kind: cfg.component(kind) for kind in KINDS}
     # the schedule's derived tables: about 16 float64 arrays of length T
     check_fits(cfg.num_timesteps * 16 * 8, f"schedule.options.num_timesteps = {cfg.num_timesteps:,}",
@@ -49,20 +53,44 @@ def build_components(cfg: "RunConfig") -> Components:
     c, h, w = cfg.image_shape  # a forward pass holds many activations the size of the image: 64 is a floor
     check_fits(c * h * w * 4 * 64, f"data.image_size = {cfg.data.image_size}", "choose a smaller data.image_size")
     schedule = construct(refs["schedule"], cfg.component_options("schedule"))
+    conditional = {"num_classes": _num_classes(cfg, refs["denoiser"], classes)} if cfg.conditioning.enabled else {}
     denoiser = construct(
-        refs["denoiser"], cfg.component_options("denoiser"), image_shape=cfg.image_shape, num_timesteps=cfg.num_timesteps
+        refs["denoiser"], cfg.component_options("denoiser"), image_shape=cfg.image_shape,
+        num_timesteps=cfg.num_timesteps, **conditional,
     )
     sampler = construct(refs["sampler"], cfg.component_options("sampler"))
     return Components(schedule, denoiser, sampler, refs)
 
 
-def build_checked(cfg: "RunConfig") -> Components:
+def _num_classes(cfg: "RunConfig", component: "Component", classes: list[str] | None) -> int:
+    """How many classes a conditional run's denoiser is built for; ConfigError when it cannot condition, or
+    the data has fewer than two classes."""
+    from ddpmkit.registry import discovery
+
+    takes = getattr(discovery.load(component), "conditions", frozenset())
+    if cfg.conditioning.kind not in takes:
+        raise ConfigError(
+            f'conditioning.kind = "{cfg.conditioning.kind}": denoiser {component.label} cannot be conditioned on '
+            f"{cfg.conditioning.kind} labels (it declares conditions = {set(takes) or '{}'}); choose one that "
+            "declares them, such as unet, or conditioning.kind = \"none\""
+        )
+    if classes is None:
+        from ddpmkit.run.data import dataset_classes
+
+        classes = dataset_classes(cfg.data)
+    if len(classes) < 2:
+        raise ConfigError(f'conditioning.kind = "class": {cfg.data.dataset} data under {cfg.data.root} has '
+                          f"{len(classes)} classes; class conditioning needs at least two (one sub-folder per class)")
+    return len(classes)
+
+
+def build_checked(cfg: "RunConfig", classes: list[str] | None = None) -> Components:
     """Build every component (the denoiser initialised from ``run.seed``) and run :func:`smoke_test`, so that
     errors in a plugin's code surface as one line naming it, before any training."""
     import torch
 
     torch.manual_seed(cfg.run.seed)
-    built = build_components(cfg)
+    built = build_components(cfg, classes)
     smoke_test(built, cfg.image_shape)
     return built
 
@@ -72,7 +100,7 @@ def smoke_test(built: Components, image_shape: tuple[int, int, int]) -> None:
     sampler's step list, so that shape, NaN and plugin errors show before any training."""
     import torch
 
-    from ddpmkit.diffusion import denoise
+    from ddpmkit.diffusion import NULL_CLASS, denoise
 
     built.timesteps()
     denoiser, comp = built.denoiser, built.refs["denoiser"]
@@ -83,7 +111,8 @@ def smoke_test(built: Components, image_shape: tuple[int, int, int]) -> None:
     denoiser.eval()
     try:
         with torch.no_grad(), blame(comp, "a forward pass"):
-            out = denoise(denoiser, x.to(denoiser.device), t.to(denoiser.device))
+            cond = {"class": torch.tensor([0, NULL_CLASS], device=denoiser.device)} if getattr(denoiser, "num_classes", 0) else None
+            out = denoise(denoiser, x.to(denoiser.device), t.to(denoiser.device), cond)
             if not torch.isfinite(out).all():
                 raise ValueError("forward returned non-finite values for finite input")
     finally:

@@ -137,8 +137,16 @@ def parse_duration(value: Any) -> Any:
     return h * 3600 + mins * 60 + secs
 
 
+#: What ``sample.classes`` (and ``--class``) may say besides a list of class indices.
+ALL_CLASSES = "all"
+
+
 class SampleSection(Section):
     num_images: int = Field(64, ge=0, description="images written to samples.png/.npz after training")
+    classes: Union[Literal["all"], list[int]] = Field(
+        ALL_CLASSES, description="a conditional run's classes to draw: \"all\" (as many of each, a row per class) "
+        "or a list of class indices (drawn in turn)",
+    )
     batch_size: int = Field(64, ge=1)
     seed: int = Field(0, ge=0, le=2**63 - 1)
     use_ema: bool = True
@@ -152,13 +160,51 @@ class SampleSection(Section):
             raise ValueError("steps must be >= 0")
         return v
 
+    @field_validator("classes")
+    @classmethod
+    def _classes(cls, v: Any) -> Any:
+        if isinstance(v, list) and (not v or any(c < 0 for c in v)):
+            raise ValueError("must be \"all\" or a non-empty list of class indices (0, 1, ...)")
+        return v
+
+
+class ConditioningSection(Section):
+    """What the denoiser is trained on besides the images: the dataset's class labels, or nothing."""
+
+    kind: Literal["none", "class"] = Field(
+        "none", description="class: condition on the dataset's class labels (classifier-free guidance then applies); "
+        "none: unconditional",
+    )
+    label_dropout: float = Field(
+        0.1, ge=0, lt=1, allow_inf_nan=False,
+        description="share of training labels replaced by the null class, so the network also learns the "
+        "unconditional model classifier-free guidance needs (Ho & Salimans 2022: 0.1-0.2)",
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.kind != "none"
+
+
+#: The guidance methods: D_0 in D_0 + w (D - D_0) is the unconditional model or a guide network.
+GUIDANCE_METHODS = ("classifier-free", "autoguidance")
+
 
 class GuidanceSection(Section):
-    """Autoguidance (Karras et al. 2024): a smaller, briefly trained denoiser of the same run guides the main one."""
+    """Guidance, D_0 + w (D - D_0) with w > 1: classifier-free (Ho & Salimans 2022; D_0 is the same network
+    asked for no class) or autoguidance (Karras et al. 2024; D_0 is a smaller, briefly trained denoiser of
+    the same run, conditional when the run is)."""
 
     weight: float = Field(
         1.0, allow_inf_nan=False,
-        description="w in D_guide + w (D_main - D_guide): 1 is off (no guide is trained), above 1 guides",
+        description="w in D_0 + w (D - D_0): 1 is off (no guide is trained), above 1 guides",
+    )
+    method: Literal["auto", "classifier-free", "autoguidance"] = Field(
+        "auto", description="auto: classifier-free for a class-conditional run, else autoguidance",
+    )
+    interval: list[int] | None = Field(
+        None, description="[t_low, t_high]: guide only at steps t_low <= t <= t_high, elsewhere w = 1 "
+        "(Kynkäänniemi et al. 2024: guiding only the middle noise levels keeps diversity); unset: every step",
     )
     steps: int = Field(400, ge=1, description="training steps of the guide (trained before the main network)")
     denoiser_options: dict[str, Any] = Field(
@@ -172,6 +218,13 @@ class GuidanceSection(Section):
         if v < 1:
             raise ValueError(f"must be at least 1, got {v:g}: 1 turns guidance off, above 1 guides "
                              "(below 1 would move towards the small guide network, 0 samples from it alone)")
+        return v
+
+    @field_validator("interval")
+    @classmethod
+    def _interval(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (len(v) != 2 or v[0] < 0 or v[0] > v[1]):
+            raise ValueError("must be [t_low, t_high] with 0 <= t_low <= t_high")
         return v
 
     @property
@@ -194,6 +247,7 @@ class RunConfig(Section):
     sampler: ComponentSection = Field(default_factory=lambda: ComponentSection(name="ddpm"))
     train: TrainSection = Field(default_factory=TrainSection)
     sample: SampleSection = Field(default_factory=SampleSection)
+    conditioning: ConditioningSection = Field(default_factory=ConditioningSection)
     guidance: GuidanceSection = Field(default_factory=GuidanceSection)
     log: LogSection = Field(default_factory=LogSection, exclude=True)
     plugins: dict[str, dict[str, Any]] = Field(
@@ -231,6 +285,18 @@ class RunConfig(Section):
         return self._plugin_options[plugin.qualified]
 
     @property
+    def guidance_method(self) -> str:
+        """``guidance.method`` with ``auto`` resolved: classifier-free for a class-conditional run."""
+        if self.guidance.method != "auto":
+            return self.guidance.method
+        return "classifier-free" if self.conditioning.enabled else "autoguidance"
+
+    @property
+    def trains_guide(self) -> bool:
+        """Whether the run trains a guide network first (autoguidance with w != 1)."""
+        return self.guidance.enabled and self.guidance_method == "autoguidance"
+
+    @property
     def image_shape(self) -> tuple[int, int, int]:
         return (self.data.channels, self.data.image_size, self.data.image_size)
 
@@ -253,6 +319,8 @@ class RunConfig(Section):
             "train": {k: d["train"][k] for k in ("batch_size", "precision")},
             "run": {"seed": d["run"]["seed"]},
         }
+        if self.conditioning.enabled:  # only then: unconditional checkpoints from before 0.6 keep matching
+            keep["conditioning"] = {"kind": d["conditioning"]["kind"]}
         return flatten(keep)
 
 
@@ -302,12 +370,14 @@ class _Source:
         while probe:
             if probe in self.overrides:
                 return self.overrides[probe]
-            if probe in self.lines and self.path is not None:
-                return f"{self.path}:{self.lines[probe]}"
-            # a table that only an override creates (--set nope.x=1 makes the unknown key 'nope')
+            # an error about a whole table (a validator across its keys) that an override changed: the
+            # override is the likelier cause; a table that only an override creates has no line at all
             below = [k for k in self.overrides if k.startswith(probe + ".")]
+            in_file = probe in self.lines and self.path is not None
             if below:
-                return self.overrides[below[0]]
+                return self.overrides[below[0]] + (f" (over {self.path}:{self.lines[probe]})" if in_file else "")
+            if in_file:
+                return f"{self.path}:{self.lines[probe]}"
             probe = probe.rpartition(".")[0]
         return str(self.path) if self.path is not None else "config"
 
@@ -508,4 +578,12 @@ def _validate_cross(cfg: RunConfig, source: _Source) -> None:
     if bad:
         key = "sample.trajectory_steps"
         raise ConfigError(f"{source.where(key)}: {key}: steps {bad} are not below T = {T}")
+    if cfg.guidance.method == "classifier-free" and not cfg.conditioning.enabled:
+        key = "guidance.method"
+        raise ConfigError(f"{source.where(key)}: {key}: classifier-free guidance needs a conditional run "
+                          "(conditioning.kind = \"class\"); an unconditional run is guided by autoguidance")
+    if cfg.guidance.interval is not None and cfg.guidance.interval[1] >= T:
+        key = "guidance.interval"
+        raise ConfigError(f"{source.where(key)}: {key}: {cfg.guidance.interval} reaches beyond the last step "
+                          f"(T - 1 = {T - 1})")
 

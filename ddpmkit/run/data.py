@@ -6,9 +6,10 @@ The training loop turns a batch into [-1, 1] with :func:`to_model_scale`.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
@@ -26,18 +27,29 @@ DATA_ROOT_ENV = "DDPMKIT_DATA_ROOT"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif"}
 
 
+#: The classes of the datasets whose classes are known without reading them.
+MNIST_CLASSES = [str(d) for d in range(10)]
+SYNTHETIC_CLASSES = ["top-left", "top-right", "bottom-left", "bottom-right"]  # where the rectangle's centre lies
+
+
 @dataclass
 class Dataset:
     images: torch.Tensor  # uint8 [N, C, H, W]
     description: str
+    labels: torch.Tensor | None = None  # int64 [N], indices into classes
+    classes: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
-    def fingerprint(self) -> str:
-        """sha256 of the images' bytes and shape: equal fingerprints mean equal training data."""
+    def fingerprint(self, with_labels: bool = False) -> str:
+        """sha256 of the images' bytes and shape (and of the labels, ``with_labels``): equal fingerprints mean
+        equal training data."""
         h = hashlib.sha256(str(tuple(self.images.shape)).encode())
         h.update(self.images.contiguous().numpy().tobytes())
+        if with_labels and self.labels is not None:
+            h.update(json.dumps(self.classes).encode())
+            h.update(self.labels.to(torch.int64).contiguous().numpy().tobytes())
         return h.hexdigest()
 
 
@@ -59,8 +71,10 @@ def resolve_root(section: DataSection, override: str | Path | None = None) -> Pa
     return Path(env) if env else Path(section.root)
 
 
-def load_dataset(section: DataSection, *, root_override: str | Path | None = None, seed: int = 0) -> Dataset:
-    """Load the configured dataset at the configured size and channel count."""
+def load_dataset(section: DataSection, *, root_override: str | Path | None = None, seed: int = 0,
+                 labelled: bool = False) -> Dataset:
+    """Load the configured dataset at the configured size and channel count; ``labelled``: with its class
+    labels, a DataError if it has none."""
     count = {"mnist": 60_000, "synthetic": section.num_samples}.get(section.dataset)
     if count is not None:  # uint8 images, plus a float32 copy while resizing
         check_fits(min(count, section.limit or count) * section.channels * section.image_size**2 * 5,
@@ -75,9 +89,26 @@ def load_dataset(section: DataSection, *, root_override: str | Path | None = Non
         ds.images = ds.images.expand(-1, 3, -1, -1).contiguous()
     if section.limit is not None:
         ds.images = ds.images[: section.limit]
+        ds.labels = ds.labels[: section.limit] if ds.labels is not None else None
     if len(ds) == 0:
         raise DataError(f"{ds.description}: no images")
+    if labelled and ds.labels is None:
+        raise DataError(f"{ds.description}: conditioning.kind = \"class\" needs class labels, and these images have "
+                        "none (an image folder is labelled by one sub-folder per class)")
+    if not labelled:
+        ds.labels, ds.classes = None, []
     return ds
+
+
+def dataset_classes(section: DataSection, *, root_override: str | Path | None = None) -> list[str]:
+    """The class names of the configured dataset, without loading its images (an image folder: its
+    sub-folders that hold images, sorted)."""
+    if section.dataset == "mnist":
+        return list(MNIST_CLASSES)
+    if section.dataset == "synthetic":
+        return list(SYNTHETIC_CLASSES)
+    root = resolve_root(section, root_override)
+    return [d.name for d in _class_folders(root)] if root.is_dir() else []
 
 
 def _fit(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -120,7 +151,7 @@ def _mnist(root: Path, download: bool, size: int) -> Dataset:
                 f"or {DATA_ROOT_ENV}=PATH (e.g. ../shared/data)"
             ) from None
     images = mnist.data.unsqueeze(1)  # uint8 [60000, 1, 28, 28]
-    return Dataset(_fit(images, size), f"MNIST train ({root})")
+    return Dataset(_fit(images, size), f"MNIST train ({root})", mnist.targets.to(torch.int64), list(MNIST_CLASSES))
 
 
 @contextmanager
@@ -139,14 +170,30 @@ def open_image(path: Path) -> Iterator["PIL.Image.Image"]:
                         f"({Image.MAX_IMAGE_PIXELS:,}; a decompression bomb?)") from None
 
 
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
+
+
+def _class_folders(root: Path) -> list[Path]:
+    """The sub-folders of ``root`` that hold images (at any depth), sorted by name: torchvision's ImageFolder classes."""
+    return sorted((d for d in root.iterdir() if d.is_dir() and any(_is_image(p) for p in d.rglob("*"))),
+                  key=lambda d: d.name)
+
+
 def _image_folder(root: Path, size: int, channels: int) -> Dataset:
     from PIL import Image
 
     if not root.is_dir():
         raise DataError(f"image folder {root} does not exist")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    files = sorted(p for p in root.rglob("*") if _is_image(p))
     if not files:
         raise DataError(f"image folder {root} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    # labelled when every image lies in a sub-folder (one per class, ImageFolder's convention)
+    folders = _class_folders(root)
+    classes = [d.name for d in folders]
+    index = {name: i for i, name in enumerate(classes)}
+    in_class = [p.relative_to(root).parts[0] if len(p.relative_to(root).parts) > 1 else None for p in files]
+    labels = torch.tensor([index[c] for c in in_class], dtype=torch.int64) if None not in in_class else None
     mode = "L" if channels == 1 else "RGB"
     out = torch.empty((len(files), channels, size, size), dtype=torch.uint8)
     for i, path in enumerate(files):
@@ -160,17 +207,20 @@ def _image_folder(root: Path, size: int, channels: int) -> Dataset:
             im = im.crop((left, top, left + size, top + size))
             data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
         out[i] = data.view(size, size, channels).permute(2, 0, 1)
-    return Dataset(out, f"image folder {root} ({len(files)} images)")
+    described = f"image folder {root} ({len(files)} images" + (f" in {len(classes)} classes)" if labels is not None else ")")
+    return Dataset(out, described, labels, classes if labels is not None else [])
 
 
 def _synthetic(n: int, size: int, channels: int, seed: int) -> Dataset:
     """Bright axis-aligned rectangles on black: quick to learn, structured enough to see."""
     g = torch.Generator().manual_seed(seed)
     images = torch.zeros((n, channels, size, size), dtype=torch.uint8)
+    labels = torch.empty(n, dtype=torch.int64)
     lo = max(1, size // 4)
     for i in range(n):
         h, w = torch.randint(lo, size // 2 + 1, (2,), generator=g).tolist()
         y = int(torch.randint(0, size - h + 1, (1,), generator=g))
         x = int(torch.randint(0, size - w + 1, (1,), generator=g))
         images[i, :, y : y + h, x : x + w] = 255
-    return Dataset(images, f"synthetic rectangles ({n} images)")
+        labels[i] = 2 * int(2 * y + h > size) + int(2 * x + w > size)  # the quadrant of the centre
+    return Dataset(images, f"synthetic rectangles ({n} images)", labels, list(SYNTHETIC_CLASSES))

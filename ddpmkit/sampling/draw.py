@@ -17,6 +17,8 @@ if TYPE_CHECKING:
     from ddpmkit.registry.discovery import Component
 
 ProgressFn = Callable[[int], None]
+#: The network that draws a batch of these labels: ``conditioned(network, labels)``.
+Conditioner = Callable[[Denoiser, torch.Tensor], Denoiser]
 #: Sampler output this far beyond [-1, 1] on more than OUT_OF_RANGE_SHARE of the pixels is reported.
 OUT_OF_RANGE_SLACK = 0.05
 OUT_OF_RANGE_SHARE = 0.001
@@ -52,14 +54,19 @@ def generate(
     capture_steps: list[int] | None = None,
     progress: ProgressFn | None = None,
     sampler_component: "Component | None" = None,
+    labels: torch.Tensor | None = None,
+    conditioned: Conditioner | None = None,
 ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """Draw ``num_images`` images in [-1, 1] (on the CPU); optionally the intermediate x at ``capture_steps``.
 
     Batches are drawn one after another from one generator seeded with ``seed``. ``progress(n)`` is
     called after every step of a batch of n images. Output that is not finite is an error naming
     ``sampler_component``; output outside [-1, 1] is reported with a warning (the image writers clip it).
-    ``modes`` (precision, channels-last, compilation) replaces ``precision`` when given.
+    ``modes`` (precision, channels-last, compilation) replaces ``precision`` when given. With ``labels``
+    (one class per image), each batch is drawn by ``conditioned(network, its labels)``.
     """
+    if labels is not None and (conditioned is None or len(labels) != num_images):
+        raise ValueError(f"{num_images} images need {num_images} labels and a conditioner")
     device = denoiser.device
     modes = modes or SpeedModes(precision=precision)
     denoiser.to(memory_format=memory_format(modes.channels_last))
@@ -81,8 +88,9 @@ def generate(
                     progress(n)
 
             guard = blame(sampler_component, "while sampling") if sampler_component else nullcontext()
+            batch_network = conditioned(network, labels[start : start + n]) if labels is not None else network
             with guard, torch.inference_mode(), autocast(device, modes.precision):
-                x = sampler.sample(network, schedule, (n, *image_shape), generator=generator, callback=callback)
+                x = sampler.sample(batch_network, schedule, (n, *image_shape), generator=generator, callback=callback)
                 if not isinstance(x, torch.Tensor) or tuple(x.shape) != (n, *image_shape):
                     got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
                     raise ValueError(f"sample returned {got}, expected shape {(n, *image_shape)}")

@@ -26,20 +26,59 @@ def save_png(array: np.ndarray, path: Path) -> None:
     Image.fromarray(array).save(path)
 
 
-def write_images(images: torch.Tensor, path: Path) -> None:
-    """Write model-scale images as a grid (``.png``) or as uint8 NHWC under ``images`` (``.npz``)."""
+def write_images(images: torch.Tensor, path: Path, *, labels: torch.Tensor | None = None,
+                 classes: list[str] | None = None) -> None:
+    """Write model-scale images as a grid (``.png``) or as uint8 NHWC under ``images`` (``.npz``).
+
+    With ``labels`` (the class each image was drawn as): the ``.npz`` holds them as ``labels`` (and the class
+    names as ``classes``), and the grid has one row per run of equal labels, named at its left.
+    """
     path = Path(path)
     u8 = to_uint8(images)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.suffix.lower() == ".npz":
-            np.savez_compressed(path, images=u8.permute(0, 2, 3, 1).numpy())
+            extra = {}
+            if labels is not None:
+                extra = {"labels": labels.to(torch.int64).numpy(), "classes": np.array(classes or [], dtype=str)}
+            np.savez_compressed(path, images=u8.permute(0, 2, 3, 1).numpy(), **extra)
         elif path.suffix.lower() == ".png":
-            save_png(grid(u8, nrow=int(np.ceil(np.sqrt(len(u8))))), path)
+            save_png(class_rows(u8, labels, classes or []) if labels is not None
+                     else grid(u8, nrow=int(np.ceil(np.sqrt(len(u8))))), path)
         else:
             raise ConfigError(f"{path}: output must end in .png or .npz")
     except OSError as exc:
         raise DdpmkitError(f"{path}: cannot write ({exc.strerror or exc})") from None
+
+
+def class_rows(u8: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> np.ndarray:
+    """A grid with one row per run of equal consecutive labels, each row named by its class at the left."""
+    runs: list[tuple[int, int, int]] = []  # (label, start, end)
+    for i, label in enumerate(labels.tolist()):
+        if runs and runs[-1][0] == label:
+            runs[-1] = (label, runs[-1][1], i + 1)
+        else:
+            runs.append((label, i, i + 1))
+    width = max(end - start for _, start, end in runs)
+    blank = torch.full_like(u8[:1], 128)
+    cells = torch.cat([torch.cat([u8[start:end], *[blank] * (width - (end - start))]) for _, start, end in runs])
+    body = grid(cells, nrow=width)
+    names = [classes[label] if 0 <= label < len(classes) else str(label) for label, _, _ in runs]
+    return _with_row_labels(body, names, cell=u8.shape[-2] + 2)
+
+
+def _with_row_labels(body: np.ndarray, labels: list[str], cell: int) -> np.ndarray:
+    """``body`` with a band at its left naming each row (here: the class)."""
+    from PIL import Image, ImageDraw
+
+    draw = ImageDraw.Draw(Image.new("L", (1, 1)))
+    band = 4 + int(max(draw.textlength(text) for text in labels))
+    img = Image.new("L" if body.ndim == 2 else "RGB", (body.shape[1] + band, body.shape[0]), color=0)
+    img.paste(Image.fromarray(body), (band, 0))
+    draw = ImageDraw.Draw(img)
+    for i, text in enumerate(labels):
+        draw.text((2, 2 + i * cell + (cell - 12) / 2), text, fill=255 if body.ndim == 2 else (255, 255, 255))
+    return np.asarray(img)
 
 
 def write_trajectory(captured: dict[int, torch.Tensor], path: Path) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Sequence, Union
 
 import torch
 
@@ -22,9 +22,10 @@ from ddpmkit.registry.blame import blame
 from ddpmkit.registry.build import construct
 from ddpmkit.run.checkpoint import Checkpoint, find_checkpoint, latest_checkpoint
 from ddpmkit.run.components import Components, build_components
-from ddpmkit.run.config import RunConfig, config_from_dict
+from ddpmkit.run.config import ALL_CLASSES, RunConfig, config_from_dict
 from ddpmkit.run.data import to_uint8
-from ddpmkit.run.guidance import GuidedDenoiser, guide_dir
+from ddpmkit.guidance import ClassConditioned, GuidedDenoiser
+from ddpmkit.run.guide import guide_dir
 from ddpmkit.runtime.device import pick_device
 from ddpmkit.runtime.limits import check_fits
 from ddpmkit.runtime.speed import SpeedModes
@@ -33,8 +34,10 @@ from ddpmkit.sampling.draw import ProgressFn, generate
 #: The [train] keys that also decide how sampling runs, and so may change when sampling from a checkpoint.
 SAMPLING_SPEED_KEYS = ("train.precision", "train.channels_last", "train.compile")
 #: Keys outside [sampler], [sample] and [run] that sampling from a checkpoint may change.
-SAMPLING_KEYS = (*SAMPLING_SPEED_KEYS, "guidance.weight")
+SAMPLING_KEYS = (*SAMPLING_SPEED_KEYS, "guidance.weight", "guidance.interval", "guidance.method")
 Weights = Literal["ema", "model"]
+#: Which classes to draw: "all", one class, or several (each an index or a class name); None: the config's.
+Classes = Union[str, int, Sequence[Union[int, str]], None]
 
 
 @dataclass(frozen=True)
@@ -52,8 +55,14 @@ class SamplingPlan:
 
     @property
     def evaluations(self) -> int:
-        """Network evaluations per image: a guided step calls the guide too."""
-        return len(self.timesteps) * (2 if self.guided else 1)
+        """Network evaluations per image: the sampler's denoiser calls (``Sampler.num_evaluations``), and for a
+        guided step (in the guidance interval) as many of D_0."""
+        calls = self.sampler.num_evaluations(self.components.schedule)
+        if not self.guided:
+            return calls
+        lo, hi = self.config.guidance.interval or (0, self.config.num_timesteps)
+        share = sum(1 for t in self.timesteps if lo <= t <= hi) / max(1, len(self.timesteps))
+        return calls + round(calls * share)
 
 
 class LoadedRun:
@@ -62,14 +71,49 @@ class LoadedRun:
     ``config`` is the run's validated config (with any sampling overrides), ``components`` its schedule,
     sampler and denoiser (holding the loaded weights, in eval mode on ``device``), ``step`` the step the
     weights were saved at, ``checkpoint`` the checkpoint they came from (None for weights still in memory
-    at the end of ``ddpmkit run``).
+    at the end of ``ddpmkit run``), ``classes`` the class names of a class-conditional run (empty otherwise).
     """
 
     def __init__(self, config: RunConfig, components: Components, *, run_dir: Path, step: int,
-                 weights: Weights = "ema", checkpoint: Checkpoint | None = None) -> None:
+                 weights: Weights = "ema", checkpoint: Checkpoint | None = None,
+                 classes: list[str] | None = None) -> None:
         self.config, self.components = config, components
         self.run_dir, self.step, self.weights, self.checkpoint = Path(run_dir), step, weights, checkpoint
+        self.classes = list(classes or [])
         self._guide: Denoiser | None = None
+
+    @property
+    def conditional(self) -> bool:
+        """Whether the run was trained on class labels (and so can be asked for classes)."""
+        return self.config.conditioning.enabled
+
+    def labels(self, num: int, classes: Classes = None) -> torch.Tensor:
+        """The class of each of ``num`` images: ``classes`` ("all", a class, or a list of classes, each an index
+        or a name; default ``sample.classes``) in equal contiguous groups, in the order given. ConfigError for an
+        unconditional run or a class it does not have."""
+        if not self.conditional:
+            raise ConfigError(f"{self.source} was trained without class labels: it cannot be asked for a class "
+                              '(conditioning.kind = "class" trains a run that can)')
+        wanted = self.config.sample.classes if classes is None else classes
+        indices = list(range(len(self.classes))) if wanted == ALL_CLASSES else [
+            self._class_index(c) for c in (wanted if isinstance(wanted, (list, tuple)) else [wanted])]
+        if not indices:
+            raise ConfigError("no classes asked for")
+        per, extra = divmod(num, len(indices))
+        sizes = [per + (1 if i < extra else 0) for i in range(len(indices))]
+        return torch.tensor([c for c, size in zip(indices, sizes) for _ in range(size)], dtype=torch.int64)
+
+    def _class_index(self, c: int | str) -> int:
+        names = ", ".join(f"{i} ({name})" if name != str(i) else name for i, name in enumerate(self.classes))
+        if isinstance(c, str) and c in self.classes:
+            return self.classes.index(c)
+        try:
+            index = int(c)
+        except (TypeError, ValueError):
+            index = -1
+        if not 0 <= index < len(self.classes) or isinstance(c, bool):
+            raise ConfigError(f"class {c!r}: {self.source} knows classes {names}")
+        return index
 
     @property
     def denoiser(self) -> Denoiser:
@@ -110,36 +154,54 @@ class LoadedRun:
         return SamplingPlan(cfg, built.sampler, built, built.timesteps())
 
     def draw(self, num: int, *, plan: SamplingPlan | None = None, seed: int = 0, batch_size: int = 64,
-             progress: ProgressFn | None = None,
-             capture_steps: list[int] | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """``num`` images in [-1, 1] (float, NCHW, on the CPU) and the states at ``capture_steps``."""
+             progress: ProgressFn | None = None, capture_steps: list[int] | None = None,
+             labels: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """``num`` images in [-1, 1] (float, NCHW, on the CPU) and the states at ``capture_steps``; a conditional
+        run draws image i as class ``labels[i]`` (default: :meth:`labels` of ``sample.classes``)."""
         plan = plan or self.plan()
         c, h, w = plan.config.image_shape
         check_fits(num * c * h * w * 5, f"--num {num:,}", "ask for fewer images, or sample several times with --seed")
+        if labels is not None and len(labels) != num:
+            raise ConfigError(f"{len(labels)} labels for {num} images")
+        if self.conditional and labels is None:
+            labels = self.labels(num)
+        elif labels is not None and not self.conditional:
+            self.labels(num)  # the one-line refusal
         network = self._network(plan)
+        g = plan.config.guidance
+        cfg_weight = g.weight if plan.config.guidance_method == "classifier-free" else 1.0
+
+        def conditioned(net: Denoiser, batch_labels: torch.Tensor) -> Denoiser:
+            return ClassConditioned(net, batch_labels, cfg_weight, g.interval)
+
         return generate(
             network, plan.components.schedule, plan.sampler, num, batch_size=batch_size, seed=seed,
             image_shape=plan.config.image_shape, modes=SpeedModes.for_run(plan.config.train, self.device),
             capture_steps=capture_steps, progress=progress, sampler_component=plan.components.refs["sampler"],
+            labels=labels, conditioned=conditioned if labels is not None else None,
         )
 
     def sample(self, num: int, *, sampler: str | None = None, steps: int | None = None,
-               options: dict[str, Any] | None = None, guidance: float | None = None, seed: int = 0,
-               batch_size: int = 64, output: Literal["uint8", "float"] = "uint8",
+               options: dict[str, Any] | None = None, guidance: float | None = None, classes: Classes = None,
+               seed: int = 0, batch_size: int = 64, output: Literal["uint8", "float"] = "uint8",
                progress: ProgressFn | None = None) -> torch.Tensor:
-        """``num`` images: uint8 NHWC (``output="uint8"``, as files hold them) or float NCHW in [-1, 1]."""
+        """``num`` images: uint8 NHWC (``output="uint8"``, as files hold them) or float NCHW in [-1, 1]; a
+        conditional run draws ``classes`` ("all", a class or a list: see :meth:`labels`)."""
         if output not in ("uint8", "float"):
             raise ConfigError(f"output = {output!r}: expected 'uint8' or 'float'")
+        labels = self.labels(num, classes) if classes is not None or self.conditional else None
         plan = self.plan(sampler=sampler, steps=steps, options=options, guidance=guidance)
-        images, _ = self.draw(num, plan=plan, seed=seed, batch_size=batch_size, progress=progress)
+        images, _ = self.draw(num, plan=plan, seed=seed, batch_size=batch_size, progress=progress, labels=labels)
         return to_uint8(images).permute(0, 2, 3, 1).contiguous() if output == "uint8" else images
 
     def _network(self, plan: SamplingPlan) -> Denoiser:
-        if not plan.guided:
+        """The main network, or (autoguidance) the main network guided by the run's guide."""
+        if not plan.guided or plan.config.guidance_method != "autoguidance":
             return self.denoiser
         if self._guide is None:  # loaded once, for every weight
             self._guide = _load_guide(self.run_dir, plan.config.guidance.weight, self.weights, self.device)
-        return GuidedDenoiser(self.denoiser, self._guide, plan.config.guidance.weight, plan.components.schedule)
+        return GuidedDenoiser(self.denoiser, self._guide, plan.config.guidance.weight, plan.components.schedule,
+                              plan.config.guidance.interval)
 
 
 def load_run(source: str | Path, *, weights: Weights = "ema", device: str | None = None,
@@ -161,12 +223,16 @@ def load_run(source: str | Path, *, weights: Weights = "ema", device: str | None
     cfg = config_from_dict(saved, overrides=overrides or [])
     dev = pick_device(device or cfg.run.device)
     torch.manual_seed(0)  # the initialisation the loaded weights replace
-    built = build_components(cfg)
+    classes = ckpt.schema.classes
+    if cfg.conditioning.enabled and not classes:
+        raise ConfigError(f"{ckpt.path}: the config is class-conditional but the checkpoint records no classes")
+    built = build_components(cfg, classes if cfg.conditioning.enabled else None)
     _check_prediction(ckpt.schema.prediction, built, ckpt.path)
     with blame(built.refs["denoiser"], "to load the checkpoint's weights"):
         built.denoiser.load_state_dict(ckpt.weights(weights))
     built.denoiser.to(dev).eval()
-    return LoadedRun(cfg, built, run_dir=ckpt.path.parent.parent, step=ckpt.step, weights=weights, checkpoint=ckpt)
+    return LoadedRun(cfg, built, run_dir=ckpt.path.parent.parent, step=ckpt.step, weights=weights, checkpoint=ckpt,
+                     classes=classes)
 
 
 def _load_guide(run_dir: Path, weight: float, weights: Weights, device: torch.device) -> Denoiser:
@@ -195,7 +261,7 @@ def _refuse_process_changes(overrides: list[str]) -> None:
         if key.split(".")[0] not in ("sampler", "sample", "run") and key not in SAMPLING_KEYS:
             raise ConfigError(
                 f"--set {item}: the weights were trained with the checkpoint's {key.split('.')[0]}; sampling may "
-                "change only [sampler], [sample], [run], guidance.weight and train.precision/channels_last/compile"
+                "change only [sampler], [sample], [run], guidance.weight/method/interval and train.precision/channels_last/compile"
             )
 
 

@@ -26,7 +26,7 @@ import torch
 
 from ddpmkit.run.components import build_components
 from ddpmkit.run.config import RunConfig, config_from_dict
-from ddpmkit.run.data import Dataset
+from ddpmkit.run.data import Dataset, dataset_classes
 from ddpmkit.runtime.speed import AUTO, SpeedModes
 from ddpmkit.training.loop import TrainEvents, train
 
@@ -161,10 +161,15 @@ def _measured_rate(cfg: RunConfig, modes: SpeedModes, device: torch.device) -> f
 
 
 def synthetic_dataset(cfg: RunConfig, num: int, seed: int = 0) -> Dataset:
-    """Random uint8 images of the config's shape: speed does not depend on what the pixels show."""
+    """Random uint8 images of the config's shape (with random labels when it is class-conditional): speed does
+    not depend on what the pixels show."""
     g = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (num, *cfg.image_shape), generator=g, dtype=torch.uint8)
-    return Dataset(images, f"{num} random images of {cfg.image_shape}")
+    if not cfg.conditioning.enabled:
+        return Dataset(images, f"{num} random images of {cfg.image_shape}")
+    classes = dataset_classes(cfg.data) or ["0", "1"]
+    labels = torch.randint(0, len(classes), (num,), generator=g)
+    return Dataset(images, f"{num} random labelled images of {cfg.image_shape}", labels, classes)
 
 
 def fresh_model(cfg: RunConfig) -> tuple[Any, Any, Any]:

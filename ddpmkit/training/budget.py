@@ -15,7 +15,7 @@ import torch
 
 from ddpmkit.errors import ConfigError
 from ddpmkit.run.config import MAX_EPOCHS, RunConfig
-from ddpmkit.run.guidance import guide_config
+from ddpmkit.run.guide import guide_config
 from ddpmkit.runtime.units import format_duration
 from ddpmkit.training.autotune import Timer, measured_rate
 
@@ -46,7 +46,7 @@ def plan(cfg: RunConfig, device: torch.device, *, timer: Timer | None = None) ->
     assert budget is not None
     _, ips = measured_rate(cfg, device, timer=timer)
     guide_s = 0.0
-    if cfg.guidance.enabled:
+    if cfg.trains_guide:
         guide = guide_config(cfg)
         _, guide_ips = measured_rate(guide, device, timer=timer)
         guide_s = guide.train.max_steps * guide.train.batch_size / guide_ips

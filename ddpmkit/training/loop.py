@@ -33,7 +33,7 @@ from ddpmkit.runtime.speed import (
     memory_format,
     set_matmul_precision,
 )
-from ddpmkit.diffusion import draw_training_batch_noise, training_loss
+from ddpmkit.diffusion import NULL_CLASS, Cond, draw_training_batch_noise, training_loss
 from ddpmkit.runtime.distributed import World, check_batch
 from ddpmkit.errors import DdpmkitError, HookFailed, TrainingDiverged
 from ddpmkit.interfaces import Denoiser, NoiseSchedule
@@ -236,13 +236,22 @@ class _Trainer:
         torch.manual_seed(derive_seed(seed, f"dropout:{self.world.rank}" if self.world.enabled else "dropout", step))
         return t[mine], noise[mine]
 
-    def update(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, lr: float) -> _Update:
+    def batch_labels(self, labels: torch.Tensor, mine: slice) -> torch.Tensor:
+        """This step's class labels with classifier-free dropout: each of the global batch's labels replaced by
+        NULL_CLASS with probability ``conditioning.label_dropout``, from a stream of its own (seed, step)."""
+        g = torch.Generator().manual_seed(derive_seed(self.cfg.run.seed, "labels", self.step))
+        dropped = (torch.rand(len(labels), generator=g) < self.cfg.conditioning.label_dropout).to(labels.device)
+        return torch.where(dropped, torch.full_like(labels, NULL_CLASS), labels)[mine]
+
+    def update(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, lr: float,
+               cond: Cond | None = None) -> _Update:
         """Forward, backward and (unless the loss or gradients are non-finite on any rank) the optimizer step
         and the EMA update."""
         tc, scaler = self.tc, self.scaler
         guard = blame(self.component, "in training") if self.component else nullcontext()
         with guard, autocast(self.device, self.modes.precision):
-            loss = training_loss(self.forward, self.schedule, x0, t, noise, weighting=tc.loss_weighting, gamma=tc.min_snr_gamma)
+            loss = training_loss(self.forward, self.schedule, x0, t, noise, weighting=tc.loss_weighting,
+                                 gamma=tc.min_snr_gamma, cond=cond)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
@@ -338,6 +347,7 @@ def train(
     events = events or TrainEvents()
     trainer = _Trainer(cfg, model, schedule, device, world, resume, denoiser_component)
     images = dataset.images.to(device)
+    labels = dataset.labels.to(device) if cfg.conditioning.enabled else None
     n = len(dataset)
     per_epoch = steps_per_epoch(n, cfg.train.batch_size)
     batch = min(cfg.train.batch_size, n)
@@ -359,10 +369,12 @@ def train(
             epoch, index = divmod(trainer.step, per_epoch)
             if epoch != order_epoch:
                 order, order_epoch = epoch_order(cfg.run.seed, epoch, n).to(device), epoch
-            x0 = to_model_scale(images[order[index * batch : (index + 1) * batch][mine]])
+            picked = order[index * batch : (index + 1) * batch]
+            x0 = to_model_scale(images[picked[mine]])
             t, noise = trainer.batch_noise(batch, tuple(x0.shape[1:]), mine)
+            cond = {"class": trainer.batch_labels(labels[picked], mine)} if labels is not None else None
             lr = learning_rate(cfg, trainer.step, decay_end)
-            done = trainer.update(x0, t, noise, lr)
+            done = trainer.update(x0, t, noise, lr, cond)
             trainer.step += 1
             step = trainer.step
 

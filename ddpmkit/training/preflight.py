@@ -127,8 +127,8 @@ def preflight(cfg: RunConfig, built: Components, *, data_root: Path | None = Non
     if timing and steps:
         device = pick_device(cfg.run.device)
         findings.append(time_finding(cfg, built, steps, device))
-        if cfg.guidance.enabled:  # the guide trains first: its time adds to the main network's
-            from ddpmkit.run.guidance import build_guide
+        if cfg.trains_guide:  # the guide trains first: its time adds to the main network's
+            from ddpmkit.run.guide import build_guide
 
             guide, guide_built = build_guide(cfg)
             findings.append(time_finding(guide, guide_built, total_steps(guide, num_images), device,
@@ -148,14 +148,20 @@ def describe_config(cfg: RunConfig, built: Components) -> str:
         f"schedule   {refs['schedule'].qualified}, T = {cfg.num_timesteps}",
         f"denoiser   {refs['denoiser'].qualified}, {params:,} parameters ({params / 1e6:.1f} M), "
         f"predicts {built.denoiser.prediction}",
-        f"sampler    {refs['sampler'].qualified}, {len(built.timesteps())} steps, {cfg.sampler.options}",
+        f"sampler    {refs['sampler'].qualified}, {_cost(built)}, {cfg.sampler.options}",
         f"train      {t.epochs} epochs, batch {t.batch_size}, lr {t.lr:g}, EMA {t.ema_decay:g}"
         f"{' with warm-up' if t.ema_warmup else ''}, "
         f"{t.precision} precision, channels-last {t.channels_last}, compile {t.compile}"
         + (f", at most {t.max_steps} steps" if t.max_steps is not None else ""),
     ]
-    if cfg.guidance.enabled:
-        from ddpmkit.run.guidance import build_guide
+    if cfg.conditioning.enabled:
+        g = cfg.guidance
+        lines.append(f"condition  class labels ({built.denoiser.num_classes} classes), label dropout "
+                     f"{cfg.conditioning.label_dropout:g}; sampling draws classes {cfg.sample.classes}"
+                     + (f", classifier-free guidance weight {g.weight:g}" if g.enabled and not cfg.trains_guide else "")
+                     + (f" at steps {g.interval[0]}..{g.interval[1]}" if g.enabled and g.interval else ""))
+    if cfg.trains_guide:
+        from ddpmkit.run.guide import build_guide
 
         guide, guide_built = build_guide(cfg)
         n = guide_built.denoiser.num_parameters()
@@ -165,3 +171,8 @@ def describe_config(cfg: RunConfig, built: Components) -> str:
         lines.append("plugins    " + "; ".join(f"{name} {opts}" for name, opts in sorted(cfg.plugins.items())))
     return "\n".join(lines)
 
+
+def _cost(built: Components) -> str:
+    """``100 steps`` (or ``6 steps, 11 denoiser calls`` for a sampler that calls it more often than it steps)."""
+    steps, calls = len(built.timesteps()), built.sampler.num_evaluations(built.schedule)
+    return f"{steps} steps" + (f", {calls} denoiser calls" if calls != steps else "")

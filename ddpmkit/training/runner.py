@@ -20,7 +20,7 @@ from ddpmkit.run.components import Components, build_checked
 from ddpmkit.run.config import RunConfig
 from ddpmkit.run.data import Dataset, load_dataset
 from ddpmkit.run.events import EventDispatcher, RunInfo
-from ddpmkit.run.guidance import guide_config
+from ddpmkit.run.guide import guide_config
 from ddpmkit.run.lock import acquire, locked, release
 from ddpmkit.runtime.device import pick_device
 from ddpmkit.runtime.distributed import World, from_environment, join, leave
@@ -154,7 +154,7 @@ def _run(cfg: RunConfig, *, report: RunReport, fresh: bool, data_root: Path | No
             _remove_outputs(cfg.run_dir)  # a fresh run plans anew
         cfg, record["time_plan"] = _plan_budget(cfg, device=device, world=world, report=report)
     started = time.perf_counter()  # the budget counts training (the guide's too), not the measuring before it
-    if cfg.guidance.enabled:  # autoguidance: the guide trains first, as a run of its own in RUN/guide
+    if cfg.trains_guide:  # autoguidance: the guide trains first, as a run of its own in RUN/guide
         guide = guide_config(cfg)
         report.info(f"guide for autoguidance (weight {cfg.guidance.weight:g}): "
                     f"{guide.train.max_steps:,} steps, trained first")
@@ -212,9 +212,10 @@ def _prepare(cfg: RunConfig, *, report: RunReport, data_root: Path | None, world
              device: torch.device) -> _Prepared:
     """Find the checkpoint to resume from, load the data, build and smoke-test the components, and say the plan."""
     resume = latest_checkpoint(cfg.run_dir, report.warn)
-    dataset = load_dataset(cfg.data, root_override=data_root, seed=cfg.run.seed)
-    fingerprint = dataset.fingerprint()
-    built = build_checked(cfg)
+    conditional = cfg.conditioning.enabled
+    dataset = load_dataset(cfg.data, root_override=data_root, seed=cfg.run.seed, labelled=conditional)
+    fingerprint = dataset.fingerprint(with_labels=conditional)
+    built = build_checked(cfg, dataset.classes if conditional else None)
     cfg, speed = _resolve_speed(cfg, resume, device=device, world=world, report=report)
     if resume is not None:
         check_compatible(resume, cfg, fingerprint)
@@ -306,8 +307,8 @@ def _train(prepared: _Prepared, *, report: RunReport, events: Any, world: World,
             result = train(
                 cfg, model=prepared.built.denoiser, schedule=prepared.built.schedule, dataset=prepared.dataset,
                 device=device, run_dir=cfg.run_dir,
-                checkpoint_state={**describe_run(cfg, prepared.built, prepared.fingerprint, __version__),
-                                  **prepared.record},
+                checkpoint_state={**describe_run(cfg, prepared.built, prepared.fingerprint, __version__,
+                                                 prepared.dataset.classes), **prepared.record},
                 resume=resume, denoiser_component=prepared.built.refs["denoiser"], world=world,
                 events=TrainEvents(on_step=on_step, on_measured=on_measured,
                                    on_checkpoint=lambda path, step: events.emit("checkpoint_written", step=step, path=path)),
@@ -356,14 +357,16 @@ def _write_samples(prepared: _Prepared, result: TrainResult, *, report: RunRepor
     built = prepared.built
     trained = LoadedRun(cfg, Components(built.schedule, result.ema_model if sc.use_ema else result.model,
                                         built.sampler, built.refs),
-                        run_dir=run_dir, step=result.step, weights=weights)
+                        run_dir=run_dir, step=result.step, weights=weights, classes=prepared.dataset.classes)
+    labels = trained.labels(count) if trained.conditional else None
     started = time.perf_counter()
     with report.sampling(count * len(visited)) as advance:
         images, captured = trained.draw(count, seed=sc.seed, batch_size=sc.batch_size, progress=advance,
-                                        capture_steps=shown or None)
+                                        capture_steps=shown or None, labels=labels)
     if sc.num_images:
-        write_images(images[: sc.num_images], run_dir / "samples.png")
-        write_images(images[: sc.num_images], run_dir / "samples.npz")
+        shown_labels = labels[: sc.num_images] if labels is not None else None
+        for name in ("samples.png", "samples.npz"):
+            write_images(images[: sc.num_images], run_dir / name, labels=shown_labels, classes=trained.classes)
     if sc.trajectory_images and captured:
         write_trajectory({t: x[: sc.trajectory_images] for t, x in captured.items()}, run_dir / "trajectory.png")
     written = [run_dir / name for name in OUTPUT_FILES if (run_dir / name).exists()]
