@@ -187,7 +187,7 @@ def with_modes(cfg: RunConfig, modes: SpeedModes, **train_settings: Any) -> RunC
 
 def model_key(cfg: RunConfig) -> dict[str, Any]:
     """The model and the step being timed: the identity's model keys, the batch and the image shape."""
-    identity = {k: v for k, v in cfg.identity().items() if k.startswith(("denoiser.", "schedule."))}
+    identity = {k: v for k, v in cfg.identity().items() if k.startswith(("denoiser.", "schedule.", "conditioning."))}
     return {**identity, "batch": cfg.train.batch_size, "shape": list(cfg.image_shape), "compile": cfg.train.compile}
 
 
