@@ -45,6 +45,17 @@ def test_the_unet_takes_a_class_per_image_and_the_null_class():
     assert not any("class_embedding" in k for k in plain.state_dict())
 
 
+def test_a_compiled_or_ddp_wrapped_denoiser_gets_the_labels_too():
+    from ddpmkit.runtime.speed import RoutedDenoiser
+
+    torch.manual_seed(0)
+    unet = create_denoiser("unet", image_shape=(1, 8, 8), num_timesteps=20, num_classes=4, **TINY_UNET).eval()
+    routed = RoutedDenoiser(unet, unet.forward)
+    x, t, cond = torch.randn(2, 1, 8, 8), torch.tensor([3, 9]), {"class": torch.tensor([1, NULL_CLASS])}
+    with torch.no_grad():
+        assert torch.equal(routed(x, t, cond=cond), unet(x, t, cond=cond))
+
+
 def test_synthetic_labels_are_the_quadrant_of_the_rectangle():
     from ddpmkit.run.config import DataSection
     from ddpmkit.run.data import load_dataset

@@ -127,8 +127,8 @@ class RoutedDenoiser:
         self.module = module
         self._forward = forward
 
-    def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self._forward(x_t, t)
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, **conditioning: Any) -> torch.Tensor:
+        return self._forward(x_t, t, **conditioning)  # cond= for a conditional denoiser (plugin API 3)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.module, name)
