@@ -52,7 +52,7 @@ def test_validate_mnist_prints_the_parameter_count():
     assert result.stderr == ""
 
 
-@pytest.mark.parametrize("name", ["smoke.toml", "mnist-cpu.toml", "mnist-cond-cpu.toml"])
+@pytest.mark.parametrize("name", ["smoke.toml", "mnist-cpu.toml", "mnist-cond-cpu.toml", "mnist-cond.toml"])
 def test_other_shipped_configs_validate(name):
     result = invoke("validate", str(CONFIGS / name))
     assert result.exit_code == 0, result.output

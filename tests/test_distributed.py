@@ -33,9 +33,12 @@ def _torchrun(cfg: Path, *extra: str, timeout: float = 300) -> subprocess.Comple
 
 
 def test_two_processes_follow_one_and_only_rank_0_writes(tmp_path):
+    """Class-conditional, so each rank also takes its slice of the very labels and label dropout."""
     common = dict(epochs=3, checkpoint_every=3, num_images=4, trajectory_images=0, dropout=0.0)
     one = write_config(tmp_path / "one", "r", **common) if (tmp_path / "one").mkdir() is None else None
     two = write_config(tmp_path / "two", "r", **common) if (tmp_path / "two").mkdir() is None else None
+    for cfg in (one, two):
+        cfg.write_text(cfg.read_text() + '\n[conditioning]\nkind = "class"\nlabel_dropout = 0.5\n')
     assert ddpmkit("run", str(one)).returncode == 0
     r = ddpmkit("run", str(two), "--nproc", "2")  # the convenience: launches torchrun
     assert r.returncode == 0, r.stderr

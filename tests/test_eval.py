@@ -121,12 +121,17 @@ def test_real_images_sit_at_the_floor_and_damage_raises_fid_monotonically(small,
 def test_eval_cli_on_a_samples_file(mnist_root, tmp_path, test_images, quick_classifier_cache):
     """Through the CLI, as a user runs it: real test digits as 'samples' score like real data."""
     samples = tmp_path / "digits.npz"
-    np.savez_compressed(samples, images=test_images[2000:2200].permute(0, 2, 3, 1).numpy())
+    labels = mnist_tensors(mnist_root, train=False)[1][2000:2200]  # as a conditional run's .npz carries them
+    np.savez_compressed(samples, images=test_images[2000:2200].permute(0, 2, 3, 1).numpy(), labels=labels.numpy(),
+                        classes=np.array([str(d) for d in range(10)]))
     env = cli_env(DDPMKIT_CACHE_DIR=str(quick_classifier_cache))
     r = ddpmkit("eval", str(samples), "--data-root", str(mnist_root), "--json", env=env)
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout)  # only JSON on stdout
     assert result["num_samples"] == 200 and result["classifier"]["cached"] is True
+    conditional = result["conditional"]  # real digits drawn "as" their own labels
+    assert conditional["class_accuracy"] > 0.7 and conditional["classes_drawn"] == 10  # the quick classifier: ~80 %
+    assert {row["class"] for row in conditional["per_class"]} == set(range(10))
     s, f = result["samples"], result["floor"]
     assert s["fid"] < 2 * f["fid"] + 1 and s["confident_share"] > 0.5 and s["classes_present"] == 10
     assert 0 <= s["precision"] <= 1 and 0 <= s["recall"] <= 1
@@ -201,3 +206,18 @@ class _Payload:
 
     def __reduce__(self):
         return (open, (self.path, "w"))
+
+
+def test_class_accuracy_and_per_class_fid_tell_right_labels_from_wrong(mnist_root, test_images, quick_classifier_cache):
+    """Real test digits labelled truly score the classifier's accuracy and per-class FID near the floor;
+    the same digits with their labels shifted by one score about nothing and far above it."""
+    from ddpmkit.evaluation.report import Evaluator
+
+    labels = mnist_tensors(mnist_root, train=False)[1]
+    images, true = test_images[3000:4000], labels[3000:4000]
+    ev = Evaluator(1000, data_root=mnist_root, cache=quick_classifier_cache, seed=0)
+    right = ev.score_classes(images, true)
+    wrong = ev.score_classes(images, (true + 1) % 10)
+    assert right["class_accuracy"] > 0.85 and wrong["class_accuracy"] < 0.05
+    assert right["mean_class_fid"] < 2 * right["mean_class_floor_fid"] + 1
+    assert wrong["mean_class_fid"] > 3 * right["mean_class_fid"]
