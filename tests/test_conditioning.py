@@ -286,3 +286,8 @@ def test_a_conditional_run_resumes_exactly_and_draws_the_classes_asked_for(tmp_p
     r = ddpmkit("sample", str(tmp_path / "runs" / "u"), "--class", "1", "--out", str(tmp_path / "y.png"))
     assert r.returncode == 2 and "trained without class labels" in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_describe_says_what_a_denoiser_can_be_conditioned_on():
+    r = invoke("describe", "unet")
+    assert r.exit_code == 0 and "conditions: class" in r.stdout, r.output

@@ -199,7 +199,11 @@ def describe(
         title += escape(f", configured by [plugins.{plugin.name}]")
     else:
         comp = find(kinds[0], name)
-        model, title = load(comp).Options, f"{escape(comp.label)} as {comp.qualified}"
+        cls = load(comp)
+        model, title = cls.Options, f"{escape(comp.label)} as {comp.qualified}"
+        if comp.kind == "denoiser":  # what [conditioning] kind it can be trained on (plugin API 3)
+            takes = sorted(getattr(cls, "conditions", frozenset()))
+            title += f"; conditions: {', '.join(takes) if takes else 'none (unconditional only)'}"
     schema = model.model_json_schema() if model is not None else {"properties": {}}
     if as_json:
         print(json.dumps(schema, indent=2))
