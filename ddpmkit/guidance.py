@@ -26,7 +26,7 @@ from ddpmkit.diffusion import NULL_CLASS, Cond, denoise, split_prediction, train
 from ddpmkit.interfaces import Denoiser, NoiseSchedule
 
 
-def _guided_at(t: torch.Tensor, interval: Sequence[int] | None) -> torch.Tensor:
+def guided_at(t: torch.Tensor, interval: Sequence[int] | None) -> torch.Tensor:
     """Per image: whether step t lies in the guidance interval [t_low, t_high] (every step without one)."""
     if interval is None:
         return torch.ones_like(t, dtype=torch.bool)
@@ -39,7 +39,7 @@ def mix(reference: torch.Tensor, output: torch.Tensor, weight: float, t: torch.T
     guided = reference + weight * (output - reference)
     if interval is None:
         return guided
-    return torch.where(_guided_at(t, interval).view(-1, *[1] * (output.ndim - 1)), guided, output)
+    return torch.where(guided_at(t, interval).view(-1, *[1] * (output.ndim - 1)), guided, output)
 
 
 class GuidedDenoiser(Denoiser):
@@ -64,7 +64,7 @@ class GuidedDenoiser(Denoiser):
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond | None = None) -> torch.Tensor:
         out = denoise(self.main, x_t, t, cond).float()
-        if not bool(_guided_at(t, self.interval).any()):  # outside the interval the guide is not needed
+        if not bool(guided_at(t, self.interval).any()):  # outside the interval the guide is not needed
             return out
         ref = denoise(self.guide, x_t, t, cond).float()
         if self.guide.prediction != self.prediction:
@@ -94,7 +94,7 @@ class ClassConditioned(Denoiser):
             raise ValueError(f"the sampler called the denoiser with {n} images for a batch of {len(self.labels)} "
                              "labelled ones; a sampler must keep the batch it was given")
         labels = self.labels.to(x_t.device)
-        if self.weight == 1.0 or not bool(_guided_at(t, self.interval).any()):
+        if self.weight == 1.0 or not bool(guided_at(t, self.interval).any()):
             return denoise(self.main, x_t, t, {"class": labels})
         both = denoise(self.main, torch.cat([x_t, x_t]), torch.cat([t, t]),
                        {"class": torch.cat([labels, torch.full_like(labels, NULL_CLASS)])}).float()

@@ -121,6 +121,7 @@ class Evaluator:
         self._floor: dict[str, Any] | None = None
         self._train_vectors: torch.Tensor | None = None
         self._test_distances: dict[int, torch.Tensor] = {}
+        self._class_floors: dict[tuple[int, int], float] = {}
 
     @property
     def floor(self) -> dict[str, Any]:
@@ -155,6 +156,14 @@ class Evaluator:
             summary["closest_pairs_png"] = str(pairs_png)
         return {"samples": stats, "memorisation": summary}
 
+    def _class_floor(self, c: int, n: int) -> float:
+        """FID of n real training images of class c against that class of the reference (once per (c, n): a
+        sweep scores every point against the same floor)."""
+        if (c, n) not in self._class_floors:
+            real = _subset(self.train_x[self.train_y == c], n, self.seed + 3 + c)
+            self._class_floors[(c, n)] = frechet_distance(self.classifier, real, self.reference[self.reference_labels == c])
+        return self._class_floors[(c, n)]
+
     def score_classes(self, samples: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
         """Conditional quality: class accuracy (the share of samples the classifier assigns to the class they
         were drawn as), and per class the classifier FID against that class of the reference beside its floor
@@ -167,11 +176,10 @@ class Evaluator:
         per_class = []
         for c in sorted(set(labels.tolist())):
             mine, ref = samples[labels == c], self.reference[self.reference_labels == c]
-            real = _subset(self.train_x[self.train_y == c], len(mine), self.seed + 3 + c)
             row: dict[str, Any] = {"class": c, "num": len(mine), "accuracy": float((predicted[labels == c] == c).double().mean())}
             if len(mine) >= 10 and len(ref) >= 10:
                 row["fid"] = frechet_distance(self.classifier, mine, ref)
-                row["floor_fid"] = frechet_distance(self.classifier, real, ref)
+                row["floor_fid"] = self._class_floor(c, len(mine))
             per_class.append(row)
         scored = [r for r in per_class if "fid" in r]
         return {

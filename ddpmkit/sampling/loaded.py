@@ -24,7 +24,7 @@ from ddpmkit.run.checkpoint import Checkpoint, find_checkpoint, latest_checkpoin
 from ddpmkit.run.components import Components, build_components
 from ddpmkit.run.config import ALL_CLASSES, RunConfig, config_from_dict
 from ddpmkit.run.data import to_uint8
-from ddpmkit.guidance import ClassConditioned, GuidedDenoiser
+from ddpmkit.guidance import ClassConditioned, GuidedDenoiser, guided_at
 from ddpmkit.run.guide import guide_dir
 from ddpmkit.runtime.device import pick_device
 from ddpmkit.runtime.limits import check_fits
@@ -60,9 +60,8 @@ class SamplingPlan:
         calls = self.sampler.num_evaluations(self.components.schedule)
         if not self.guided:
             return calls
-        lo, hi = self.config.guidance.interval or (0, self.config.num_timesteps)
-        share = sum(1 for t in self.timesteps if lo <= t <= hi) / max(1, len(self.timesteps))
-        return calls + round(calls * share)
+        guided = guided_at(torch.tensor(self.timesteps), self.config.guidance.interval)
+        return calls + round(calls * float(guided.double().mean()))
 
 
 class LoadedRun:
@@ -91,9 +90,7 @@ class LoadedRun:
         """The class of each of ``num`` images: ``classes`` ("all", a class, or a list of classes, each an index
         or a name; default ``sample.classes``) in equal contiguous groups, in the order given. ConfigError for an
         unconditional run or a class it does not have."""
-        if not self.conditional:
-            raise ConfigError(f"{self.source} was trained without class labels: it cannot be asked for a class "
-                              '(conditioning.kind = "class" trains a run that can)')
+        self._refuse_unless_conditional()
         wanted = self.config.sample.classes if classes is None else classes
         indices = list(range(len(self.classes))) if wanted == ALL_CLASSES else [
             self._class_index(c) for c in (wanted if isinstance(wanted, (list, tuple)) else [wanted])]
@@ -102,6 +99,11 @@ class LoadedRun:
         per, extra = divmod(num, len(indices))
         sizes = [per + (1 if i < extra else 0) for i in range(len(indices))]
         return torch.tensor([c for c, size in zip(indices, sizes) for _ in range(size)], dtype=torch.int64)
+
+    def _refuse_unless_conditional(self) -> None:
+        if not self.conditional:
+            raise ConfigError(f"{self.source} was trained without class labels: it cannot be asked for a class "
+                              '(conditioning.kind = "class" trains a run that can)')
 
     def _class_index(self, c: int | str) -> int:
         names = ", ".join(f"{i} ({name})" if name != str(i) else name for i, name in enumerate(self.classes))
@@ -163,10 +165,10 @@ class LoadedRun:
         check_fits(num * c * h * w * 5, f"--num {num:,}", "ask for fewer images, or sample several times with --seed")
         if labels is not None and len(labels) != num:
             raise ConfigError(f"{len(labels)} labels for {num} images")
-        if self.conditional and labels is None:
+        if labels is not None:
+            self._refuse_unless_conditional()
+        elif self.conditional:
             labels = self.labels(num)
-        elif labels is not None and not self.conditional:
-            self.labels(num)  # the one-line refusal
         network = self._network(plan)
         g = plan.config.guidance
         cfg_weight = g.weight if plan.config.guidance_method == "classifier-free" else 1.0
