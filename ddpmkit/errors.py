@@ -43,6 +43,10 @@ class DataError(DdpmkitError):
     """A dataset that cannot be found, downloaded or read."""
 
 
+class DataNotFound(DataError):
+    """A downloadable dataset that is not on disk (and was not to be downloaded, or could not be)."""
+
+
 class CheckpointError(DdpmkitError):
     """A checkpoint that is missing, incomplete, corrupt or incompatible with the config."""
 

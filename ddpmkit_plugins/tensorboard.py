@@ -10,7 +10,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ddpmkit import ConfigError, hookimpl
+from ddpmkit import hookimpl
+from ddpmkit.errors import MissingExtra
 
 DDPMKIT_PLUGIN_API = [2]
 
@@ -33,7 +34,8 @@ def train_start(run: Any, options: Options) -> None:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        raise ConfigError("plugins.tensorboard.enabled = true needs the tensorboard package: pip install tensorboard") from None
+        raise MissingExtra("[plugins.tensorboard] enabled = true needs the tensorboard package: "
+                           "pip install 'ddpmkit[tensorboard]'") from None
     _writers[Path(run.run_dir)] = SummaryWriter(log_dir=str(Path(run.run_dir) / "tensorboard"), purge_step=run.start_step + 1)
 
 

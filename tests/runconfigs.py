@@ -74,6 +74,13 @@ def write_config(folder: Path, name: str = "t", **values) -> Path:
     return path
 
 
+def on_mnist(root: Path, limit: int = 64) -> list[str]:
+    """``--set`` arguments training a tiny config on the first ``limit`` MNIST digits (8x8) instead of rectangles:
+    eval and sweep measure digits only."""
+    return ["--set", "data.dataset=mnist", "--set", f"data.root={root}", "--set", "data.download=false",
+            "--set", f"data.limit={limit}"]
+
+
 def cli_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.pop("DDPMKIT_NO_THIRD_PARTY_PLUGINS", None)

@@ -93,8 +93,8 @@ CASES = [
     ("trajectory-step-negative", "trajectory_steps = [0, 5, 10, 20, 30, 49]", "trajectory_steps = [-1, 5]", "sample.trajectory_steps: steps must be >= 0"),
     ("run-name", 'name = "smoke"', 'name = "../evil"', "run.name: use letters, digits"),
     ("run-device", 'device = "cpu"', 'device = "gpu"', "run.device: must be auto, cpu, cuda, cuda:N or mps"),
-    ("data-channels", "image_size = 16", "image_size = 16\nchannels = 2", "data.channels: Input should be 1 or 3"),
-    ("dataset", 'dataset = "synthetic"', 'dataset = "cifar"', "data.dataset: Input should be 'mnist', 'image-folder' or 'synthetic'"),
+    ("data-channels", "image_size = 16", "image_size = 16\nchannels = 2", "data.channels: must be 1 (grayscale), 3 (RGB) or \"auto\"; got 2"),
+    ("dataset", 'dataset = "synthetic"', 'dataset = "cifar"', "data.dataset: Input should be 'mnist', 'fashion-mnist', 'cifar10', 'image-folder', 'hf' or 'synthetic'"),
     ("variance", "[sampler]\nname = \"ddpm\"", "[sampler]\nname = \"ddpm\"\noptions.variance = \"huge\"", "sampler.options.variance: Input should be 'beta' or 'posterior'"),
 ]
 

@@ -135,7 +135,7 @@ def _copy_run(trained_run, tmp_path, name="r"):
     ("d.png", "is a folder"),           # a folder named like an image
     ("file.toml/x.png", "is a file, not a folder"),
     ("x.txt", "must end in .png or .npz"),
-    (".", "must end in .png or .npz"),
+    (".", "holds other files than samples"),
 ], ids=["a-folder", "under-a-file", "wrong-suffix", "the-current-folder"])
 def test_a_bad_sample_output_path_is_refused_before_sampling(out, phrase, trained_run, tmp_path):
     (tmp_path / "d.png").mkdir()
@@ -270,9 +270,9 @@ def _saved(path, **arrays):
 BAD_EVAL_INPUTS = [
     ("missing", lambda d: d / "nope.npz", "no such file or folder"),
     ("not-a-zip", lambda d: _file(d / "x.npz", b"not a zip"), "not a samples .npz"),
-    ("wrong-shape", lambda d: _saved(d / "x.npz", images=np.zeros((3, 3))), "must be uint8 [N, H, W, C]"),
+    ("wrong-shape", lambda d: _saved(d / "x.npz", images=np.zeros((3, 3))), "expected images [N, H, W, C], [N, C, H, W] or [N, H, W]"),
     ("no-images-key", lambda d: _saved(d / "x.npz", foo=np.zeros((3, 8, 8, 1), "uint8")), "not a samples .npz"),
-    ("empty-folder", lambda d: _folder(d / "e"), "empty folder"),
+    ("empty-folder", lambda d: _folder(d / "e"), "holds no images"),
     ("text-named-png", lambda d: _folder(d / "t", ("a.png", b"hi")), "not an image"),
     ("bomb-in-folder", lambda d: _folder(d / "b", ("a.png", _bomb_png)), "decompression bomb"),
     ("other-file-kind", lambda d: _file(d / "x.txt", b"hi"), "expected a .npz file or a folder"),

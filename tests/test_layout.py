@@ -16,7 +16,7 @@ PACKAGE = Path(ddpmkit.__file__).parent
 #: The groups (name: the modules or subpackages of ddpmkit in it), lowest level first. A module may import
 #: from its own group and from the levels below; groups on one level do not import each other.
 LEVELS: list[dict[str, tuple[str, ...]]] = [
-    {"plugin API": ("errors", "validation", "version", "hookspecs", "kinds", "diffusion", "interfaces", "guidance")},
+    {"plugin API": ("errors", "validation", "version", "hookspecs", "kinds", "diffusion", "interfaces", "guidance", "extras")},
     {"runtime": ("runtime",)},
     {"registry": ("registry",)},
     {"run": ("run",)},

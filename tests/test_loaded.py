@@ -11,14 +11,14 @@ import torch
 
 import ddpmkit
 import ddpmkit.run.checkpoint as checkpoint_module
-from runconfigs import REPO, ddpmkit as ddpmkit_cli, invoke, write_config
+from runconfigs import REPO, ddpmkit as ddpmkit_cli, invoke, on_mnist, write_config
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, mnist_root):
     tmp = tmp_path_factory.mktemp("loaded")
     cfg = write_config(tmp, "lr", epochs=1, num_images=0, trajectory_images=0, dropout=0.0)
-    r = ddpmkit_cli("run", str(cfg))
+    r = ddpmkit_cli("run", str(cfg), *on_mnist(mnist_root, 32))
     assert r.returncode == 0, r.stderr
     return tmp / "runs" / "lr"
 

@@ -8,7 +8,7 @@ import pytest
 
 from ddpmkit import errors as ddpmkit_errors
 from ddpmkit.evaluation.sweep import Point, parse_plan
-from runconfigs import cli_env, ddpmkit, write_config
+from runconfigs import cli_env, ddpmkit, on_mnist, write_config
 
 
 def test_parse_plan():
@@ -19,16 +19,16 @@ def test_parse_plan():
         parse_plan(["ddim:10,"])
 
 
-def _trained(tmp_path, name: str, extra: str = "", **values):
-    """A tiny run trained through the CLI (``extra``: TOML appended to its config), and the env for sweeping it."""
+def _trained(tmp_path, name: str, mnist_root, extra: str = "", **values):
+    """A tiny run trained on a few MNIST digits through the CLI (``extra``: TOML appended to its config)."""
     cfg = write_config(tmp_path, name, epochs=1, num_images=0, trajectory_images=0, **values)
     cfg.write_text(cfg.read_text() + extra)
-    assert ddpmkit("run", str(cfg)).returncode == 0
+    assert ddpmkit("run", str(cfg), *on_mnist(mnist_root, 32)).returncode == 0
     return tmp_path / "runs" / name
 
 
 def test_sweep_cli(tmp_path, mnist_root, quick_classifier_cache):
-    run = _trained(tmp_path, "sw")
+    run = _trained(tmp_path, "sw", mnist_root)
     env = cli_env(DDPMKIT_CACHE_DIR=str(quick_classifier_cache))
     r = ddpmkit("sweep", str(run), "--sampler", "ddpm", "--sampler", "ddim:5,10", "--num", "20", "--data-root",
                 str(mnist_root), "--json", env=env)
@@ -51,7 +51,7 @@ def test_parse_plan_repeats_at_each_guidance_weight():
 
 
 def test_sweep_over_guidance_weights(tmp_path, mnist_root, quick_classifier_cache):
-    run = _trained(tmp_path, "gw", "\n[guidance]\nweight = 2.0\nsteps = 2\n", dropout=0.0)
+    run = _trained(tmp_path, "gw", mnist_root, "\n[guidance]\nweight = 2.0\nsteps = 2\n", dropout=0.0)
     env = cli_env(DDPMKIT_CACHE_DIR=str(quick_classifier_cache))
     r = ddpmkit("sweep", str(run), "--sampler", "ddim:5", "--guidance", "1,3", "--num", "10", "--data-root",
                 str(mnist_root), "--json", env=env)

@@ -38,9 +38,10 @@ def bench(
     """
     from ddpmkit.benchmark.bench import parse_modes, run_bench
     from ddpmkit.run.config import load_config
+    from ddpmkit.run.data import settle
     from ddpmkit.runtime.device import pick_device
 
-    cfg = load_config(config, with_device(set_, device))
+    cfg = settle(load_config(config, with_device(set_, device)))
     dev = pick_device(cfg.run.device)
     chosen = parse_modes(modes) if modes else None
     try:

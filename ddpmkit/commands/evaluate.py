@@ -33,7 +33,8 @@ def eval_cmd(
     """Measure sample quality: classifier FID, KID and MiFID (torchmetrics), precision/recall, confidence and
     memorisation, each beside its floor (the same statistic for real training images)."""
     from ddpmkit.commands.sample import draw_with_progress
-    from ddpmkit.evaluation.report import evaluate, read_images, read_labels
+    from ddpmkit.evaluation.report import (check_feature_network, evaluate, read_images, read_labels,
+                                           small_sample_warning)
     from ddpmkit.run.data import to_uint8
 
     out = err_console if as_json else console
@@ -42,6 +43,7 @@ def eval_cmd(
         from ddpmkit.sampling.loaded import load_run
 
         loaded = load_run(samples, sampler=sampler, overrides=list(set_ or []), warn=_warner(out))
+        caveat = check_feature_network(loaded.config.image_shape, loaded.config.data.dataset)  # before sampling
         labels = loaded.labels(num or 1000, "all") if loaded.conditional else None  # class-balanced
         images = to_uint8(draw_with_progress(loaded, num or 1000, batch_size=batch_size, seed=seed, out=out,
                                              labels=labels))
@@ -52,10 +54,16 @@ def eval_cmd(
 
             raise ConfigError("--sampler and --set apply when SAMPLES is a run directory")
         images, labels = read_images(samples), read_labels(samples)
+        caveat = check_feature_network(tuple(images.shape[1:]))  # before the classifier is trained
         if num:
             images, labels = images[:num], labels[:num] if labels is not None else None
         pairs = pairs or samples.with_name(samples.stem + "-closest-pairs.png")
     ref = read_images(reference) if reference is not None else None
+    if ref is not None:
+        check_feature_network(tuple(ref.shape[1:]))
+    for line in (caveat, small_sample_warning(len(images))):
+        if line:
+            _warner(out)(line)
     result = evaluate(images, data_root=root, reference=ref, pairs_png=pairs, inception_weights=inception_weights,
                       seed=seed, labels=labels if ref is None else None, log=lambda m: out.print(m, highlight=False))
     if as_json:
@@ -93,6 +101,12 @@ def sweep(
     plan = parse_plan(list(samplers or default_plan()), _weights(guidance))
     root = mnist_root(data_root)
     loaded = load_run(run, warn=_warner(shown))
+    from ddpmkit.evaluation.report import check_feature_network, small_sample_warning
+
+    for line in (check_feature_network(loaded.config.image_shape, loaded.config.data.dataset),  # before sampling
+                 small_sample_warning(num)):
+        if line:
+            _warner(shown)(line)
 
     def draw(point_plan: SamplingPlan, labels: torch.Tensor | None) -> torch.Tensor:
         return draw_with_progress(loaded, num, batch_size=batch_size, seed=seed, plan=point_plan, out=shown,
@@ -142,14 +156,15 @@ def _print_eval(r: dict) -> None:
     for col in ("statistic", "samples", f"floor ({r['num_samples']:,} real training images)"):
         table.add_column(col)
     rows = [
-        ("classifier FID", "fid", "{:.3f}"), ("KID", "kid", "{:.4g}"), ("MiFID", "mifid", "{:.3f}"),
+        ("classifier FID", "fid", "{:.3f}"), ("KID (x 1000)", "kid", "{:.3f}"), ("MiFID", "mifid", "{:.3f}"),
         ("precision (k = 3)", "precision", "{:.3f}"), ("recall (k = 3)", "recall", "{:.3f}"),
         ("mean confidence", "mean_confidence", "{:.3f}"), ("confidence > 0.9", "confident_share", "{:.1%}"),
         ("class entropy (bits, max 3.32)", "class_entropy_bits", "{:.3f}"),
         ("digits present (confident)", "classes_present", "{} of 10"),
     ]
     for label, key, fmt in rows:
-        table.add_row(label, fmt.format(s[key]), fmt.format(f[key]))
+        x = 1000.0 if key == "kid" else 1  # KID's unbiased MMD^2 is ~1e-3: shown in thousandths, as the field does
+        table.add_row(label, fmt.format(s[key] * x), fmt.format(f[key] * x))
     console.print(table)
     console.print(f"predicted classes 0..9: {s['class_histogram']}", highlight=False)
     m = r["memorisation"]

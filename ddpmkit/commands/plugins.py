@@ -24,7 +24,7 @@ def list_plugins_cmd(as_json: bool = JsonOption) -> None:
         print(json.dumps([{k: r[k] for k in keys} for r in rows], indent=2))
         return
     table = Table(title="ddpmkit plugins")
-    styles = {"ok": "green", "clash": "yellow", "shadowed": "yellow", "error": "red", "incompatible": "red"}
+    styles = {"ok": "green", "needs extra": "yellow", "clash": "yellow", "shadowed": "yellow", "error": "red", "incompatible": "red"}
     # the qualified name is DISTRIBUTION:NAME, so it also says where a component comes from
     cells = [
         (r["kind"] or "-", r["name"] or "-",
@@ -177,22 +177,32 @@ def describe(
     from ddpmkit.kinds import EVENTS, KINDS
     from ddpmkit.registry.discovery import event_plugins, find, find_plugin, load, registry
 
+    from ddpmkit.run.data import DATASETS
+
     reg = registry()
-    if kind and kind not in (*KINDS, EVENTS):
-        raise PluginError(f"--kind must be one of {', '.join((*KINDS, EVENTS))}")
+    if kind and kind not in (*KINDS, EVENTS, "dataset"):
+        raise PluginError(f"--kind must be one of {', '.join((*KINDS, EVENTS, 'dataset'))}")
     short = name.rpartition(":")[2]
     kinds = [k for k in KINDS if reg.named(k, short)]
     if any(p.name == short for p, _ in event_plugins(reg)) or any(p.name == short and p.options_model for p in reg.plugins):
         kinds.append(EVENTS)
+    if name in DATASETS:
+        kinds.append("dataset")
     if kind:
         kinds = [kind]
     if not kinds:
         raise PluginError(
             f"nothing installed is named '{name}'; components: {', '.join(sorted({c.name for c in reg.components}))}; "
-            f"event plugins: {', '.join(sorted(p.name for p, _ in event_plugins(reg))) or 'none'}"
+            f"event plugins: {', '.join(sorted(p.name for p, _ in event_plugins(reg))) or 'none'}; "
+            f"datasets: {', '.join(DATASETS)}"
         )
     if len(kinds) > 1:
         raise PluginError(f"'{name}' names a {' and a '.join(kinds)}; choose one with --kind")
+    if kinds[0] == "dataset":
+        if name not in DATASETS:
+            raise PluginError(f"no dataset is named '{name}'; datasets: {', '.join(DATASETS)}")
+        _describe_dataset(name, as_json)
+        return
     if kinds[0] == EVENTS:
         plugin = find_plugin(name)
         model, title = plugin.options_model, f"event plugin [bold]{plugin.name}[/] ({plugin.distribution} {plugin.version})"
@@ -212,6 +222,29 @@ def describe(
     if not schema.get("properties"):
         console.print("no options")
         return
+    _options_table(schema)
+
+
+def _describe_dataset(name: str, as_json: bool) -> None:
+    """``[data] dataset = NAME``: what it reads and the [data] keys that apply to it."""
+    from ddpmkit.extras import install_hint, is_missing
+    from ddpmkit.run.config import DataSection
+    from ddpmkit.run.data import DATASETS
+
+    info = DATASETS[name]
+    schema = DataSection.model_json_schema()
+    schema["properties"] = {k: v for k, v in schema["properties"].items() if k in ("dataset", *info.options)}
+    if as_json:
+        print(json.dumps(schema, indent=2))
+        return
+    title = f"dataset [bold]{name}[/] ([data] dataset = \"{name}\"): {escape(info.summary)}"
+    if info.extra and is_missing(info.extra):
+        title += f"\n[yellow]needs an extra that is not installed:[/] {install_hint(info.extra)}"
+    console.print(title, highlight=False)
+    _options_table(schema)
+
+
+def _options_table(schema: dict) -> None:
     table = Table()
     for col in ("option", "type", "default", "description"):
         table.add_column(col)

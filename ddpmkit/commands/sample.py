@@ -25,7 +25,8 @@ def sample(
     num: int = typer.Option(16, "--num", min=1, help="Number of images."),
     batch_size: int = typer.Option(64, "--batch-size", min=1),
     seed: int = SeedOption,
-    out: Path = typer.Option(Path("samples.png"), "--out", help="FILE.png (a grid) or FILE.npz (uint8 NHWC 'images')."),
+    out: Path = typer.Option(Path("samples.png"), "--out", help="FILE.png (a grid), FILE.npz (uint8 NHWC 'images') or DIR (one PNG per image, as FID tools read, with DIR.npz and the grid DIR.png beside it)."),
+    scale: int = typer.Option(1, "--scale", min=1, max=16, help="Upscale the grid PNG N times (nearest neighbour), e.g. 4 for MNIST."),
     raw: bool = typer.Option(False, "--raw", help="Use the raw weights instead of the EMA weights."),
     sampler: Optional[str] = typer.Option(None, "--sampler", help="Another installed sampler than the config's."),
     set_: Optional[List[str]] = typer.Option(
@@ -45,8 +46,6 @@ def sample(
     from ddpmkit.sampling.images import check_output_path, write_images
     from ddpmkit.sampling.loaded import load_run
 
-    if out.suffix.lower() not in (".png", ".npz"):
-        raise ConfigError(f"--out {out}: must end in .png or .npz")
     check_output_path(out)
     overrides = list(set_ or []) + ([f"guidance.weight={guidance!r}"] if guidance is not None else [])
     loaded = load_run(source, weights="model" if raw else "ema", device=device, sampler=sampler,
@@ -56,13 +55,13 @@ def sample(
         images = draw_with_progress(loaded, num, batch_size=batch_size, seed=seed, labels=labels)
     except SamplingInterrupted as stop:  # Ctrl-C: what is done is kept
         write_images(stop.images, out, labels=labels[: len(stop.images)] if labels is not None else None,
-                     classes=loaded.classes)
+                     classes=loaded.classes, scale=scale)
         console.print(f"[yellow]interrupted[/] after {len(stop.images):,} of {num:,} images; wrote them to {out}")
         raise typer.Exit(EXIT_INTERRUPTED) from None
     except KeyboardInterrupt:
         console.print(f"[yellow]interrupted[/] before the first batch of {batch_size:,} finished; nothing written")
         raise typer.Exit(EXIT_INTERRUPTED) from None
-    write_images(images, out, labels=labels, classes=loaded.classes)
+    write_images(images, out, labels=labels, classes=loaded.classes, scale=scale)
     console.print(f"[green]wrote[/] {out}", highlight=False)
 
 

@@ -21,11 +21,14 @@ def validate(
 ) -> None:
     """Check a config, build what it names, and report on the run before it starts (no training)."""
     from ddpmkit.run.config import load_config
+    from ddpmkit.run.data import settle
     from ddpmkit.training.preflight import preflight
     from ddpmkit.run.components import build_checked
     from ddpmkit.training.preflight import describe_config
 
     cfg = load_config(config, set_)
+    cfg.check_extras()
+    cfg = settle(cfg, data_root=data_root)  # a missing or empty folder is one line here
     built = build_checked(cfg)
     console.print(describe_config(cfg, built))
     findings = preflight(cfg, built, data_root=data_root, timing=timing)

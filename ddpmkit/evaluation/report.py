@@ -26,31 +26,89 @@ PAIRS_SHOWN = 16
 
 
 def read_images(path: Path) -> torch.Tensor:
-    """uint8 [N, C, H, W] from an ``.npz`` (uint8 NHWC under ``images``, as ``ddpmkit sample`` writes) or an image folder."""
+    """uint8 [N, C, H, W] from an ``.npz`` or an image folder.
+
+    An ``.npz`` holds its images under ``images`` (as ``ddpmkit sample`` writes) or ``arr_0`` (guided-diffusion's
+    and EDM's samplers), NHWC, NCHW or NHW, as uint8 or as floats in [0, 1] or [-1, 1]."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file or folder")
     if path.suffix.lower() == ".npz":
         try:
             with np.load(path) as data:
-                array = data["images"]
-        except (OSError, ValueError, KeyError) as exc:
-            raise DataError(f"{path}: not a samples .npz with uint8 'images' ({type(exc).__name__}: {exc})") from None
-        if array.dtype != np.uint8 or array.ndim != 4:
-            raise DataError(f"{path}: 'images' must be uint8 [N, H, W, C], got {array.dtype} {array.shape}")
-        return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
+                key = next((k for k in ("images", "arr_0") if k in data.files), None)
+                if key is None:
+                    raise DataError(f"{path}: not a samples .npz: no 'images' or 'arr_0' array (it has {', '.join(data.files) or 'none'})")
+                array = data[key]
+        except (OSError, ValueError, EOFError) as exc:
+            why = "not a zip archive of arrays" if "pickled" in str(exc) else f"{type(exc).__name__}: {exc}"
+            raise DataError(f"{path}: not a samples .npz ({why}; pickles are never loaded)") from None
+        return images_from_array(array, str(path))
     if path.is_dir():
         from ddpmkit.run.config import DataSection
-        from ddpmkit.run.data import load_dataset, open_image
+        from ddpmkit.run.data import load_dataset
 
-        probe = next((p for p in sorted(path.iterdir()) if p.is_file()), None)
-        if probe is None:
-            raise DataError(f"{path}: empty folder")
-        with open_image(probe) as img:
-            size = img.size[0]
-        section = DataSection(dataset="image-folder", root=str(path), image_size=size, channels=1)
-        return load_dataset(section).images
+        return load_dataset(DataSection(dataset="image-folder", root=str(path))).images
     raise DataError(f"{path}: expected a .npz file or a folder of images")
+
+
+def images_from_array(array: np.ndarray, where: str) -> torch.Tensor:
+    """uint8 [N, C, H, W] from an array in any of the layouts and scales samplers write (see :func:`read_images`)."""
+    if array.ndim == 3:
+        array = array[:, :, :, None]  # NHW: grayscale
+    if array.ndim != 4 or array.shape[0] == 0:
+        raise DataError(f"{where}: expected images [N, H, W, C], [N, C, H, W] or [N, H, W], got shape {array.shape}")
+    if array.shape[-1] in (1, 3) and array.shape[1] not in (1, 3):
+        array = array.transpose(0, 3, 1, 2)  # NHWC
+    elif not (array.shape[1] in (1, 3) and array.shape[-1] not in (1, 3)):
+        if not (array.shape[1] in (1, 3) and array.shape[-1] in (1, 3)):
+            raise DataError(f"{where}: shape {array.shape} has no channel axis of 1 or 3 (second or last)")
+        array = array.transpose(0, 3, 1, 2)  # both could be channels (1- or 3-pixel images): NHWC, ddpmkit's own
+    if array.dtype == np.uint8:
+        return torch.from_numpy(np.ascontiguousarray(array))
+    if not np.issubdtype(array.dtype, np.floating):
+        raise DataError(f"{where}: images must be uint8 or floats in [0, 1] or [-1, 1], got {array.dtype}")
+    lo, hi = float(np.nanmin(array)), float(np.nanmax(array))
+    if not np.isfinite(array).all() or lo < -1.0001 or hi > 1.0001:
+        raise DataError(f"{where}: float images must lie in [0, 1] or [-1, 1], these span [{lo:.3g}, {hi:.3g}]")
+    x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+    x = (x + 1) / 2 if lo < 0 else x  # [-1, 1] -> [0, 1]
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+#: FID below this many samples is dominated by its bias (Chong & Forsyth 2020): a number, but not a measurement.
+MIN_MEANINGFUL_FID_SAMPLES = 1000
+
+#: What each dataset's images are, for saying why the MNIST classifier cannot measure them.
+_NOT_DIGITS = {
+    "fashion-mnist": "FashionMNIST's clothing",
+    "cifar10": "CIFAR-10's photographs",
+    "synthetic": "synthetic rectangles",
+}
+
+
+def check_feature_network(shape: tuple[int, ...], dataset: str | None = None) -> str | None:
+    """DataError, before anything is sampled or trained, when the MNIST classifier's features cannot measure
+    these images (colour, or a run's dataset that is not digits); else a caveat to show (or None)."""
+    if dataset in _NOT_DIGITS:
+        raise DataError(
+            f"eval measures samples with an MNIST digit classifier's features, which do not fit "
+            f"{_NOT_DIGITS[dataset]} (data.dataset = {dataset!r}); no feature network for them is built in yet, "
+            "so no FID is printed rather than a wrong one")
+    if len(shape) != 3 or shape[0] != 1:
+        raise DataError(f"eval measures samples with an MNIST digit classifier, which reads grayscale images; "
+                        f"these are {'x'.join(map(str, shape))} (C x H x W)")
+    if dataset not in (None, "mnist"):
+        return (f"the run trained on an {dataset} dataset: eval measures it with an MNIST digit classifier's "
+                "features, which mean something only if the images are digits")
+    return None
+
+
+def small_sample_warning(num: int) -> str | None:
+    if num < MIN_MEANINGFUL_FID_SAMPLES:
+        return (f"{num:,} samples: FID and KID this small are dominated by their bias and noise; compare "
+                f"figures only at the same N, and use {MIN_MEANINGFUL_FID_SAMPLES:,} or more to report one")
+    return None
 
 
 def read_labels(path: Path) -> torch.Tensor | None:

@@ -24,6 +24,7 @@ from typing import Any
 import pluggy
 
 from ddpmkit import hookspecs
+from ddpmkit.extras import EXTRAS, NEEDED_BY, install_hint, is_missing
 from ddpmkit.errors import DdpmkitWarning, PluginError
 from ddpmkit.kinds import EVENTS, KINDS, REGISTER_HOOKS, base_class, check_kind
 
@@ -385,4 +386,8 @@ def list_plugins() -> list[dict[str, Any]]:
         if any(c.plugin is plugin for c in reg.components):
             continue
         rows.append(_row(None, None, None, plugin, plugin.status, plugin.error, plugin.module))
+    for row in rows:  # ddpmkit's own components that need an optional extra say which, while it is missing
+        extra = NEEDED_BY.get(row["qualified_name"] or "")
+        if extra and row["status"] == "ok" and is_missing(extra):
+            row["status"], row["error"] = "needs extra", f"needs {EXTRAS[extra][0]}: {install_hint(extra)}"
     return rows

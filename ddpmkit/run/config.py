@@ -14,7 +14,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from ddpmkit.errors import ConfigError, DdpmkitWarning, PluginError
 from ddpmkit.kinds import KINDS
@@ -50,14 +50,73 @@ class RunSection(Section):
         return v
 
 
+#: The datasets ``[data] dataset`` can name (see ``ddpmkit describe DATASET``, ``ddpmkit.run.data.DATASETS``).
+DATASET_NAMES = ("mnist", "fashion-mnist", "cifar10", "image-folder", "hf", "synthetic")
+#: (channels, image_size) that ``auto`` means for the datasets whose shape is known without reading them
+#: (MNIST and FashionMNIST: 28 zero-padded to 32, as in the tutorial).
+NATIVE_SHAPES = {"mnist": (1, 32), "fashion-mnist": (1, 32), "cifar10": (3, 32), "synthetic": (1, 32)}
+
+
 class DataSection(Section):
-    dataset: Literal["mnist", "image-folder", "synthetic"] = "mnist"
-    root: str = Field("data", description="where the dataset lives (MNIST: the folder holding MNIST/raw)")
-    download: bool = Field(True, description="download MNIST when it is not under root")
-    image_size: int = Field(32, ge=4, description="side of the square images the model sees")
-    channels: Literal[1, 3] = Field(1, description="1 (grayscale) or 3 (RGB)")
+    dataset: Literal["mnist", "fashion-mnist", "cifar10", "image-folder", "hf", "synthetic"] = "mnist"
+    root: str = Field("data", description="where the dataset lives: the folder holding MNIST/raw, FashionMNIST/raw "
+                      "or cifar-10-batches-bin, or the image folder itself")
+    download: bool = Field(True, description="download MNIST, FashionMNIST, CIFAR-10 or a Hub dataset when it is not there")
+    image_size: Union[int, Literal["auto"]] = Field(
+        "auto", description="side of the square images the model sees; auto: 32 for MNIST, FashionMNIST (28 zero-padded "
+        "to 32, as in the tutorial) and CIFAR-10, 32 for synthetic, the files' own size for an image folder or hf "
+        "dataset (which must then all be the same square size)")
+    channels: Union[int, str] = Field(
+        "auto", description="1 (grayscale) or 3 (RGB); auto: the dataset's own (an image folder or hf dataset: 3 when "
+        "any image is in colour)")
+    crop: Literal["center", "none"] = Field(
+        "center", description="an image that is not image_size square: resize its shorter side to image_size and "
+        "keep the centre square (center), or resize it to the square whatever its aspect ratio (none)")
+    hflip: bool = Field(False, description="flip each training image left-right with probability 1/2 (augmentation; "
+                        "right for CIFAR-10 and photos, wrong for digits)")
     num_samples: int = Field(256, ge=1, description="synthetic dataset only: number of images")
     limit: int | None = Field(None, ge=1, description="use only the first N training images")
+    path: str | None = Field(None, description="hf only: a HuggingFace dataset's name on the Hub, a folder written "
+                             "by save_to_disk, or a folder of images (loaded as datasets' imagefolder)")
+    split: str = Field("train", description="hf only: the split to train on")
+    image_column: str = Field("image", description="hf only: the column holding the images")
+    label_column: str | None = Field(None, description="hf only: the column of class labels (unset: 'label' when "
+                                     "the dataset has one)")
+
+    @field_validator("image_size", mode="before")
+    @classmethod
+    def _size(cls, v: Any) -> Any:
+        if v == AUTO or (isinstance(v, int) and not isinstance(v, bool) and v >= 4):
+            return v
+        raise ValueError(f'must be a whole number of pixels, at least 4, or "auto"; got {v!r}')
+
+    @field_validator("channels", mode="before")
+    @classmethod
+    def _channels(cls, v: Any) -> Any:
+        if v == AUTO or (v in (1, 3) and not isinstance(v, bool)):
+            return v
+        raise ValueError(f'must be 1 (grayscale), 3 (RGB) or "auto"; got {v!r}')
+
+    @model_validator(mode="after")
+    def _hf_needs_path(self) -> "DataSection":
+        if self.dataset == "hf" and not self.path:
+            raise ValueError("dataset = \"hf\" needs data.path: a dataset's name on the Hub, a save_to_disk folder "
+                             "or a folder of images")
+        return self
+
+    @property
+    def settled(self) -> bool:
+        """Whether image_size and channels are numbers (``auto`` is settled from the data, see
+        :func:`ddpmkit.run.data.settle`)."""
+        return self.image_size != AUTO and self.channels != AUTO
+
+    def with_native_shape(self) -> "DataSection":
+        """This section with ``auto`` replaced where the dataset's shape is known without its files."""
+        if self.settled or self.dataset not in NATIVE_SHAPES:
+            return self
+        channels, size = NATIVE_SHAPES[self.dataset]
+        return self.model_copy(update={"channels": channels if self.channels == AUTO else self.channels,
+                                       "image_size": size if self.image_size == AUTO else self.image_size})
 
 
 class ComponentSection(Section):
@@ -268,6 +327,22 @@ class RunConfig(Section):
             section._component = plugins.find(kind, section.name)
         return section._component
 
+    def check_extras(self) -> None:
+        """MissingExtra for the first thing this config uses whose optional extra is not installed (the run
+        would fail on it later): the hf dataset, a component or an enabled event plugin of ddpmkit's own."""
+        from ddpmkit.extras import NEEDED_BY, require
+
+        if self.data.dataset == "hf":
+            require("hf", 'data.dataset = "hf"')
+        for kind in KINDS:
+            extra = NEEDED_BY.get(self.component(kind).qualified)
+            if extra:
+                require(extra, f"{kind}.name = {getattr(self, kind).name!r}")
+        for name, table in self.plugins.items():
+            extra = NEEDED_BY.get(f"ddpmkit:{name}")
+            if extra and isinstance(table, dict) and table.get("enabled"):
+                require(extra, f"[plugins.{name}] enabled = true")
+
     def component_options(self, kind: str):
         """The validated Options instance of ``[kind]``."""
         section: ComponentSection = getattr(self, kind)
@@ -298,7 +373,12 @@ class RunConfig(Section):
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        return (self.data.channels, self.data.image_size, self.data.image_size)
+        """(C, H, W) of the images; the config's data section must be settled (:func:`ddpmkit.run.data.settle`)."""
+        data = self.data.with_native_shape()
+        if not data.settled:
+            raise ValueError("data.image_size / data.channels are still auto: settle the config with "
+                             "ddpmkit.run.data.settle(cfg) first")
+        return (int(data.channels), int(data.image_size), int(data.image_size))
 
     @property
     def run_dir(self) -> Path:
@@ -310,12 +390,14 @@ class RunConfig(Section):
         Component names are qualified (``ddpmkit:unet``): installing another plugin cannot change them.
         """
         d = self.model_dump()
+        d["data"] = self.data.with_native_shape().model_dump()  # "auto" and 32 are the same MNIST run
         for kind in ("schedule", "denoiser"):
             d[kind]["name"] = self.component(kind).qualified
         keep = {
             "schedule": d["schedule"],
             "denoiser": d["denoiser"],
-            "data": {k: d["data"][k] for k in ("dataset", "image_size", "channels", "num_samples", "limit")},
+            "data": {k: d["data"][k] for k in ("dataset", "image_size", "channels", "num_samples", "limit")
+                     + (("hflip",) if self.data.hflip else ())},
             "train": {k: d["train"][k] for k in ("batch_size", "precision")},
             "run": {"seed": d["run"]["seed"]},
         }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -20,15 +21,33 @@ def grid(images: torch.Tensor, nrow: int, padding: int = 2) -> np.ndarray:
     return arr[:, :, 0] if images.shape[1] == 1 else arr
 
 
-def save_png(array: np.ndarray, path: Path) -> None:
+def save_png(array: np.ndarray, path: Path, scale: int = 1) -> None:
+    """``array`` as a PNG, each pixel a ``scale`` x ``scale`` block (nearest neighbour: no blur)."""
     from PIL import Image
 
+    if scale > 1:
+        array = array.repeat(scale, axis=0).repeat(scale, axis=1)
     Image.fromarray(array).save(path)
 
 
+#: What ``--out`` can name: a grid, an array, or a folder (one PNG per image, beside both).
+OUTPUT_FORMS = ".png (a grid), .npz (uint8 NHWC 'images') or a folder DIR (one PNG per image, with DIR.npz and DIR.png beside it)"
+
+
+def is_folder_output(path: Path) -> bool:
+    """``--out DIR``: a name without a suffix (or an existing folder not named like a file)."""
+    return path.suffix == "" or (path.is_dir() and path.suffix.lower() not in (".png", ".npz"))
+
+
+def _is_sample_file(path: Path) -> bool:
+    return bool(re.fullmatch(r"\d{6}\.png", path.name))
+
+
 def write_images(images: torch.Tensor, path: Path, *, labels: torch.Tensor | None = None,
-                 classes: list[str] | None = None) -> None:
-    """Write model-scale images as a grid (``.png``) or as uint8 NHWC under ``images`` (``.npz``).
+                 classes: list[str] | None = None, scale: int = 1) -> None:
+    """Write model-scale images as a grid (``.png``, upscaled ``scale`` times), as uint8 NHWC under ``images``
+    (``.npz``), or into a folder DIR: ``000000.png``... one per image at its own size and nothing else (what
+    clean-fid, torch-fidelity and pytorch-fid read), with ``DIR.npz`` and the grid ``DIR.png`` beside it.
 
     With ``labels`` (the class each image was drawn as): the ``.npz`` holds them as ``labels`` (and the class
     names as ``classes``), and the grid has one row per run of equal labels, named at its left.
@@ -36,17 +55,26 @@ def write_images(images: torch.Tensor, path: Path, *, labels: torch.Tensor | Non
     path = Path(path)
     u8 = to_uint8(images)
     try:
+        if is_folder_output(path):
+            path.mkdir(parents=True, exist_ok=True)
+            for old in path.iterdir():  # an earlier, larger set's images would be read with this one's
+                if _is_sample_file(old):
+                    old.unlink()
+            hwc = u8.permute(0, 2, 3, 1).numpy()
+            for i, image in enumerate(hwc):
+                save_png(image[:, :, 0] if image.shape[-1] == 1 else image, path / f"{i:06d}.png")
+            write_images(images, path.with_name(path.name + ".npz"), labels=labels, classes=classes)
+            write_images(images, path.with_name(path.name + ".png"), labels=labels, classes=classes, scale=scale)
+            return
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.suffix.lower() == ".npz":
             extra = {}
             if labels is not None:
                 extra = {"labels": labels.to(torch.int64).numpy(), "classes": np.array(classes or [], dtype=str)}
             np.savez_compressed(path, images=u8.permute(0, 2, 3, 1).numpy(), **extra)
-        elif path.suffix.lower() == ".png":
-            save_png(class_rows(u8, labels, classes or []) if labels is not None
-                     else grid(u8, nrow=int(np.ceil(np.sqrt(len(u8))))), path)
         else:
-            raise ConfigError(f"{path}: output must end in .png or .npz")
+            save_png(class_rows(u8, labels, classes or []) if labels is not None
+                     else grid(u8, nrow=int(np.ceil(np.sqrt(len(u8))))), path, scale)
     except OSError as exc:
         raise DdpmkitError(f"{path}: cannot write ({exc.strerror or exc})") from None
 
@@ -106,10 +134,18 @@ def _with_column_labels(body: np.ndarray, labels: list[str], cell: int) -> np.nd
 
 
 def check_output_path(path: Path) -> None:
-    """ConfigError now, before any sampling, if ``path`` could not be written: it is a folder, or a
-    file stands where one of its folders would be."""
-    if path.is_dir():
-        raise ConfigError(f"--out {path}: is a folder; give a file name ending in .png or .npz")
+    """ConfigError now, before any sampling, if ``path`` could not be written: a file stands where one of its
+    folders would be (or where the output folder would be)."""
+    folder = is_folder_output(path)
+    if not folder and path.suffix.lower() not in (".png", ".npz"):
+        raise ConfigError(f"--out {path}: must end in .png or .npz, or be a folder name: {OUTPUT_FORMS}")
+    if not folder and path.is_dir():
+        raise ConfigError(f"--out {path}: is a folder; give a file name ending in .png or .npz, or a folder name")
+    if folder and path.exists() and not path.is_dir():
+        raise ConfigError(f"--out {path}: is a file; name {OUTPUT_FORMS}")
+    if folder and path.is_dir() and any(not _is_sample_file(p) for p in path.iterdir()):
+        raise ConfigError(f"--out {path}: the folder holds other files than samples; name a new or empty folder "
+                          "(its PNGs would be read as samples)")
     for parent in path.parents:
         if parent.exists():
             if not parent.is_dir():

@@ -243,6 +243,13 @@ class _Trainer:
         dropped = (torch.rand(len(labels), generator=g) < self.cfg.conditioning.label_dropout).to(labels.device)
         return torch.where(dropped, torch.full_like(labels, NULL_CLASS), labels)[mine]
 
+    def batch_flips(self, x0: torch.Tensor, batch: int, mine: slice) -> torch.Tensor:
+        """``x0`` with each of the global batch's images flipped left-right with probability 1/2 (data.hflip),
+        from a stream of its own (seed, step)."""
+        g = torch.Generator().manual_seed(derive_seed(self.cfg.run.seed, "flips", self.step))
+        flip = (torch.rand(batch, generator=g) < 0.5)[mine].to(x0.device).view(-1, 1, 1, 1)
+        return torch.where(flip, x0.flip(-1), x0)
+
     def update(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, lr: float,
                cond: Cond | None = None) -> _Update:
         """Forward, backward and (unless the loss or gradients are non-finite on any rank) the optimizer step
@@ -371,6 +378,8 @@ def train(
                 order, order_epoch = epoch_order(cfg.run.seed, epoch, n).to(device), epoch
             picked = order[index * batch : (index + 1) * batch]
             x0 = to_model_scale(images[picked[mine]])
+            if cfg.data.hflip:
+                x0 = trainer.batch_flips(x0, len(picked), mine)
             t, noise = trainer.batch_noise(batch, tuple(x0.shape[1:]), mine)
             cond = {"class": trainer.batch_labels(labels[picked], mine)} if labels is not None else None
             lr = learning_rate(cfg, trainer.step, decay_end)

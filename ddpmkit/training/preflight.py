@@ -11,7 +11,7 @@ import torch
 
 from ddpmkit.run.config import RunConfig
 from ddpmkit.diffusion import MAX_FINAL_SNR
-from ddpmkit.errors import DataError
+from ddpmkit.errors import DataNotFound
 from ddpmkit.run.components import Components
 from ddpmkit.runtime.units import format_duration
 
@@ -82,7 +82,7 @@ def data_finding(cfg: RunConfig, data_root: Path | None) -> tuple[Finding, int |
     section = cfg.data.model_copy(update={"download": False})
     try:
         ds = load_dataset(section, root_override=data_root, seed=cfg.run.seed)
-    except DataError as exc:
+    except DataNotFound as exc:  # anything else (a missing folder, a damaged file) stops validate
         return Finding("data", f"not checked: {exc} (validate never downloads)"), None
     lo, hi = (float(to_model_scale(v)) for v in (ds.images.min(), ds.images.max()))
     warning = None

@@ -18,7 +18,7 @@ from ddpmkit.errors import EXIT_INTERRUPTED, DdpmkitError, HookFailed
 from ddpmkit.run.checkpoint import Checkpoint, check_compatible, checkpoints_dir, describe_run, latest_checkpoint, step_dirs
 from ddpmkit.run.components import Components, build_checked
 from ddpmkit.run.config import RunConfig
-from ddpmkit.run.data import Dataset, load_dataset
+from ddpmkit.run.data import Dataset, load_dataset, settle
 from ddpmkit.run.events import EventDispatcher, RunInfo
 from ddpmkit.run.guide import guide_config
 from ddpmkit.run.lock import acquire, locked, release
@@ -69,6 +69,8 @@ def run_config(cfg: RunConfig, *, report: RunReport | None = None, fresh: bool =
     Under torchrun every process calls this; rank 0 holds the lock, reports, writes and samples.
     """
     report = report or RunReport()
+    cfg.check_extras()
+    cfg = settle(cfg, data_root=data_root)  # auto image_size / channels: the data's own, before anything is built
     world = from_environment()
     if not world.enabled:
         created = [d for d in (cfg.run_dir, *cfg.run_dir.parents) if not d.exists()]

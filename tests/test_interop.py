@@ -1,0 +1,115 @@
+"""Samples other tools read (a folder of PNGs), arrays in other samplers' conventions, and optional extras that
+say what they are."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ddpmkit.errors import DataError
+from ddpmkit.evaluation.report import check_feature_network, images_from_array, read_images
+from runconfigs import invoke, write_config
+
+
+@pytest.fixture(scope="module")
+def rectangles_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("interop")
+    cfg = write_config(folder, "i", epochs=1, num_images=0, trajectory_images=0)
+    assert invoke("run", str(cfg)).exit_code == 0
+    return folder / "runs" / "i"
+
+
+def test_sample_into_a_folder_writes_one_png_per_image_that_eval_reads_back(rectangles_run, tmp_path):
+    out = tmp_path / "drawn"
+    r = invoke("sample", str(rectangles_run), "--num", "5", "--out", str(out), "--scale", "3")
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in out.iterdir()) == [f"{i:06d}.png" for i in range(5)]  # nothing else inside
+    with np.load(tmp_path / "drawn.npz") as npz:
+        array = npz["images"]
+    assert array.shape == (5, 8, 8, 1)
+    assert np.array_equal(np.asarray(Image.open(out / "000003.png")), array[3, :, :, 0])  # lossless, own size
+    assert torch.equal(read_images(out), read_images(tmp_path / "drawn.npz"))  # the folder reads back as drawn
+    one = invoke("sample", str(rectangles_run), "--num", "5", "--out", str(tmp_path / "g.png"))
+    assert one.exit_code == 0
+    assert Image.open(tmp_path / "drawn.png").size == tuple(3 * v for v in Image.open(tmp_path / "g.png").size)
+    again = invoke("sample", str(rectangles_run), "--num", "2", "--out", str(out))
+    assert again.exit_code == 0 and sorted(p.name for p in out.glob("0*.png")) == ["000000.png", "000001.png"]
+    (out / "notes.txt").write_text("mine")
+    refused = invoke("sample", str(rectangles_run), "--num", "2", "--out", str(out))
+    assert refused.exit_code == 2 and "holds other files than samples" in refused.output
+
+
+def test_arrays_in_the_common_conventions_read_as_the_same_images():
+    rng = np.random.default_rng(0)
+    u8 = rng.integers(0, 256, (4, 3, 6, 6), dtype=np.uint8)
+    want = torch.from_numpy(u8)
+    assert torch.equal(images_from_array(u8, "nchw"), want)
+    assert torch.equal(images_from_array(u8.transpose(0, 2, 3, 1), "nhwc"), want)
+    assert torch.equal(images_from_array(u8.astype(np.float32) / 255, "unit"), want)
+    assert torch.equal(images_from_array(u8.astype(np.float64) / 127.5 - 1, "signed"), want)
+    gray = u8[:, 0]
+    assert torch.equal(images_from_array(gray, "nhw"), want[:, :1])
+    with pytest.raises(DataError, match="float images must lie in"):
+        images_from_array(u8.astype(np.float32), "x")
+    with pytest.raises(DataError, match="no channel axis"):
+        images_from_array(np.zeros((2, 5, 6, 7), np.uint8), "x")
+    with pytest.raises(DataError, match="uint8 or floats"):
+        images_from_array(u8.astype(np.int32), "x")
+
+
+def test_an_arr_0_npz_in_nchw_is_read(tmp_path):
+    u8 = np.random.default_rng(1).integers(0, 256, (3, 1, 28, 28), dtype=np.uint8)
+    np.savez(tmp_path / "samples_3x28x28x1.npz", u8)  # guided-diffusion's name for it: arr_0
+    assert read_images(tmp_path / "samples_3x28x28x1.npz").shape == (3, 1, 28, 28)
+    np.savez(tmp_path / "other.npz", pictures=u8)
+    with pytest.raises(DataError, match="not a samples .npz: no 'images' or 'arr_0' array \\(it has pictures\\)"):
+        read_images(tmp_path / "other.npz")
+
+
+def test_eval_refuses_what_its_feature_network_cannot_measure_before_sampling(rectangles_run, tmp_path):
+    with pytest.raises(DataError, match="synthetic rectangles"):
+        check_feature_network((1, 8, 8), "synthetic")
+    with pytest.raises(DataError, match="reads grayscale images; these are 3x32x32"):
+        check_feature_network((3, 32, 32))
+    assert "only if the images are digits" in check_feature_network((1, 28, 28), "image-folder")
+    assert check_feature_network((1, 28, 28), "mnist") is None
+    r = invoke("eval", str(rectangles_run), "--num", "10", "--data-root", str(tmp_path / "no-mnist-needed"))
+    assert r.exit_code == 2 and "do not fit synthetic rectangles" in r.output, r.output
+    assert "sampling" not in r.output  # refused before any work
+
+
+def test_a_missing_extra_is_named_by_list_plugins_and_validate(tmp_path, monkeypatch):
+    import ddpmkit.extras as extras
+    import ddpmkit.registry.discovery as discovery
+
+    monkeypatch.setattr(extras, "is_missing", lambda extra: extra in ("tensorboard", "diffusers"))
+    monkeypatch.setattr(discovery, "is_missing", extras.is_missing)
+    rows = {r["qualified_name"]: r for r in discovery.list_plugins()}
+    assert rows["ddpmkit:diffusers"]["status"] == "needs extra"
+    assert "pip install 'ddpmkit[diffusers]'" in rows["ddpmkit:diffusers"]["error"]
+    assert rows["ddpmkit:ddim"]["status"] == "ok"
+    cfg = write_config(tmp_path)
+    r = invoke("validate", str(cfg), "--no-timing", "--set", "plugins.tensorboard.enabled=true")
+    assert r.exit_code == 2 and "pip install 'ddpmkit[tensorboard]'" in r.output, r.output
+    assert invoke("validate", str(cfg), "--no-timing").exit_code == 0
+
+
+def test_the_wandb_plugin_writes_an_offline_run_that_a_resume_continues(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    cfg = write_config(tmp_path, "w", epochs=1, num_images=2, trajectory_images=0)
+    sets = ["--set", "plugins.wandb.enabled=true", "--set", "plugins.wandb.log_every=1"]
+    assert invoke("run", str(cfg), *sets).exit_code == 0
+    run = tmp_path / "runs" / "w"
+    run_id = (run / "wandb-id.txt").read_text().strip()
+    first = sorted((run / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert len(first) == 1
+    log = (first[0] / f"run-{run_id}.wandb").read_bytes()
+    assert b"train/loss" in log and b"samples/samples" in log and b"ddpmkit" in log
+    assert invoke("run", str(cfg), *sets, "--set", "train.epochs=2").exit_code == 0  # resumes at step 4
+    assert (run / "wandb-id.txt").read_text().strip() == run_id
+    assert len(sorted((run / "wandb").glob(f"offline-run-*-{run_id}"))) == 2  # the same wandb run, continued
