@@ -11,7 +11,7 @@ from ddpmkit.errors import MissingExtra
 
 #: extra -> (the module it makes importable, what it is for)
 EXTRAS: dict[str, tuple[str, str]] = {
-    "diffusers": ("diffusers", "HuggingFace diffusers: the diffusers sampler"),
+    "diffusers": ("diffusers", "HuggingFace diffusers: the diffusers sampler and diffusers-unet denoiser, export"),
     "hf": ("datasets", "HuggingFace datasets: data.dataset = \"hf\""),
     "tensorboard": ("tensorboard", "TensorBoard event files: [plugins.tensorboard]"),
     "wandb": ("wandb", "Weights & Biases logging: [plugins.wandb]"),
@@ -21,6 +21,7 @@ EXTRAS: dict[str, tuple[str, str]] = {
 #: ddpmkit's own components and event plugins (qualified names) that need an extra.
 NEEDED_BY: dict[str, str] = {
     "ddpmkit:diffusers": "diffusers",
+    "ddpmkit:diffusers-unet": "diffusers",
     "ddpmkit:tensorboard": "tensorboard",
     "ddpmkit:wandb": "wandb",
 }

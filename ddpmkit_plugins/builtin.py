@@ -12,11 +12,14 @@ DDPMKIT_PLUGIN_API = [1, 2]
 def register_schedules(register):
     register("linear", "ddpmkit_plugins.linear:LinearSchedule")
     register("cosine", "ddpmkit_plugins.cosine:CosineSchedule")
+    register("betas", "ddpmkit_plugins.given_betas:GivenBetas")
 
 
 @hookimpl
 def register_denoisers(register):
     register("unet", "ddpmkit_plugins.unet:UNet")
+    # needs the optional extra ddpmkit[diffusers], as the diffusers sampler does
+    register("diffusers-unet", "ddpmkit_plugins.diffusers_unet:DiffusersUNet")
 
 
 @hookimpl

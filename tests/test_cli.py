@@ -201,11 +201,12 @@ def test_list_plugins_json():
     assert rows == [
         {"kind": kind, "name": name, "qualified_name": f"ddpmkit:{name}", "plugin": plugin, "distribution": "ddpmkit",
          "version": ddpmkit.__version__, "status": "ok", "error": None}
-        for kind, name, plugin in [("schedule", "cosine", "builtin"), ("schedule", "linear", "builtin"),
+        for kind, name, plugin in [("schedule", "betas", "builtin"), ("schedule", "cosine", "builtin"),
+                                   ("schedule", "linear", "builtin"), ("denoiser", "diffusers-unet", "builtin"),
                                    ("denoiser", "unet", "builtin"), ("sampler", "ddim", "builtin"),
                                    ("sampler", "ddpm", "builtin"), ("sampler", "diffusers", "builtin"),
                                    ("events", "metrics", "metrics"),
-                                   ("events", "tensorboard", "tensorboard")]
+                                   ("events", "tensorboard", "tensorboard"), ("events", "wandb", "wandb")]
     ]
 
 

@@ -85,10 +85,10 @@ CASES = [
     ("attentions-wrong-length", "attentions = [false, true, false, false]", "attentions = [false, true, false]", "denoiser.options.attentions: needs one entry per layer (4), got 3"),
     ("upscales-wrong-length", "upscales = [false, false, true, true]", "upscales = [false, false, true, true, true]", "denoiser.options.upscales: needs one entry per layer (4), got 5"),
     ("channels-flow", "channels = [8, 16, 32, 32]", "channels = [8, 16, 32, 40]", "denoiser.options.channels: channels[3] must be 32"),
-    ("unknown-denoiser", 'name = "unet"', 'name = "unett"', "denoiser.name: unknown denoiser 'unett'; installed: unet"),
+    ("unknown-denoiser", 'name = "unet"', 'name = "unett"', "denoiser.name: unknown denoiser 'unett'; installed: diffusers-unet, unet"),
     ("unknown-sampler", 'name = "ddpm"', 'name = "plms"', "sampler.name: unknown sampler 'plms'; installed: ddim, ddpm"),
     ("unknown-schedule", 'name = "linear"', 'name = "quadratic"',
-     "schedule.name: unknown schedule 'quadratic'; installed: cosine, linear"),
+     "schedule.name: unknown schedule 'quadratic'; installed: betas, cosine, linear"),
     ("trajectory-step-ge-T", "trajectory_steps = [0, 5, 10, 20, 30, 49]", "trajectory_steps = [0, 5, 50]", "sample.trajectory_steps: steps [50] are not below T = 50"),
     ("trajectory-step-negative", "trajectory_steps = [0, 5, 10, 20, 30, 49]", "trajectory_steps = [-1, 5]", "sample.trajectory_steps: steps must be >= 0"),
     ("run-name", 'name = "smoke"', 'name = "../evil"', "run.name: use letters, digits"),
@@ -157,7 +157,7 @@ def test_every_problem_is_reported(tmp_path):
 def test_unknown_plugin_lists_the_installed_ones_even_with_defaults(tmp_path):
     path = tmp_path / "bad.toml"
     path.write_text('[denoiser]\nname = "transformer"\n')
-    assert_user_error(validate(str(path)), f"{path}:2: denoiser.name: unknown denoiser 'transformer'; installed: unet")
+    assert_user_error(validate(str(path)), f"{path}:2: denoiser.name: unknown denoiser 'transformer'; installed: diffusers-unet, unet")
 
 
 def test_unet_needs_divisible_image_size(tmp_path):

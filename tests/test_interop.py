@@ -68,16 +68,39 @@ def test_an_arr_0_npz_in_nchw_is_read(tmp_path):
         read_images(tmp_path / "other.npz")
 
 
-def test_eval_refuses_what_its_feature_network_cannot_measure_before_sampling(rectangles_run, tmp_path):
-    with pytest.raises(DataError, match="synthetic rectangles"):
-        check_feature_network((1, 8, 8), "synthetic")
-    with pytest.raises(DataError, match="reads grayscale images; these are 3x32x32"):
+def test_eval_measures_a_run_with_a_classifier_of_its_own_data(tmp_path, monkeypatch):
+    """Rectangles are not digits: the classifier is trained on the run's own labelled images (their quadrant),
+    one in six held out as the reference; the figures are kept beside the run."""
+    import json
+
+    monkeypatch.setenv("DDPMKIT_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = write_config(tmp_path, "q", epochs=1, num_images=0, trajectory_images=0, num_samples=120)
+    assert invoke("run", str(cfg)).exit_code == 0
+    run = tmp_path / "runs" / "q"
+    r = invoke("eval", str(run), "--num", "10", "--data-root", str(tmp_path / "no-mnist-needed"), "--json")
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.stdout)
+    assert result["classifier"]["data"].startswith("synthetic rectangles") and result["num_reference"] == 10
+    assert result["classifier"]["classes"] == ["top-left", "top-right", "bottom-left", "bottom-right"]
+    assert len(result["samples"]["class_histogram"]) == 4 and result["floor"]["fid"] >= 0
+    assert json.loads((run / "eval.json").read_text())["num_samples"] == 10
+    assert "classifier" in invoke("eval", str(run), "--num", "10").output  # the cached classifier, as a table
+
+
+def test_eval_refuses_what_no_feature_network_fits_before_sampling(tmp_path):
+    from ddpmkit.evaluation.classifier import run_data
+    from ddpmkit.run.config import DataSection
+
+    with pytest.raises(DataError, match="reads grayscale images"):
         check_feature_network((3, 32, 32))
-    assert "only if the images are digits" in check_feature_network((1, 28, 28), "image-folder")
-    assert check_feature_network((1, 28, 28), "mnist") is None
-    r = invoke("eval", str(rectangles_run), "--num", "10", "--data-root", str(tmp_path / "no-mnist-needed"))
-    assert r.exit_code == 2 and "do not fit synthetic rectangles" in r.output, r.output
-    assert "sampling" not in r.output  # refused before any work
+    check_feature_network((1, 28, 28))
+    for i in range(3):
+        Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(tmp_path / f"{i}.png")  # loose: no labels
+    with pytest.raises(DataError, match="has no class labels, so no classifier"):
+        run_data(DataSection(dataset="image-folder", root=str(tmp_path)))
+    np.savez(tmp_path / "rgb.npz", images=np.zeros((12, 8, 8, 3), np.uint8))
+    r = invoke("eval", str(tmp_path / "rgb.npz"), "--data-root", str(tmp_path / "no-mnist-needed"))
+    assert r.exit_code == 2 and "eval the run itself" in r.output, r.output
 
 
 def test_a_missing_extra_is_named_by_list_plugins_and_validate(tmp_path, monkeypatch):

@@ -129,15 +129,18 @@ def test_builtins_come_through_the_entry_point_group(site):
         ("builtin", "ddpmkit_plugins.builtin"),
         ("metrics", "ddpmkit_plugins.metrics"),
         ("tensorboard", "ddpmkit_plugins.tensorboard"),
+        ("wandb", "ddpmkit_plugins.wandb_events"),
     ]
     rows = ddpmkit.list_plugins()
     assert_builtins_ok(rows)
     targets = {r["name"]: r["target"] for r in rows if r["kind"] != "events"}
-    assert {r["name"] for r in rows if r["kind"] == "events"} == {"metrics", "tensorboard"}
+    assert {r["name"] for r in rows if r["kind"] == "events"} == {"metrics", "tensorboard", "wandb"}
     assert targets == {
         "linear": "ddpmkit_plugins.linear:LinearSchedule",
         "cosine": "ddpmkit_plugins.cosine:CosineSchedule",
+        "betas": "ddpmkit_plugins.given_betas:GivenBetas",
         "unet": "ddpmkit_plugins.unet:UNet",
+        "diffusers-unet": "ddpmkit_plugins.diffusers_unet:DiffusersUNet",
         "ddpm": "ddpmkit_plugins.ddpm:DDPMSampler",
         "ddim": "ddpmkit_plugins.ddim:DDIMSampler",
         "diffusers": "ddpmkit_plugins.diffusers_sampler:DiffusersSampler",
@@ -242,7 +245,7 @@ def test_plugin_that_raises_on_import(site, tmp_path):
         ddpmkit.create_schedule("cosine-nope")
     message = str(info.value)
     assert "unknown schedule 'cosine-nope'" in message
-    assert "installed: cosine, fine, linear" in message
+    assert "installed: betas, cosine, fine, linear" in message
     assert "'broken' (ddpmkit-broken 0.3): RuntimeError: boom from the broken plugin" in message
 
     cli_rows = cli_json(site)
@@ -473,7 +476,7 @@ def test_env_var_disables_third_party_plugins(site, monkeypatch):
     rows = ddpmkit.list_plugins()
     assert_builtins_ok(rows)
     assert {r["distribution"] for r in rows} == {"ddpmkit"}
-    with pytest.raises(PluginError, match="unknown schedule 'optional'; installed: cosine, linear$"):
+    with pytest.raises(PluginError, match="unknown schedule 'optional'; installed: betas, cosine, linear$"):
         ddpmkit.create_schedule("optional")
     assert "fake_broken2_hooks" not in sys.modules
 

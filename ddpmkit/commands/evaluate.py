@@ -18,7 +18,7 @@ from ddpmkit.commands.app import DataRootOption, JsonOption, SeedOption, app, co
 @app.command("eval")
 @user_errors
 def eval_cmd(
-    samples: Path = typer.Argument(..., help="A samples .npz (from ddpmkit sample or run), a folder of images, or a run directory to sample from first."),
+    samples: Path = typer.Argument(..., help="A samples .npz (from ddpmkit sample or run, or another sampler's), a folder of images, or a run directory or diffusers model folder to sample from first (a run's figures are kept in RUN/eval.json)."),
     reference: Optional[Path] = typer.Option(None, "--reference", help="A .npz or image folder (default: the MNIST test set)."),
     num: Optional[int] = typer.Option(None, "--num", min=10, help="Use this many samples (run directory: draw this many; default 1000)."),
     sampler: Optional[str] = typer.Option(None, "--sampler", help="Run directory only: sample with another sampler."),
@@ -33,17 +33,20 @@ def eval_cmd(
     """Measure sample quality: classifier FID, KID and MiFID (torchmetrics), precision/recall, confidence and
     memorisation, each beside its floor (the same statistic for real training images)."""
     from ddpmkit.commands.sample import draw_with_progress
-    from ddpmkit.evaluation.report import (check_feature_network, evaluate, read_images, read_labels,
-                                           small_sample_warning)
+    from ddpmkit.evaluation.report import (check_feature_network, evaluate, evaluation_data, read_images,
+                                           read_labels, small_sample_warning)
     from ddpmkit.run.data import to_uint8
 
     out = err_console if as_json else console
     root = mnist_root(data_root)
-    if (samples / "checkpoints").is_dir() or (samples / "state.json").is_file():  # a run or a checkpoint
+    from ddpmkit.sampling.diffusers_io import is_diffusers_folder
+
+    is_run = (samples / "checkpoints").is_dir()
+    if is_run or (samples / "state.json").is_file() or is_diffusers_folder(samples):  # a run, checkpoint or model
         from ddpmkit.sampling.loaded import load_run
 
         loaded = load_run(samples, sampler=sampler, overrides=list(set_ or []), warn=_warner(out))
-        caveat = check_feature_network(loaded.config.image_shape, loaded.config.data.dataset)  # before sampling
+        data, caveat = evaluation_data(loaded, data_root=data_root, mnist_root=root)  # before sampling
         labels = loaded.labels(num or 1000, "all") if loaded.conditional else None  # class-balanced
         images = to_uint8(draw_with_progress(loaded, num or 1000, batch_size=batch_size, seed=seed, out=out,
                                              labels=labels))
@@ -53,19 +56,24 @@ def eval_cmd(
             from ddpmkit.errors import ConfigError
 
             raise ConfigError("--sampler and --set apply when SAMPLES is a run directory")
-        images, labels = read_images(samples), read_labels(samples)
-        caveat = check_feature_network(tuple(images.shape[1:]))  # before the classifier is trained
+        images = read_images(samples)
+        check_feature_network(tuple(images.shape[1:]))  # before the classifier is trained
+        data, caveat = None, None
+        labels = read_labels(samples)
         if num:
             images, labels = images[:num], labels[:num] if labels is not None else None
         pairs = pairs or samples.with_name(samples.stem + "-closest-pairs.png")
     ref = read_images(reference) if reference is not None else None
-    if ref is not None:
-        check_feature_network(tuple(ref.shape[1:]))
+    if ref is not None and data is None:
+        check_feature_network(tuple(ref.shape[1:]), "the reference images")
     for line in (caveat, small_sample_warning(len(images))):
         if line:
             _warner(out)(line)
     result = evaluate(images, data_root=root, reference=ref, pairs_png=pairs, inception_weights=inception_weights,
-                      seed=seed, labels=labels if ref is None else None, log=lambda m: out.print(m, highlight=False))
+                      seed=seed, labels=labels if ref is None else None, log=lambda m: out.print(m, highlight=False),
+                      data=data)
+    if is_run:  # beside the run, for `ddpmkit export`'s model card
+        (samples / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
     if as_json:
         print(json.dumps(result, indent=2))
         return
@@ -101,19 +109,20 @@ def sweep(
     plan = parse_plan(list(samplers or default_plan()), _weights(guidance))
     root = mnist_root(data_root)
     loaded = load_run(run, warn=_warner(shown))
-    from ddpmkit.evaluation.report import check_feature_network, small_sample_warning
+    from ddpmkit.evaluation.report import Evaluator, evaluation_data, small_sample_warning
 
-    for line in (check_feature_network(loaded.config.image_shape, loaded.config.data.dataset),  # before sampling
-                 small_sample_warning(num)):
+    data, caveat = evaluation_data(loaded, data_root=data_root, mnist_root=root)  # before sampling
+    for line in (caveat, small_sample_warning(num)):
         if line:
             _warner(shown)(line)
+    evaluator = Evaluator(num, data_root=root, seed=seed, log=lambda m: shown.print(m, highlight=False), data=data)
 
     def draw(point_plan: SamplingPlan, labels: torch.Tensor | None) -> torch.Tensor:
         return draw_with_progress(loaded, num, batch_size=batch_size, seed=seed, plan=point_plan, out=shown,
                                   labels=labels)
 
     result = run_sweep(loaded, plan, num=num, seed=seed, data_root=root, out_dir=out or Path(run) / "sweep",
-                       draw=draw, log=lambda m: shown.print(m, highlight=False))
+                       draw=draw, log=lambda m: shown.print(m, highlight=False), evaluator=evaluator)
     if as_json:
         print(json.dumps(result, indent=2))
         return
@@ -121,8 +130,8 @@ def sweep(
 
     table = Table(title=f"{num:,} samples per point, seed {seed} (classifier FID; KID in the JSON)", box=box.SIMPLE_HEAD)
     conditional = all("class_accuracy" in r for r in result["points"])
-    for col in ("sampler", "steps", "seconds", "FID", "precision", "recall", "confident", "digits") + (
-            ("class accuracy",) if conditional else ()):
+    for col in ("sampler", "steps", "seconds", "FID", "precision", "recall", "confident", "classes") + (
+            ("accuracy",) if conditional else ()):
         table.add_column(col, no_wrap=col != "sampler", overflow="fold", min_width=9 if col == "sampler" else None)
     f = result["floor"]
     for r in result["points"]:
@@ -159,14 +168,14 @@ def _print_eval(r: dict) -> None:
         ("classifier FID", "fid", "{:.3f}"), ("KID (x 1000)", "kid", "{:.3f}"), ("MiFID", "mifid", "{:.3f}"),
         ("precision (k = 3)", "precision", "{:.3f}"), ("recall (k = 3)", "recall", "{:.3f}"),
         ("mean confidence", "mean_confidence", "{:.3f}"), ("confidence > 0.9", "confident_share", "{:.1%}"),
-        ("class entropy (bits, max 3.32)", "class_entropy_bits", "{:.3f}"),
-        ("digits present (confident)", "classes_present", "{} of 10"),
+        (f"class entropy (bits, max {math.log2(s.get('num_classes', 10)):.2f})", "class_entropy_bits", "{:.3f}"),
+        ("classes present (confident)", "classes_present", "{} of " + str(s.get("num_classes", 10))),
     ]
     for label, key, fmt in rows:
         x = 1000.0 if key == "kid" else 1  # KID's unbiased MMD^2 is ~1e-3: shown in thousandths, as the field does
         table.add_row(label, fmt.format(s[key] * x), fmt.format(f[key] * x))
     console.print(table)
-    console.print(f"predicted classes 0..9: {s['class_histogram']}", highlight=False)
+    console.print(f"predicted classes 0..{len(s['class_histogram']) - 1}: {s['class_histogram']}", highlight=False)
     m = r["memorisation"]
     console.print(
         f"memorisation: median distance to the nearest training image {m['sample_median_nn_distance']:.2f} "
@@ -185,7 +194,8 @@ def _print_eval(r: dict) -> None:
                       + ", ".join(f"{row['class']}: {row['accuracy']:.0%}" + (f" FID {row['fid']:.2f}" if "fid" in row else "")
                                   for row in k["per_class"]), highlight=False)
     c = r["classifier"]
-    console.print(f"feature network: MNIST classifier {c['key']} (test accuracy {c['test_accuracy']:.2%}"
+    console.print(f"feature network: the {c.get('data', 'MNIST')} classifier {c['key']} (held-out accuracy "
+                  f"{c['test_accuracy']:.2%}"
                   f"{', cached' if c['cached'] else ', trained now'})", highlight=False)
 
 

@@ -9,18 +9,18 @@ from __future__ import annotations
 
 import torch
 
-from ddpmkit.evaluation.classifier import FeatureNetwork, MnistClassifier, to_classifier_input
+from ddpmkit.evaluation.classifier import FeatureNetwork, Classifier, to_classifier_input
 
 CONFIDENT = 0.9
 
 
 @torch.no_grad()
-def features(classifier: MnistClassifier, images: torch.Tensor, batch: int = 1000) -> torch.Tensor:
+def features(classifier: Classifier, images: torch.Tensor, batch: int = 1000) -> torch.Tensor:
     classifier.eval()
     return torch.cat([classifier.features(x) for x in images.split(batch)]).double()
 
 
-def distribution_distances(classifier: MnistClassifier, fake: torch.Tensor, real: torch.Tensor) -> dict[str, float]:
+def distribution_distances(classifier: Classifier, fake: torch.Tensor, real: torch.Tensor) -> dict[str, float]:
     """torchmetrics' FID, KID (mean over subsets) and MiFID between ``fake`` and ``real`` in the classifier's features."""
     import warnings
 
@@ -49,7 +49,7 @@ def distribution_distances(classifier: MnistClassifier, fake: torch.Tensor, real
     return out
 
 
-def frechet_distance(classifier: MnistClassifier, fake: torch.Tensor, real: torch.Tensor) -> float:
+def frechet_distance(classifier: Classifier, fake: torch.Tensor, real: torch.Tensor) -> float:
     """torchmetrics' FID alone between ``fake`` and ``real`` in the classifier's features (for small per-class sets)."""
     from torchmetrics.image.fid import FrechetInceptionDistance
 
@@ -61,19 +61,20 @@ def frechet_distance(classifier: MnistClassifier, fake: torch.Tensor, real: torc
 
 
 @torch.no_grad()
-def predicted_classes(classifier: MnistClassifier, images: torch.Tensor) -> torch.Tensor:
+def predicted_classes(classifier: Classifier, images: torch.Tensor) -> torch.Tensor:
     """The classifier's class for each image."""
     classifier.eval()
     return torch.cat([classifier(x).argmax(1) for x in images.split(1000)])
 
 
 @torch.no_grad()
-def confidence(classifier: MnistClassifier, images: torch.Tensor) -> dict:
+def confidence(classifier: Classifier, images: torch.Tensor) -> dict:
     """Mean top-class probability, the share above 0.9, and the predicted-class histogram with its entropy (bits)."""
     classifier.eval()
     probs = torch.cat([classifier(x).softmax(1) for x in images.split(1000)])
     top, cls = probs.max(1)
-    hist = torch.bincount(cls, minlength=10).double()
+    k = classifier.num_classes
+    hist = torch.bincount(cls, minlength=k).double()
     p = hist / hist.sum()
     entropy = float(-(p[p > 0] * p[p > 0].log2()).sum())
     return {
@@ -81,7 +82,8 @@ def confidence(classifier: MnistClassifier, images: torch.Tensor) -> dict:
         "confident_share": float((top > CONFIDENT).double().mean()),
         "class_histogram": [int(v) for v in hist],
         "class_entropy_bits": entropy,
-        "classes_present": int((torch.bincount(cls[top > CONFIDENT], minlength=10) > 0).sum()),
+        "classes_present": int((torch.bincount(cls[top > CONFIDENT], minlength=k) > 0).sum()),
+        "num_classes": k,
     }
 
 
@@ -114,8 +116,9 @@ def precision_recall(real_features: torch.Tensor, fake_features: torch.Tensor, k
 
 
 def pixel_vectors(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [N, 1, H, W] -> [N, 784]: the 28x28 view in [0, 1] that memorisation distances are measured in."""
-    return to_classifier_input(images).flatten(1)
+    """uint8 [N, C, H, W] -> [N, C * S * S]: the classifier's view in [0, 1] (28x28 for MNIST) that
+    memorisation distances are measured in."""
+    return to_classifier_input(images, images.shape[1]).flatten(1)
 
 
 def nearest_distances(queries: torch.Tensor, pool: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

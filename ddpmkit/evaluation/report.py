@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ddpmkit.errors import ConfigError, DataError
-from ddpmkit.evaluation.classifier import ClassifierSpec, load_or_train, mnist_tensors
+from ddpmkit.evaluation.classifier import ClassifierSpec, LabelledData, load_or_train, mnist_data
 from ddpmkit.evaluation.metrics import (
     confidence,
     distribution_distances,
@@ -79,29 +79,30 @@ def images_from_array(array: np.ndarray, where: str) -> torch.Tensor:
 #: FID below this many samples is dominated by its bias (Chong & Forsyth 2020): a number, but not a measurement.
 MIN_MEANINGFUL_FID_SAMPLES = 1000
 
-#: What each dataset's images are, for saying why the MNIST classifier cannot measure them.
-_NOT_DIGITS = {
-    "fashion-mnist": "FashionMNIST's clothing",
-    "cifar10": "CIFAR-10's photographs",
-    "synthetic": "synthetic rectangles",
-}
-
-
-def check_feature_network(shape: tuple[int, ...], dataset: str | None = None) -> str | None:
-    """DataError, before anything is sampled or trained, when the MNIST classifier's features cannot measure
-    these images (colour, or a run's dataset that is not digits); else a caveat to show (or None)."""
-    if dataset in _NOT_DIGITS:
-        raise DataError(
-            f"eval measures samples with an MNIST digit classifier's features, which do not fit "
-            f"{_NOT_DIGITS[dataset]} (data.dataset = {dataset!r}); no feature network for them is built in yet, "
-            "so no FID is printed rather than a wrong one")
+def check_feature_network(shape: tuple[int, ...], what: str = "these samples") -> None:
+    """Samples whose training data is not known (a file, a folder, a pretrained model) are measured with the
+    MNIST classifier: a DataError for colour ones, in one line, before anything is sampled or trained."""
     if len(shape) != 3 or shape[0] != 1:
-        raise DataError(f"eval measures samples with an MNIST digit classifier, which reads grayscale images; "
-                        f"these are {'x'.join(map(str, shape))} (C x H x W)")
-    if dataset not in (None, "mnist"):
-        return (f"the run trained on an {dataset} dataset: eval measures it with an MNIST digit classifier's "
-                "features, which mean something only if the images are digits")
-    return None
+        raise DataError(f"{what} are {'x'.join(map(str, shape))} (C x H x W) and their training data is not known: "
+                        "eval then measures with an MNIST digit classifier, which reads grayscale images; eval the "
+                        "run itself (ddpmkit eval RUN) to measure with a classifier trained on its own data")
+
+
+def evaluation_data(loaded: Any, *, data_root: Path | None, mnist_root: Path) -> tuple[LabelledData, str | None]:
+    """The labelled data a loaded run is measured against, loaded before anything is sampled: its own
+    (``data_root`` overriding its ``data.root``), MNIST's under ``mnist_root`` for an MNIST run or a pretrained
+    model (whose data is not known: with a caveat to show)."""
+    from ddpmkit.evaluation.classifier import run_data
+
+    if loaded.checkpoint is None:  # a diffusers folder: nothing says what it learned
+        what = f"samples of {loaded.source}"
+        check_feature_network(loaded.config.image_shape, what)
+        return mnist_data(mnist_root), (f"{what} are measured with an MNIST digit classifier's features (its "
+                                        "training data is not known): the figures mean something only for digits")
+    section = loaded.config.data
+    if section.dataset == "mnist":
+        return mnist_data(mnist_root), None
+    return run_data(section, root_override=data_root), None
 
 
 def small_sample_warning(num: int) -> str | None:
@@ -111,21 +112,22 @@ def small_sample_warning(num: int) -> str | None:
     return None
 
 
-def read_labels(path: Path) -> torch.Tensor | None:
+def read_labels(path: Path, classes: list[str] | None = None) -> torch.Tensor | None:
     """The ``labels`` of a samples ``.npz`` (the class each image was drawn as), or None when it has none.
 
-    Class accuracy is measured with the MNIST classifier, so the labels must be digits: an ``.npz`` whose
-    ``classes`` are other names is refused."""
+    Class accuracy is measured with the classifier of ``classes`` (default: MNIST's digits), so an ``.npz``
+    whose ``classes`` are other names is refused."""
     path = Path(path)
     if path.suffix.lower() != ".npz":
         return None
     with np.load(path) as data:
         if "labels" not in data:
             return None
-        labels, classes = data["labels"], list(data["classes"]) if "classes" in data else []
-    if classes and [str(c) for c in classes] != [str(d) for d in range(10)]:
-        raise DataError(f"{path}: its classes ({', '.join(map(str, classes[:5]))}...) are not MNIST's digits; "
-                        "class accuracy is measured with the MNIST classifier")
+        labels, named = data["labels"], list(data["classes"]) if "classes" in data else []
+    expected = classes if classes is not None else [str(d) for d in range(10)]
+    if named and [str(c) for c in named] != [str(c) for c in expected]:
+        raise DataError(f"{path}: its classes ({', '.join(map(str, named[:5]))}...) are not the classifier's "
+                        f"({', '.join(map(str, expected[:5]))}...); class accuracy needs the same classes")
     return torch.from_numpy(labels.astype(np.int64))
 
 
@@ -149,7 +151,8 @@ def _statistics(classifier, images: torch.Tensor, reference: torch.Tensor, refer
 
 
 class Evaluator:
-    """Everything that stays fixed while several sample sets are scored: the classifier, the MNIST sets,
+    """Everything that stays fixed while several sample sets are scored: the classifier, its labelled data
+    (MNIST's, or a run's own: :func:`ddpmkit.evaluation.classifier.run_data`),
     the reference subset and its features, the training images as pixel vectors, the test images' distances
     to them, and the floor (each computed once, on first use)."""
 
@@ -163,13 +166,15 @@ class Evaluator:
         cache: Path | None = None,
         seed: int = 0,
         log: Callable[[str], None] = lambda m: None,
+        data: LabelledData | None = None,
     ) -> None:
         if num < 10:
             raise ConfigError(f"{num} samples are too few to evaluate: use at least 10 (FID wants 1,000 or more)")
         self.num, self.seed, self.log = num, seed, log
-        self.classifier, self.record = load_or_train(spec, data_root=data_root, cache=cache, log=log)
-        self.train_x, self.train_y = mnist_tensors(data_root, train=True)
-        self.test_x, self.test_y = mnist_tensors(data_root, train=False)
+        self.data = data if data is not None else mnist_data(data_root)
+        self.classifier, self.record = load_or_train(spec, data=self.data, cache=cache, log=log)
+        self.train_x, self.train_y = self.data.train_x, self.data.train_y
+        self.test_x, self.test_y = self.data.test_x, self.data.test_y
         if reference is None:  # the test set's labels come along: the reference of each class
             index = _subset_index(len(self.test_x), num, seed)
             self.reference, self.reference_labels = self.test_x[index], self.test_y[index]
@@ -201,9 +206,10 @@ class Evaluator:
         return self._test_distances[n]
 
     def score(self, samples: torch.Tensor, pairs_png: Path | None = None) -> dict[str, Any]:
-        """The statistics of ``samples`` (uint8 [N, 1, H, W]) and their memorisation summary."""
-        if samples.ndim != 4 or samples.shape[1] != 1:
-            raise DataError(f"the MNIST classifier evaluates grayscale images; got {tuple(samples.shape[1:])} per image")
+        """The statistics of ``samples`` (uint8 [N, C, H, W]) and their memorisation summary."""
+        if samples.ndim != 4 or samples.shape[1] != self.data.channels:
+            raise DataError(f"the {self.data.name} classifier evaluates {self.data.channels}-channel images; got "
+                            f"{tuple(samples.shape[1:])} per image")
         self.log(f"evaluating {len(samples):,} samples against {len(self.reference):,} reference images ...")
         stats = _statistics(self.classifier, samples, self.reference, self.reference_features)
         distance, index = self._nearest_training(samples)
@@ -227,7 +233,7 @@ class Evaluator:
         were drawn as), and per class the classifier FID against that class of the reference beside its floor
         (as many real training images of the class against the same reference)."""
         if self.reference_labels is None:
-            raise ConfigError("per-class figures need the MNIST test set as the reference (no --reference)")
+            raise ConfigError("per-class figures need the data's own held-out images as the reference (no --reference)")
         if len(labels) != len(samples):
             raise DataError(f"{len(labels):,} labels for {len(samples):,} samples")
         predicted = predicted_classes(self.classifier, samples)
@@ -261,18 +267,21 @@ def evaluate(
     seed: int = 0,
     labels: torch.Tensor | None = None,
     log: Callable[[str], None] = lambda m: None,
+    data: LabelledData | None = None,
 ) -> dict[str, Any]:
     """Statistics of ``samples`` (uint8 [N, 1, H, W]) against ``reference`` (default: N images of the MNIST
     test set), and of N real training images against the same reference (the floor); with ``labels`` (the
     digit each sample was drawn as), the conditional figures of :meth:`Evaluator.score_classes` too."""
-    ev = Evaluator(len(samples), data_root=data_root, reference=reference, spec=spec, cache=cache, seed=seed, log=log)
+    ev = Evaluator(len(samples), data_root=data_root, reference=reference, spec=spec, cache=cache, seed=seed, log=log,
+                   data=data)
     scored = ev.score(samples, pairs_png)
     conditional = {"conditional": ev.score_classes(samples, labels)} if labels is not None else {}
     return {
         **conditional,
         "num_samples": len(samples),
         "num_reference": len(ev.reference),
-        "classifier": {k: ev.record[k] for k in ("key", "test_accuracy", "cached", "path")},
+        "classifier": {**{k: ev.record[k] for k in ("key", "test_accuracy", "cached", "path")}, "data": ev.data.name,
+                       "classes": ev.data.classes},
         "samples": scored["samples"],
         "floor": ev.floor,
         "memorisation": scored["memorisation"],
@@ -309,8 +318,8 @@ def _write_pairs(samples: torch.Tensor, neighbours: torch.Tensor, path: Path) ->
     from ddpmkit.sampling.images import grid, save_png
     from ddpmkit.evaluation.classifier import to_classifier_input
 
-    a = (to_classifier_input(samples) * 255).round().to(torch.uint8)
-    b = (to_classifier_input(neighbours) * 255).round().to(torch.uint8)
+    a = (to_classifier_input(samples, samples.shape[1]) * 255).round().to(torch.uint8)
+    b = (to_classifier_input(neighbours, neighbours.shape[1]) * 255).round().to(torch.uint8)
     pairs = torch.stack([a, b], dim=1).flatten(0, 1)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_png(grid(pairs, nrow=8), Path(path))

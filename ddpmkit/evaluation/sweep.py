@@ -91,7 +91,12 @@ def sweep(
     log = log or (lambda m: None)
     labels = run.labels(num, "all") if run.conditional else None
     draw = draw or (lambda p, y: run.draw(num, plan=p, seed=seed, batch_size=batch_size, labels=y)[0])
-    ev = evaluator or Evaluator(num, data_root=data_root, seed=seed, log=log)
+    if evaluator is None:
+        from ddpmkit.evaluation.report import evaluation_data
+
+        data, _ = evaluation_data(run, data_root=None, mnist_root=data_root)  # the run's own labelled data
+        evaluator = Evaluator(num, data_root=data_root, seed=seed, log=log, data=data)
+    ev = evaluator
     # every point's sampler is validated before the first one samples
     plans = [run.plan(sampler=point.sampler, steps=point.steps, guidance=point.guidance) for point in plan]
     rows = []

@@ -15,6 +15,7 @@ from typing import Any, Callable, Literal, Sequence, Union
 
 import torch
 
+from ddpmkit.sampling.diffusers_io import is_diffusers_folder, load_pretrained
 from ddpmkit.errors import ConfigError, DdpmkitError
 from ddpmkit.interfaces import Denoiser, Sampler
 from ddpmkit.registry import discovery
@@ -209,7 +210,8 @@ class LoadedRun:
 def load_run(source: str | Path, *, weights: Weights = "ema", device: str | None = None,
              sampler: str | None = None, overrides: list[str] | None = None,
              warn: Callable[[str], None] | None = None) -> LoadedRun:
-    """Verify and load a run's latest checkpoint (or the checkpoint folder ``source``) once.
+    """Verify and load a run's latest checkpoint (or the checkpoint folder ``source``, or a diffusers folder:
+    see :func:`ddpmkit.sampling.diffusers_io.load_pretrained`) once.
 
     ``sampler`` and ``overrides`` (``KEY.PATH=VALUE``) may change how it samples ([sampler], [sample],
     [run], ``guidance.weight`` and the sampling speed modes), never what the weights were trained with.
@@ -217,6 +219,10 @@ def load_run(source: str | Path, *, weights: Weights = "ema", device: str | None
     """
     if weights not in ("ema", "model"):
         raise ConfigError(f"weights = {weights!r}: expected 'ema' or 'model'")
+    if is_diffusers_folder(Path(source)):  # a diffusers pipeline or UNet2DModel folder, e.g. a DDPM from the Hub
+        _refuse_process_changes(overrides or [])
+        cfg, built, classes = load_pretrained(Path(source), device=device, sampler=sampler, overrides=overrides)
+        return LoadedRun(cfg, built, run_dir=Path(source), step=0, weights="ema", classes=classes)
     ckpt = find_checkpoint(Path(source), warn=warn)
     saved = ckpt.config_for_sampling()
     if sampler is not None and not _same_component("sampler", sampler, saved["sampler"]["name"]):
