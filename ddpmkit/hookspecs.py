@@ -71,3 +71,10 @@ def samples_written(run: Any, paths: list[Any], options: Any) -> None:
 @hookspec
 def train_end(run: Any, step: int, interrupted: bool, options: Any) -> None:
     """Training stopped at ``step``: finished, or ``interrupted`` by a signal or a failing hook."""
+
+
+@hookspec
+def evaluated(run: Any, result: dict[str, Any], options: Any) -> None:
+    """``ddpmkit eval RUN`` scored samples of the trained run (``run.start_step`` is the step of its weights);
+    ``result`` is what eval prints with --json and keeps in ``RUN/eval.json``: ``samples`` and ``floor`` hold
+    fid, kid, precision, recall, confident_share, ... (added in ddpmkit 0.7; older ddpmkit never calls it)."""

@@ -541,7 +541,7 @@ METRIC_KEYS: dict[str, type] = {"step": int, "epoch": int, "loss": float, "lr": 
 def check_event_plugin(name: str, options: dict[str, Any] | None = None, *, steps: int = 3) -> list[CheckResult]:
     """Drive the event plugin ``name`` through a short pretend run in a scratch folder (its hooks only): its
     options validate; train_start, ``steps`` step_end calls with the documented metric keys,
-    checkpoint_written, samples_written and train_end each run without an exception."""
+    checkpoint_written, samples_written, train_end and evaluated each run without an exception."""
     import tempfile
     from pathlib import Path
 
@@ -589,7 +589,9 @@ def check_event_plugin(name: str, options: dict[str, Any] | None = None, *, step
                                                           "images_per_s": 100.0, "time": now + k, "elapsed_s": 0.1 * k}})
                   for k in range(1, steps + 1)]
         calls += [("checkpoint_written", {"step": steps, "path": run_dir / "checkpoints" / f"step-{steps:08d}"}),
-                  ("samples_written", {"paths": []}), ("train_end", {"step": steps, "interrupted": False})]
+                  ("samples_written", {"paths": []}), ("train_end", {"step": steps, "interrupted": False}),
+                  ("evaluated", {"result": {"num_samples": 10, "samples": {"fid": 12.5, "precision": 0.5, "recall": 0.5},
+                                            "floor": {"fid": 2.5, "precision": 0.7, "recall": 0.7}}})]
         for hook, kwargs in calls:
             for impl in found["impls"].get(hook, []):
                 def call(impl=impl, hook=hook, kwargs=kwargs) -> str:

@@ -1,7 +1,7 @@
 """Logs a run to Weights & Biases when ``[plugins.wandb] enabled = true`` (the extra ``ddpmkit[wandb]``).
 
-The config, every ``log_every``-th step's loss, learning rate and images/s, and the sample grids go to one
-wandb run per ddpmkit run: its id is kept in ``<run>/wandb-id.txt``, so a resumed run continues the same wandb
+The config, every ``log_every``-th step's loss, learning rate and images/s, the sample grids and the figures
+of ``ddpmkit eval RUN`` go to one wandb run per ddpmkit run: its id is kept in ``<run>/wandb-id.txt``, so a resumed run continues the same wandb
 run. ``WANDB_MODE=offline`` (or ``mode = "offline"``) writes the wandb files under ``<run>/wandb`` only.
 """
 
@@ -52,21 +52,25 @@ def _run_id(run_dir: Path, resuming: bool) -> str:
     return run_id
 
 
-@hookimpl
-def train_start(run: Any, options: Options) -> None:
-    if not options.enabled:
-        return
+def _init(run: Any, options: Options, resuming: bool) -> Any:
     try:
         import wandb
     except ImportError:
         raise MissingExtra("[plugins.wandb] enabled = true needs the wandb package: pip install 'ddpmkit[wandb]'") from None
     run_dir = Path(run.run_dir)
-    _runs[run_dir] = wandb.init(
-        project=options.project, entity=options.entity, id=_run_id(run_dir, run.start_step > 0), resume="allow", dir=str(run_dir),
-        name=run.config.run.name, config=run.config.model_dump(mode="json"), tags=options.tags or None,
-        mode=options.mode, reinit="create_new",
+    return wandb.init(
+        project=options.project, entity=options.entity, id=_run_id(run_dir, resuming), resume="allow",
+        dir=str(run_dir), name=run.config.run.name, config=run.config.model_dump(mode="json"),
+        tags=options.tags or None, mode=options.mode, reinit="create_new",
     )
-    _steps[run_dir] = run.start_step
+
+
+@hookimpl
+def train_start(run: Any, options: Options) -> None:
+    if not options.enabled:
+        return
+    _runs[Path(run.run_dir)] = _init(run, options, run.start_step > 0)
+    _steps[Path(run.run_dir)] = run.start_step
 
 
 @hookimpl
@@ -100,3 +104,14 @@ def train_end(run: Any, interrupted: bool) -> None:
         logged = _runs.pop(Path(run.run_dir), None)
         if logged is not None:
             logged.finish(exit_code=1)
+
+
+@hookimpl
+def evaluated(run: Any, result: dict[str, Any], options: Options) -> None:
+    if not options.enabled:
+        return
+    logged = _init(run, options, resuming=True)  # the run's own wandb run, continued
+    figures = {f"eval/{part}/{key}": value for part in ("samples", "floor")
+               for key, value in result.get(part, {}).items() if isinstance(value, (int, float))}
+    logged.log({**figures, "eval/num_samples": result.get("num_samples")}, step=run.start_step)
+    logged.finish()

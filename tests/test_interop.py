@@ -124,7 +124,7 @@ def test_the_wandb_plugin_writes_an_offline_run_that_a_resume_continues(tmp_path
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
-    cfg = write_config(tmp_path, "w", epochs=1, num_images=2, trajectory_images=0)
+    cfg = write_config(tmp_path, "w", epochs=1, num_images=2, trajectory_images=0, num_samples=64)
     sets = ["--set", "plugins.wandb.enabled=true", "--set", "plugins.wandb.log_every=1"]
     assert invoke("run", str(cfg), *sets).exit_code == 0
     run = tmp_path / "runs" / "w"
@@ -133,6 +133,11 @@ def test_the_wandb_plugin_writes_an_offline_run_that_a_resume_continues(tmp_path
     assert len(first) == 1
     log = (first[0] / f"run-{run_id}.wandb").read_bytes()
     assert b"train/loss" in log and b"samples/samples" in log and b"ddpmkit" in log
-    assert invoke("run", str(cfg), *sets, "--set", "train.epochs=2").exit_code == 0  # resumes at step 4
+    assert invoke("run", str(cfg), *sets, "--set", "train.epochs=2").exit_code == 0  # resumes at step 8
     assert (run / "wandb-id.txt").read_text().strip() == run_id
     assert len(sorted((run / "wandb").glob(f"offline-run-*-{run_id}"))) == 2  # the same wandb run, continued
+    monkeypatch.setenv("DDPMKIT_CACHE_DIR", str(tmp_path / "cache"))
+    r = invoke("eval", str(run), "--num", "10", "--data-root", str(tmp_path / "no-mnist-needed"))
+    assert r.exit_code == 0, r.output
+    logs = sorted((run / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert len(logs) == 3 and b"eval/samples/fid" in (logs[-1] / f"run-{run_id}.wandb").read_bytes()

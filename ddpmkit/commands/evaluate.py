@@ -72,8 +72,9 @@ def eval_cmd(
     result = evaluate(images, data_root=root, reference=ref, pairs_png=pairs, inception_weights=inception_weights,
                       seed=seed, labels=labels if ref is None else None, log=lambda m: out.print(m, highlight=False),
                       data=data)
-    if is_run:  # beside the run, for `ddpmkit export`'s model card
+    if is_run:  # beside the run, for `ddpmkit export`'s model card, and to the run's event plugins (wandb)
         (samples / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+        _tell_event_plugins(loaded, samples, result, _warner(out))
     if as_json:
         print(json.dumps(result, indent=2))
         return
@@ -197,6 +198,21 @@ def _print_eval(r: dict) -> None:
     console.print(f"feature network: the {c.get('data', 'MNIST')} classifier {c['key']} (held-out accuracy "
                   f"{c['test_accuracy']:.2%}"
                   f"{', cached' if c['cached'] else ', trained now'})", highlight=False)
+
+
+def _tell_event_plugins(loaded, run_dir: Path, result: dict, warn: Callable[[str], None]) -> None:
+    """The ``evaluated`` hook of the run's event plugins, with the ``[plugins.*]`` tables it trained with."""
+    from ddpmkit.errors import DdpmkitError
+    from ddpmkit.run.config import config_from_dict
+    from ddpmkit.run.events import EventDispatcher, RunInfo
+
+    tables = loaded.checkpoint.schema.config.get("plugins", {}) if loaded.checkpoint is not None else {}
+    try:
+        cfg = config_from_dict({**loaded.config.model_dump(mode="json", exclude={"log"}), "plugins": tables})
+    except DdpmkitError as exc:  # a plugin of the run is gone: the figures are in eval.json all the same
+        warn(f"the run's event plugins were not given the figures: {exc}")
+        return
+    EventDispatcher(RunInfo(run_dir, cfg, str(loaded.device), loaded.step, loaded.step)).emit("evaluated", result=result)
 
 
 def _warner(out: Console) -> Callable[[str], None]:

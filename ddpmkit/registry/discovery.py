@@ -32,7 +32,7 @@ ENTRY_POINT_GROUP = "ddpmkit"
 #: Set to 1 to load only the plugins that ship with ddpmkit itself.
 DISABLE_ENV = "DDPMKIT_NO_THIRD_PARTY_PLUGINS"
 OWN_DISTRIBUTION = "ddpmkit"
-EVENT_HOOKS = ("train_start", "step_end", "checkpoint_written", "samples_written", "train_end")
+EVENT_HOOKS = ("train_start", "step_end", "checkpoint_written", "samples_written", "train_end", "evaluated")
 
 
 def normalize(distribution: str) -> str:
