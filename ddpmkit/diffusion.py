@@ -69,6 +69,9 @@ CONDITIONS: tuple[str, ...] = ("class",)
 
 #: Called by a sampler after every reverse step with (step index, t, current x).
 SamplerCallback = Callable[[int, int, torch.Tensor], None]
+#: ``hook(index, t_prev, x) -> x``: called after every reverse step with the new state (at ``t_prev``; -1 after
+#: the last step); what it returns replaces the state (inpainting pastes the known pixels in).
+StepHook = Callable[[int, int, torch.Tensor], torch.Tensor]
 
 #: The prediction targets a denoiser may declare.
 PREDICTIONS: tuple[str, ...] = ("epsilon", "x0", "v")
@@ -307,6 +310,33 @@ def reverse_step(
     return x
 
 
+@dataclass(frozen=True)
+class Start:
+    """A reverse chain that begins at step ``t`` from the noisy images ``x`` (at that noise level) instead of at
+    T from pure noise: the steps above ``t`` are skipped (SDEdit, Meng et al. 2022, section 3)."""
+
+    x: torch.Tensor
+    t: int
+
+
+def start_step(timesteps: list[int], strength: float, num_timesteps: int) -> int | None:
+    """The step a chain over ``timesteps`` (noisiest first) begins at for SDEdit's ``strength`` in [0, 1]: the
+    largest of them at or below strength * T - 1; None for strength 0 (nothing to do: the input is the answer)."""
+    if not 0.0 <= strength <= 1.0:
+        raise ConfigError(f"strength {strength:g}: must lie in [0, 1] (0 keeps the input, 1 draws from pure noise)")
+    target = round(strength * num_timesteps) - 1
+    below = [t for t in timesteps if t <= target]
+    return max(below) if below else None
+
+
+def forward_jump(schedule: ScheduleTables, x: torch.Tensor, t_from: int, t_to: int, noise: torch.Tensor) -> torch.Tensor:
+    """A draw of x_{t_to} ~ q(x_{t_to} | x_{t_from}) for t_to > t_from: sqrt(abar_to / abar_from) x plus
+    sqrt(1 - abar_to / abar_from) noise (Ho et al. 2020, eq. 4, composed; RePaint's jump back, Lugmayr et al.
+    2022, section 4.2). ``t_from = -1`` is x_0."""
+    ratio = alpha_bar(schedule, t_to) / alpha_bar(schedule, t_from)
+    return ratio**0.5 * x + (1.0 - ratio) ** 0.5 * noise
+
+
 def run_reverse_steps(
     steps: list[ReverseStep],
     denoiser: Network,
@@ -316,23 +346,44 @@ def run_reverse_steps(
     generator: torch.Generator,
     clip_denoised: bool = False,
     callback: SamplerCallback | None = None,
+    start: Start | None = None,
+    hook: StepHook | None = None,
+    jump_length: int = 1,
+    resample: int = 1,
 ) -> torch.Tensor:
-    """x_T ~ N(0, I), then each step of eq. 12 (Song et al. 2021) on ``denoiser.device``; every draw from
-    ``generator``; ``callback(index, t, x)`` after each step (``callback(index, t, x, x0=...)`` when it
-    takes ``x0``: see :func:`takes_x0`).
-    Returns the last x clipped to [-1, 1]."""
+    """x_T ~ N(0, I) (or ``start``: its x, from its step on), then each step of eq. 12 (Song et al. 2021) on
+    ``denoiser.device``; every draw from ``generator``; ``callback(index, t, x)`` after each step
+    (``callback(index, t, x, x0=...)`` when it takes ``x0``: see :func:`takes_x0`); ``hook`` may replace the
+    state after each step. With ``resample`` r > 1, every ``jump_length`` steps are walked r times, noised
+    back up between the walks (RePaint, Lugmayr et al. 2022, Algorithm 1). Returns the last x clipped to [-1, 1]."""
     device = denoiser.device
     s = schedule.to(device)
-    x = torch.randn(shape, generator=generator, device=generator.device).to(device)
+    if start is not None:
+        steps = [step for step in steps if step.t <= start.t]
+        if not steps or steps[0].t != start.t:
+            raise ValueError(f"start at t = {start.t} is not one of the sampler's steps")
+        x = start.x.to(device)
+    else:
+        x = torch.randn(shape, generator=generator, device=generator.device).to(device)
     with_x0 = callback is not None and takes_x0(callback)
-    for index, step in enumerate(steps):
-        x0, eps = predict_x0_eps(denoiser, s, x, step.t, clip_denoised=clip_denoised)
-        z = torch.randn(shape, generator=generator, device=generator.device).to(device) if step.sigma > 0 else None
-        x = reverse_step(s, step, x0, eps, z)
-        if with_x0:
-            callback(index, step.t, x, x0=x0)
-        elif callback is not None:
-            callback(index, step.t, x)
+    index = 0
+    for first in range(0, len(steps), max(1, jump_length)):
+        block = steps[first : first + max(1, jump_length)]
+        for walk in range(max(1, resample)):
+            if walk:  # back up to the block's first noise level, then walk it again
+                z = torch.randn(shape, generator=generator, device=generator.device).to(device)
+                x = forward_jump(s, x, block[-1].t_prev, block[0].t, z)
+            for step in block:
+                x0, eps = predict_x0_eps(denoiser, s, x, step.t, clip_denoised=clip_denoised)
+                z = torch.randn(shape, generator=generator, device=generator.device).to(device) if step.sigma > 0 else None
+                x = reverse_step(s, step, x0, eps, z)
+                if hook is not None:
+                    x = hook(index, step.t_prev, x)
+                if with_x0:
+                    callback(index, step.t, x, x0=x0)
+                elif callback is not None:
+                    callback(index, step.t, x)
+                index += 1
     return x.clamp(-1.0, 1.0)
 
 

@@ -16,9 +16,10 @@ from torch import nn
 from ddpmkit.errors import ConfigError
 from ddpmkit.validation import StrictNumbers
 
-from ddpmkit.diffusion import CONDITIONS, Cond, ReverseStep, SamplerCallback, run_reverse_steps
+from ddpmkit.diffusion import CONDITIONS, Cond, ReverseStep, SamplerCallback, Start, StepHook, run_reverse_steps
 
-__all__ = ["CONDITIONS", "ComponentOptions", "Cond", "Denoiser", "NoiseSchedule", "ReverseStepSampler", "Sampler", "SamplerCallback", "check_betas"]
+__all__ = ["CONDITIONS", "ComponentOptions", "Cond", "Denoiser", "NoiseSchedule", "ReverseStepSampler", "Sampler", "SamplerCallback",
+           "Start", "StepHook", "check_betas"]
 
 
 class ComponentOptions(StrictNumbers):
@@ -183,6 +184,10 @@ class Sampler(abc.ABC):
     #: land (beyond sampling error); used only when neither :meth:`reverse_steps` nor :meth:`gaussian_answer`
     #: gives the exact answer. A solver's error depends on its step count: prefer stating the answer.
     oracle_tolerance: ClassVar[float] = 0.005
+    #: Whether :meth:`sample` takes ``start`` (begin at a step from given noisy images: SDEdit), ``hook``
+    #: (replace part of the state after each step: inpainting) and ``jump_length`` / ``resample`` (RePaint's
+    #: resampling); ``ddpmkit edit`` uses only samplers that do, and the kit checks them.
+    supports_start: ClassVar[bool] = False
 
     class Options(ComponentOptions):
         pass
@@ -241,7 +246,10 @@ class Sampler(abc.ABC):
 class ReverseStepSampler(Sampler):
     """A sampler that is fully described by its :meth:`reverse_steps`: it draws x_T ~ N(0, I) and takes each
     step with :func:`ddpmkit.diffusion.run_reverse_steps` (an option named ``clip_denoised`` is honoured).
-    ``ddpm`` and ``ddim`` are written this way; a subclass implements ``reverse_steps`` only."""
+    ``ddpm`` and ``ddim`` are written this way; a subclass implements ``reverse_steps`` only, and can start
+    from given images and take a per-step hook (:attr:`Sampler.supports_start`) for free."""
+
+    supports_start: ClassVar[bool] = True
 
     @abc.abstractmethod
     def reverse_steps(self, schedule: NoiseSchedule) -> list[ReverseStep]:
@@ -256,7 +264,12 @@ class ReverseStepSampler(Sampler):
         *,
         generator: torch.Generator,
         callback: SamplerCallback | None = None,
+        start: Start | None = None,
+        hook: StepHook | None = None,
+        jump_length: int = 1,
+        resample: int = 1,
     ) -> torch.Tensor:
         clip = bool(getattr(self.options, "clip_denoised", False))
         return run_reverse_steps(self.reverse_steps(schedule), denoiser, schedule, shape, generator=generator,
-                                 clip_denoised=clip, callback=callback)
+                                 clip_denoised=clip, callback=callback, start=start, hook=hook,
+                                 jump_length=jump_length, resample=resample)

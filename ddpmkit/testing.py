@@ -389,7 +389,8 @@ def check_sampler(
     ``num_timesteps``), samples match the exact answer for the sampler's own steps (or N(mu, s^2) within its
     declared tolerance); x0- and v-predicting denoisers give the same images; seeds reproduce; output in
     [-1, 1]; the callback sees the steps the sampler lists; a class-conditional oracle is drawn per class and
-    with classifier-free guidance at w = 2, against the closed form."""
+    with classifier-free guidance at w = 2, against the closed form; a sampler that ``supports_start`` starts
+    from given images with a per-step hook (SDEdit, inpainting)."""
     schedule_name = schedule
     c = _Checks("sampler", name)
     built: dict[str, Any] = {}
@@ -520,11 +521,49 @@ def check_sampler(
             shown.append(f"class {k}: mean {m_hat:.4f} (expected {target_mu:.4f}), std {s_hat:.4f} ({target_s:.4f})")
         return "; ".join(shown)
 
+    def starts() -> str:
+        """supports_start: a chain from a given image at a middle step visits only the steps at or below it,
+        the hook's replacement of the state is honoured, and strength 1 (from the noised input) has the plain
+        draw's distribution."""
+        from ddpmkit.diffusion import Start, q_sample
+
+        if not getattr(type(sampler), "supports_start", False):
+            return "does not declare supports_start: not used by ddpmkit edit"
+        listed = [int(t) for t in sampler.timesteps(schedule)]
+        t0 = listed[len(listed) // 2]
+        x0 = torch.full(shape, -0.5)
+        g = torch.Generator().manual_seed(0)
+        visited: list[int] = []
+
+        def hook(index: int, t_prev: int, x: torch.Tensor) -> torch.Tensor:
+            visited.append(int(t_prev))
+            x = x.clone()
+            x[:, :, 0, 0] = 0.75  # a pixel pasted in at every step must come out as pasted
+            return x
+
+        start = Start(q_sample(schedule, x0, t0, torch.randn(shape, generator=g)), t0)
+        out = sampler.sample(oracles["epsilon"], schedule, shape, generator=g, start=start, hook=hook)
+        assert len(visited) == sum(1 for t in listed if t <= t0), (
+            f"from t = {t0} the hook was called {len(visited)} times; {sum(1 for t in listed if t <= t0)} steps lie at or below it")
+        assert visited[-1] == -1 and all(a > b for a, b in zip(visited, visited[1:])), f"hook saw t_prev {visited[:4]}..."
+        assert torch.allclose(out[:, :, 0, 0], torch.full_like(out[:, :, 0, 0], 0.75)), "the hook's pasted pixel was lost"
+        full = Start(q_sample(schedule, x0, listed[0], torch.randn(shape, generator=g)), listed[0])
+        edited = sampler.sample(oracles["epsilon"], schedule, shape, generator=g, start=full).double()
+        plain = first.get("x")
+        assert plain is not None, "no plain sample to compare with"
+        n = plain.numel()
+        tol = 5 * s / math.sqrt(n) * 2 + 0.01  # two independent estimates, plus the input's leak at t = T - 1
+        assert abs(float(edited.mean()) - float(plain.mean())) < tol, (
+            f"from the noised input at t = {listed[0]}: mean {float(edited.mean()):.4f}, from noise "
+            f"{float(plain.mean()):.4f}")
+        return f"from t = {t0}: {len(visited)} steps, the hook honoured; from t = {listed[0]}: as from noise"
+
     for check, fn in (("matches the Gaussian oracle", moments), ("x0 and v denoisers", targets),
                       ("seeds reproduce", seeds), ("output in [-1, 1]", in_range),
                       ("callback sees the listed steps", callback), ("cost as declared", cost),
                       ("each class of a conditional oracle", lambda: check_classes(1.0)),
-                      ("classifier-free guidance (w = 2)", lambda: check_classes(2.0))):
+                      ("classifier-free guidance (w = 2)", lambda: check_classes(2.0)),
+                      ("starts from an image (edit)", starts)):
         c.run(check, fn)
     return c.results
 

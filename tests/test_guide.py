@@ -11,6 +11,7 @@ import re
 import shlex
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from throwaway_venv import PIP_OFFLINE, make_venv, outer_snapshot
@@ -84,6 +85,9 @@ def test_the_guide_works_from_an_empty_folder(tmp_path):
     run = work / "runs" / "tutorial-smoke"
     assert (run / "samples.png").exists() and (run / "trajectory.png").exists()
     assert "showing the visited t nearest to those asked for: 36, 12, 0" in " ".join(outputs["ddpmkit run tutorial.toml"].split())
+    assert (work / "drawn-edited.png").is_file() and (work / "inpainted.png").is_file()  # the guide's sampler edits
+    with np.load(work / "inpainted.npz") as npz, np.load(work / "drawn.npz") as drawn:
+        assert (npz["images"][:, :4] == drawn["images"][0, :4]).all()  # the kept top half, exactly
     lines = (run / "loss.csv").read_text().splitlines()
     assert lines[0] == "step,loss" and [int(x.split(",")[0]) for x in lines[1:]] == [2, 4, 6, 8]
     assert outer_snapshot() == before

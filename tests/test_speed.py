@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import ddpmkit
 import ddpmkit.training.loop as train_module
 from ddpmkit.benchmark.bench import mode_name, parse_mode
 from ddpmkit.run.config import load_config
@@ -198,3 +199,23 @@ def test_the_tutorial_reference_runs_on_pytorchs_own_tf32_defaults():
             assert (flags[0].allow_tf32, flags[1].allow_tf32) == (True, False)
     finally:
         flags[0].allow_tf32, flags[1].allow_tf32 = before
+
+
+def test_bench_marks_a_compiled_mode_auto_only_when_a_run_would_take_it():
+    """bench's "(auto)" follows the run's rule: compiled only when at least COMPILE_GAIN (5 %) faster."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from ddpmkit.benchmark.bench import auto_pick, mode_name
+    from ddpmkit.training.autotune import COMPILE_GAIN, candidates
+
+    cfg = ddpmkit.load_config(REPO / "configs" / "smoke.toml")
+    probe = cfg.model_copy(update={"train": cfg.train.model_copy(update={"precision": "auto", "channels_last": "auto",
+                                                                          "compile": "auto"})})
+    plain = candidates(probe, torch.device("cpu"))[0][0]
+    name, twin = mode_name(plain), mode_name(replace(plain, compile=True))
+    rows = lambda gain: [SimpleNamespace(loop="ddpmkit", mode=name, per_s=100.0),
+                         SimpleNamespace(loop="ddpmkit", mode=twin, per_s=100.0 * gain)]
+    assert auto_pick(cfg, torch.device("cpu"), rows(COMPILE_GAIN - 0.01)) == name
+    assert auto_pick(cfg, torch.device("cpu"), rows(COMPILE_GAIN + 0.01)) == twin
+    assert auto_pick(cfg, torch.device("cpu"), [SimpleNamespace(loop="tutorial", mode=name, per_s=1.0)]) is None

@@ -14,7 +14,7 @@ from ddpmkit.run.data import to_model_scale
 from ddpmkit.errors import ConfigError
 from ddpmkit.sampling.draw import generate
 from ddpmkit.runtime.speed import AUTO, PRECISIONS, SpeedModes, pytorch_default_precision
-from ddpmkit.training.autotune import candidates, fresh_model, measure_training, synthetic_dataset
+from ddpmkit.training.autotune import candidates, compile_pays, fresh_model, measure_training, synthetic_dataset
 from ddpmkit.benchmark.measure import (
     count_flops,
     matmul_peak,
@@ -242,10 +242,16 @@ def run_bench(
 
 
 def auto_pick(cfg: RunConfig, device: torch.device, training: list[Row]) -> str | None:
-    """Of the measured ddpmkit rows, the mode ``train.precision = channels_last = "auto"`` would choose (the
-    fastest of its candidates here); None when none of its candidates was measured."""
-    probe = cfg.model_copy(update={"train": cfg.train.model_copy(update={"precision": AUTO, "channels_last": AUTO})})
-    options = candidates(probe, device)[0]
-    wanted = {mode_name(m) for m in options} | {mode_name(replace(m, compile=True)) for m in options}
-    rows = [r for r in training if r.loop == "ddpmkit" and r.mode in wanted]
-    return max(rows, key=lambda r: r.per_s).mode if rows else None
+    """Of the measured ddpmkit rows, the mode ``train.precision = channels_last = compile = "auto"`` would choose
+    by the same rule as a run (:func:`ddpmkit.training.autotune.choose`): the fastest uncompiled candidate, or its
+    compiled twin when :func:`~ddpmkit.training.autotune.compile_pays`; None when none of its candidates was measured."""
+    auto = {"precision": AUTO, "channels_last": AUTO, "compile": AUTO}
+    probe = cfg.model_copy(update={"train": cfg.train.model_copy(update=auto)})
+    by_name = {mode_name(m): m for m in candidates(probe, device)[0]}
+    rates = {r.mode: r.per_s for r in training if r.loop == "ddpmkit"}
+    measured = [name for name in by_name if name in rates]
+    if not measured:
+        return None
+    best = max(measured, key=rates.__getitem__)
+    twin = mode_name(replace(by_name[best], compile=True))
+    return twin if twin in rates and compile_pays(rates[best], rates[twin]) else best

@@ -387,6 +387,10 @@ def _decoded(section: DataSection, root_override: str | Path | None, size: int, 
         labels, classes = _folder_labels(root, files)
         described = f"image folder {root} ({len(files):,} images"
     described += f" in {len(classes)} classes)" if labels is not None else ")"
+    if section.limit is not None:  # only the images used are decoded
+        sources, labels = sources[: section.limit], labels[: section.limit] if labels is not None else None
+    check_fits(len(sources) * channels * size**2 * 2, f"data.image_size = {size}",
+               "choose a smaller data.image_size (or data.limit)")
     mode = "L" if channels == 1 else "RGB"
     out = torch.empty((len(sources), channels, size, size), dtype=torch.uint8)
     for i, src in enumerate(sources):

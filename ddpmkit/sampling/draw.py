@@ -15,6 +15,7 @@ from ddpmkit.runtime.speed import SpeedModes, autocast, maybe_compiled, memory_f
 
 if TYPE_CHECKING:
     from ddpmkit.registry.discovery import Component
+    from ddpmkit.sampling.edit import Edit
 
 ProgressFn = Callable[[int], None]
 #: The network that draws a batch of these labels: ``conditioned(network, labels)``.
@@ -56,6 +57,7 @@ def generate(
     sampler_component: "Component | None" = None,
     labels: torch.Tensor | None = None,
     conditioned: Conditioner | None = None,
+    edit: "Edit | None" = None,
 ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """Draw ``num_images`` images in [-1, 1] (on the CPU); optionally the intermediate x at ``capture_steps``.
 
@@ -63,7 +65,8 @@ def generate(
     called after every step of a batch of n images. Output that is not finite is an error naming
     ``sampler_component``; output outside [-1, 1] is reported with a warning (the image writers clip it).
     ``modes`` (precision, channels-last, compilation) replaces ``precision`` when given. With ``labels``
-    (one class per image), each batch is drawn by ``conditioned(network, its labels)``.
+    (one class per image), each batch is drawn by ``conditioned(network, its labels)``. With ``edit``, image i
+    starts from ``edit.images[i]`` (SDEdit, inpainting: :mod:`ddpmkit.sampling.edit`).
     """
     if labels is not None and (conditioned is None or len(labels) != num_images):
         raise ValueError(f"{num_images} images need {num_images} labels and a conditioner")
@@ -90,7 +93,9 @@ def generate(
             guard = blame(sampler_component, "while sampling") if sampler_component else nullcontext()
             batch_network = conditioned(network, labels[start : start + n]) if labels is not None else network
             with guard, torch.inference_mode(), autocast(device, modes.precision):
-                x = sampler.sample(batch_network, schedule, (n, *image_shape), generator=generator, callback=callback)
+                extra = edit.sampler_arguments(sampler, schedule, slice(start, start + n), generator, device) if edit else {}
+                x = sampler.sample(batch_network, schedule, (n, *image_shape), generator=generator, callback=callback,
+                                   **extra)
                 if not isinstance(x, torch.Tensor) or tuple(x.shape) != (n, *image_shape):
                     got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
                     raise ValueError(f"sample returned {got}, expected shape {(n, *image_shape)}")

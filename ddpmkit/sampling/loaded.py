@@ -164,6 +164,38 @@ class LoadedRun:
         plan = plan or self.plan()
         c, h, w = plan.config.image_shape
         check_fits(num * c * h * w * 5, f"--num {num:,}", "ask for fewer images, or sample several times with --seed")
+        return self._generate(num, plan, seed=seed, batch_size=batch_size, progress=progress,
+                              capture_steps=capture_steps, labels=labels)
+
+    def edit(self, images: torch.Tensor, *, strength: float | None = None, mask: torch.Tensor | None = None,
+             plan: SamplingPlan | None = None, seed: int = 0, batch_size: int = 64, labels: torch.Tensor | None = None,
+             jump_length: int = 10, resample: int = 1, progress: ProgressFn | None = None) -> torch.Tensor:
+        """``images`` (uint8 [N, C, H, W] or float in [-1, 1]) edited, as float NCHW in [-1, 1] on the CPU: SDEdit
+        noises them to ``strength`` x T and samples back (default 0.5; 0 returns them); with a ``mask`` (white /
+        True where pixels are generated; default strength 1) the other pixels are kept exactly (RePaint, with
+        ``resample`` walks of every ``jump_length`` steps). Any sampler that ``supports_start``; the run's
+        guidance and (conditional) ``labels`` as for :meth:`draw`."""
+        from ddpmkit.diffusion import start_step
+        from ddpmkit.sampling.edit import Edit, as_keep_mask, as_model_scale, check_sampler
+
+        plan = plan or self.plan()
+        check_sampler(plan.sampler, plan.config.sampler.name, resample if mask is not None else 1)
+        shape = plan.config.image_shape
+        x = as_model_scale(images, shape)
+        keep = as_keep_mask(mask, len(x), shape) if mask is not None else None
+        strength = (1.0 if keep is not None else 0.5) if strength is None else float(strength)
+        if jump_length < 1 or resample < 1:
+            raise ConfigError(f"jump_length {jump_length} and resample {resample} must be at least 1")
+        schedule = plan.components.schedule
+        if start_step(plan.sampler.timesteps(schedule), strength, schedule.num_timesteps) is None:
+            return x.clone()  # strength 0 (or below the sampler's first step): the input is the answer
+        return self._generate(len(x), plan, seed=seed, batch_size=batch_size, progress=progress, labels=labels,
+                              edit=Edit(x.cpu(), strength, keep, jump_length, resample))[0]
+
+    def _generate(self, num: int, plan: SamplingPlan, *, seed: int, batch_size: int, progress: ProgressFn | None,
+                  labels: torch.Tensor | None, capture_steps: list[int] | None = None,
+                  edit: Any = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """:func:`generate` with the plan's network (guided as it says) and the class of each image."""
         if labels is not None and len(labels) != num:
             raise ConfigError(f"{len(labels)} labels for {num} images")
         if labels is not None:
@@ -181,7 +213,7 @@ class LoadedRun:
             network, plan.components.schedule, plan.sampler, num, batch_size=batch_size, seed=seed,
             image_shape=plan.config.image_shape, modes=SpeedModes.for_run(plan.config.train, self.device),
             capture_steps=capture_steps, progress=progress, sampler_component=plan.components.refs["sampler"],
-            labels=labels, conditioned=conditioned if labels is not None else None,
+            labels=labels, conditioned=conditioned if labels is not None else None, edit=edit,
         )
 
     def sample(self, num: int, *, sampler: str | None = None, steps: int | None = None,

@@ -204,9 +204,15 @@ def choose(cfg: RunConfig, device: torch.device, *, timer: Timer | None = None, 
         compiled = replace(best, compile=True)
         more, more_cached = _figures(cfg, device, [compiled], timer=timer, flags=flags, cache=cache)
         figures, cached = {**figures, **more}, cached and more_cached
-        if more[mode_label(compiled)] >= COMPILE_GAIN * figures[mode_label(best)]:
+        if compile_pays(figures[mode_label(best)], more[mode_label(compiled)]):
             best = compiled
     return Choice(best, figures, pruned, cached and bool(figures))
+
+
+def compile_pays(plain: float, compiled: float) -> bool:
+    """``auto``'s rule for torch.compile: taken when the compiled mode trains at least ``COMPILE_GAIN`` faster
+    (its minute of set-up, and its fragility, for less is not worth it)."""
+    return compiled >= COMPILE_GAIN * plain
 
 
 def measured_rate(cfg: RunConfig, device: torch.device, *, timer: Timer | None = None,
