@@ -47,6 +47,10 @@ class DataNotFound(DataError):
     """A downloadable dataset that is not on disk (and was not to be downloaded, or could not be)."""
 
 
+class MissingLabels(DataError):
+    """Class labels were needed (a conditional run, eval's own-data classifier) and the dataset has none."""
+
+
 class CheckpointError(DdpmkitError):
     """A checkpoint that is missing, incomplete, corrupt or incompatible with the config."""
 

@@ -74,6 +74,14 @@ def write_config(folder: Path, name: str = "t", **values) -> Path:
     return path
 
 
+def trained_tiny(folder: Path, name: str, **values) -> Path:
+    """A tiny run trained through the CLI in ``folder`` (one epoch, no samples written): its run directory."""
+    cfg = write_config(folder, name, **{"epochs": 1, "num_images": 0, "trajectory_images": 0, **values})
+    result = invoke("run", str(cfg))
+    assert result.exit_code == 0, result.output
+    return folder / "runs" / name
+
+
 def on_mnist(root: Path, limit: int = 64) -> list[str]:
     """``--set`` arguments training a tiny config on the first ``limit`` MNIST digits (8x8) instead of rectangles:
     eval and sweep measure digits only."""

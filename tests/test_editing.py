@@ -15,7 +15,7 @@ from ddpmkit.interfaces import Denoiser
 from ddpmkit.sampling.draw import generate
 from ddpmkit.sampling.edit import Edit, as_keep_mask
 from ddpmkit.testing import GaussianOracle
-from runconfigs import invoke, write_config
+from runconfigs import invoke, trained_tiny, write_config
 
 
 class CorrelatedOracle(Denoiser):
@@ -111,10 +111,7 @@ def test_masks_of_the_wrong_shape_are_one_line():
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("edit")
-    cfg = write_config(folder, "e", epochs=1, num_images=0, trajectory_images=0)
-    assert invoke("run", str(cfg)).exit_code == 0
-    return folder / "runs" / "e"
+    return trained_tiny(tmp_path_factory.mktemp("edit"), "e")
 
 
 def test_edit_in_python_strength_0_returns_the_input_and_a_mask_keeps_its_pixels(tiny_run):

@@ -10,15 +10,12 @@ from PIL import Image
 
 from ddpmkit.errors import DataError
 from ddpmkit.evaluation.report import check_feature_network, images_from_array, read_images
-from runconfigs import invoke, write_config
+from runconfigs import invoke, trained_tiny, write_config
 
 
 @pytest.fixture(scope="module")
 def rectangles_run(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("interop")
-    cfg = write_config(folder, "i", epochs=1, num_images=0, trajectory_images=0)
-    assert invoke("run", str(cfg)).exit_code == 0
-    return folder / "runs" / "i"
+    return trained_tiny(tmp_path_factory.mktemp("interop"), "i")
 
 
 def test_sample_into_a_folder_writes_one_png_per_image_that_eval_reads_back(rectangles_run, tmp_path):

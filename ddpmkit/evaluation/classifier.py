@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ddpmkit.errors import DataError
+from ddpmkit.errors import DataError, MissingLabels
 
 if TYPE_CHECKING:
     from ddpmkit.run.config import DataSection
@@ -188,21 +188,15 @@ def run_data(section: "DataSection", *, root_override: Path | None = None) -> La
         return mnist_data(resolve_root(section, root_override))
     try:
         ds = load_dataset(section.model_copy(update={"download": False}), root_override=root_override, labelled=True)
-    except DataError as exc:
-        if "needs class labels" in str(exc):
-            raise DataError(f"{ds_name(section)} has no class labels, so no classifier can be trained on it to "
-                            "measure the samples with: eval measures labelled data only") from None
-        raise
+    except MissingLabels:
+        raise DataError(f"data.dataset = {section.dataset!r} has no class labels, so no classifier can be trained "
+                        "on it to measure the samples with: eval measures labelled data only") from None
     held = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))
     cut = max(1, int(round(len(ds) * HELD_OUT)))
     test, train = held[:cut].sort().values, held[cut:].sort().values
     key = f"{section.dataset}:{ds.fingerprint(with_labels=True)[:16]}"
     return LabelledData(ds.description, key, ds.images[train], ds.labels[train], ds.images[test], ds.labels[test],
                         list(ds.classes))
-
-
-def ds_name(section: "DataSection") -> str:
-    return f"data.dataset = {section.dataset!r}"
 
 
 @torch.no_grad()

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ddpmkit.run.config import NATIVE_SHAPES, DataSection
 from ddpmkit.runtime.limits import check_fits
-from ddpmkit.errors import DataError, DataNotFound
+from ddpmkit.errors import DataError, DataNotFound, MissingLabels
 
 if TYPE_CHECKING:
     import PIL.Image
@@ -195,7 +195,7 @@ def load_dataset(section: DataSection, *, root_override: str | Path | None = Non
     if len(ds) == 0:
         raise DataError(f"{ds.description}: no images")
     if labelled and ds.labels is None:
-        raise DataError(f"{ds.description}: conditioning.kind = \"class\" needs class labels, and these images have "
+        raise MissingLabels(f"{ds.description}: conditioning.kind = \"class\" needs class labels, and these images have "
                         "none (an image folder is labelled by one sub-folder per class; an hf dataset by "
                         "data.label_column)")
     if not labelled:

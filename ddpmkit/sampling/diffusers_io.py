@@ -83,7 +83,6 @@ def export_diffusers(loaded: Any, out: Path, *, license: str = "other",
         raise ConfigError(f"{out}: exists and is not an empty folder; export into a new folder")
     scheduler, pipeline, note = scheduler_for(loaded)
     denoiser = loaded.denoiser
-    files: list[Path] = []
     if loaded.config.component("denoiser").qualified == DIFFUSERS_UNET:
         import diffusers
 
@@ -122,7 +121,7 @@ def model_card(loaded: Any, *, pipeline: str | None, license: str, note: str | N
     meta = [
         "---",
         f"license: {license}",
-        *([f"library_name: diffusers"] if pipeline else []),
+        *(["library_name: diffusers"] if pipeline else []),
         "pipeline_tag: unconditional-image-generation",
         "tags:", *[f"- {t}" for t in tags],
         "---",
