@@ -16,6 +16,7 @@ EXTRAS: dict[str, tuple[str, str]] = {
     "tensorboard": ("tensorboard", "TensorBoard event files: [plugins.tensorboard]"),
     "wandb": ("wandb", "Weights & Biases logging: [plugins.wandb]"),
     "inception": ("torch_fidelity", "Inception features for eval (torch-fidelity)"),
+    "ui": ("gradio", "the web page of ddpmkit serve (gradio)"),
 }
 
 #: ddpmkit's own components and event plugins (qualified names) that need an extra.

@@ -582,7 +582,6 @@ def check_event_plugin(name: str, options: dict[str, Any] | None = None, *, step
     options validate; train_start, ``steps`` step_end calls with the documented metric keys,
     checkpoint_written, samples_written, train_end and evaluated each run without an exception."""
     import tempfile
-    from pathlib import Path
 
     from ddpmkit.registry import discovery
     from ddpmkit.run.config import config_from_dict

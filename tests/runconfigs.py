@@ -74,10 +74,11 @@ def write_config(folder: Path, name: str = "t", **values) -> Path:
     return path
 
 
-def trained_tiny(folder: Path, name: str, **values) -> Path:
-    """A tiny run trained through the CLI in ``folder`` (one epoch, no samples written): its run directory."""
+def trained_tiny(folder: Path, name: str, *args: str, **values) -> Path:
+    """A tiny run trained through the CLI in ``folder`` (one epoch, no samples written; ``args``: more options of
+    ``ddpmkit run``, e.g. ``--set``): its run directory."""
     cfg = write_config(folder, name, **{"epochs": 1, "num_images": 0, "trajectory_images": 0, **values})
-    result = invoke("run", str(cfg))
+    result = invoke("run", str(cfg), *args)
     assert result.exit_code == 0, result.output
     return folder / "runs" / name
 

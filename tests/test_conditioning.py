@@ -13,7 +13,7 @@ import torch
 
 from ddpmkit.diffusion import NULL_CLASS, ancestral_steps, gaussian_reverse_moments
 from ddpmkit.guidance import ClassConditioned, mix
-from ddpmkit.registry.build import create_denoiser, create_sampler, create_schedule
+from ddpmkit.registry.build import create_denoiser, create_schedule
 from ddpmkit.testing import GaussianOracle, check_denoiser, check_sampler
 from runconfigs import ddpmkit, invoke, write_config
 
@@ -254,11 +254,11 @@ def test_a_conditional_run_resumes_exactly_and_draws_the_classes_asked_for(tmp_p
     common = dict(epochs=2, checkpoint_every=2, num_images=8, trajectory_images=0)
     whole = conditional_config(tmp_path / "a", **common) if (tmp_path / "a").mkdir() is None else None
     parts = conditional_config(tmp_path / "b", **common) if (tmp_path / "b").mkdir() is None else None
-    assert ddpmkit("run", str(whole)).returncode == 0
-    first = ddpmkit("run", str(parts), "--set", "train.max_steps=3")
-    assert first.returncode == 0, first.stderr
-    second = ddpmkit("run", str(parts))
-    assert second.returncode == 0 and "resuming from" in second.stdout, second.stderr
+    assert invoke("run", str(whole)).exit_code == 0  # in-process, all three: one thread setting for all
+    first = invoke("run", str(parts), "--set", "train.max_steps=3")
+    assert first.exit_code == 0, first.output
+    second = invoke("run", str(parts))
+    assert second.exit_code == 0 and "resuming from" in second.output, second.output
     run_a, run_b = tmp_path / "a" / "runs" / "c", tmp_path / "b" / "runs" / "c"
     from safetensors.torch import load_file
 
@@ -277,9 +277,9 @@ def test_a_conditional_run_resumes_exactly_and_draws_the_classes_asked_for(tmp_p
     assert "classes top-right, bottom-left" in r.stdout and "classifier-free guidance (weight 2)" in r.stdout
     with np.load(out) as data:
         assert data["labels"].tolist() == [2, 2, 1, 1] and data["images"].shape == (4, 8, 8, 1)
-    r = ddpmkit("sample", str(run_a), "--class", "7", "--out", str(tmp_path / "x.png"))
-    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
-    assert "class '7'" in r.stderr and "top-left" in r.stderr
+    r = invoke("sample", str(run_a), "--class", "7", "--out", str(tmp_path / "x.png"))
+    assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
+    assert "class '7'" in r.output and "top-left" in r.output
 
     plain = write_config(tmp_path, "u", epochs=1, num_images=0, trajectory_images=0)
     assert ddpmkit("run", str(plain)).returncode == 0

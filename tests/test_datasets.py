@@ -3,7 +3,6 @@ real format (IDX, CIFAR-10's binary records, a save_to_disk folder, datasets' im
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import io
 import json

@@ -15,7 +15,7 @@ from ddpmkit.interfaces import Denoiser
 from ddpmkit.sampling.draw import generate
 from ddpmkit.sampling.edit import Edit, as_keep_mask
 from ddpmkit.testing import GaussianOracle
-from runconfigs import invoke, trained_tiny, write_config
+from runconfigs import invoke, trained_tiny
 
 
 class CorrelatedOracle(Denoiser):

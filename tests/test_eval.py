@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ddpmkit.evaluation.classifier import ClassifierSpec, load_or_train, mnist_tensors
 from ddpmkit.evaluation.metrics import distribution_distances, features, precision_recall
-from runconfigs import cli_env, ddpmkit
+from runconfigs import cli_env, ddpmkit, invoke
 
 SMALL = ClassifierSpec(width=8, features=32, epochs=1, train_limit=4000)
 
@@ -169,18 +169,18 @@ def random_inception_weights(tmp_path_factory) -> Path:
 
 
 def test_inception_fid_runs_offline_with_given_weights(mnist_root, tmp_path, test_images, quick_classifier_cache,
-                                                       random_inception_weights):
+                                                       random_inception_weights, monkeypatch):
     """The Inception path end to end through torchmetrics: identical sets score 0, other digits more."""
-    env = cli_env(DDPMKIT_CACHE_DIR=str(quick_classifier_cache))
+    monkeypatch.setenv("DDPMKIT_CACHE_DIR", str(quick_classifier_cache))
     a, b = tmp_path / "a.npz", tmp_path / "b.npz"
     np.savez_compressed(a, images=test_images[:30].permute(0, 2, 3, 1).numpy())
     np.savez_compressed(b, images=test_images[30:60].permute(0, 2, 3, 1).numpy())
     fids = {}
     for name, samples in (("same", a), ("other", b)):
-        r = ddpmkit("eval", str(samples), "--reference", str(a), "--data-root", str(mnist_root), "--json",
-                    "--inception-weights", str(random_inception_weights), env=env)
-        assert r.returncode == 0, r.stderr
-        inc = json.loads(r.stdout)["inception_fid"]
+        r = invoke("eval", str(samples), "--reference", str(a), "--data-root", str(mnist_root), "--json",
+                   "--inception-weights", str(random_inception_weights))  # in-process: the start-up is not the test
+        assert r.exit_code == 0, r.output
+        inc = json.loads(r.stdout[r.stdout.index("{"):])["inception_fid"]
         assert inc["status"] == "ok", inc
         fids[name] = inc["fid"]
     assert abs(fids["same"]) < 1e-2 and fids["other"] > 100 * max(abs(fids["same"]), 1e-4), fids

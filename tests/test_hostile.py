@@ -358,11 +358,10 @@ def test_ctrl_c_during_a_long_sampling_keeps_the_finished_batches(tmp_path):
 
     cfg = write_config(tmp_path, "c", epochs=1, num_images=0, trajectory_images=0)
     assert invoke("run", str(cfg)).exit_code == 0
-    started = time.perf_counter()  # one batch end to end, start-up included: the pace on this machine now
-    r = subprocess.run([sys.executable, "-m", "ddpmkit", "sample", str(tmp_path / "runs" / "c"), "--num", "4",
-                        "--batch-size", "4", "--out", str(tmp_path / "one.npz")], cwd=REPO, env=cli_env(),
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
+    started = time.perf_counter()  # loading and one batch, in this process: the pace on this machine now
+    r = invoke("sample", str(tmp_path / "runs" / "c"), "--num", "4", "--batch-size", "4", "--out",
+               str(tmp_path / "one.npz"))
+    assert r.exit_code == 0, r.output
     one_batch = time.perf_counter() - started
     out = tmp_path / "partial.npz"
     proc = subprocess.Popen(
@@ -371,7 +370,7 @@ def test_ctrl_c_during_a_long_sampling_keeps_the_finished_batches(tmp_path):
     )
     try:
         assert proc.stdout.readline().startswith("sampling 200000 images")  # loaded, sampling begins
-        time.sleep(max(4.0, 3 * one_batch))  # several batches are done, even on a loaded machine
+        time.sleep(max(5.0, 5 * one_batch))  # several batches are done, even on a loaded machine
         proc.send_signal(signal.SIGINT)
         stdout, stderr = proc.communicate(timeout=60)
     finally:

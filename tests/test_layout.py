@@ -22,7 +22,7 @@ LEVELS: list[dict[str, tuple[str, ...]]] = [
     {"run": ("run",)},
     {"sampling": ("sampling",), "conformance kit": ("testing",)},
     {"training": ("training",)},
-    {"evaluation": ("evaluation",), "benchmark": ("benchmark",)},
+    {"evaluation": ("evaluation",), "benchmark": ("benchmark",), "serving": ("serving",)},
     {"commands": ("commands",)},
     {"front door": ("__init__", "__main__")},
 ]

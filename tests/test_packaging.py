@@ -73,7 +73,8 @@ def test_a_non_editable_install_runs_every_command(built, tmp_path, mnist_root, 
     venv = make_venv(tmp_path, cwd=work)
     r = venv.call("-m", "pip", "install", *PIP_OFFLINE, str(wheel))
     assert r.returncode == 0, r.stdout + r.stderr
-    r = venv.call("-c", "import ddpmkit, ddpmkit_plugins, ddpmkit.evaluation.report, ddpmkit.benchmark.bench; "
+    r = venv.call("-c", "import ddpmkit, ddpmkit_plugins, ddpmkit.evaluation.report, ddpmkit.benchmark.bench, "
+                        "ddpmkit.serving.page; "
                         "print(ddpmkit.__file__); print(ddpmkit_plugins.__file__)")
     assert r.returncode == 0, r.stderr
     assert all(Path(line).resolve().is_relative_to(venv.site_dir) for line in r.stdout.split()), r.stdout
@@ -92,7 +93,7 @@ def test_a_non_editable_install_runs_every_command(built, tmp_path, mnist_root, 
     r = ddpmkit("eval", "more.npz", "--data-root", str(mnist_root), "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["num_samples"] == 12
-    for command in ("bench", "sweep", "validate", "describe", "check-plugins"):
+    for command in ("bench", "sweep", "validate", "describe", "check-plugins", "ema", "serve"):
         r = ddpmkit(command, "--help")
         assert r.returncode == 0 and "Usage" in r.stdout, (command, r.stderr)
     r = ddpmkit("list-plugins", "--json")

@@ -10,7 +10,7 @@ from __future__ import annotations
 from ddpmkit.commands.app import app
 
 # each module registers its commands, in the order `ddpmkit --help` lists them
-from ddpmkit.commands import run, sample, edit, validate, evaluate, export, bench, plugins  # noqa: E402, F401, I001
+from ddpmkit.commands import run, sample, edit, validate, evaluate, ema, export, serve, bench, plugins  # noqa: E402, F401, I001
 
 __all__ = ["app", "main"]
 

@@ -92,6 +92,9 @@ def sweep(
     guidance: Optional[str] = typer.Option(
         None, "--guidance", metavar="W[,W...]", help="Repeat the plan at each guidance weight (guidance.weight; 1 is off): classifier-free for a conditional run, else autoguidance (needs the run's guide)."
     ),
+    ema: Optional[str] = typer.Option(
+        None, "--ema", metavar="S[,S...]", help="Repeat the plan with the post-hoc EMA of each length (sigma_rel), rebuilt from the run's snapshots, beside the EMA it trained (default plan: the run's own sampler)."
+    ),
     batch_size: int = typer.Option(250, "--batch-size", min=1),
     seed: int = SeedOption,
     data_root: Optional[Path] = DataRootOption,
@@ -104,12 +107,20 @@ def sweep(
 
     from ddpmkit.commands.sample import draw_with_progress
     from ddpmkit.evaluation.sweep import default_plan, parse_plan, sweep as run_sweep
+    from ddpmkit.training.posthoc_ema import parse_sigma_rels, rebuild_run
     from ddpmkit.sampling.loaded import SamplingPlan, load_run
 
     shown = err_console if as_json else console
-    plan = parse_plan(list(samplers or default_plan()), _weights(guidance))
+    lengths = parse_sigma_rels(ema, "--ema") if ema is not None else None
     root = mnist_root(data_root)
     loaded = load_run(run, warn=_warner(shown))
+    own = [loaded.components.refs["sampler"].name] if lengths else None  # EMA lengths compared on the run's own sampling
+    plan = parse_plan(list(samplers or own or default_plan()), _weights(guidance), lengths)
+    ema_weights = None
+    if lengths:  # rebuilt now from the snapshots up to the run's latest checkpoint
+        ema_weights = {r.sigma_rel: folder for r, folder in rebuild_run(run, lengths)}
+        shown.print(f"rebuilt the EMA of sigma_rel {', '.join(f'{s:g}' for s in lengths)} in "
+                    f"{Path(run) / 'posthoc-ema'}", highlight=False)
     from ddpmkit.evaluation.report import Evaluator, evaluation_data, small_sample_warning
 
     data, caveat = evaluation_data(loaded, data_root=data_root, mnist_root=root)  # before sampling
@@ -123,7 +134,8 @@ def sweep(
                                   labels=labels)
 
     result = run_sweep(loaded, plan, num=num, seed=seed, data_root=root, out_dir=out or Path(run) / "sweep",
-                       draw=draw, log=lambda m: shown.print(m, highlight=False), evaluator=evaluator)
+                       draw=draw, log=lambda m: shown.print(m, highlight=False), evaluator=evaluator,
+                       ema_weights=ema_weights)
     if as_json:
         print(json.dumps(result, indent=2))
         return
@@ -134,7 +146,8 @@ def sweep(
     table = Table(title=f"{num:,} samples per point, seed {seed} (classifier FID; KID in the JSON)",
                   box=box.SIMPLE_HEAD, padding=(0, 1),
                   caption="evals: denoiser calls per image; s: seconds; prec/rec: precision and recall (k = 3); conf: share "
-                          "the classifier is 90 % sure of" + ("; acc: class accuracy" if conditional else ""))
+                          "the classifier is 90 % sure of" + ("; acc: class accuracy" if conditional else "")
+                          + ("; ema=S: the post-hoc EMA of sigma_rel S (none: the EMA it trained)" if lengths else ""))
     for col in ("sampler", "evals", "s", "FID", "prec", "rec", "conf", "classes") + (("acc",) if conditional else ()):
         table.add_column(col, no_wrap=col != "sampler", overflow="fold", min_width=9 if col == "sampler" else None)
     f = result["floor"]

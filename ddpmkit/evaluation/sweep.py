@@ -36,14 +36,16 @@ class Point:
     sampler: str
     steps: int | None  # None: the sampler's own count (ddpm: T)
     guidance: float | None = None  # None: the run's [guidance] weight
+    ema: float | None = None  # the post-hoc EMA of this sigma_rel; None: the EMA the run trained
 
     @property
     def _weight(self) -> str:
-        return "" if self.guidance is None else f" w={self.guidance:g}"
+        return ("" if self.guidance is None else f" w={self.guidance:g}") + (
+            "" if self.ema is None else f" ema={self.ema:g}")
 
     @property
     def line(self) -> str:
-        """The plot's line this point belongs to: the sampler, at one guidance weight."""
+        """The plot's line this point belongs to: the sampler, at one guidance weight and EMA length."""
         return f"{self.sampler}{self._weight}"
 
     @property
@@ -52,9 +54,9 @@ class Point:
         return f"{self.sampler}{steps}{self._weight}"
 
 
-def parse_plan(items: list[str], guidance: list[float] | None = None) -> list[Point]:
+def parse_plan(items: list[str], guidance: list[float] | None = None, ema: list[float] | None = None) -> list[Point]:
     """``["ddpm", "ddim:10,20"]`` -> points; a step count sets ``sampler.options.steps``; each guidance
-    weight (``guidance.weight``) repeats the plan."""
+    weight (``guidance.weight``) repeats the plan, and so does the trained EMA and then each post-hoc ``ema``."""
     points = []
     for item in items:
         m = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._:-]*?)(?::(\d+(?:,\d+)*))?", item.strip())
@@ -67,6 +69,8 @@ def parse_plan(items: list[str], guidance: list[float] | None = None) -> list[Po
             points.extend(Point(name, int(s)) for s in steps.split(","))
     if guidance:
         points = [Point(p.sampler, p.steps, float(w)) for w in guidance for p in points]
+    if ema:
+        points = [Point(p.sampler, p.steps, p.guidance, e) for e in [None, *ema] for p in points]
     return points
 
 
@@ -82,10 +86,13 @@ def sweep(
     draw: Callable[["SamplingPlan", "torch.Tensor | None"], "torch.Tensor"] | None = None,
     evaluator: Evaluator | None = None,
     log: Callable[[str], None] | None = None,
+    ema_weights: dict[float, Path] | None = None,
 ) -> dict[str, Any]:
     """Sample ``num`` images for every point of ``plan`` from the same seed, from the run loaded once, score
     each, and write sweep.json and sweep.png. ``draw(sampling_plan, labels)`` (default: ``run.draw``) gives the
-    images; a conditional run draws every class alike and is also scored by class accuracy."""
+    images; a conditional run draws every class alike and is also scored by class accuracy. A point with a
+    post-hoc EMA length samples the weights of its folder in ``ema_weights`` (sigma_rel -> folder, e.g.
+    from :func:`ddpmkit.training.posthoc_ema.rebuild_run`), swapped into the loaded network."""
     from ddpmkit.run.data import to_uint8
 
     log = log or (lambda m: None)
@@ -99,8 +106,15 @@ def sweep(
     ev = evaluator
     # every point's sampler is validated before the first one samples
     plans = [run.plan(sampler=point.sampler, steps=point.steps, guidance=point.guidance) for point in plan]
+    missing = sorted({p.ema for p in plan if p.ema is not None} - set(ema_weights or {}))
+    if missing:
+        raise ConfigError(f"no rebuilt weights for the EMA lengths {missing}: `ddpmkit ema RUN --sigma-rel ...` first")
+    trained, loaded_ema = run.source, None
     rows = []
     for point, sampling in zip(plan, plans):
+        if point.ema != loaded_ema:  # the points of one EMA length are consecutive: one swap each
+            run.load_weights(trained if point.ema is None else (ema_weights or {})[point.ema])
+            loaded_ema = point.ema
         started = time.perf_counter()
         images = to_uint8(draw(sampling, labels))
         seconds = time.perf_counter() - started
@@ -115,6 +129,8 @@ def sweep(
         log(f"{point.label}: FID {scored['fid']:.2f}, {scored['confident_share']:.1%} confident"
             + (f", class accuracy {scored['class_accuracy']:.1%}" if "class_accuracy" in scored else "")
             + f", {seconds:.1f} s")
+    if loaded_ema is not None:
+        run.load_weights(trained)  # the run as it was given
     floor = {k: ev.floor[k] for k in ("fid", "kid", "precision", "recall", "confident_share")}
     result = {"run": str(run.run_dir), "num_samples": num, "seed": seed, "floor": floor, "points": rows}
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -132,7 +148,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     conditional = all("class_accuracy" in row for row in result["points"])
-    fig, axes = plt.subplots(1, 3 if conditional else 2, figsize=(15 if conditional else 10, 4), constrained_layout=True)
+    lengths = any(row.get("ema") is not None for row in result["points"])
+    panels = 2 + conditional + lengths
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4), constrained_layout=True)
     by_sampler: dict[str, list[dict]] = {}
     for row in result["points"]:
         by_sampler.setdefault(row.get("line", row["sampler"]), []).append(row)
@@ -159,6 +177,34 @@ def plot(result: dict[str, Any], path: Path) -> None:
         for r in rows:
             ax.annotate(r["label"], (r["class_accuracy"], r["fid"]), fontsize=7)
         ax.grid(True, alpha=0.3)
+    if lengths:  # post-hoc EMA: the figure against the EMA length, each point of the plan a line
+        ax = axes[-1]
+        by_point: dict[str, list[dict]] = {}
+        for row in result["points"]:
+            point = row["label"].split(" ema=")[0]
+            by_point.setdefault(point, []).append(row)
+        for i, (name, rows) in enumerate(by_point.items()):
+            color = f"C{i}"
+            rebuilt = sorted((r for r in rows if r.get("ema") is not None), key=lambda r: r["ema"])
+            ax.plot([r["ema"] for r in rebuilt], [r["fid"] for r in rebuilt], marker="o", color=color,
+                    label=f"{name}, post-hoc EMA")
+            for r in rows:
+                if r.get("ema") is None:
+                    ax.axhline(r["fid"], color=color, linestyle=":", label=f"{name}, the EMA it trained")
+        ax.axhline(result["floor"]["fid"], linestyle="--", color="grey")
+        ax.set_xscale("log")
+        ax.set_xlabel("EMA length (sigma_rel)")
+        ax.set_ylabel("classifier FID")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    from matplotlib.ticker import FuncFormatter
+
+    def some(value: float, _: int) -> str:  # minor ticks of a log axis: 2 and 5 labelled, the rest not
+        return f"{value:g}" if f"{value:.0e}"[0] in "25" else ""
+
+    for ax in axes:
+        if ax.get_xscale() == "log":  # matplotlib's own labels every minor tick of a narrow range, overlapping
+            ax.xaxis.set_minor_formatter(FuncFormatter(some))
     axes[0].legend()
     fig.suptitle(f"speed against quality: {result['run']}, {result['num_samples']:,} samples, seed {result['seed']}")
     fig.savefig(path, dpi=100)

@@ -48,6 +48,11 @@ MODEL_FILE = "model.safetensors"
 EMA_FILE = "ema.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+#: Post-hoc EMA: ``<run>/posthoc-ema/snapshots/step-<N>/`` (one safetensors file per tracked profile) and the
+#: EMAs ``ddpmkit ema`` rebuilds, ``<run>/posthoc-ema/sigma-<S>/`` (checkpoint folders holding EMA weights only)
+POSTHOC_DIR = "posthoc-ema"
+#: the tracked post-hoc EMAs inside a checkpoint (so a resumed run continues them exactly)
+TRACKED_FILE = "posthoc-ema.safetensors"
 
 
 class FileEntry(BaseModel):
@@ -114,8 +119,12 @@ class Checkpoint:
         return config
 
     def weights(self, which: str = "ema") -> dict[str, torch.Tensor]:
-        """The model's (``"model"``) or the EMA's (``"ema"``) state dict."""
-        name = {"model": MODEL_FILE, "ema": EMA_FILE}[which]
+        """The model's (``"model"``) or the EMA's (``"ema"``) state dict, or those of another safetensors file of
+        the checkpoint (by file name)."""
+        name = {"model": MODEL_FILE, "ema": EMA_FILE}.get(which, which)
+        if name not in self.schema.files:
+            what = "the training weights" if which == "model" else name
+            raise CheckpointError(f"{self.path}: holds no {what} (it has {', '.join(sorted(self.schema.files))})")
         try:
             return st_load((self.path / name).read_bytes())
         except (SafetensorError, OSError) as exc:
@@ -174,17 +183,19 @@ def save_checkpoint(
     optimizer_state: dict[str, Any],
     state: dict[str, Any],
     keep: int,
+    extra: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> Path:
     """Write checkpoint ``step`` atomically, then delete all but the newest ``keep``; returns its path.
+    ``extra``: more safetensors files (name -> state dict), e.g. the tracked post-hoc EMAs.
 
     A failed write (a full disk, a read-only folder) removes its partial folder and raises a
     CheckpointError saying that the previous checkpoints are intact.
     """
     root = checkpoints_dir(run_dir)
     try:
-        return _save(run_dir, step, model_state, ema_state, optimizer_state, state, keep)
+        return _save(run_dir, step, model_state, ema_state, optimizer_state, state, keep, extra)
     except BaseException as exc:  # a full disk, or a second Ctrl-C mid-write: nothing half-written stays
-        for partial in root.glob(f".tmp-step-{step:08d}-{os.getpid()}"):
+        for partial in root.glob(f".tmp-step-{step:08d}-{os.getpid()}"):  # write_folder's temporary name
             shutil.rmtree(partial, ignore_errors=True)
         if not isinstance(exc, OSError):
             raise
@@ -199,22 +210,32 @@ def save_checkpoint(
 def _save(
     run_dir: Path, step: int, model_state: dict[str, torch.Tensor], ema_state: dict[str, torch.Tensor],
     optimizer_state: dict[str, Any], state: dict[str, Any], keep: int,
+    extra: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> Path:
     root = checkpoints_dir(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:08d}"
-    for stale in root.glob(".tmp-*"):  # left by a process killed mid-write
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
-    tmp.mkdir()
-    files = {
-        MODEL_FILE: _write_file(tmp / MODEL_FILE, st_save(_contiguous(model_state))),
-        EMA_FILE: _write_file(tmp / EMA_FILE, st_save(_contiguous(ema_state))),
-    }
     buf = io.BytesIO()
     torch.save(optimizer_state, buf)
-    files[OPTIMIZER_FILE] = _write_file(tmp / OPTIMIZER_FILE, buf.getvalue())
-    full_state = CheckpointState.model_validate({**state, "format": FORMAT_VERSION, "step": step, "files": files})
+    blobs = {MODEL_FILE: st_save(_contiguous(model_state)), EMA_FILE: st_save(_contiguous(ema_state)),
+             OPTIMIZER_FILE: buf.getvalue()}
+    blobs.update({name: st_save(_contiguous(tensors)) for name, tensors in (extra or {}).items()})
+    final = write_folder(root / f"step-{step:08d}", blobs, {**state, "step": step})
+    _VERIFIED.add(_verified_key(final))
+    _rotate(run_dir, keep)
+    return final
+
+
+def write_folder(final: Path, blobs: dict[str, bytes], state: dict[str, Any]) -> Path:
+    """Write ``blobs`` (file name -> bytes) and a ``state.json`` of ``state`` with the size and sha256 of each
+    file into the folder ``final``, atomically: under a temporary name, fsynced, then renamed (replacing an
+    existing ``final``). Checkpoints, post-hoc EMA snapshots and rebuilt EMAs are all such folders."""
+    root = final.parent
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".tmp-*"):  # left by a process killed mid-write
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    tmp.mkdir()
+    files = {name: _write_file(tmp / name, data) for name, data in blobs.items()}
+    full_state = CheckpointState.model_validate({**state, "format": FORMAT_VERSION, "files": files})
     _write_file(tmp / STATE_FILE, json.dumps(full_state.model_dump(mode="json"), indent=2, sort_keys=True).encode())
     _fsync_dir(tmp)
     if final.exists():  # the same step written again (e.g. a finished run re-run): replace it
@@ -225,8 +246,6 @@ def _save(
     else:
         tmp.rename(final)
     _fsync_dir(root)
-    _VERIFIED.add(_verified_key(final))
-    _rotate(run_dir, keep)
     return final
 
 
@@ -322,6 +341,52 @@ def find_checkpoint(source: Path, warn: Callable[[str], None] | None = None) -> 
     if ckpt is None:
         raise CheckpointError(f"{source}: no complete checkpoint in {checkpoints_dir(source)} (train it first)")
     return ckpt
+
+
+# --- post-hoc EMA snapshots and rebuilt EMAs ------------------------------------------------------------
+
+
+def profile_file(sigma_rel: float) -> str:
+    """The file of one profile's weights in a snapshot folder, and the folder name of a rebuilt EMA's stem."""
+    return f"sigma-{sigma_rel:.3f}.safetensors"
+
+
+def snapshots_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / POSTHOC_DIR / "snapshots"
+
+
+def rebuilt_dir(run_dir: Path, sigma_rel: float) -> Path:
+    """Where ``ddpmkit ema`` writes the EMA of ``sigma_rel`` (a checkpoint folder that samples like one)."""
+    return Path(run_dir) / POSTHOC_DIR / profile_file(sigma_rel).removesuffix(".safetensors")
+
+
+def save_snapshot(run_dir: Path, step: int, profiles: dict[float, dict[str, torch.Tensor]],
+                  gammas: dict[float, float]) -> Path:
+    """Write the snapshot of every tracked profile (sigma_rel -> state dict) at ``step``, atomically; a snapshot
+    of the same step (a resumed run replaying it) is replaced by the identical one."""
+    blobs = {profile_file(s): st_save(_contiguous(w)) for s, w in profiles.items()}
+    info = {"sigma_rels": list(profiles), "gammas": [gammas[s] for s in profiles]}
+    try:
+        return write_folder(snapshots_dir(run_dir) / f"step-{step:08d}", blobs, {"step": step, "posthoc_ema": info})
+    except OSError as exc:
+        raise CheckpointError(f"could not write the post-hoc EMA snapshot of step {step} in {snapshots_dir(run_dir)}: "
+                              f"{exc.strerror or exc}. Free space and run the same command again to resume") from None
+
+
+def load_snapshots(run_dir: Path, up_to: int | None = None) -> list[Checkpoint]:
+    """The run's post-hoc EMA snapshots (each verified), oldest first; only those of steps <= ``up_to``."""
+    root = snapshots_dir(run_dir)
+    found = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name))) if root.is_dir() else []
+    return [load_checkpoint(p) for step, p in found if up_to is None or step <= up_to]
+
+
+def save_rebuilt(run_dir: Path, sigma_rel: float, weights: dict[str, torch.Tensor], source: Checkpoint,
+                 info: dict[str, Any]) -> Path:
+    """Write a rebuilt EMA as a checkpoint folder: ``source``'s state (config, components, classes) with these
+    weights as its EMA and ``info`` (how it was rebuilt) under ``posthoc_ema``."""
+    state = {k: v for k, v in source.state.items() if k not in ("files", "format", "grad_scaler")}
+    return write_folder(rebuilt_dir(run_dir, sigma_rel), {EMA_FILE: st_save(_contiguous(weights))},
+                        {**state, "step": info["step"], "posthoc_ema": info})
 
 
 # --- what a checkpoint says about its run ----------------------------------------------------------------

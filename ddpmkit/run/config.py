@@ -127,6 +127,34 @@ class ComponentSection(Section):
     _options: Any = PrivateAttr(default=None)
 
 
+#: The widest power-function EMA profile (gamma = -0.38) has sigma_rel 0.3003 (Karras et al. 2024, eq. 3).
+MAX_SIGMA_REL = 0.3
+
+
+class PosthocEmaSection(Section):
+    """Power-function EMAs tracked during training, with snapshots from which ``ddpmkit ema`` rebuilds the EMA
+    of any length afterwards (Karras et al. 2024, section 3)."""
+
+    enabled: bool = Field(False, description="track the profiles and store their snapshots")
+    sigma_rels: list[float] = Field(
+        [0.05, 0.10], min_length=1, max_length=8,
+        description="the relative widths (sigma_rel) of the profiles tracked; two are enough to rebuild others",
+    )
+    every: int | None = Field(None, ge=1, description="steps between snapshots (unset: train.checkpoint_every); "
+                              "one is always taken at the last step")
+
+    @field_validator("sigma_rels")
+    @classmethod
+    def _widths(cls, v: list[float]) -> list[float]:
+        for s in v:
+            if not 0 < s <= MAX_SIGMA_REL:
+                raise ValueError(f"sigma_rel {s:g}: expected a width above 0 and at most {MAX_SIGMA_REL} "
+                                 "(the widest power-function profile)")
+        if len(set(v)) != len(v):
+            raise ValueError(f"{v}: each profile once")
+        return v
+
+
 class TrainSection(Section):
     epochs: int = Field(75, ge=1, le=MAX_EPOCHS, description="passes over the dataset (at least one: an untrained network has nothing to sample)")
     max_steps: int | None = Field(None, ge=1, le=MAX_STEPS, description="stop after this many optimizer steps in all")
@@ -181,6 +209,12 @@ class TrainSection(Section):
         return parse_duration(v)
 
     keep_checkpoints: int = Field(3, ge=1)
+    posthoc_ema: PosthocEmaSection = Field(default_factory=PosthocEmaSection)
+
+    @property
+    def snapshot_every(self) -> int:
+        """Steps between post-hoc EMA snapshots."""
+        return self.posthoc_ema.every or self.checkpoint_every
 
 
 def parse_duration(value: Any) -> Any:
@@ -403,6 +437,9 @@ class RunConfig(Section):
         }
         if self.conditioning.enabled:  # only then: unconditional checkpoints from before 0.6 keep matching
             keep["conditioning"] = {"kind": d["conditioning"]["kind"]}
+        if self.train.posthoc_ema.enabled:  # the profiles a checkpoint's tracked EMAs follow
+            keep["train"]["posthoc_ema"] = {"sigma_rels": d["train"]["posthoc_ema"]["sigma_rels"],
+                                            "every": self.train.snapshot_every}
         return flatten(keep)
 
 

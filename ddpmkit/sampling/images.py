@@ -110,13 +110,17 @@ def _with_row_labels(body: np.ndarray, labels: list[str], cell: int) -> np.ndarr
 
 
 def write_trajectory(captured: dict[int, torch.Tensor], path: Path) -> None:
-    """The denoising strip: one row per image, columns from the noisiest captured t to t = 0."""
+    """The denoising strip (:func:`trajectory_strip`) as a PNG; nothing when nothing was captured."""
+    if captured:
+        save_png(trajectory_strip(captured), Path(path))
+
+
+def trajectory_strip(captured: dict[int, torch.Tensor]) -> np.ndarray:
+    """The denoising strip: one row per image, columns from the noisiest captured t to t = 0, each labelled."""
     steps = sorted(captured, reverse=True)
-    if not steps:
-        return
     cells = torch.stack([to_uint8(captured[t]) for t in steps], dim=1)  # [rows, steps, C, H, W]
     body = grid(cells.flatten(0, 1), nrow=len(steps))
-    save_png(_with_column_labels(body, [f"{t}" for t in steps], cell=cells.shape[-1] + 2), Path(path))
+    return _with_column_labels(body, [f"{t}" for t in steps], cell=cells.shape[-1] + 2)
 
 
 def _with_column_labels(body: np.ndarray, labels: list[str], cell: int) -> np.ndarray:

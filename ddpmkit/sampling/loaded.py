@@ -122,6 +122,19 @@ class LoadedRun:
     def denoiser(self) -> Denoiser:
         return self.components.denoiser
 
+    def load_weights(self, source: str | Path) -> None:
+        """Replace the network's weights, in place, by the EMA weights of another checkpoint folder of the same
+        run (``RUN/posthoc-ema/sigma-S``, an older checkpoint): components, guide and compiled code are kept.
+        ConfigError for a checkpoint of another model, process or data."""
+        ckpt = find_checkpoint(Path(source))
+        mine = self.checkpoint.schema.identity_sha256 if self.checkpoint is not None else None
+        if mine is not None and ckpt.schema.identity_sha256 != mine:
+            raise ConfigError(f"{ckpt.path} is a checkpoint of another run than {self.source} (its model, process "
+                              "or data differ): load it with ddpmkit.load_run")
+        with blame(self.components.refs["denoiser"], "to load the checkpoint's weights"):
+            self.denoiser.load_state_dict(ckpt.weights("ema"))
+        self.checkpoint, self.step, self.weights = ckpt, ckpt.step, "ema"
+
     @property
     def device(self) -> torch.device:
         return self.components.denoiser.device

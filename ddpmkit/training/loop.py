@@ -21,7 +21,7 @@ import torch
 from timm.utils import ModelEmaV3
 
 from ddpmkit.registry.blame import blame
-from ddpmkit.run.checkpoint import Checkpoint, save_checkpoint
+from ddpmkit.run.checkpoint import TRACKED_FILE, Checkpoint, save_checkpoint, save_snapshot
 from ddpmkit.run.config import RunConfig
 from ddpmkit.run.data import Dataset, to_model_scale
 from ddpmkit.runtime.speed import (
@@ -36,6 +36,7 @@ from ddpmkit.runtime.speed import (
 from ddpmkit.diffusion import NULL_CLASS, Cond, draw_training_batch_noise, training_loss
 from ddpmkit.runtime.distributed import World, check_batch
 from ddpmkit.errors import DdpmkitError, HookFailed, TrainingDiverged
+from ddpmkit.training.posthoc_ema import TrackedEmas
 from ddpmkit.interfaces import Denoiser, NoiseSchedule
 
 if TYPE_CHECKING:
@@ -206,6 +207,8 @@ class _Trainer:
         self.optimizer = make_optimizer(model.parameters(), self.tc.lr, self.modes)
         self.scaler = grad_scaler(device, self.modes)
         self.ema = ModelEmaV3(model, decay=self.tc.ema_decay, use_warmup=self.tc.ema_warmup)
+        posthoc = self.tc.posthoc_ema
+        self.tracked = TrackedEmas(self.model, posthoc.sigma_rels) if posthoc.enabled else None
         self.step = 0
         self.skipped_in_a_row = 0
         self.last_good: Path | None = resume.path if resume is not None else None
@@ -225,7 +228,19 @@ class _Trainer:
         self.optimizer.load_state_dict(resume.optimizer_state())
         if self.scaler is not None and resume.schema.grad_scaler:
             self.scaler.load_state_dict(resume.schema.grad_scaler)
+        if self.tracked is not None:
+            self.tracked.load_state_dict(resume.weights(TRACKED_FILE))
         self.step = resume.step
+
+    def track(self, run_dir: Path, last_step: int) -> None:
+        """Average this step's weights into the post-hoc EMA profiles (a skipped step's too: its weights are the
+        previous ones), and store their snapshot every ``snapshot_every`` steps and at the last (rank 0)."""
+        if self.tracked is None:
+            return
+        self.tracked.update(self.model, self.step)
+        if self.world.is_main and (self.step % self.tc.snapshot_every == 0 or self.step == last_step):
+            profiles = {s: self.tracked.weights(self.model, s) for s in self.tracked.sigma_rels}
+            save_snapshot(run_dir, self.step, profiles, self.tracked.gammas)
 
     def batch_noise(self, batch: int, shape: tuple[int, ...], mine: slice) -> tuple[torch.Tensor, torch.Tensor]:
         """This step's timesteps and noise (every rank draws the whole batch's and takes its slice), and the
@@ -314,6 +329,7 @@ class _Trainer:
         path = save_checkpoint(
             run_dir, self.step, model_state=self.model.state_dict(), ema_state=self.ema.module.state_dict(),
             optimizer_state=self.optimizer.state_dict(), state=state, keep=self.tc.keep_checkpoints,
+            extra={TRACKED_FILE: self.tracked.state_dict()} if self.tracked is not None else None,
         )
         self.last_good = path
         return path
@@ -396,6 +412,7 @@ def train(
                 metrics["grad_norm"] = done.grad_norm
             error: BaseException | None = None
             try:
+                trainer.track(run_dir, last_step)  # before the checkpoint: none exists without its snapshots
                 events.on_step(metrics)
                 if meter.first_estimate_due(step):
                     events.on_measured(rate, (last_step - step) * batch / rate if rate else float("inf"))

@@ -10,13 +10,21 @@ Because every snapshot is a linear average of the same history, the average of a
 combination of snapshots: the coefficients minimise the L2 distance between the densities (appendix C.2),
 whose inner products have the closed form of :func:`profile_inner`.
 
-(Step one of issue 20's post-hoc EMA: the tracking in the training loop, the snapshots in the checkpoint
-format and ``ddpmkit ema`` build on this.)
+During training :class:`TrackedEmas` follows the profiles of ``[train.posthoc_ema]`` and the loop stores their
+snapshots; afterwards :func:`rebuild` (``ddpmkit ema``) fits the EMA of any sigma_rel to them.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from ddpmkit.run.checkpoint import Checkpoint
 
 
 def gamma_to_sigma_rel(gamma: float) -> float:
@@ -57,12 +65,170 @@ def profile_inner(t_a: float, gamma_a: float, t_b: float, gamma_b: float) -> flo
     return float(np.exp(log))
 
 
-def solve_coefficients(snapshots: list[tuple[float, float]], target: tuple[float, float]) -> np.ndarray:
-    """The coefficients x with sum_i x_i snapshot_i closest (L2 over the densities) to the EMA of profile
-    ``target`` = (t, gamma), given ``snapshots`` = [(t_i, gamma_i), ...]: the solution of A x = b with
-    A_ij = <p_i, p_j> and b_i = <p_i, p_target> (least squares, for an A that is near singular)."""
-    if not snapshots:
-        raise ValueError("no snapshots to reconstruct from")
+#: Up to this many steps the fit uses the tracked EMAs' exact per-step weights (what :class:`TrackedEmas`
+#: computes); beyond it the continuous densities, whose per-step mismatch (about gamma / t) is then negligible.
+DISCRETE_MAX_STEPS = 50_000
+
+
+def step_weights(t: int, gamma: float, horizon: int) -> np.ndarray:
+    """The weight of each step tau = 1..``horizon`` in the EMA of exponent ``gamma`` tracked by eq. 2 up to step
+    ``t``: (tau^(gamma+1) - (tau-1)^(gamma+1)) / t^(gamma+1) for tau <= t (the density integrated over a step),
+    0 beyond."""
+    tau = np.arange(1, horizon + 1, dtype=np.float64)
+    w = (np.minimum(tau, t) / t) ** (gamma + 1) - (np.minimum(tau - 1, t) / t) ** (gamma + 1)
+    return w
+
+
+def _gram(snapshots: list[tuple[float, float]], target: tuple[float, float],
+          discrete: bool) -> tuple[np.ndarray, np.ndarray, float]:
+    """(A, b, c): the inner products of the snapshots' profiles with each other, with the target's, and the
+    target's with itself; over the per-step weights (``discrete``) or the densities (:func:`profile_inner`)."""
+    if discrete:
+        horizon = int(max(t for t, _ in [*snapshots, target]))
+        w = np.stack([step_weights(int(t), g, horizon) for t, g in snapshots])
+        wt = step_weights(int(target[0]), target[1], horizon)
+        return w @ w.T, w @ wt, float(wt @ wt)
     a = np.array([[profile_inner(ti, gi, tj, gj) for tj, gj in snapshots] for ti, gi in snapshots])
     b = np.array([profile_inner(ti, gi, *target) for ti, gi in snapshots])
-    return np.linalg.lstsq(a, b, rcond=None)[0]
+    return a, b, profile_inner(*target, *target)
+
+
+def solve_coefficients(snapshots: list[tuple[float, float]], target: tuple[float, float], *,
+                       discrete: bool = False) -> np.ndarray:
+    """The coefficients x with sum_i x_i snapshot_i closest (in L2) to the EMA of profile ``target`` = (t, gamma),
+    given ``snapshots`` = [(t_i, gamma_i), ...]: the solution of A x = b with A_ij = <p_i, p_j> and
+    b_i = <p_i, p_target> (least squares, for an A that is near singular) with sum_i x_i = 1; the profiles as densities (appendix
+    C.2) or, ``discrete``, as the per-step weights of :func:`step_weights`."""
+    if not snapshots:
+        raise ValueError("no snapshots to reconstruct from")
+    a, b, _ = _gram(snapshots, target, discrete)
+    # with the coefficients summing to one (Lagrange: [[A, 1], [1', 0]] [x, l] = [b, 1]) the result stays an
+    # average of weights: an unconstrained fit that is 1e-3 short of one pulls every weight 0.1 % towards zero,
+    # more than the EMA lengths differ from each other early in training
+    n = len(snapshots)
+    kkt = np.block([[a, np.ones((n, 1))], [np.ones((1, n)), np.zeros((1, 1))]])
+    return np.linalg.lstsq(kkt, np.append(b, 1.0), rcond=None)[0][:n]
+
+
+def fit_error(snapshots: list[tuple[float, float]], target: tuple[float, float], x: np.ndarray, *,
+              discrete: bool = False) -> float:
+    """The relative L2 distance between the profile the coefficients ``x`` combine and the target's:
+    ||sum_i x_i p_i - p_target|| / ||p_target|| (0: rebuilt exactly; the profiles' own shapes, not the weights)."""
+    a, b, c = _gram(snapshots, target, discrete)
+    return float(np.sqrt(max(0.0, x @ a @ x - 2 * x @ b + c) / c))
+
+
+class TrackedEmas:
+    """The power-function EMAs of ``sigma_rels``, one copy of the model's floating-point state per profile, updated
+    after every optimizer step by eq. 2 (in fp32 whatever the training precision)."""
+
+    def __init__(self, model: torch.nn.Module, sigma_rels: list[float]) -> None:
+        self.sigma_rels = list(sigma_rels)
+        self.gammas = {s: sigma_rel_to_gamma(s) for s in self.sigma_rels}
+        state = model.state_dict()
+        self.keys = [k for k, v in state.items() if v.is_floating_point()]
+        self.averages = {s: [state[k].detach().float().clone() for k in self.keys] for s in self.sigma_rels}
+
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        """Average in the weights after optimizer step ``step`` (1, 2, ...): at step 1 each profile is the weights."""
+        state = model.state_dict()
+        current = [state[k].detach().float() for k in self.keys]
+        for s in self.sigma_rels:
+            torch._foreach_lerp_(self.averages[s], current, 1.0 - ema_beta(step, self.gammas[s]))
+
+    def weights(self, model: torch.nn.Module, sigma_rel: float) -> dict[str, torch.Tensor]:
+        """The state dict of profile ``sigma_rel``: its averages, the model's own values for the rest (counters)."""
+        state = dict(model.state_dict())
+        for k, v in zip(self.keys, self.averages[sigma_rel]):
+            state[k] = v.to(state[k].dtype)
+        return state
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Every profile's averages in fp32, for the checkpoint (keys ``<sigma_rel>/<parameter>``)."""
+        return {f"{s:g}/{k}": v for s in self.sigma_rels for k, v in zip(self.keys, self.averages[s])}
+
+    def load_state_dict(self, saved: dict[str, torch.Tensor]) -> None:
+        for s in self.sigma_rels:
+            self.averages[s] = [saved[f"{s:g}/{k}"].to(self.averages[s][0].device).float().clone() for k in self.keys]
+
+
+@dataclass
+class Rebuilt:
+    """One EMA length rebuilt from the snapshots: its weights, and how well the snapshots' profiles fit it."""
+
+    sigma_rel: float
+    gamma: float
+    step: int
+    weights: dict[str, torch.Tensor]
+    coefficients: list[float]
+    snapshots: int
+    fit_error: float
+
+    def info(self) -> dict[str, Any]:
+        return {"sigma_rel": self.sigma_rel, "gamma": self.gamma, "step": self.step, "snapshots": self.snapshots,
+                "fit_error": self.fit_error, "coefficients": self.coefficients}
+
+
+def rebuild(snapshots: "list[Checkpoint]", sigma_rels: list[float], *,
+            profiles: list[float] | None = None) -> list[Rebuilt]:
+    """The EMA of each of ``sigma_rels`` at the last snapshot's step, as the least-squares combination of the
+    ``snapshots`` (their profiles, or only ``profiles`` of them), summed in float64."""
+    from ddpmkit.errors import ConfigError
+    from ddpmkit.run.checkpoint import profile_file
+
+    if not snapshots:
+        raise ConfigError("no post-hoc EMA snapshots: train with [train.posthoc_ema] enabled = true first")
+    stored = [(ckpt, s, g) for ckpt in snapshots
+              for s, g in zip(ckpt.state["posthoc_ema"]["sigma_rels"], ckpt.state["posthoc_ema"]["gammas"])
+              if profiles is None or s in profiles]
+    pairs = [(float(ckpt.step), float(g)) for ckpt, _, g in stored]
+    last = snapshots[-1].step
+    template = stored[-1][0].weights(profile_file(stored[-1][1]))  # keys; non-float entries
+    gammas = [sigma_rel_to_gamma(s) for s in sigma_rels]
+    discrete = last <= DISCRETE_MAX_STEPS
+    xs = [solve_coefficients(pairs, (float(last), g), discrete=discrete) for g in gammas]
+    totals = [{k: torch.zeros_like(v, dtype=torch.float64) for k, v in template.items() if v.is_floating_point()}
+              for _ in sigma_rels]
+    for i, (ckpt, s, _) in enumerate(stored):  # each snapshot read once, into every target
+        for k, v in ckpt.weights(profile_file(s)).items():
+            for x, total in zip(xs, totals):
+                if k in total:
+                    total[k].add_(v.double(), alpha=float(x[i]))
+    return [Rebuilt(sigma_rel, gamma, last, {k: total[k].to(v.dtype) if k in total else v for k, v in template.items()},
+                    [float(c) for c in x], len(snapshots), fit_error(pairs, (float(last), gamma), x, discrete=discrete))
+            for sigma_rel, gamma, x, total in zip(sigma_rels, gammas, xs, totals)]
+
+
+def parse_sigma_rels(text: str, what: str = "--sigma-rel") -> list[float]:
+    """``"0.02,0.05,0.1"`` -> [0.02, 0.05, 0.1]; ConfigError for anything that is not a usable width."""
+    from ddpmkit.errors import ConfigError
+    from ddpmkit.run.config import MAX_SIGMA_REL
+
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{what} {text}: expected widths such as 0.02,0.05,0.1") from None
+    bad = [v for v in values if not 0 < v <= MAX_SIGMA_REL]
+    if not values or bad:
+        raise ConfigError(f"{what} {text}: each sigma_rel must be above 0 and at most {MAX_SIGMA_REL} "
+                          "(the widest power-function profile); e.g. 0.02,0.05,0.1")
+    return list(dict.fromkeys(values))
+
+
+def rebuild_run(run_dir: Path, sigma_rels: list[float], *, profiles: list[float] | None = None
+                ) -> list[tuple[Rebuilt, Path]]:
+    """Rebuild the EMA of each of ``sigma_rels`` from the snapshots of the run in ``run_dir`` (those up to its
+    latest checkpoint) and write each as a checkpoint folder ``RUN/posthoc-ema/sigma-<S>`` that ``sample``,
+    ``eval`` and ``ddpmkit.load_run`` read; returns each with its folder."""
+    from ddpmkit.errors import ConfigError
+    from ddpmkit.run.checkpoint import find_checkpoint, load_snapshots, save_rebuilt
+
+    run_dir = Path(run_dir)
+    ckpt = find_checkpoint(run_dir)
+    if ckpt.path.parent.parent.resolve() != run_dir.resolve():
+        raise ConfigError(f"{run_dir}: give the run folder (its snapshots are in RUN/posthoc-ema), not a checkpoint")
+    if not ckpt.schema.config.get("train", {}).get("posthoc_ema", {}).get("enabled"):
+        raise ConfigError(f"{run_dir} was trained without post-hoc EMA: train with [train.posthoc_ema] "
+                          "enabled = true (a new run: the tracked profiles are part of the run) to rebuild EMA lengths")
+    rebuilt = rebuild(load_snapshots(run_dir, up_to=ckpt.step), sigma_rels, profiles=profiles)
+    return [(r, save_rebuilt(run_dir, r.sigma_rel, r.weights, ckpt, r.info())) for r in rebuilt]

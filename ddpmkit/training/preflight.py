@@ -13,7 +13,7 @@ from ddpmkit.run.config import RunConfig
 from ddpmkit.diffusion import MAX_FINAL_SNR
 from ddpmkit.errors import DataNotFound
 from ddpmkit.run.components import Components
-from ddpmkit.runtime.units import format_duration
+from ddpmkit.runtime.units import format_bytes, format_duration
 
 if TYPE_CHECKING:
     from ddpmkit.training.autotune import Timer
@@ -91,6 +91,46 @@ def data_finding(cfg: RunConfig, data_root: Path | None) -> tuple[Finding, int |
     return Finding("data", f"{len(ds):,} images, values in [{lo:.2f}, {hi:.2f}]", warning), len(ds)
 
 
+#: Bytes per tensor beyond its data (measured with torch 2.14: a safetensors header entry is about 90, an Adam
+#: entry of optimizer.pt about 800) and per folder (state.json), rounded up.
+SAFETENSORS_PER_TENSOR, OPTIMIZER_PER_TENSOR, STATE_JSON = 128, 1024, 8192
+
+
+def disk_estimate(cfg: RunConfig, built: Components, steps: int) -> tuple[int, str]:
+    """(bytes, what they are) a run of ``steps`` leaves on disk at most: ``keep_checkpoints`` checkpoints (the
+    weights, the EMA, Adam's two moments and any tracked post-hoc EMAs) and every post-hoc EMA snapshot."""
+    state = built.denoiser.state_dict()
+    weights = sum(t.numel() * t.element_size() for t in state.values())
+    one = weights + SAFETENSORS_PER_TENSOR * len(state)  # one safetensors file of the weights
+    tc = cfg.train
+    profiles = len(tc.posthoc_ema.sigma_rels) if tc.posthoc_ema.enabled else 0
+    checkpoint = (2 + profiles) * one + 2 * weights + OPTIMIZER_PER_TENSOR * len(state) + STATE_JSON
+    text = f"{tc.keep_checkpoints} checkpoints of {format_bytes(checkpoint)}"
+    if not profiles:
+        return tc.keep_checkpoints * checkpoint, text
+    snapshots = steps // tc.snapshot_every + (1 if steps % tc.snapshot_every else 0)
+    snapshot = profiles * one + STATE_JSON
+    return (tc.keep_checkpoints * checkpoint + snapshots * snapshot,
+            text + f" and {snapshots:,} post-hoc EMA snapshots of {format_bytes(snapshot)}")
+
+
+def disk_finding(cfg: RunConfig, built: Components, steps: int) -> Finding:
+    import shutil
+
+    total, what = disk_estimate(cfg, built, steps)
+    folder = cfg.run_dir.resolve()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    warning = None
+    if total > free:
+        warning = (f"the run needs about {format_bytes(total)} but {folder} has {format_bytes(free)} free: free "
+                   "space, lower train.keep_checkpoints" + (" or raise train.posthoc_ema.every"
+                                                             if cfg.train.posthoc_ema.enabled else ""))
+    return Finding("disk", f"at most about {format_bytes(total)} in {cfg.run_dir}: {what} "
+                           f"({format_bytes(free)} free)", warning)
+
+
 def time_finding(
     cfg: RunConfig, built: Components, steps: int, device: torch.device, *, label: str = "time",
     what: str = "of training", timer: "Timer | None" = None,
@@ -123,7 +163,7 @@ def preflight(cfg: RunConfig, built: Components, *, data_root: Path | None = Non
     if num_images is None:
         return findings + [snr_finding(built)]
     steps = total_steps(cfg, num_images)
-    findings += [ema_finding(cfg, steps), snr_finding(built)]
+    findings += [ema_finding(cfg, steps), snr_finding(built), disk_finding(cfg, built, steps)]
     if timing and steps:
         device = pick_device(cfg.run.device)
         findings.append(time_finding(cfg, built, steps, device))
@@ -154,6 +194,9 @@ def describe_config(cfg: RunConfig, built: Components) -> str:
         f"{t.precision} precision, channels-last {t.channels_last}, compile {t.compile}"
         + (f", at most {t.max_steps} steps" if t.max_steps is not None else ""),
     ]
+    if t.posthoc_ema.enabled:
+        lines.append(f"post-hoc   EMA profiles sigma_rel {', '.join(f'{x:g}' for x in t.posthoc_ema.sigma_rels)} "
+                     f"tracked, a snapshot every {t.snapshot_every:,} steps (`ddpmkit ema` rebuilds other lengths)")
     if cfg.conditioning.enabled:
         g = cfg.guidance
         lines.append(f"condition  class labels ({built.denoiser.num_classes} classes), label dropout "
