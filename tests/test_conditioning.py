@@ -282,10 +282,10 @@ def test_a_conditional_run_resumes_exactly_and_draws_the_classes_asked_for(tmp_p
     assert "class '7'" in r.output and "top-left" in r.output
 
     plain = write_config(tmp_path, "u", epochs=1, num_images=0, trajectory_images=0)
-    assert ddpmkit("run", str(plain)).returncode == 0
-    r = ddpmkit("sample", str(tmp_path / "runs" / "u"), "--class", "1", "--out", str(tmp_path / "y.png"))
-    assert r.returncode == 2 and "trained without class labels" in r.stderr, r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1
+    assert invoke("run", str(plain)).exit_code == 0
+    r = invoke("sample", str(tmp_path / "runs" / "u"), "--class", "1", "--out", str(tmp_path / "y.png"))
+    assert r.exit_code == 2 and "trained without class labels" in r.output, r.output
+    assert len(r.output.strip().splitlines()) == 1
 
 
 def test_describe_says_what_a_denoiser_can_be_conditioned_on():

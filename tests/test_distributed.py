@@ -71,7 +71,7 @@ def test_kill_and_resume_under_ddp_is_bit_for_bit(tmp_path):
         os.killpg(proc.pid, signal.SIGKILL)
     finally:
         proc.wait(timeout=60)
-    deadline = time.time() + 60  # they stop at the end of their step, checkpoint, and release the run
+    deadline = time.time() + 120  # they stop at the end of their step, checkpoint, and release the run
     while (run_b / "run.lock").exists() and time.time() < deadline:
         time.sleep(0.05)
     assert not (run_b / "run.lock").exists(), "the workers kept running after their launcher was killed"

@@ -118,7 +118,7 @@ def test_real_images_sit_at_the_floor_and_damage_raises_fid_monotonically(small,
     assert blurred == sorted(blurred) and blurred[-1] > 3 * blurred[0], blurred
 
 
-def test_eval_cli_on_a_samples_file(mnist_root, tmp_path, test_images, quick_classifier_cache):
+def test_eval_cli_on_a_samples_file(mnist_root, tmp_path, test_images, quick_classifier_cache, monkeypatch):
     """Through the CLI, as a user runs it: real test digits as 'samples' score like real data."""
     samples = tmp_path / "digits.npz"
     labels = mnist_tensors(mnist_root, train=False)[1][2000:2200]  # as a conditional run's .npz carries them
@@ -138,10 +138,11 @@ def test_eval_cli_on_a_samples_file(mnist_root, tmp_path, test_images, quick_cla
     assert math.isclose(sum(s["class_histogram"]), 200)
     assert result["inception_fid"]["status"] == "skipped"
     assert (tmp_path / "digits-closest-pairs.png").exists()
-    table = ddpmkit("eval", str(samples), "--data-root", str(mnist_root), "--num", "100", env=env)
-    assert table.returncode == 0 and "classifier FID" in table.stdout and "floor" in table.stdout, table.stderr
-    bad = ddpmkit("eval", str(tmp_path / "none.npz"), "--data-root", str(mnist_root), env=env)
-    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
+    monkeypatch.setenv("DDPMKIT_CACHE_DIR", str(quick_classifier_cache))  # the rest in-process
+    table = invoke("eval", str(samples), "--data-root", str(mnist_root), "--num", "100")
+    assert table.exit_code == 0 and "classifier FID" in table.output and "floor" in table.output, table.output
+    bad = invoke("eval", str(tmp_path / "none.npz"), "--data-root", str(mnist_root))
+    assert bad.exit_code == 2 and bad.output.startswith("error: ") and "Traceback" not in bad.output
 
 
 @pytest.fixture(scope="module")

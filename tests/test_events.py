@@ -23,8 +23,8 @@ def test_metrics_and_tensorboard_writers(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     cfg = write_config(tmp_path, "tb", epochs=1, num_images=0, trajectory_images=0)
-    r = ddpmkit("run", str(cfg), "--set", "plugins.tensorboard.enabled=true")
-    assert r.returncode == 0, r.stderr
+    r = invoke("run", str(cfg), "--set", "plugins.tensorboard.enabled=true")
+    assert r.exit_code == 0, r.output
     run = tmp_path / "runs" / "tb"
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
@@ -37,7 +37,7 @@ def test_metrics_and_tensorboard_writers(tmp_path):
 
 def test_metrics_can_be_switched_off(tmp_path):
     cfg = write_config(tmp_path, "quiet", epochs=1, num_images=0, trajectory_images=0)
-    assert ddpmkit("run", str(cfg), "--set", "plugins.metrics.enabled=false").returncode == 0
+    assert invoke("run", str(cfg), "--set", "plugins.metrics.enabled=false").exit_code == 0
     assert not (tmp_path / "runs" / "quiet" / "metrics.jsonl").exists()
 
 

@@ -102,9 +102,9 @@ def test_a_full_stdout_does_not_stop_training(tmp_path):
 def test_a_one_step_schedule_warns_in_run_as_in_validate(tmp_path):
     cfg = write_config(tmp_path, "t1", epochs=1, num_images=0, trajectory_images=0)
     cfg.write_text(cfg.read_text().replace("trajectory_steps = [0, 5, 10, 19]", "trajectory_steps = [0]"))
-    r = ddpmkit("run", str(cfg), "--set", "schedule.options.num_timesteps=1")
-    assert r.returncode == 0, r.stderr
-    assert "warning: x_T still holds signal" in r.stdout, r.stdout
+    r = invoke("run", str(cfg), "--set", "schedule.options.num_timesteps=1")
+    assert r.exit_code == 0, r.output
+    assert "warning: x_T still holds signal" in r.output, r.output
 
 
 def test_a_refusal_before_training_leaves_no_empty_run_folder(tmp_path):

@@ -54,14 +54,13 @@ def test_parse_plan_repeats_at_each_guidance_weight():
 
 def test_sweep_over_guidance_weights(tmp_path, mnist_root, quick_classifier_cache, monkeypatch):
     run = _trained(tmp_path, "gw", mnist_root, "\n[guidance]\nweight = 2.0\nsteps = 2\n", dropout=0.0)
-    env = cli_env(DDPMKIT_CACHE_DIR=str(quick_classifier_cache))
-    r = ddpmkit("sweep", str(run), "--sampler", "ddim:5", "--guidance", "1,3", "--num", "10", "--data-root",
-                str(mnist_root), "--json", env=env)
-    assert r.returncode == 0, r.stderr
-    points = json.loads(r.stdout)["points"]
+    monkeypatch.setenv("DDPMKIT_CACHE_DIR", str(quick_classifier_cache))
+    r = invoke("sweep", str(run), "--sampler", "ddim:5", "--guidance", "1,3", "--num", "10", "--data-root",
+               str(mnist_root), "--json")
+    assert r.exit_code == 0, r.output
+    points = json.loads(r.stdout[r.stdout.index("{"):])["points"]
     assert [(p["label"], p["denoiser_evaluations"]) for p in points] == [("ddim:5 w=1", 5), ("ddim:5 w=3", 10)]
     assert points[0]["fid"] != points[1]["fid"]
-    monkeypatch.setenv("DDPMKIT_CACHE_DIR", str(quick_classifier_cache))
     bad = invoke("sweep", str(run), "--guidance", "1,x", "--num", "10", "--data-root", str(mnist_root))
     assert bad.exit_code == 2 and "--guidance 1,x: expected weights" in bad.output, bad.output
 

@@ -112,10 +112,13 @@ def sweep(
 
     shown = err_console if as_json else console
     lengths = parse_sigma_rels(ema, "--ema") if ema is not None else None
+    weights = _weights(guidance)
+    if samplers:
+        parse_plan(list(samplers))  # a mistake in the options is one line before anything loads
     root = mnist_root(data_root)
     loaded = load_run(run, warn=_warner(shown))
     own = [loaded.components.refs["sampler"].name] if lengths else None  # EMA lengths compared on the run's own sampling
-    plan = parse_plan(list(samplers or own or default_plan()), _weights(guidance), lengths)
+    plan = parse_plan(list(samplers or own or default_plan()), weights, lengths)
     ema_weights = None
     if lengths:  # rebuilt now from the snapshots up to the run's latest checkpoint
         ema_weights = {r.sigma_rel: folder for r, folder in rebuild_run(run, lengths)}

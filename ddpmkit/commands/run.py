@@ -58,6 +58,9 @@ def _launch_processes(config: Path, overrides: list[str], nproc: int, *, fresh: 
     from ddpmkit.runtime.distributed import World, check_batch
 
     check_batch(World(size=nproc), cfg.train.batch_size)  # here, before starting nproc processes to say it
+    from ddpmkit.run.lock import check_free
+
+    check_free(cfg.run_dir)  # likewise a run another process is writing
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
             "-m", "ddpmkit", "run", str(config)]
     args += [a for item in overrides for a in ("--set", item)]

@@ -61,17 +61,30 @@ def acquire(run_dir: Path) -> Path:
             elif holder.get("host") != me["host"] or _alive(holder["pid"]):
                 if holder["pid"] == me["pid"] and holder.get("host") == me["host"]:
                     return path  # this process already holds it
-                raise RunLocked(
-                    f"{run_dir} is being written by ddpmkit process {holder['pid']} on {holder.get('host')} "
-                    f"(since {holder.get('since')}); wait for it to finish or stop it "
-                    f"(if no ddpmkit process runs there any more, delete {path})"
-                )
+                raise _refusal(run_dir, path, holder)
             path.unlink(missing_ok=True)  # stale: its process is gone
             continue
         with os.fdopen(fd, "w") as f:
             json.dump(me, f)
         return path
     raise RunLocked(f"{run_dir}: could not take {path}; another process keeps creating it")
+
+
+def _refusal(run_dir: Path, path: Path, holder: dict) -> RunLocked:
+    return RunLocked(
+        f"{run_dir} is being written by ddpmkit process {holder['pid']} on {holder.get('host')} "
+        f"(since {holder.get('since')}); wait for it to finish or stop it "
+        f"(if no ddpmkit process runs there any more, delete {path})"
+    )
+
+
+def check_free(run_dir: Path) -> None:
+    """RunLocked if a live process holds ``run_dir``'s lock (nothing is taken): a launcher's early refusal,
+    before it starts processes that would each meet the lock."""
+    path = run_dir / LOCK_FILE
+    holder = _holder(path)
+    if holder is not None and (holder.get("host") != socket.gethostname() or _alive(holder["pid"])):
+        raise _refusal(run_dir, path, holder)
 
 
 def _mtime(path: Path) -> float:
