@@ -194,11 +194,7 @@ def save_checkpoint(
     root = checkpoints_dir(run_dir)
     try:
         return _save(run_dir, step, model_state, ema_state, optimizer_state, state, keep, extra)
-    except BaseException as exc:  # a full disk, or a second Ctrl-C mid-write: nothing half-written stays
-        for partial in root.glob(f".tmp-step-{step:08d}-{os.getpid()}"):  # write_folder's temporary name
-            shutil.rmtree(partial, ignore_errors=True)
-        if not isinstance(exc, OSError):
-            raise
+    except OSError as exc:  # write_folder has removed its partial folder
         previous = [p.name for p in root.glob("step-*")] if root.is_dir() else []
         kept = f"the last complete checkpoint, {max(previous)}, is intact" if previous else "no earlier checkpoint exists"
         raise CheckpointError(
@@ -234,10 +230,14 @@ def write_folder(final: Path, blobs: dict[str, bytes], state: dict[str, Any]) ->
         shutil.rmtree(stale, ignore_errors=True)
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     tmp.mkdir()
-    files = {name: _write_file(tmp / name, data) for name, data in blobs.items()}
-    full_state = CheckpointState.model_validate({**state, "format": FORMAT_VERSION, "files": files})
-    _write_file(tmp / STATE_FILE, json.dumps(full_state.model_dump(mode="json"), indent=2, sort_keys=True).encode())
-    _fsync_dir(tmp)
+    try:
+        files = {name: _write_file(tmp / name, data) for name, data in blobs.items()}
+        full_state = CheckpointState.model_validate({**state, "format": FORMAT_VERSION, "files": files})
+        _write_file(tmp / STATE_FILE, json.dumps(full_state.model_dump(mode="json"), indent=2, sort_keys=True).encode())
+        _fsync_dir(tmp)
+    except BaseException:  # a full disk, or a second Ctrl-C mid-write: nothing half-written stays
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():  # the same step written again (e.g. a finished run re-run): replace it
         old = root / f".old-{final.name}-{os.getpid()}"
         final.rename(old)

@@ -151,28 +151,27 @@ class Studio:
         plan = self._plan(sampler, steps, guidance)
         c, h, w = plan.config.image_shape
         x = _resized(image, (h, w), c)
-        keep = None
+        generate = None  # uint8 [1, 1, H, W], white where generated
         if mask is not None and np.asarray(mask).any():
             generate = _resized((np.asarray(mask) > 0).astype(np.uint8) * 255, (h, w), 1, nearest=True)
-            keep = generate  # uint8 [1, 1, H, W], white where generated
         labels = self._labels(klass, num)
         with self._lock:
             try:
-                edited = self.run.edit(x.repeat(num, 1, 1, 1), strength=float(strength) if keep is None else None,
-                                       mask=keep, plan=plan, seed=int(seed), labels=labels)
+                edited = self.run.edit(x.repeat(num, 1, 1, 1), strength=float(strength) if generate is None else None,
+                                       mask=generate, plan=plan, seed=int(seed), labels=labels)
             except DdpmkitError as exc:
                 raise PageError(str(exc)) from None
         from ddpmkit.run.data import to_uint8
 
         cells = [x]
-        if keep is not None:
-            gray = torch.where(keep.expand_as(x) > 127, torch.full_like(x, 128), x)
+        if generate is not None:
+            gray = torch.where(generate.expand_as(x) > 127, torch.full_like(x, 128), x)
             cells.append(gray)
         cells.append(to_uint8(edited))
         u8 = torch.cat(cells)
-        words = (f"{'inpainting' if keep is not None else f'SDEdit at strength {float(strength):g}'}, "
+        words = (f"{'inpainting' if generate is not None else f'SDEdit at strength {float(strength):g}'}, "
                  f"{plan.components.refs['sampler'].name}, {num} results, seed {int(seed)} (first: the input"
-                 + (", then the mask in gray" if keep is not None else "") + ")")
+                 + (", then the mask in gray" if generate is not None else "") + ")")
         return Drawn(enlarge(grid(u8, nrow=len(u8)), u8.shape[-1] + 2), None, words)
 
 

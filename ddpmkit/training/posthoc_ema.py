@@ -75,22 +75,39 @@ def step_weights(t: int, gamma: float, horizon: int) -> np.ndarray:
     ``t``: (tau^(gamma+1) - (tau-1)^(gamma+1)) / t^(gamma+1) for tau <= t (the density integrated over a step),
     0 beyond."""
     tau = np.arange(1, horizon + 1, dtype=np.float64)
-    w = (np.minimum(tau, t) / t) ** (gamma + 1) - (np.minimum(tau - 1, t) / t) ** (gamma + 1)
-    return w
+    return (np.minimum(tau, t) / t) ** (gamma + 1) - (np.minimum(tau - 1, t) / t) ** (gamma + 1)
 
 
-def _gram(snapshots: list[tuple[float, float]], target: tuple[float, float],
-          discrete: bool) -> tuple[np.ndarray, np.ndarray, float]:
-    """(A, b, c): the inner products of the snapshots' profiles with each other, with the target's, and the
-    target's with itself; over the per-step weights (``discrete``) or the densities (:func:`profile_inner`)."""
+def _gram(snapshots: list[tuple[float, float]], targets: list[tuple[float, float]],
+          discrete: bool) -> tuple[np.ndarray, list[np.ndarray], list[float]]:
+    """(A, [b], [c]): the inner products of the snapshots' profiles with each other (once), with each target's,
+    and each target's with itself; over the per-step weights (``discrete``) or the densities (:func:`profile_inner`)."""
     if discrete:
-        horizon = int(max(t for t, _ in [*snapshots, target]))
+        horizon = int(max(t for t, _ in [*snapshots, *targets]))
         w = np.stack([step_weights(int(t), g, horizon) for t, g in snapshots])
-        wt = step_weights(int(target[0]), target[1], horizon)
-        return w @ w.T, w @ wt, float(wt @ wt)
+        wts = [step_weights(int(t), g, horizon) for t, g in targets]
+        return w @ w.T, [w @ wt for wt in wts], [float(wt @ wt) for wt in wts]
     a = np.array([[profile_inner(ti, gi, tj, gj) for tj, gj in snapshots] for ti, gi in snapshots])
-    b = np.array([profile_inner(ti, gi, *target) for ti, gi in snapshots])
-    return a, b, profile_inner(*target, *target)
+    bs = [np.array([profile_inner(ti, gi, *target) for ti, gi in snapshots]) for target in targets]
+    return a, bs, [profile_inner(*target, *target) for target in targets]
+
+
+def fit(snapshots: list[tuple[float, float]], targets: list[tuple[float, float]], *,
+        discrete: bool = False) -> list[tuple[np.ndarray, float]]:
+    """For each target: (:func:`solve_coefficients`, :func:`fit_error`), the snapshots' inner products computed once."""
+    if not snapshots:
+        raise ValueError("no snapshots to reconstruct from")
+    a, bs, cs = _gram(snapshots, targets, discrete)
+    # with the coefficients summing to one (Lagrange: [[A, 1], [1', 0]] [x, l] = [b, 1]) the result stays an
+    # average of weights: an unconstrained fit that is 1e-3 short of one pulls every weight 0.1 % towards zero,
+    # more than the EMA lengths differ from each other early in training
+    n = len(snapshots)
+    kkt = np.block([[a, np.ones((n, 1))], [np.ones((1, n)), np.zeros((1, 1))]])
+    out = []
+    for b, c in zip(bs, cs):
+        x = np.linalg.lstsq(kkt, np.append(b, 1.0), rcond=None)[0][:n]
+        out.append((x, float(np.sqrt(max(0.0, x @ a @ x - 2 * x @ b + c) / c))))
+    return out
 
 
 def solve_coefficients(snapshots: list[tuple[float, float]], target: tuple[float, float], *,
@@ -99,22 +116,14 @@ def solve_coefficients(snapshots: list[tuple[float, float]], target: tuple[float
     given ``snapshots`` = [(t_i, gamma_i), ...]: the solution of A x = b with A_ij = <p_i, p_j> and
     b_i = <p_i, p_target> (least squares, for an A that is near singular) with sum_i x_i = 1; the profiles as densities (appendix
     C.2) or, ``discrete``, as the per-step weights of :func:`step_weights`."""
-    if not snapshots:
-        raise ValueError("no snapshots to reconstruct from")
-    a, b, _ = _gram(snapshots, target, discrete)
-    # with the coefficients summing to one (Lagrange: [[A, 1], [1', 0]] [x, l] = [b, 1]) the result stays an
-    # average of weights: an unconstrained fit that is 1e-3 short of one pulls every weight 0.1 % towards zero,
-    # more than the EMA lengths differ from each other early in training
-    n = len(snapshots)
-    kkt = np.block([[a, np.ones((n, 1))], [np.ones((1, n)), np.zeros((1, 1))]])
-    return np.linalg.lstsq(kkt, np.append(b, 1.0), rcond=None)[0][:n]
+    return fit(snapshots, [target], discrete=discrete)[0][0]
 
 
 def fit_error(snapshots: list[tuple[float, float]], target: tuple[float, float], x: np.ndarray, *,
               discrete: bool = False) -> float:
     """The relative L2 distance between the profile the coefficients ``x`` combine and the target's:
     ||sum_i x_i p_i - p_target|| / ||p_target|| (0: rebuilt exactly; the profiles' own shapes, not the weights)."""
-    a, b, c = _gram(snapshots, target, discrete)
+    a, (b,), (c,) = _gram(snapshots, [target], discrete)
     return float(np.sqrt(max(0.0, x @ a @ x - 2 * x @ b + c) / c))
 
 
@@ -185,8 +194,8 @@ def rebuild(snapshots: "list[Checkpoint]", sigma_rels: list[float], *,
     last = snapshots[-1].step
     template = stored[-1][0].weights(profile_file(stored[-1][1]))  # keys; non-float entries
     gammas = [sigma_rel_to_gamma(s) for s in sigma_rels]
-    discrete = last <= DISCRETE_MAX_STEPS
-    xs = [solve_coefficients(pairs, (float(last), g), discrete=discrete) for g in gammas]
+    fits = fit(pairs, [(float(last), g) for g in gammas], discrete=last <= DISCRETE_MAX_STEPS)
+    xs = [x for x, _ in fits]
     totals = [{k: torch.zeros_like(v, dtype=torch.float64) for k, v in template.items() if v.is_floating_point()}
               for _ in sigma_rels]
     for i, (ckpt, s, _) in enumerate(stored):  # each snapshot read once, into every target
@@ -195,8 +204,8 @@ def rebuild(snapshots: "list[Checkpoint]", sigma_rels: list[float], *,
                 if k in total:
                     total[k].add_(v.double(), alpha=float(x[i]))
     return [Rebuilt(sigma_rel, gamma, last, {k: total[k].to(v.dtype) if k in total else v for k, v in template.items()},
-                    [float(c) for c in x], len(snapshots), fit_error(pairs, (float(last), gamma), x, discrete=discrete))
-            for sigma_rel, gamma, x, total in zip(sigma_rels, gammas, xs, totals)]
+                    [float(c) for c in x], len(snapshots), error)
+            for sigma_rel, gamma, (x, error), total in zip(sigma_rels, gammas, fits, totals)]
 
 
 def parse_sigma_rels(text: str, what: str = "--sigma-rel") -> list[float]:
