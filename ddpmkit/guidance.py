@@ -33,6 +33,11 @@ def guided_at(t: torch.Tensor, interval: Sequence[int] | None) -> torch.Tensor:
     return (t >= interval[0]) & (t <= interval[1])
 
 
+@torch.compiler.disable  # a data-dependent branch: left to Python, not a graph break warned about
+def _any_guided(t: torch.Tensor, interval: Sequence[int]) -> bool:
+    return bool(guided_at(t, interval).any())
+
+
 def mix(reference: torch.Tensor, output: torch.Tensor, weight: float, t: torch.Tensor,
         interval: Sequence[int] | None = None) -> torch.Tensor:
     """D_0 + w (D - D_0) where t lies in ``interval``, D elsewhere: the guided prediction, per image."""
@@ -64,7 +69,7 @@ class GuidedDenoiser(Denoiser):
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond | None = None) -> torch.Tensor:
         out = denoise(self.main, x_t, t, cond).float()
-        if not bool(guided_at(t, self.interval).any()):  # outside the interval the guide is not needed
+        if self.interval is not None and not _any_guided(t, self.interval):  # the guide is not needed outside it
             return out
         ref = denoise(self.guide, x_t, t, cond).float()
         if self.guide.prediction != self.prediction:

@@ -31,7 +31,10 @@ def validate(
     cfg = settle(cfg, data_root=data_root)  # a missing or empty folder is one line here
     built = build_checked(cfg)
     console.print(describe_config(cfg, built))
-    findings = preflight(cfg, built, data_root=data_root, timing=timing)
+    from ddpmkit.training.autotune import announced
+
+    with announced(lambda line: console.print(escape(line.strip()), highlight=False)):
+        findings = preflight(cfg, built, data_root=data_root, timing=timing)
     for f in findings:
         console.print(f"{f.label:<10} {escape(f.text)}", highlight=False)
     for f in findings:

@@ -11,16 +11,19 @@ the run's checkpoints, and kept when the run resumes, so a resumed run stays bit
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import json
+import math
 import os
 import platform
 import statistics
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -37,10 +40,31 @@ MEASURE_WARMUP, MEASURE_STEPS = 3, 5
 COMPILE_GAIN = 1.05
 #: an explicit mode this many times slower than the fastest exact one is warned about
 SLOW_RATIO = 2.0
+#: a time budget's rate is measured afresh at the start of the budgeted network, over at least this many
+#: seconds and this many steps of steady training (the few steps of the cached choice are a burst, and a
+#: machine's speed changes with what else runs on it)
+RATE_SECONDS, RATE_MIN_STEPS = 10.0, 8
 #: the CPU flags that mean native bf16 (x86: AVX-512 BF16, AMX)
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 Timer = Callable[[RunConfig, SpeedModes, torch.device], float]
+#: (images/s of steady training, seconds of set-up) measured now, for ``cfg`` in ``modes``; given the rate
+#: expected from the choice's figures, to size the measurement
+RateTimer = Callable[[RunConfig, SpeedModes, torch.device, float], tuple[float, float]]
+
+
+#: who is told before modes are measured (they take seconds to minutes): set by ``announced``
+_announce: contextvars.ContextVar[Callable[[str], None] | None] = contextvars.ContextVar("announce", default=None)
+
+
+@contextmanager
+def announced(say: Callable[[str], None]) -> Iterator[None]:
+    """Within it, each measurement of speed modes that is not cached is said first, with ``say``."""
+    token = _announce.set(say)
+    try:
+        yield
+    finally:
+        _announce.reset(token)
 
 
 def cpu_flags() -> set[str]:
@@ -138,9 +162,10 @@ def candidates(cfg: RunConfig, device: torch.device, flags: set[str] | None = No
 
 
 def measure_training(cfg: RunConfig, modes: SpeedModes, device: torch.device, *, warmup: int = MEASURE_WARMUP,
-                     steps: int = MEASURE_STEPS) -> tuple[float, float]:
-    """(images/s from the median step after ``warmup``, seconds of the first step) of ddpmkit's own training
-    loop (EMA, bookkeeping and all) for ``cfg``'s model and batch in ``modes``, on random images."""
+                     steps: int = MEASURE_STEPS, mean: bool = False) -> tuple[float, float]:
+    """(images/s from the median step after ``warmup``, or from their mean with ``mean``, and seconds of the
+    first step) of ddpmkit's own training loop (EMA, bookkeeping and all) for ``cfg``'s model and batch in
+    ``modes``, on random images."""
     batch = cfg.train.batch_size
     run_cfg = with_modes(cfg, modes, max_steps=warmup + steps, epochs=10**6, checkpoint_every=10**9, keep_checkpoints=1)
     model, schedule, _ = fresh_model(run_cfg)
@@ -153,11 +178,28 @@ def measure_training(cfg: RunConfig, modes: SpeedModes, device: torch.device, *,
             events=TrainEvents(on_step=lambda m: stamps.append(time.perf_counter())),
         )
     times = [b - a for a, b in zip(stamps, stamps[1:])][warmup - 1 :]
-    return batch / statistics.median(times), stamps[0] - started
+    step_s = statistics.fmean(times) if mean else statistics.median(times)
+    return batch / step_s, stamps[0] - started
 
 
 def _measured_rate(cfg: RunConfig, modes: SpeedModes, device: torch.device) -> float:
     return measure_training(cfg, modes, device)[0]
+
+
+def _steady_rate(cfg: RunConfig, modes: SpeedModes, device: torch.device, expected_ips: float) -> tuple[float, float]:
+    steps = max(RATE_MIN_STEPS, math.ceil(RATE_SECONDS * expected_ips / cfg.train.batch_size))
+    return measure_training(cfg, modes, device, steps=steps, mean=True)
+
+
+def steady_rate(cfg: RunConfig, device: torch.device, *, timer: Timer | None = None,
+                rate_timer: RateTimer | None = None) -> tuple[float, float]:
+    """(images/s, seconds of set-up) of ``cfg`` in the modes it will train in, measured now over about
+    ``RATE_SECONDS`` of steady training (the mean step, so stalls count); never cached."""
+    modes, expected = measured_rate(cfg, device, timer=timer)
+    say = _announce.get()
+    if say is not None:
+        say(f"  measuring {mode_label(modes)} for {cfg.run.name} over about {RATE_SECONDS:.0f} s of training, to plan its steps ...")
+    return (rate_timer or _steady_rate)(cfg, modes, device, expected)
 
 
 def synthetic_dataset(cfg: RunConfig, num: int, seed: int = 0) -> Dataset:
@@ -258,6 +300,10 @@ def _figures(cfg: RunConfig, device: torch.device, modes: list[SpeedModes], *, t
     stored = _read_cache(cache).get(key)
     if stored is not None and set(stored.get("figures", {})) == {mode_label(m) for m in modes}:
         return stored["figures"], True
+    say = _announce.get()
+    if say is not None:
+        say(f"  measuring {', '.join(mode_label(m) for m in modes)} for {cfg.run.name} on this {device.type} "
+            f"({MEASURE_WARMUP + MEASURE_STEPS} steps each; cached for later runs) ...")
     timer = timer or _measured_rate
     figures = {mode_label(m): float(timer(cfg, m, device)) for m in modes}
     _write_cache(cache, key, {"figures": figures, "machine": machine_key(device, flags), "time": time.time()})

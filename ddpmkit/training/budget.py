@@ -2,8 +2,11 @@
 
 The plan comes from the images/s measured for the run's own model, batch and speed modes (the guide's
 too: it trains first, inside the same budget), so the learning-rate schedule and the EMA warm-up are laid
-over the steps that fit. It is fixed at the first start and recorded in the checkpoints, so a resumed run
-keeps it and stays exact; sampling is not part of the budget.
+over the steps that fit. Before anything trains, the whole plan is estimated from the speed modes' figures
+(cached); the steps themselves are fixed when the budgeted network starts, after the guide: from the time
+the guide really took and a fresh measurement of steady training (and its set-up, a compilation included),
+since a machine's speed drifts with what else runs on it. The plan is recorded in the checkpoints, so a
+resumed run keeps it and stays exact; sampling is not part of the budget.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from ddpmkit.errors import ConfigError
 from ddpmkit.run.config import MAX_EPOCHS, RunConfig
 from ddpmkit.run.guide import guide_config
 from ddpmkit.runtime.units import format_duration
-from ddpmkit.training.autotune import Timer, measured_rate
+from ddpmkit.training.autotune import RateTimer, Timer, measured_rate, steady_rate
 
 #: The share of the budget planned as training steps: the rest covers checkpoints, events and the first
 #: steps' set-up, which the steady-state rate does not include.
@@ -30,27 +33,42 @@ class TimePlan:
     steps: int
     images_per_s: float
     guide_s: float
+    #: seconds before the first step (building, compiling), measured with the rate
+    setup_s: float = 0.0
+    #: whether ``guide_s`` is the time the guide took (else it is estimated from the guide's rate)
+    guide_trained: bool = False
 
     def record(self) -> dict[str, Any]:
         return asdict(self)
 
     def describe(self) -> str:
-        guide = f"the guide about {format_duration(self.guide_s)}, then " if self.guide_s else ""
+        took = "took" if self.guide_trained else "about"
+        guide = f"the guide {took} {format_duration(self.guide_s)}, then " if self.guide_s else ""
+        setup = f" after {self.setup_s:.0f} s of set-up" if self.setup_s >= 1 else ""
         return (f"time budget {format_duration(self.budget_s)}: {guide}{self.steps:,} steps at the "
-                f"{self.images_per_s:,.1f} images/s measured here")
+                f"{self.images_per_s:,.1f} images/s measured here{setup}")
 
 
-def plan(cfg: RunConfig, device: torch.device, *, timer: Timer | None = None) -> TimePlan:
-    """How many steps of ``cfg`` fit its ``train.time_budget`` on ``device`` (at most ``train.max_steps``)."""
+def plan(cfg: RunConfig, device: torch.device, *, timer: Timer | None = None, final: bool = False,
+         guide_took: float | None = None, rate_timer: RateTimer | None = None) -> TimePlan:
+    """How many steps of ``cfg`` fit its ``train.time_budget`` on ``device`` (at most ``train.max_steps``).
+
+    An estimate from the speed modes' (cached) figures; ``final``: the plan the run keeps, from steady training
+    measured now, set-up included. The guide's time is ``guide_took`` (the seconds it took in this start), else
+    estimated from its measured rate.
+    """
     budget = cfg.train.time_budget
     assert budget is not None
-    _, ips = measured_rate(cfg, device, timer=timer)
-    guide_s = 0.0
-    if cfg.trains_guide:
+    if final:
+        ips, setup = steady_rate(cfg, device, timer=timer, rate_timer=rate_timer)
+    else:
+        (_, ips), setup = measured_rate(cfg, device, timer=timer), 0.0
+    guide_s = 0.0 if guide_took is None else guide_took
+    if cfg.trains_guide and guide_took is None:
         guide = guide_config(cfg)
         _, guide_ips = measured_rate(guide, device, timer=timer)
         guide_s = guide.train.max_steps * guide.train.batch_size / guide_ips
-    steps = int((budget * PLANNED_SHARE - guide_s) * ips / cfg.train.batch_size)
+    steps = int((budget * PLANNED_SHARE - guide_s - setup) * ips / cfg.train.batch_size)
     if cfg.train.max_steps is not None:
         steps = min(steps, cfg.train.max_steps)
     if steps < 1:
@@ -59,7 +77,7 @@ def plan(cfg: RunConfig, device: torch.device, *, timer: Timer | None = None) ->
             + (f"the guide alone needs about {format_duration(guide_s)}; " if guide_s else "")
             + f"one step of batch {cfg.train.batch_size} takes about {cfg.train.batch_size / ips:.1f} s"
         )
-    return TimePlan(budget, steps, ips, guide_s)
+    return TimePlan(budget, steps, ips, guide_s, setup, guide_took is not None and cfg.trains_guide)
 
 
 def with_steps(cfg: RunConfig, steps: int) -> RunConfig:

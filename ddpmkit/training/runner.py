@@ -29,7 +29,7 @@ from ddpmkit.runtime.units import format_duration
 from ddpmkit.sampling.draw import nearest_visited
 from ddpmkit.sampling.images import write_images, write_trajectory
 from ddpmkit.sampling.loaded import LoadedRun
-from ddpmkit.training.autotune import candidates, choose, is_auto, slow_mode_warning
+from ddpmkit.training.autotune import announced, candidates, choose, is_auto, slow_mode_warning
 from ddpmkit.training.budget import TimePlan, with_steps
 from ddpmkit.training.budget import plan as budget_plan
 from ddpmkit.training.preflight import snr_finding
@@ -151,20 +151,30 @@ class _Prepared:
 def _run(cfg: RunConfig, *, report: RunReport, fresh: bool, data_root: Path | None, world: World,
          device: torch.device) -> int:
     record: dict[str, Any] = {}
-    if cfg.train.time_budget is not None:
+    budget = cfg.train.time_budget
+    kept: TimePlan | None = None
+    if budget is not None:
         if fresh and world.is_main:
             _remove_outputs(cfg.run_dir)  # a fresh run plans anew
-        cfg, record["time_plan"] = _plan_budget(cfg, device=device, world=world, report=report)
-    started = time.perf_counter()  # the budget counts training (the guide's too), not the measuring before it
+        kept = _kept_plan(cfg, report=report, world=world, device=device)
+    guide_took: float | None = None
     if cfg.trains_guide:  # autoguidance: the guide trains first, as a run of its own in RUN/guide
         guide = guide_config(cfg)
         report.info(f"guide for autoguidance (weight {cfg.guidance.weight:g}): "
                     f"{guide.train.max_steps:,} steps, trained first")
         if world.is_main:
             _ensure_writable(guide.run_dir)
+        from_scratch = fresh or latest_checkpoint(guide.run_dir) is None
+        started = time.perf_counter()
         code = _run(guide, report=report, fresh=fresh, data_root=data_root, world=world, device=device)
         if code:
             return code
+        if from_scratch:  # the budget counts the guide's training, not the measuring before it
+            guide_took = time.perf_counter() - started
+    if budget is not None:
+        plan = kept or _final_plan(cfg, guide_took, report=report, world=world, device=device)
+        cfg, record["time_plan"] = with_steps(cfg, plan.steps), plan.record()
+    started = time.perf_counter()
     if fresh and world.is_main:
         _remove_outputs(cfg.run_dir)
     world.all_reduce([0.0])  # a barrier: no rank looks for checkpoints before --fresh removed them
@@ -175,32 +185,50 @@ def _run(cfg: RunConfig, *, report: RunReport, fresh: bool, data_root: Path | No
     result = _train(prepared, report=report, events=events, world=world, device=device)
     if result is None or result.interrupted:
         return EXIT_INTERRUPTED
-    if cfg.train.time_budget is not None:
-        used = time.perf_counter() - started
-        report.info(f"time budget {format_duration(cfg.train.time_budget)}: this start trained for "
-                    f"{format_duration(used)} ({used / cfg.train.time_budget:.0%} of the budget)")
+    if budget is not None:
+        took = time.perf_counter() - started
+        used = took + (guide_took or 0.0)
+        rate = (result.step - info.start_step) * cfg.train.batch_size / took if took > 0 else 0.0
+        plan = TimePlan(**record["time_plan"])
+        report.info(f"time budget {format_duration(budget)}: this start trained for {format_duration(used)} "
+                    f"({used / budget:.0%} of the budget); the main network at {rate:,.1f} images/s, "
+                    f"planned at {plan.images_per_s:,.1f}")
     if not world.is_main:
         return 0
     _write_samples(prepared, result, report=report, events=events)
     return 0
 
 
-def _plan_budget(cfg: RunConfig, *, device: torch.device, world: World,
-                 report: RunReport) -> tuple[RunConfig, dict[str, Any]]:
-    """``cfg`` with the steps its time budget allows: the plan recorded by the run's first start when it
-    resumes, else measured now (on rank 0, for every rank)."""
+def _kept_plan(cfg: RunConfig, *, report: RunReport, world: World, device: torch.device) -> TimePlan | None:
+    """The plan a resumed run recorded at its first start (kept, so resume stays exact); else None, having
+    said the estimate of the whole plan (rank 0 measures the speed modes, or reads their cache)."""
     resume = latest_checkpoint(cfg.run_dir)
     recorded = resume.state.get("time_plan") if resume is not None else None
     if isinstance(recorded, dict) and recorded.get("budget_s") == cfg.train.time_budget:
         plan = TimePlan(**recorded)
         report.info(f"{plan.describe()} (planned at the run's first start)")
-    else:
-        plan = budget_plan(cfg, device) if world.is_main else None
-        (steps,) = world.all_reduce([float(plan.steps if plan is not None else 0)])
-        if plan is None:
-            plan = TimePlan(cfg.train.time_budget, int(steps), 0.0, 0.0)
-        report.info(plan.describe())
-    return with_steps(cfg, plan.steps), plan.record()
+        return plan
+    if world.is_main:
+        with announced(report.info):
+            estimate = budget_plan(cfg, device)
+        report.info(f"{estimate.describe()} (an estimate: the steps are planned when "
+                    + ("the main network starts" if cfg.trains_guide else "training starts") + ")")
+    return None
+
+
+def _final_plan(cfg: RunConfig, guide_took: float | None, *, report: RunReport, world: World,
+                device: torch.device) -> TimePlan:
+    """The steps the run keeps, planned on rank 0 from the guide's time and steady training measured now
+    (every rank takes them)."""
+    plan = None
+    if world.is_main:
+        with announced(report.info):
+            plan = budget_plan(cfg, device, final=True, guide_took=guide_took)
+    (steps,) = world.all_reduce([float(plan.steps if plan is not None else 0)])
+    if plan is None:
+        return TimePlan(cfg.train.time_budget, int(steps), 0.0, 0.0)
+    report.info(plan.describe())
+    return plan
 
 
 def _remove_outputs(run_dir: Path) -> None:
@@ -267,7 +295,10 @@ def _resolve_speed(cfg: RunConfig, resume: Checkpoint | None, *, device: torch.d
         return cfg, resume.state.get("speed")
     options, _ = candidates(cfg, device)
     options += [replace(m, compile=True) for m in options if not m.compile]
-    choice = choose(cfg, device) if world.is_main else None
+    choice = None
+    if world.is_main:
+        with announced(report.info):
+            choice = choose(cfg, device)
     index = options.index(choice.modes) if choice is not None else 0
     (index_sum,) = world.all_reduce([float(index)])  # rank 0's choice, on every rank (the others add 0)
     modes = options[int(index_sum)]
