@@ -89,3 +89,18 @@ def quick_classifier_cache(mnist_root, tmp_path_factory):
     save_file(model.state_dict(), str(folder / f"mnist-classifier-{key}.safetensors"))
     (folder / f"mnist-classifier-{key}.json").write_text(json.dumps({**record, "key": key}))
     return folder
+
+
+@pytest.fixture(autouse=True)
+def _sigint_kept(request):
+    """A test that leaves SIGINT changed in this process (a library's handler, or ignored) is named in a
+    warning and the handler is put back: children inherit an ignored SIGINT, and Ctrl-C tests then hang."""
+    import signal
+    import warnings
+
+    before = signal.getsignal(signal.SIGINT)
+    yield
+    after = signal.getsignal(signal.SIGINT)
+    if after is not before:
+        signal.signal(signal.SIGINT, before)
+        warnings.warn(f"{request.node.nodeid} left SIGINT's handler as {after!r}; put back")

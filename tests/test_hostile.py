@@ -354,7 +354,7 @@ def test_ctrl_c_during_a_long_sampling_keeps_the_finished_batches(tmp_path):
     import sys
     import time
 
-    from runconfigs import REPO, cli_env
+    from runconfigs import REPO, cli_env, default_sigint
 
     cfg = write_config(tmp_path, "c", epochs=1, num_images=0, trajectory_images=0)
     assert invoke("run", str(cfg)).exit_code == 0
@@ -367,7 +367,7 @@ def test_ctrl_c_during_a_long_sampling_keeps_the_finished_batches(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "ddpmkit", "sample", str(tmp_path / "runs" / "c"), "--num", "200000", "--batch-size", "4",
          "--out", str(out)], cwd=REPO, env=cli_env(PYTHONFAULTHANDLER="1"), stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True,
+        stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint,
     )
     try:
         assert proc.stdout.readline().startswith("sampling 200000 images")  # loaded, sampling begins
