@@ -93,8 +93,8 @@ def on_mnist(root: Path, limit: int = 64) -> list[str]:
 
 def default_sigint() -> None:
     """``preexec_fn`` of a child that a test sends Ctrl-C: SIGINT as a terminal's foreground job has it. A
-    process whose parent ignores SIGINT inherits that, and Python then never raises KeyboardInterrupt (seen
-    in a full suite: a sampler went on for 120 s after its Ctrl-C)."""
+    suite started as a shell's background job (``pytest &``) has SIGINT ignored, its children inherit that,
+    and Python then never raises KeyboardInterrupt (seen: a sampler went on for 120 s after its Ctrl-C)."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
