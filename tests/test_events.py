@@ -11,7 +11,7 @@ import textwrap
 import pytest
 
 from ddpmkit.registry import discovery as plugins
-from runconfigs import ddpmkit, invoke, write_config
+from runconfigs import invoke, write_config
 
 
 def _event_plugin(plugin_module, dist: str, body: str):

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from runconfigs import cli_env, ddpmkit, invoke, write_config
+from runconfigs import cli_env, invoke, write_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
