@@ -91,6 +91,17 @@ def quick_classifier_cache(mnist_root, tmp_path_factory):
     return folder
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _sigint_default():
+    """SIGINT at its default for the tests' children: a suite started as a shell's background job (``pytest &``)
+    has SIGINT ignored, children inherit that, and Python then never raises KeyboardInterrupt (seen: a sampler
+    went on for 120 s after a test's Ctrl-C). A handler, unlike an ignored signal, is reset at exec."""
+    import signal
+
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 @pytest.fixture(autouse=True)
 def _sigint_kept(request):
     """A test that leaves SIGINT changed in this process (a library's handler, or ignored) is named in a

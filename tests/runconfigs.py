@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -89,13 +88,6 @@ def on_mnist(root: Path, limit: int = 64) -> list[str]:
     eval and sweep measure digits only."""
     return ["--set", "data.dataset=mnist", "--set", f"data.root={root}", "--set", "data.download=false",
             "--set", f"data.limit={limit}"]
-
-
-def default_sigint() -> None:
-    """``preexec_fn`` of a child that a test sends Ctrl-C: SIGINT as a terminal's foreground job has it. A
-    suite started as a shell's background job (``pytest &``) has SIGINT ignored, its children inherit that,
-    and Python then never raises KeyboardInterrupt (seen: a sampler went on for 120 s after its Ctrl-C)."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def cli_env(**extra: str) -> dict[str, str]:

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from runconfigs import REPO, cli_env, ddpmkit, default_sigint, write_config
+from runconfigs import REPO, cli_env, ddpmkit, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -133,7 +133,7 @@ def test_a_second_ctrl_c_inside_a_checkpoint_write_stops_at_once_and_resumes_exa
     run_a, broken, run_b = _uninterrupted_and_broken(tmp_path, "i", epochs=3, checkpoint_every=2, dropout=0.1)
     proc = subprocess.Popen([sys.executable, "-m", "ddpmkit", "run", str(broken)], cwd=REPO,
                             env=_env(tmp_path, CRASHTEST_WRITE_PAUSE="0.3", COLUMNS="200"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 120
         while not list((run_b / "checkpoints").glob(".tmp-step-00000004-*")) and time.time() < deadline:

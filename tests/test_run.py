@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from runconfigs import REPO, cli_env, ddpmkit, default_sigint, invoke, write_config
+from runconfigs import REPO, cli_env, ddpmkit, invoke, write_config
 
 
 def _losses(run_dir: Path) -> list[tuple[int, float]]:
@@ -224,7 +224,7 @@ def test_two_processes_on_one_run_the_second_refuses(tmp_path):
     cfg = write_config(tmp_path, "two", epochs=400, checkpoint_every=5, num_images=0, trajectory_images=0)
     run_dir = tmp_path / "runs" / "two"
     first = subprocess.Popen([sys.executable, "-m", "ddpmkit", "run", str(cfg)], cwd=REPO, env=cli_env(),
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 120
         while not list((run_dir / "checkpoints").glob("step-*")) and time.time() < deadline:

@@ -57,6 +57,12 @@ RateTimer = Callable[[RunConfig, SpeedModes, torch.device, float], tuple[float, 
 _announce: contextvars.ContextVar[Callable[[str], None] | None] = contextvars.ContextVar("announce", default=None)
 
 
+def _tell(text: str) -> None:
+    say = _announce.get()
+    if say is not None:
+        say(text)
+
+
 @contextmanager
 def announced(say: Callable[[str], None]) -> Iterator[None]:
     """Within it, each measurement of speed modes that is not cached is said first, with ``say``."""
@@ -196,9 +202,7 @@ def steady_rate(cfg: RunConfig, device: torch.device, *, timer: Timer | None = N
     """(images/s, seconds of set-up) of ``cfg`` in the modes it will train in, measured now over about
     ``RATE_SECONDS`` of steady training (the mean step, so stalls count); never cached."""
     modes, expected = measured_rate(cfg, device, timer=timer)
-    say = _announce.get()
-    if say is not None:
-        say(f"  measuring {mode_label(modes)} for {cfg.run.name} over about {RATE_SECONDS:.0f} s of training, to plan its steps ...")
+    _tell(f"  measuring {mode_label(modes)} for {cfg.run.name} over about {RATE_SECONDS:.0f} s of training, to plan its steps ...")
     return (rate_timer or _steady_rate)(cfg, modes, device, expected)
 
 
@@ -300,10 +304,8 @@ def _figures(cfg: RunConfig, device: torch.device, modes: list[SpeedModes], *, t
     stored = _read_cache(cache).get(key)
     if stored is not None and set(stored.get("figures", {})) == {mode_label(m) for m in modes}:
         return stored["figures"], True
-    say = _announce.get()
-    if say is not None:
-        say(f"  measuring {', '.join(mode_label(m) for m in modes)} for {cfg.run.name} on this {device.type} "
-            f"({MEASURE_WARMUP + MEASURE_STEPS} steps each; cached for later runs) ...")
+    _tell(f"  measuring {', '.join(mode_label(m) for m in modes)} for {cfg.run.name} on this {device.type} "
+          f"({MEASURE_WARMUP + MEASURE_STEPS} steps each; cached for later runs) ...")
     timer = timer or _measured_rate
     figures = {mode_label(m): float(timer(cfg, m, device)) for m in modes}
     _write_cache(cache, key, {"figures": figures, "machine": machine_key(device, flags), "time": time.time()})

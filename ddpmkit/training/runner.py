@@ -152,11 +152,11 @@ def _run(cfg: RunConfig, *, report: RunReport, fresh: bool, data_root: Path | No
          device: torch.device) -> int:
     record: dict[str, Any] = {}
     budget = cfg.train.time_budget
-    kept: TimePlan | None = None
+    plan: TimePlan | None = None  # a resumed run's recorded plan, else made when the main network starts
     if budget is not None:
         if fresh and world.is_main:
             _remove_outputs(cfg.run_dir)  # a fresh run plans anew
-        kept = _kept_plan(cfg, report=report, world=world, device=device)
+        plan = _kept_plan(cfg, report=report, world=world, device=device)
     guide_took: float | None = None
     if cfg.trains_guide:  # autoguidance: the guide trains first, as a run of its own in RUN/guide
         guide = guide_config(cfg)
@@ -172,9 +172,9 @@ def _run(cfg: RunConfig, *, report: RunReport, fresh: bool, data_root: Path | No
         if from_scratch:  # the budget counts the guide's training, not the measuring before it
             guide_took = time.perf_counter() - started
     if budget is not None:
-        plan = kept or _final_plan(cfg, guide_took, report=report, world=world, device=device)
+        plan = plan or _final_plan(cfg, guide_took, report=report, world=world, device=device)
         cfg, record["time_plan"] = with_steps(cfg, plan.steps), plan.record()
-    started = time.perf_counter()
+    started = time.perf_counter()  # after the plan's measurement, which the budget does not count
     if fresh and world.is_main:
         _remove_outputs(cfg.run_dir)
     world.all_reduce([0.0])  # a barrier: no rank looks for checkpoints before --fresh removed them
@@ -185,13 +185,12 @@ def _run(cfg: RunConfig, *, report: RunReport, fresh: bool, data_root: Path | No
     result = _train(prepared, report=report, events=events, world=world, device=device)
     if result is None or result.interrupted:
         return EXIT_INTERRUPTED
-    if budget is not None:
+    if plan is not None:
         took = time.perf_counter() - started
         used = took + (guide_took or 0.0)
         rate = (result.step - info.start_step) * cfg.train.batch_size / took if took > 0 else 0.0
-        plan = TimePlan(**record["time_plan"])
-        report.info(f"time budget {format_duration(budget)}: this start trained for {format_duration(used)} "
-                    f"({used / budget:.0%} of the budget); the main network at {rate:,.1f} images/s, "
+        report.info(f"time budget {format_duration(plan.budget_s)}: this start trained for {format_duration(used)} "
+                    f"({used / plan.budget_s:.0%} of the budget); the main network at {rate:,.1f} images/s, "
                     f"planned at {plan.images_per_s:,.1f}")
     if not world.is_main:
         return 0
