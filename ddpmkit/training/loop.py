@@ -425,7 +425,7 @@ def train(
                 failure = exc
             except Exception as exc:  # raised below, once every rank knows
                 error = exc
-            stopping = _agree(world, stop.signal is not None or failure is not None, error)
+            stopping = _agree(world, stop.signal is not None or failure is not None or world.launcher_gone(), error)
 
     result.step = trainer.step
     if stopping:
