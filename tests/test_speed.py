@@ -219,3 +219,25 @@ def test_bench_marks_a_compiled_mode_auto_only_when_a_run_would_take_it():
     assert auto_pick(cfg, torch.device("cpu"), rows(COMPILE_GAIN - 0.01)) == name
     assert auto_pick(cfg, torch.device("cpu"), rows(COMPILE_GAIN + 0.01)) == twin
     assert auto_pick(cfg, torch.device("cpu"), [SimpleNamespace(loop="tutorial", mode=name, per_s=1.0)]) is None
+
+
+def test_bench_rounds_interleave_and_take_the_median_ratio_within_rounds(monkeypatch):
+    """With --rounds the tutorial and each mode alternate; a ratio is the median of the ratios within a round,
+    so a machine that slows down between rounds moves both sides alike (fake timers: the machine halves its
+    speed in round 2; the mode is 2.6x the tutorial in every round)."""
+    import ddpmkit.benchmark.bench as bench
+
+    order: list[str] = []
+    speed = iter([1.0, 1.0, 0.5, 0.5, 0.9, 0.9])
+    monkeypatch.setattr(bench, "bench_tutorial_training",
+                        lambda *a, **k: order.append("tutorial") or 10.0 * next(speed))
+    monkeypatch.setattr(bench, "measure_training",
+                        lambda cfg, m, *a, **k: order.append(bench.mode_name(m)) or (26.0 * next(speed), 5.0 + len(order)))
+    cfg = ddpmkit.load_config(REPO / "configs" / "smoke.toml")
+    result = bench.run_bench(cfg, torch.device("cpu"), modes=[parse_mode("fp32")], steps=1, warmup=1,
+                             sample=False, rounds=3)
+    assert order == ["tutorial", "fp32"] * 3
+    tutorial, row = result["training"]
+    assert tutorial["per_s"] == 9.0 and row["per_s"] == pytest.approx(23.4)  # medians over the rounds
+    assert row["round_ratios"] == pytest.approx([2.6] * 3) and row["ratio"] == pytest.approx(2.6)
+    assert row["setup_s"] == 7.0 and result["rounds"] == 3  # the first round's set-up (compilation) is the one kept

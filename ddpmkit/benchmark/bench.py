@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+import statistics
 import time
 from dataclasses import dataclass, replace
 from typing import Any, Callable
@@ -76,6 +77,7 @@ class Row:
     utilisation: float | None = None  # of the matmul peak of the mode's dtype
     peak_memory: int | None = None
     setup_s: float | None = None  # the first (untimed) step: kernel selection, compilation
+    round_ratios: list[float] | None = None  # per interleaved round, against that round's tutorial (``rounds`` > 1)
 
 
 def bench_tutorial_training(cfg: RunConfig, device: torch.device, *, warmup: int, steps: int) -> float:
@@ -152,9 +154,14 @@ def run_bench(
     sample_steps: int = 10,
     sample: bool = True,
     sample_batches: tuple[int, ...] = (),
+    rounds: int = 1,
     note: Callable[[str], None] = lambda text: None,
 ) -> dict[str, Any]:
-    """Measure everything `ddpmkit bench` reports; ``note`` is told what is being measured."""
+    """Measure everything `ddpmkit bench` reports; ``note`` is told what is being measured.
+
+    With ``rounds`` > 1 training is measured in interleaved rounds (the tutorial, then every mode, again and
+    again): a row's speed is the median over rounds and its ratio the median of the ratios within a round, so
+    a machine whose speed drifts over minutes moves both sides of each ratio alike."""
     modes = modes or default_modes(device)
     torch.manual_seed(0)
     note("matrix-multiply peaks")
@@ -174,24 +181,42 @@ def run_bench(
             return peaks["tf32"] if m is not None and m.tf32 and "tf32" in peaks else peaks["fp32"]
         return peaks.get(m.precision)
 
-    def row(loop: str, m: SpeedModes | None, per_s: float, flops: float, ref: float | None, setup=None) -> Row:
+    def row(loop: str, m: SpeedModes | None, per_s: float, flops: float, ref: float | None, setup=None,
+            memory: int | None = None) -> Row:
         peak = peak_for(m)
-        memory, _ = peak_memory_bytes(device)
         return Row(loop, mode_name(m) if m else "fp32", per_s, per_s / ref if ref else 1.0, per_s * flops,
-                   per_s * flops / peak if peak else None, memory, setup)
+                   per_s * flops / peak if peak else None,
+                   peak_memory_bytes(device)[0] if memory is None else memory, setup)
 
     batch = cfg.train.batch_size
-    training: list[Row] = []
-    note(f"training: the tutorial's fp32 eager step, batch {batch}")
-    reset_peak_memory(device)
-    with pytorch_default_precision(device):  # the tutorial never sets TF32: it runs on torch's defaults
-        ref = bench_tutorial_training(cfg, device, warmup=warmup, steps=steps)
-    training.append(row("tutorial", None, ref, train_flops, None))
-    for m in modes:
-        note(f"training: ddpmkit, {mode_name(m)}")
+    tutorial_rates: list[float] = []
+    rates: dict[str, list[float]] = {mode_name(m): [] for m in modes}
+    setups: dict[str, float] = {}
+    memory: dict[str, int] = {}
+    for r in range(rounds):
+        of = f" (round {r + 1} of {rounds})" if rounds > 1 else ""
+        note(f"training: the tutorial's fp32 eager step, batch {batch}{of}")
         reset_peak_memory(device)
-        ips, setup = measure_training(cfg, m, device, warmup=warmup, steps=steps)
-        training.append(row("ddpmkit", m, ips, train_flops, ref, setup))
+        with pytorch_default_precision(device):  # the tutorial never sets TF32: it runs on torch's defaults
+            tutorial_rates.append(bench_tutorial_training(cfg, device, warmup=warmup, steps=steps))
+        memory.setdefault("tutorial", peak_memory_bytes(device)[0])
+        for m in modes:
+            name = mode_name(m)
+            note(f"training: ddpmkit, {name}{of}")
+            reset_peak_memory(device)
+            ips, setup = measure_training(cfg, m, device, warmup=warmup, steps=steps)
+            rates[name].append(ips)
+            setups.setdefault(name, setup)  # the first round's: later ones find the compiled code cached
+            memory.setdefault(name, peak_memory_bytes(device)[0])
+    ref = statistics.median(tutorial_rates)
+    training = [row("tutorial", None, ref, train_flops, None, memory=memory["tutorial"])]
+    for m in modes:
+        name = mode_name(m)
+        ratios = [ips / t for ips, t in zip(rates[name], tutorial_rates)]
+        training.append(replace(
+            row("ddpmkit", m, statistics.median(rates[name]), train_flops, ref, setups[name], memory=memory[name]),
+            ratio=statistics.median(ratios), round_ratios=ratios if rounds > 1 else None,
+        ))
 
     sampling: list[Row] = []
     sample_batch = cfg.sample.batch_size
@@ -231,6 +256,7 @@ def run_bench(
         "sample_batch_size": sample_batch,
         "timed_steps": steps,
         "warmup_steps": warmup,
+        "rounds": rounds,
         "sample_steps": sample_steps,
         "matmul_peak_flop_per_s": peaks,
         "flops_per_image": {"train": train_flops, "forward": forward_flops},

@@ -25,6 +25,10 @@ def bench(
         None, "--modes", help="Comma-separated speed modes, e.g. fp32,bf16+cl,bf16+cl+compile (default: all for the device)."
     ),
     no_sample: bool = typer.Option(False, "--no-sample", help="Measure training only."),
+    rounds: int = typer.Option(
+        1, "--rounds", min=1,
+        help="Measure training in this many interleaved rounds (tutorial, then each mode): medians, steadier ratios.",
+    ),
     sample_batches: str = typer.Option(
         "", "--sample-batches", help="Also sample at these batch sizes in the fastest mode, e.g. 16,256."
     ),
@@ -54,7 +58,7 @@ def bench(
     # one line per measurement as it starts: an emulated mode can take minutes, and a status spinner shows
     # nothing when the output is not a terminal
     result = run_bench(cfg, dev, modes=chosen, steps=steps, warmup=warmup, sample_steps=sample_steps,
-                       sample=not no_sample, sample_batches=batches,
+                       sample=not no_sample, sample_batches=batches, rounds=rounds,
                        note=lambda text: say.print(f"measuring {text} ...", highlight=False))
     result["config"] = str(config)
     text = json.dumps(result, indent=2)
@@ -78,7 +82,8 @@ def _print_bench(r: dict) -> None:
         highlight=False,
     )
     for key, title, unit in (
-        ("training", f"training, batch {r['batch_size']}: median of {r['timed_steps']} steps after {r['warmup_steps']}", "images/s"),
+        ("training", f"training, batch {r['batch_size']}: median of {r['timed_steps']} steps after {r['warmup_steps']}"
+         + (f", median of {r['rounds']} interleaved rounds" if r.get("rounds", 1) > 1 else ""), "images/s"),
         ("sampling", f"sampling: {r['sample_steps']} steps", "image-steps/s"),
     ):
         if not r[key]:
@@ -89,9 +94,15 @@ def _print_bench(r: dict) -> None:
         for row in r[key]:
             auto = key == "training" and row["loop"] == "ddpmkit" and row["mode"] == r.get("auto")
             table.add_row(
-                row["loop"], row["mode"] + (" (auto)" if auto else ""), f"{row['per_s']:.1f}", f"{row['ratio']:.2f}",
+                row["loop"], row["mode"] + (" (auto)" if auto else ""), f"{row['per_s']:.1f}", _ratio(row),
                 f"{row['flop_per_s'] / 1e9:.1f}", f"{row['utilisation']:.0%}" if row["utilisation"] else "",
                 f"{row['peak_memory'] / 2**20:,.0f} MiB", f"{row['setup_s']:.1f}" if row["setup_s"] is not None else "",
             )
         console.print(table)
 
+
+
+def _ratio(row: dict) -> str:
+    """The ratio to the tutorial, with its range over interleaved rounds when there were several."""
+    spread = row.get("round_ratios")
+    return f"{row['ratio']:.2f}" + (f" ({min(spread):.2f}-{max(spread):.2f})" if spread else "")
