@@ -169,6 +169,9 @@ def test_bench_prints_the_side_by_side_table_and_json(tmp_path):
         assert row["per_s"] > 0 and row["flop_per_s"] > 0 and 0 < row["utilisation"]
     assert result["flops_per_image"]["train"] > 2 * result["flops_per_image"]["forward"]  # backward ~ 2x forward
     assert set(result["matmul_peak_flop_per_s"]) >= {"fp32", "bf16"}
+    from ddpmkit.training.autotune import cpu_flags, cpu_model
+
+    assert result["device_name"] == cpu_model() and set(result["cpu_features"]) <= cpu_flags()  # the CPU is named
     # the mode "auto" would choose among those measured: fp32, or bf16+cl where bf16 is native and faster
     from ddpmkit.training.autotune import native_bf16
 

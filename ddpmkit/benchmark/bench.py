@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import platform
 import statistics
 import time
 from dataclasses import dataclass, replace
@@ -15,7 +14,9 @@ from ddpmkit.run.data import to_model_scale
 from ddpmkit.errors import ConfigError
 from ddpmkit.sampling.draw import generate
 from ddpmkit.runtime.speed import AUTO, PRECISIONS, SpeedModes, pytorch_default_precision
-from ddpmkit.training.autotune import candidates, compile_pays, fresh_model, measure_training, synthetic_dataset
+from ddpmkit.training.autotune import (
+    candidates, compile_pays, cpu_flags, cpu_model, fresh_model, measure_training, synthetic_dataset,
+)
 from ddpmkit.benchmark.measure import (
     count_flops,
     matmul_peak,
@@ -24,6 +25,9 @@ from ddpmkit.benchmark.measure import (
     reset_peak_memory,
 )
 from ddpmkit.benchmark.tutorial import TutorialTrainer, tutorial_sample_one
+
+#: The CPU flags that decide which speed modes are fast (named in the results beside the CPU model).
+CPU_FEATURES = {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "avx512_fp16"}
 
 #: Mode flags after the precision in a mode name such as ``bf16+cl+compile``.
 FLAGS = {"cl": "channels_last", "fused": "fused_adam", "compile": "compile", "tf32": "tf32"}
@@ -246,7 +250,8 @@ def run_bench(
     _, memory_kind = peak_memory_bytes(device)
     return {
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
+        "cpu_features": sorted(cpu_flags() & CPU_FEATURES) if device.type == "cpu" else [],
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "denoiser": cfg.denoiser.name,

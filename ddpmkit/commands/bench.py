@@ -75,7 +75,8 @@ def _print_bench(r: dict) -> None:
     peaks = ", ".join(f"{k} {v / 1e9:.0f}" for k, v in r["matmul_peak_flop_per_s"].items())
     console.print(
         f"[bold]ddpmkit bench[/] {r['config']}: {r['denoiser']} {r['parameters']:,} parameters, "
-        f"{'x'.join(map(str, r['image_shape']))}, on {r['device']} ({r['device_name']}, {r['threads']} threads), "
+        f"{'x'.join(map(str, r['image_shape']))}, on {r['device']} ({r['device_name']}, {r['threads']} threads"
+        f"{'; ' + ' '.join(r['cpu_features']) if r.get('cpu_features') else ''}), "
         f"torch {r['torch']}\n  matmul peak GFLOP/s: {peaks}; "
         f"{r['flops_per_image']['train'] / 1e9:.2f} GFLOP per training image, "
         f"{r['flops_per_image']['forward'] / 1e9:.2f} per forward pass; memory: {r['memory']}",
