@@ -66,6 +66,16 @@ def test_the_fastest_mode_is_chosen_and_the_measurement_cached(tmp_path):
     assert len(timer.calls) == 10
 
 
+def test_another_ddpmkit_version_measures_anew(tmp_path, monkeypatch):
+    """ddpmkit's own code (its compiled dropout, say) can change which mode is fastest: a cached figure is its version's."""
+    cfg = _auto_config(tmp_path)
+    cache = tmp_path / "cache.json"
+    timer = FakeTimer({"fp32": 70.0, "fp32+channels-last": 71.0, "bf16": 380.0, "bf16+channels-last": 450.0})
+    autotune.choose(cfg, CPU, timer=timer, flags=AMX, cache=cache)
+    monkeypatch.setattr(autotune, "__version__", "99.0.0")
+    assert not autotune.choose(cfg, CPU, timer=timer, flags=AMX, cache=cache).cached and len(timer.calls) == 8
+
+
 def test_an_explicit_mode_is_measured_only_when_it_is_not_auto(tmp_path):
     cfg = _auto_config(tmp_path, precision="fp32", channels_last=False)
     timer = FakeTimer({})

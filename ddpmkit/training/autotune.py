@@ -5,7 +5,7 @@ of the run's own model at its own batch in each candidate mode (what ``ddpmkit b
 fastest is taken. bf16 is a candidate only where it is native (CUDA with bf16, or a CPU with AVX-512 BF16 or
 AMX): emulated bf16 measured 14x slower than fp32 on an AVX2-only CPU, so it is pruned without paying for
 the measurement. fp16 is never chosen by ``auto`` (it needs a loss scaler; name it explicitly). The answer is
-cached (keyed by device, CPU or GPU model and flags, torch version and the model's identity), recorded in
+cached (keyed by device, CPU or GPU model and flags, torch and ddpmkit versions and the model's identity), recorded in
 the run's checkpoints, and kept when the run resumes, so a resumed run stays bit-exact.
 """
 
@@ -32,6 +32,7 @@ from ddpmkit.run.config import RunConfig, config_from_dict
 from ddpmkit.run.data import Dataset, dataset_classes
 from ddpmkit.runtime.speed import AUTO, SpeedModes
 from ddpmkit.training.loop import TrainEvents, train
+from ddpmkit.version import __version__
 
 CACHE_FILE = "speed-modes.json"
 #: steps untimed, then timed, per candidate (the median step is taken)
@@ -108,9 +109,11 @@ def native_bf16(device: torch.device, flags: set[str] | None = None) -> bool:
 
 
 def machine_key(device: torch.device, flags: set[str] | None = None) -> dict[str, Any]:
-    """What a measurement depends on besides the model: the device, its model and flags, torch."""
+    """What a measurement depends on besides the model: the device, its model and flags, torch, and ddpmkit
+    itself (whose own code, its compiled dropout say, can change which mode is fastest)."""
     flags = cpu_flags() if flags is None else flags
-    key: dict[str, Any] = {"device": device.type, "torch": torch.__version__, "threads": torch.get_num_threads(),
+    key: dict[str, Any] = {"device": device.type, "torch": torch.__version__, "ddpmkit": __version__,
+                           "threads": torch.get_num_threads(),
                            "cpu": cpu_model(), "flags": sorted(f for f in flags if f.startswith(("avx", "amx", "fma")))}
     if device.type == "cuda":
         key["gpu"] = torch.cuda.get_device_name(device)
