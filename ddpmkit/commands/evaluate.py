@@ -185,15 +185,15 @@ def _print_eval(r: dict) -> None:
     for col in ("statistic", "samples", f"floor ({r['num_samples']:,} real training images)"):
         table.add_column(col)
     rows = [
-        ("classifier FID", "fid", "{:.3f}"), ("KID (x 1000)", "kid", "{:.3f}"), ("MiFID", "mifid", "{:.3f}"),
+        ("classifier FID", "fid", "{:.3f}"), ("KID", "kid", "{:.4g}"), ("MiFID", "mifid", "{:.3f}"),
         ("precision (k = 3)", "precision", "{:.3f}"), ("recall (k = 3)", "recall", "{:.3f}"),
         ("mean confidence", "mean_confidence", "{:.3f}"), ("confidence > 0.9", "confident_share", "{:.1%}"),
         (f"class entropy (bits, max {math.log2(s.get('num_classes', 10)):.2f})", "class_entropy_bits", "{:.3f}"),
         ("classes present (confident)", "classes_present", "{} of " + str(s.get("num_classes", 10))),
     ]
     for label, key, fmt in rows:
-        x = 1000.0 if key == "kid" else 1  # KID's unbiased MMD^2 is ~1e-3: shown in thousandths, as the field does
-        table.add_row(label, fmt.format(s[key] * x), fmt.format(f[key] * x))
+        # KID as it is: on the classifier's features (not Inception's) its scale is not the field's ~1e-3
+        table.add_row(label, fmt.format(s[key]), fmt.format(f[key]))
     console.print(table)
     console.print(f"predicted classes 0..{len(s['class_histogram']) - 1}: {s['class_histogram']}", highlight=False)
     m = r["memorisation"]
