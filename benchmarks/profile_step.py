@@ -1,6 +1,7 @@
 """Where a training step of ddpmkit's own loop spends its time: a torch.profiler table.
 
     python benchmarks/profile_step.py [CONFIG] [--mode bf16+cl+compile] [--device cpu] [--steps 3] [--set K=V ...]
+    python benchmarks/profile_step.py --kernels   # a row for each of the compiled graphs' CPU kernels
     python benchmarks/profile_step.py --hooks   # the per-step cost of the run's event hooks alone
 
 The model is built and (in a compiled mode) compiled by an untimed first call, so the table shows
@@ -18,8 +19,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def profile_steps(config: Path, mode: str, device: str, steps: int, overrides: list[str]) -> None:
+def profile_steps(config: Path, mode: str, device: str, steps: int, overrides: list[str], kernels: bool = False) -> None:
     import torch
+    import torch._inductor.config
+
+    # each generated C++ kernel as its own profiler record (else they all sit in "## Call CompiledFxGraph")
+    torch._inductor.config.cpp.enable_kernel_profile = kernels
     from torch.profiler import ProfilerActivity, profile
 
     from ddpmkit.benchmark.bench import parse_mode
@@ -34,7 +39,7 @@ def profile_steps(config: Path, mode: str, device: str, steps: int, overrides: l
         images_per_s, _ = measure_training(cfg, modes, dev, warmup=1, steps=steps)
     print(f"{mode} on {dev}: {images_per_s:.1f} images/s while profiled")
     table = prof.key_averages()
-    print(table.table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=60))
+    print(table.table(sort_by="self_cpu_time_total", row_limit=30 if kernels else 20, max_name_column_width=70))
     if dev.type == "cuda":
         print(table.table(sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=60))
 
@@ -68,12 +73,13 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--kernels", action="store_true", help="a row per compiled CPU kernel (inductor's kernel profile)")
     p.add_argument("--hooks", action="store_true", help="time the event hooks instead")
     a = p.parse_args()
     if a.hooks:
         time_hooks()
     else:
-        profile_steps(a.config, a.mode, a.device, a.steps, a.overrides)
+        profile_steps(a.config, a.mode, a.device, a.steps, a.overrides, a.kernels)
 
 
 if __name__ == "__main__":

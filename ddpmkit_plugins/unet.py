@@ -1,7 +1,8 @@
 """The attention UNet of the tutorial (after Ho et al. 2020, appendix B), with its defects fixed.
 
 Fixes: the time-embedding table is a buffer (follows ``.to(device)``), attention dropout is off
-in eval mode, and the input/output channel count follows the image shape.
+in eval mode, and the input/output channel count follows the image shape. Dropout (in the ResBlocks and on the
+attention weights) is :mod:`ddpmkit.runtime.dropout`'s: ``F.dropout`` itself, except inside a compiled CPU graph.
 
 Option ``time_embedding = "mlp"`` replaces the tutorial's fixed sinusoid (added as is to every
 block) with the conditioning of Ho et al. 2020 (appendix B): a learned two-layer MLP on the
@@ -24,6 +25,7 @@ from pydantic import Field, ValidationInfo, field_validator
 from torch import nn
 
 from ddpmkit.errors import ConfigError
+from ddpmkit.runtime.dropout import attention, dropout
 from ddpmkit.runtime.limits import check_fits
 from ddpmkit.diffusion import NULL_CLASS, Cond
 from ddpmkit.interfaces import Denoiser
@@ -75,7 +77,7 @@ class ResBlock(nn.Module):
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         x = x + (self.time_proj(emb) if self.time_proj is not None else emb[:, : x.shape[1]])
         r = self.conv1(F.relu(self.gnorm1(x)))
-        r = self.dropout(r)
+        r = dropout(r, self.dropout.p, self.training)
         r = self.conv2(F.relu(self.gnorm2(r)))
         return r + x
 
@@ -94,7 +96,7 @@ class Attention(nn.Module):
         h, w = x.shape[2:]
         x = rearrange(x, "b c h w -> b (h w) c")
         q, k, v = rearrange(self.proj1(x), "b L (C H K) -> K b H L C", K=3, H=self.num_heads)
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        x = attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
         x = rearrange(x, "b H (h w) C -> b h w (C H)", h=h, w=w)
         return rearrange(self.proj2(x), "b h w C -> b C h w")
 

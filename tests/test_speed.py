@@ -94,7 +94,9 @@ def test_each_sampling_mode_follows_fp32(mode, trained):
 
 @pytest.mark.parametrize("mode", ["fp16", "bf16+cl+compile"])
 def test_resume_is_bit_exact_in_each_mode(mode, tmp_path):
-    """fp16 carries its loss scale in the checkpoint; compiled kernels are the same in every process."""
+    """fp16 carries its loss scale in the checkpoint; compiled kernels are the same in every process. (Dropout 0, so
+    that the compiled graph is the one test_each_training_mode_follows_fp32 compiled; a compiled graph's dropout masks
+    follow the global RNG's state, which each step seeds: tests/test_dropout.py.)"""
     whole = _train(tmp_path / "a", "r", *_sets(mode), epochs=4)
     part = tmp_path / "b"
     _train(part, "r", *_sets(mode), epochs=2)
