@@ -72,12 +72,12 @@ class ResBlock(nn.Module):
         self.gnorm2 = nn.GroupNorm(num_groups, channels)
         self.conv1 = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
         self.conv2 = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = dropout
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         x = x + (self.time_proj(emb) if self.time_proj is not None else emb[:, : x.shape[1]])
         r = self.conv1(F.relu(self.gnorm1(x)))
-        r = dropout(r, self.dropout.p, self.training)
+        r = dropout(r, self.dropout, self.training)
         r = self.conv2(F.relu(self.gnorm2(r)))
         return r + x
 

@@ -15,9 +15,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-#: Whether compiled CPU graphs use the hashed mask (a switch for A/B measurements and tests).
-HASHED = True
-
 # The 32-bit finaliser of MurmurHash3 (Appleyard), in int32 arithmetic that wraps; torch's >> on int32 is an
 # arithmetic shift, so each shift is masked to make it the logical one of the finaliser.
 _GOLDEN = -1640531535  # 0x9E3779B1 as int32: consecutive indices land far apart before mixing
@@ -56,7 +53,10 @@ def hashed_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
 
 
 def _hashed_here(x: torch.Tensor) -> bool:
-    return HASHED and x.device.type == "cpu" and torch.compiler.is_compiling()
+    """Inside a graph that torch.compile traces for the CPU (``torch._dynamo.is_compiling`` on a torch without
+    ``torch.compiler.is_compiling``)."""
+    is_compiling = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling
+    return x.device.type == "cpu" and is_compiling()
 
 
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
