@@ -173,6 +173,18 @@ def test_hf_save_to_disk_folder_with_a_class_label_column(tmp_path):
         load_dataset(DataSection(dataset="hf", path=str(saved), image_column="img"), labelled=True)
 
 
+def test_an_hf_dataset_is_opened_once_for_its_shape_labels_and_images_and_again_when_it_changes(tmp_path, monkeypatch):
+    saved = hf_saved(tmp_path)
+    opened = []
+    real = datasets.load_from_disk
+    monkeypatch.setattr(datasets, "load_from_disk", lambda *a, **k: opened.append(a) or real(*a, **k))
+    section = DataSection(dataset="hf", path=str(saved), image_column="img", label_column="kind")
+    load_dataset(settle_section(section), labelled=True)
+    assert dataset_classes(section) == ["warm", "cold"] and len(opened) == 1
+    hf_saved(tmp_path, n=4)  # saved anew in the same folder: its files change
+    assert load_dataset(section).images.shape[0] == 4 and len(opened) == 2
+
+
 def test_hf_imagefolder_is_labelled_by_sub_folders_and_a_missing_path_is_one_line(tmp_path):
     for c, value in (("ants", 30), ("bees", 220)):
         (tmp_path / "photos" / c).mkdir(parents=True)

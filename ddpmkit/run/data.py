@@ -460,8 +460,27 @@ def _folder_labels(root: Path, files: list[Path]) -> tuple[torch.Tensor | None, 
 
 # --- HuggingFace datasets ---------------------------------------------------------------------------
 
+_HF_OPENED: dict[tuple, object] = {}  # the last hf dataset opened: settling its shape and loading it open it once
+
+
 def _hf_dataset(section: DataSection):
-    """The ``datasets.Dataset`` of ``section.path`` / ``section.split`` (offline for local folders)."""
+    """The ``datasets.Dataset`` of ``section.path`` / ``section.split`` (offline for local folders); the same
+    object again while the folder's entries are unchanged."""
+    path = Path(str(section.path)).expanduser()
+    try:
+        state = tuple(sorted((e.name, e.stat().st_mtime_ns, e.stat().st_size) for e in path.iterdir())) \
+            if path.is_dir() else None
+    except OSError:
+        state = None
+    key = (str(section.path), section.split, section.image_column, section.label_column, section.download, state)
+    if key not in _HF_OPENED:
+        ds = _open_hf(section)
+        _HF_OPENED.clear()
+        _HF_OPENED[key] = ds
+    return _HF_OPENED[key]
+
+
+def _open_hf(section: DataSection):
     try:
         import datasets
     except ImportError:
