@@ -60,6 +60,17 @@ def test_a_budget_too_small_for_one_step_is_one_line(tmp_path, monkeypatch):
     assert r.exit_code == 2 and "fits no training step here" in r.output, r.output
 
 
+def test_a_configs_budget_can_be_turned_off(tmp_path):
+    path = _budget_config(tmp_path, budget="15m")
+    assert load_config(path).train.time_budget == 900
+    for off in ("off", "none", "OFF"):
+        assert load_config(path, [f"train.time_budget={off}"]).train.time_budget is None
+    r = invoke("validate", str(path), "--no-timing")
+    assert r.exit_code == 0 and "a time budget of 15m 00s" in r.output, r.output
+    r = invoke("validate", str(path), "--no-timing", "--set", "train.time_budget=off")
+    assert r.exit_code == 0 and "time budget" not in r.output, r.output
+
+
 @pytest.mark.parametrize("value", ["soon", "-5m", "0"])
 def test_a_bad_budget_is_a_user_error(value, tmp_path):
     r = invoke("validate", str(write_config(tmp_path, "v")), "--no-timing", "--set", f"train.time_budget={value}")

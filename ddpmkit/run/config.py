@@ -192,7 +192,8 @@ class TrainSection(Section):
     time_budget: float | None = Field(
         None, gt=0, le=366 * 86400, description='train for this long, e.g. "15m", "1h30m", "900s" or seconds: '
         "max_steps is planned from the images/s measured before training (the guide's time included, sampling "
-        "not), fixed at the first start and kept on resume; max_steps, if set, stays an upper bound"
+        "not), fixed at the first start and kept on resume; max_steps, if set, stays an upper bound; "
+        '"off": no budget (epochs and max_steps say how long)'
     )
     checkpoint_every: int = Field(1000, ge=1, description="steps between checkpoints (one is always written at the end)")
 
@@ -206,6 +207,8 @@ class TrainSection(Section):
     @field_validator("time_budget", mode="before")
     @classmethod
     def _duration(cls, v: Any) -> Any:
+        if isinstance(v, str) and v.strip().lower() in NO_BUDGET:
+            return None  # a config's budget turned off: --set train.time_budget=off
         return parse_duration(v)
 
     keep_checkpoints: int = Field(3, ge=1)
@@ -215,6 +218,10 @@ class TrainSection(Section):
     def snapshot_every(self) -> int:
         """Steps between post-hoc EMA snapshots."""
         return self.posthoc_ema.every or self.checkpoint_every
+
+
+#: What ``train.time_budget`` may say for no budget (a config's own turned off with ``--set``).
+NO_BUDGET = ("off", "none")
 
 
 def parse_duration(value: Any) -> Any:

@@ -192,7 +192,8 @@ def describe_config(cfg: RunConfig, built: Components) -> str:
         f"train      {t.epochs} epochs, batch {t.batch_size}, lr {t.lr:g}, EMA {t.ema_decay:g}"
         f"{' with warm-up' if t.ema_warmup else ''}, "
         f"{t.precision} precision, channels-last {t.channels_last}, compile {t.compile}"
-        + (f", at most {t.max_steps} steps" if t.max_steps is not None else ""),
+        + (f", at most {t.max_steps} steps" if t.max_steps is not None else "")
+        + (f", a time budget of {format_duration(t.time_budget)}" if t.time_budget is not None else ""),
     ]
     if t.posthoc_ema.enabled:
         lines.append(f"post-hoc   EMA profiles sigma_rel {', '.join(f'{x:g}' for x in t.posthoc_ema.sigma_rels)} "
