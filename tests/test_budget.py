@@ -10,7 +10,7 @@ import torch
 
 import ddpmkit.training.autotune as autotune
 from ddpmkit.run.config import load_config
-from ddpmkit.training.budget import PLANNED_SHARE, plan
+from ddpmkit.training.budget import PLANNED_SHARE, choose_model, plan
 from ddpmkit.training.runner import RunReport, run_config
 from runconfigs import invoke, write_config
 
@@ -119,3 +119,83 @@ def test_the_main_network_is_planned_from_the_time_the_guide_took(tmp_path, monk
     assert recorded["steps"] == int((40 * PLANNED_SHARE - recorded["guide_s"] - 0.25) * 10.0 / 8)
     assert last.name == f"step-{recorded['steps']:08d}"
     assert any("the guide took" in s for s in said), said
+
+
+SMALLER = ('\n[[train.smaller_models]]\ndenoiser_options = { channels = [4, 8, 16, 16], num_groups = 2 }\n'
+           'guide_options = { channels = [2, 4, 8, 8], num_groups = 2 }\n')
+
+
+def _sized_config(tmp_path, name, min_steps, budget="1m", extra=GUIDE, more=""):
+    path = _budget_config(tmp_path, name, budget=budget, num_images=0, trajectory_images=0, checkpoint_every=1000,
+                          extra=extra + more)
+    path.write_text(path.read_text().replace("keep_checkpoints = 3", f"keep_checkpoints = 3\nbudget_min_steps = {min_steps}"))
+    return path
+
+
+def test_a_budget_takes_the_first_smaller_model_it_buys_enough_steps_of(tmp_path, monkeypatch):
+    monkeypatch.setenv("DDPMKIT_CACHE_DIR", str(tmp_path / "cache"))
+    rates = {8: 100.0, 4: 400.0, 2: 1600.0}  # by the first channel count: main, guide / smaller main, smaller guide
+    timed: list[int] = []
+
+    def timer(cfg, modes, device):
+        timed.append(cfg.denoiser.options["channels"][0])
+        return rates[timed[-1]]
+
+    smaller_twice = SMALLER + SMALLER.replace("[4, 8, 16, 16]", "[2, 4, 8, 8]")
+    own = int((60 * PLANNED_SHARE - 10 * 8 / 400.0) * 100.0 / 8)  # about 680 steps of the configured model
+    small = int((60 * PLANNED_SHARE - 10 * 8 / 1600.0) * 400.0 / 8)
+    cfg = load_config(_sized_config(tmp_path, "a", own, more=SMALLER))
+    choice = choose_model(cfg, torch.device("cpu"), timer=timer)
+    assert (choice.index, choice.steps) == (0, [own]) and set(timed) == {8, 4}  # enough: nothing smaller is measured
+    cfg = load_config(_sized_config(tmp_path, "b", own + 1, more=smaller_twice))
+    choice = choose_model(cfg, torch.device("cpu"), timer=timer)
+    assert (choice.index, choice.steps) == (1, [own, small])
+    assert "train.smaller_models[0] (channels = [4, 8, 16, 16], num_groups = 2), since the budget buys fewer than" \
+        in choice.describe(cfg)
+    picked = cfg.with_smaller_model(choice.index)
+    assert picked.denoiser.options["channels"] == [4, 8, 16, 16] and picked.guidance.denoiser_options["channels"] == [2, 4, 8, 8]
+    assert picked.run_dir == cfg.run_dir and not picked.train.smaller_models and picked.train.max_steps is None
+    capped = load_config(_sized_config(tmp_path, "b2", own + 1, more=SMALLER.replace("guide_options", "max_steps = 9\nguide_options")))
+    assert capped.with_smaller_model(1).train.max_steps == 9
+    cfg = load_config(_sized_config(tmp_path, "c", 10**5, more=smaller_twice))  # none is enough: the last
+    choice = choose_model(cfg, torch.device("cpu"), timer=lambda c, m, d: rates.get(c.denoiser.options["channels"][0], 1e4))
+    assert choice.index == 2 and len(choice.steps) == 3 and "the last: none reaches 100,000" in choice.describe(cfg)
+
+
+def test_a_budgeted_run_trains_the_smaller_model_and_keeps_it_on_resume(tmp_path, monkeypatch):
+    monkeypatch.setenv("DDPMKIT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(autotune, "_measured_rate", _fake({8: 10.0, 4: 400.0, 2: 1e6}))
+    monkeypatch.setattr(autotune, "_steady_rate", _fake_steady(8.0))
+    path = _sized_config(tmp_path, "s", 100, budget="20s", more=SMALLER)
+    said: list[str] = []
+    assert run_config(load_config(path), report=RunReport(info=said.append)) == 0
+    assert any(s.startswith("model: train.smaller_models[0]") for s in said), said
+    run = tmp_path / "runs" / "s"
+    assert json.loads((run / "config.json").read_text())["denoiser"]["options"]["channels"] == [4, 8, 16, 16]
+    assert json.loads((run / "guide" / "config.json").read_text())["denoiser"]["options"]["channels"] == [2, 4, 8, 8]
+    last = sorted((run / "checkpoints").iterdir())[-1]
+    assert json.loads((last / "state.json").read_text())["budget_model"]["index"] == 1
+    # again on a "machine" fast enough for the configured model: the run's model stands (resume stays exact)
+    monkeypatch.setattr(autotune, "_measured_rate", _fake({8: 1e5, 4: 1e6, 2: 1e6}))
+    monkeypatch.setenv("DDPMKIT_CACHE_DIR", str(tmp_path / "other-cache"))
+    said.clear()
+    assert run_config(load_config(path), report=RunReport(info=said.append)) == 0
+    assert any("kept from the run's first start" in s and "smaller_models[0]" in s for s in said), said
+    # --fresh chooses again
+    said.clear()
+    assert run_config(load_config(path), report=RunReport(info=said.append), fresh=True) == 0
+    assert any(s.startswith("model: the configured one") for s in said), said
+    assert json.loads((run / "config.json").read_text())["denoiser"]["options"]["channels"] == [8, 16, 32, 32]
+
+
+@pytest.mark.parametrize("more, needle", [
+    ("", "train.smaller_models: needs train.budget_min_steps"),
+    ("min", "train.smaller_models[0]: "),
+])
+def test_smaller_models_that_cannot_work_are_one_line(more, needle, tmp_path):
+    if more == "min":
+        path = _sized_config(tmp_path, "m", 10, more=SMALLER.replace("num_groups = 2 }\nguide", "num_groups = 3 }\nguide"))
+    else:
+        path = _budget_config(tmp_path, "m", extra=GUIDE + SMALLER)
+    r = invoke("validate", str(path), "--no-timing")
+    assert r.exit_code == 2 and needle in r.output and len(r.output.strip().splitlines()) == 1, r.output

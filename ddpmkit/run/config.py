@@ -155,6 +155,21 @@ class PosthocEmaSection(Section):
         return v
 
 
+class SmallerModel(Section):
+    """A smaller model that a time budget falls back on where it buys too few steps of the configured one."""
+
+    denoiser_options: dict[str, Any] = Field(
+        default_factory=dict, description="over [denoiser.options] (e.g. fewer channels)"
+    )
+    guide_options: dict[str, Any] = Field(
+        default_factory=dict, description="over [guidance] denoiser_options, for the guide of this model"
+    )
+    max_steps: int | None = Field(
+        None, ge=1, le=MAX_STEPS, description="over train.max_steps: a faster model may need a higher cap to fill "
+        "the budget"
+    )
+
+
 class TrainSection(Section):
     epochs: int = Field(75, ge=1, le=MAX_EPOCHS, description="passes over the dataset (at least one: an untrained network has nothing to sample)")
     max_steps: int | None = Field(None, ge=1, le=MAX_STEPS, description="stop after this many optimizer steps in all")
@@ -194,6 +209,15 @@ class TrainSection(Section):
         "max_steps is planned from the images/s measured before training (the guide's time included, sampling "
         "not), fixed at the first start and kept on resume; max_steps, if set, stays an upper bound; "
         '"off": no budget (epochs and max_steps say how long)'
+    )
+    budget_min_steps: int | None = Field(
+        None, ge=1, le=MAX_STEPS, description="with a time budget and smaller_models: where the budget buys fewer "
+        "steps than this of the configured model, the first of smaller_models that it buys this many steps of is "
+        "trained instead (the last if none); chosen at the first start from the measured images/s, kept on resume"
+    )
+    smaller_models: list[SmallerModel] = Field(
+        default_factory=list, max_length=8, description="[[train.smaller_models]]: the fallbacks of budget_min_steps, "
+        "largest first"
     )
     checkpoint_every: int = Field(1000, ge=1, description="steps between checkpoints (one is always written at the end)")
 
@@ -424,6 +448,25 @@ class RunConfig(Section):
     @property
     def run_dir(self) -> Path:
         return Path(self.run.dir) / self.run.name
+
+    def with_smaller_model(self, index: int) -> "RunConfig":
+        """This run training ``train.smaller_models[index - 1]`` in place of its own model (``index`` 0: this
+        run), with no fallbacks of its own (a time budget chose it: :func:`ddpmkit.training.budget.choose_model`)."""
+        if index == 0:
+            return self
+        m = self.train.smaller_models[index - 1]
+        data = self.model_dump(mode="json")
+        data["denoiser"]["options"] = {**data["denoiser"]["options"], **m.denoiser_options}
+        data["guidance"]["denoiser_options"] = {**data["guidance"]["denoiser_options"], **m.guide_options}
+        data["train"].update(smaller_models=[], budget_min_steps=None)
+        if m.max_steps is not None:
+            data["train"]["max_steps"] = m.max_steps
+        try:
+            smaller = config_from_dict(data)  # the guide's options over it are checked too
+        except ConfigError as exc:
+            detail = str(exc).removeprefix("config: ")
+            raise ConfigError(f"train.smaller_models[{index - 1}]: {detail}") from None
+        return smaller
 
     def identity(self) -> dict[str, Any]:
         """The flattened keys that define the model and the process; a resume must match them.
@@ -708,6 +751,19 @@ def _validate_cross(cfg: RunConfig, source: _Source) -> None:
         key = "guidance.method"
         raise ConfigError(f"{source.where(key)}: {key}: classifier-free guidance needs a conditional run "
                           "(conditioning.kind = \"class\"); an unconditional run is guided by autoguidance")
+    if cfg.train.smaller_models and cfg.train.budget_min_steps is None:
+        key = "train.smaller_models"
+        raise ConfigError(f"{source.where(key)}: {key}: needs train.budget_min_steps, the steps below which a "
+                          "time budget takes a smaller model")
+    if cfg.train.smaller_models and cfg.train.max_steps is not None and cfg.train.budget_min_steps > cfg.train.max_steps:
+        key = "train.budget_min_steps"
+        raise ConfigError(f"{source.where(key)}: {key}: {cfg.train.budget_min_steps:,} is above train.max_steps = "
+                          f"{cfg.train.max_steps:,}: the configured model could never be trained")
+    for index in range(1, len(cfg.train.smaller_models) + 1):
+        try:
+            cfg.with_smaller_model(index)  # each fallback builds a valid run: said when the config loads
+        except ConfigError as exc:
+            raise ConfigError(f"{source.where('train.smaller_models')}: {exc}") from None
     if cfg.guidance.interval is not None and cfg.guidance.interval[1] >= T:
         key = "guidance.interval"
         raise ConfigError(f"{source.where(key)}: {key}: {cfg.guidance.interval} reaches beyond the last step "

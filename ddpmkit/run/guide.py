@@ -35,6 +35,7 @@ def guide_config(cfg: "RunConfig") -> "RunConfig":
         keep_checkpoints=1,
         compile=False,  # a few hundred steps never repay the compiler's set-up
         time_budget=None,  # the main run's budget covers the guide
+        smaller_models=[], budget_min_steps=None,  # and chooses its size
     )
     data["sample"].update(num_images=0, trajectory_images=0)
     data["guidance"] = {}

@@ -7,6 +7,9 @@ over the steps that fit. Before anything trains, the whole plan is estimated fro
 the guide really took and a fresh measurement of steady training (and its set-up, a compilation included),
 since a machine's speed drifts with what else runs on it. The plan is recorded in the checkpoints, so a
 resumed run keeps it and stays exact; sampling is not part of the budget.
+
+Where the budget buys too few steps of the configured model (``train.budget_min_steps``), a smaller one of
+``train.smaller_models`` is trained instead, chosen from the same estimates at the run's first start.
 """
 
 from __future__ import annotations
@@ -80,6 +83,62 @@ def plan(cfg: RunConfig, device: torch.device, *, timer: Timer | None = None, fi
             + f"one step of batch {cfg.train.batch_size} takes about {cfg.train.batch_size / ips:.1f} s"
         )
     return TimePlan(budget, steps, ips, guide_s, setup, guide_took is not None and cfg.trains_guide)
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """The model a time budget trains: 0 is the configured one, i is ``train.smaller_models[i - 1]``; with the
+    steps the budget was estimated to buy of each model tried (in order, until one reached ``min_steps``)."""
+
+    index: int
+    steps: list[int]
+    min_steps: int
+
+    def record(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def describe(self, cfg: RunConfig) -> str:
+        if self.index == 0:
+            return (f"model: the configured one, {self.steps[0]:,} steps in the budget (at least "
+                    f"train.budget_min_steps = {self.min_steps:,})")
+        tried = ", then ".join(f"{n:,} of {model_label(cfg, i)}" for i, n in enumerate(self.steps))
+        fits = "" if self.steps[self.index] >= self.min_steps else f" (the last: none reaches {self.min_steps:,})"
+        return (f"model: {model_label(cfg, self.index)}{fits}, since the budget buys fewer than train.budget_min_steps"
+                f" = {self.min_steps:,} steps of the configured model (estimated: {tried})")
+
+
+def model_label(cfg: RunConfig, index: int) -> str:
+    """``the configured model``, or ``smaller_models[i]`` with its options, for ``index`` as in ModelChoice."""
+    if index == 0:
+        return "the configured model"
+    m = cfg.train.smaller_models[index - 1]
+    options = ", ".join(f"{k} = {v}" for k, v in m.denoiser_options.items())
+    return f"train.smaller_models[{index - 1}]" + (f" ({options})" if options else "")
+
+
+def choose_model(cfg: RunConfig, device: torch.device, *, timer: Timer | None = None) -> ModelChoice:
+    """Which model ``cfg``'s time budget trains on ``device``: its own where the estimated plan reaches
+    ``train.budget_min_steps``, else the first of ``train.smaller_models`` whose plan does, else the last.
+
+    Few steps of a larger network sample worse than several times the steps of a smaller one: on MNIST, 560
+    steps of the 2.0 M-parameter UNet gave a classifier FID of X against Y for 1,990 of a 0.5 M one
+    (docs/quality.md). The estimates use the speed modes' measured (and cached) images/s, like ``plan``.
+    """
+    min_steps = cfg.train.budget_min_steps
+    if cfg.train.time_budget is None or min_steps is None or not cfg.train.smaller_models:
+        raise ValueError("choose_model needs train.time_budget, budget_min_steps and smaller_models")
+    last = len(cfg.train.smaller_models)
+    steps: list[int] = []
+    for index in range(last + 1):
+        try:
+            steps.append(plan(cfg.with_smaller_model(index), device, timer=timer).steps)
+        except ConfigError:  # not one step of this model fits: a smaller one may
+            if index == last:
+                raise
+            steps.append(0)
+        if steps[-1] >= min_steps:
+            break
+    return ModelChoice(len(steps) - 1, steps, min_steps)
 
 
 def with_steps(cfg: RunConfig, steps: int) -> RunConfig:

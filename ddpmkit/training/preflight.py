@@ -155,8 +155,15 @@ def preflight(cfg: RunConfig, built: Components, *, data_root: Path | None = Non
     data, num_images = data_finding(cfg, data_root)
     findings = [data]
     if cfg.train.time_budget is not None and timing:  # the steps the run will plan (it measures the same way)
-        from ddpmkit.training.budget import plan, with_steps
+        from ddpmkit.run.components import build_components
+        from ddpmkit.training.budget import choose_model, plan, with_steps
 
+        if cfg.train.smaller_models:  # the model the run would choose, measured as it measures
+            choice = choose_model(cfg, pick_device(cfg.run.device))
+            findings.append(Finding("model", choice.describe(cfg)))
+            if choice.index:
+                cfg = cfg.with_smaller_model(choice.index)
+                built = build_components(cfg)
         budget = plan(cfg, pick_device(cfg.run.device))
         cfg = with_steps(cfg, budget.steps)
         findings.append(Finding("budget", budget.describe()))

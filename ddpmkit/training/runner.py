@@ -30,13 +30,15 @@ from ddpmkit.sampling.draw import nearest_visited
 from ddpmkit.sampling.images import write_images, write_trajectory
 from ddpmkit.sampling.loaded import LoadedRun
 from ddpmkit.training.autotune import announced, candidates, choose, is_auto, slow_mode_warning
-from ddpmkit.training.budget import TimePlan, with_steps
+from ddpmkit.training.budget import ModelChoice, TimePlan, choose_model, with_steps
 from ddpmkit.training.budget import plan as budget_plan
 from ddpmkit.training.preflight import snr_finding
 from ddpmkit.training.loop import CPU_WARN_SECONDS, lr_decay_end, RankStopped, TrainEvents, TrainResult, steps_per_epoch, total_steps, train
 from ddpmkit.version import __version__
 
 OUTPUT_FILES = ("samples.png", "samples.npz", "trajectory.png")
+#: which of train.smaller_models a time budget chose at the run's first start (kept on resume)
+MODEL_CHOICE_FILE = "budget-model.json"
 StepFn = Callable[[dict[str, Any]], None]
 AdvanceFn = Callable[[int], None]
 
@@ -156,6 +158,9 @@ def _run(cfg: RunConfig, *, report: RunReport, fresh: bool, data_root: Path | No
     if budget is not None:
         if fresh and world.is_main:
             _remove_outputs(cfg.run_dir)  # a fresh run plans anew
+            (cfg.run_dir / MODEL_CHOICE_FILE).unlink(missing_ok=True)
+        if cfg.train.smaller_models:
+            cfg, record["budget_model"] = _sized(cfg, report=report, world=world, device=device)
         plan = _kept_plan(cfg, report=report, world=world, device=device)
     guide_took: float | None = None
     if cfg.trains_guide:  # autoguidance: the guide trains first, as a run of its own in RUN/guide
@@ -196,6 +201,36 @@ def _run(cfg: RunConfig, *, report: RunReport, fresh: bool, data_root: Path | No
         return 0
     _write_samples(prepared, result, report=report, events=events)
     return 0
+
+
+def _sized(cfg: RunConfig, *, report: RunReport, world: World, device: torch.device) -> tuple[RunConfig, dict[str, Any]]:
+    """``cfg`` with the model its time budget trains: chosen at the run's first start (rank 0 measures, every
+    rank takes its choice) and kept from RUN/budget-model.json after it, so a resumed run trains the same model."""
+    path = cfg.run_dir / MODEL_CHOICE_FILE
+    models = [m.model_dump(mode="json") for m in cfg.train.smaller_models]
+    try:
+        kept = json.loads(path.read_text())
+    except (OSError, ValueError):
+        kept = None
+    if isinstance(kept, dict) and kept.get("smaller_models") == models and kept.get("budget_s") == cfg.train.time_budget \
+            and kept.get("min_steps") == cfg.train.budget_min_steps and isinstance(kept.get("index"), int) \
+            and 0 <= kept["index"] < len(kept.get("steps") or []) and kept["index"] <= len(models):
+        choice = ModelChoice(kept["index"], kept["steps"], kept["min_steps"])
+        report.info(f"{choice.describe(cfg)}; kept from the run's first start")
+        return cfg.with_smaller_model(choice.index), choice.record()
+    choice = None
+    if world.is_main:
+        with announced(report.info):
+            choice = choose_model(cfg, device)
+        written = path.with_suffix(".tmp")  # replaced whole: a kill mid-write leaves the last choice or none
+        written.write_text(json.dumps({**choice.record(), "smaller_models": models, "budget_s": cfg.train.time_budget}))
+        os.replace(written, path)
+    (index,) = world.all_reduce([float(choice.index if choice is not None else 0)])
+    if choice is None:
+        choice = ModelChoice(int(index), [], cfg.train.budget_min_steps or 0)
+    else:
+        report.info(choice.describe(cfg))
+    return cfg.with_smaller_model(choice.index), choice.record()
 
 
 def _kept_plan(cfg: RunConfig, *, report: RunReport, world: World, device: torch.device) -> TimePlan | None:
