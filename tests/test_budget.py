@@ -199,3 +199,18 @@ def test_smaller_models_that_cannot_work_are_one_line(more, needle, tmp_path):
         path = _budget_config(tmp_path, "m", extra=GUIDE + SMALLER)
     r = invoke("validate", str(path), "--no-timing")
     assert r.exit_code == 2 and needle in r.output and len(r.output.strip().splitlines()) == 1, r.output
+
+
+def test_speed_figures_far_off_the_steady_rate_are_forgotten(tmp_path, monkeypatch):
+    """Figures measured while the machine was busy (or on another one) would steer every later estimate and model
+    choice: the steady measurement when training starts forgets them when they are 2x or more off."""
+    monkeypatch.setenv("DDPMKIT_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = load_config(_budget_config(tmp_path, "f", budget="1m"))
+    said: list[str] = []
+    with autotune.announced(said.append):
+        plan(cfg, torch.device("cpu"), timer=_fake({8: 100.0}), final=True, rate_timer=_fake_steady(60.0))
+        assert autotune.measured_rate(cfg, torch.device("cpu"), timer=_fake({8: 1.0}))[1] == 100.0  # 1.7x off: kept
+        plan(cfg, torch.device("cpu"), timer=_fake({8: 100.0}), final=True, rate_timer=_fake_steady(400.0))
+    assert any("were 4.0x off the 400.0 measured now: forgotten" in s for s in said), said
+    assert autotune.measured_rate(cfg, torch.device("cpu"), timer=_fake({8: 300.0}))[1] == 300.0  # measured again
+    assert plan(cfg, torch.device("cpu"), timer=_fake({8: 1.0})).images_per_s == 300.0  # and cached

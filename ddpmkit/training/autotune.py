@@ -45,6 +45,10 @@ SLOW_RATIO = 2.0
 #: seconds and this many steps of steady training (the few steps of the cached choice are a burst, and a
 #: machine's speed changes with what else runs on it)
 RATE_SECONDS, RATE_MIN_STEPS = 10.0, 8
+#: a cached figure this many times off the steady rate measured afresh is stale (measured while the machine was
+#: busy, or on a changed one: two torch processes on 2 cores measured 5-100x slower than one): the model's cached
+#: figures are forgotten, so the next run measures them again
+STALE_RATIO = 2.0
 #: the CPU flags that mean native bf16 (x86: AVX-512 BF16, AMX)
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
@@ -206,7 +210,11 @@ def steady_rate(cfg: RunConfig, device: torch.device, *, timer: Timer | None = N
     ``RATE_SECONDS`` of steady training (the mean step, so stalls count); never cached."""
     modes, expected = measured_rate(cfg, device, timer=timer)
     _tell(f"  measuring {mode_label(modes)} for {cfg.run.name} over about {RATE_SECONDS:.0f} s of training, to plan its steps ...")
-    return (rate_timer or _steady_rate)(cfg, modes, device, expected)
+    ips, setup = (rate_timer or _steady_rate)(cfg, modes, device, expected)
+    if max(ips / expected, expected / ips) >= STALE_RATIO and forget(cfg, device):
+        _tell(f"  the speed figures measured before ({expected:,.1f} images/s in {mode_label(modes)}) were {max(ips / expected, expected / ips):.1f}x "
+              f"off the {ips:,.1f} measured now: forgotten, measured again by the next run")
+    return ips, setup
 
 
 def synthetic_dataset(cfg: RunConfig, num: int, seed: int = 0) -> Dataset:
@@ -311,8 +319,19 @@ def _figures(cfg: RunConfig, device: torch.device, modes: list[SpeedModes], *, t
           f"({MEASURE_WARMUP + MEASURE_STEPS} steps each; cached for later runs) ...")
     timer = timer or _measured_rate
     figures = {mode_label(m): float(timer(cfg, m, device)) for m in modes}
-    _write_cache(cache, key, {"figures": figures, "machine": machine_key(device, flags), "time": time.time()})
+    _write_cache(cache, key, {"figures": figures, "machine": machine_key(device, flags), "model": json.loads(json.dumps(model_key(cfg), default=str)), "time": time.time()})
     return figures, False
+
+
+def forget(cfg: RunConfig, device: torch.device, *, flags: set[str] | None = None, cache: Path | None = None) -> bool:
+    """Drop the cached figures of ``cfg``'s model on this machine; whether there were any."""
+    cache = cache or default_cache_file()
+    data = _read_cache(cache)
+    ours = json.loads(json.dumps([machine_key(device, flags), model_key(cfg)], default=str))
+    stale = [k for k, v in data.items() if isinstance(v, dict) and [v.get("machine"), v.get("model")] == ours]
+    if stale:
+        _update_cache(cache, lambda d: [d.pop(k, None) for k in stale])
+    return bool(stale)
 
 
 def default_cache_file() -> Path:
@@ -333,9 +352,13 @@ def _read_cache(path: Path) -> dict[str, Any]:
 
 def _write_cache(path: Path, key: str, value: dict[str, Any]) -> None:
     """Best effort: a cache that cannot be written only costs the next run a measurement."""
+    _update_cache(path, lambda data: data.__setitem__(key, value))
+
+
+def _update_cache(path: Path, change: Callable[[dict[str, Any]], Any]) -> None:
     try:
         data = _read_cache(path)
-        data[key] = value
+        change(data)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp-{os.getpid()}")
         tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
