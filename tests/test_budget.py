@@ -214,3 +214,12 @@ def test_speed_figures_far_off_the_steady_rate_are_forgotten(tmp_path, monkeypat
     assert any("were 4.0x off the 400.0 measured now: forgotten" in s for s in said), said
     assert autotune.measured_rate(cfg, torch.device("cpu"), timer=_fake({8: 300.0}))[1] == 300.0  # measured again
     assert plan(cfg, torch.device("cpu"), timer=_fake({8: 1.0})).images_per_s == 300.0  # and cached
+
+
+def test_validate_names_the_model_the_budget_would_train(tmp_path, monkeypatch):
+    monkeypatch.setenv("DDPMKIT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(autotune, "_measured_rate", _fake({8: 10.0, 4: 400.0, 2: 1e6}))
+    r = invoke("validate", str(_sized_config(tmp_path, "v", 100, budget="20s", more=SMALLER)))
+    assert r.exit_code == 0, r.output
+    assert "train.smaller_models[0] (channels = [4, 8, 16, 16], num_groups = 2), since the budget buys" in r.output
+    assert "400.0 images/s measured at the run's batch" in r.output  # the time of the model that will train

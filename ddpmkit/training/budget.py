@@ -99,11 +99,11 @@ class ModelChoice:
 
     def describe(self, cfg: RunConfig) -> str:
         if self.index == 0:
-            return (f"model: the configured one, {self.steps[0]:,} steps in the budget (at least "
+            return (f"the configured one, {self.steps[0]:,} steps in the budget (at least "
                     f"train.budget_min_steps = {self.min_steps:,})")
         tried = ", then ".join(f"{n:,} of {model_label(cfg, i)}" for i, n in enumerate(self.steps))
         fits = "" if self.steps[self.index] >= self.min_steps else f" (the last: none reaches {self.min_steps:,})"
-        return (f"model: {model_label(cfg, self.index)}{fits}, since the budget buys fewer than train.budget_min_steps"
+        return (f"{model_label(cfg, self.index)}{fits}, since the budget buys fewer than train.budget_min_steps"
                 f" = {self.min_steps:,} steps of the configured model (estimated: {tried})")
 
 

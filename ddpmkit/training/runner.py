@@ -216,7 +216,7 @@ def _sized(cfg: RunConfig, *, report: RunReport, world: World, device: torch.dev
             and kept.get("min_steps") == cfg.train.budget_min_steps and isinstance(kept.get("index"), int) \
             and 0 <= kept["index"] < len(kept.get("steps") or []) and kept["index"] <= len(models):
         choice = ModelChoice(kept["index"], kept["steps"], kept["min_steps"])
-        report.info(f"{choice.describe(cfg)}; kept from the run's first start")
+        report.info(f"model: {choice.describe(cfg)}; kept from the run's first start")
         return cfg.with_smaller_model(choice.index), choice.record()
     choice = None
     if world.is_main:
@@ -229,7 +229,7 @@ def _sized(cfg: RunConfig, *, report: RunReport, world: World, device: torch.dev
     if choice is None:
         choice = ModelChoice(int(index), [], cfg.train.budget_min_steps or 0)
     else:
-        report.info(choice.describe(cfg))
+        report.info(f"model: {choice.describe(cfg)}")
     return cfg.with_smaller_model(choice.index), choice.record()
 
 
