@@ -223,3 +223,14 @@ def test_validate_names_the_model_the_budget_would_train(tmp_path, monkeypatch):
     assert r.exit_code == 0, r.output
     assert "train.smaller_models[0] (channels = [4, 8, 16, 16], num_groups = 2), since the budget buys" in r.output
     assert "400.0 images/s measured at the run's batch" in r.output  # the time of the model that will train
+
+
+def test_the_choice_measures_the_configured_model_for_real(tmp_path, monkeypatch):
+    """No fake timer: the measurement's own config (a few steps, fallbacks and all) must build, and a trained run's
+    saved config (its planned steps below budget_min_steps) must load again."""
+    monkeypatch.setenv("DDPMKIT_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = load_config(_sized_config(tmp_path, "real", 10**6, budget="1h", more=SMALLER))
+    choice = choose_model(cfg, torch.device("cpu"))
+    assert choice.index == 1 and len(choice.steps) == 2 and all(n > 0 for n in choice.steps), choice
+    kept = load_config(_sized_config(tmp_path, "own", 1, budget="1h", more=SMALLER), ["train.max_steps=3"])
+    assert kept.with_smaller_model(0).train.smaller_models  # the configured model keeps its fallbacks, and loads

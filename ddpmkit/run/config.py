@@ -755,10 +755,6 @@ def _validate_cross(cfg: RunConfig, source: _Source) -> None:
         key = "train.smaller_models"
         raise ConfigError(f"{source.where(key)}: {key}: needs train.budget_min_steps, the steps below which a "
                           "time budget takes a smaller model")
-    if cfg.train.smaller_models and cfg.train.max_steps is not None and cfg.train.budget_min_steps > cfg.train.max_steps:
-        key = "train.budget_min_steps"
-        raise ConfigError(f"{source.where(key)}: {key}: {cfg.train.budget_min_steps:,} is above train.max_steps = "
-                          f"{cfg.train.max_steps:,}: the configured model could never be trained")
     for index in range(1, len(cfg.train.smaller_models) + 1):
         try:
             cfg.with_smaller_model(index)  # each fallback builds a valid run: said when the config loads
