@@ -150,8 +150,9 @@ def test_a_budget_takes_the_first_smaller_model_it_buys_enough_steps_of(tmp_path
     cfg = load_config(_sized_config(tmp_path, "b", own + 1, more=smaller_twice))
     choice = choose_model(cfg, torch.device("cpu"), timer=timer)
     assert (choice.index, choice.steps) == (1, [own, small])
-    assert "train.smaller_models[0] (channels = [4, 8, 16, 16], num_groups = 2), since the budget buys fewer than" \
-        in choice.describe(cfg)
+    assert choice.describe(cfg) == (
+        f"train.smaller_models[0] (channels = [4, 8, 16, 16], num_groups = 2): the budget buys about {own:,} steps of "
+        f"the configured model, fewer than train.budget_min_steps = {own + 1:,}, and about {small:,} of this one")
     picked = cfg.with_smaller_model(choice.index)
     assert picked.denoiser.options["channels"] == [4, 8, 16, 16] and picked.guidance.denoiser_options["channels"] == [2, 4, 8, 8]
     assert picked.run_dir == cfg.run_dir and not picked.train.smaller_models and picked.train.max_steps is None
@@ -159,7 +160,7 @@ def test_a_budget_takes_the_first_smaller_model_it_buys_enough_steps_of(tmp_path
     assert capped.with_smaller_model(1).train.max_steps == 9
     cfg = load_config(_sized_config(tmp_path, "c", 10**5, more=smaller_twice))  # none is enough: the last
     choice = choose_model(cfg, torch.device("cpu"), timer=lambda c, m, d: rates.get(c.denoiser.options["channels"][0], 1e4))
-    assert choice.index == 2 and len(choice.steps) == 3 and "the last: none reaches 100,000" in choice.describe(cfg)
+    assert choice.index == 2 and len(choice.steps) == 3 and "(the last offered: none reaches 100,000)" in choice.describe(cfg)
 
 
 def test_a_budgeted_run_trains_the_smaller_model_and_keeps_it_on_resume(tmp_path, monkeypatch):
@@ -221,7 +222,7 @@ def test_validate_names_the_model_the_budget_would_train(tmp_path, monkeypatch):
     monkeypatch.setattr(autotune, "_measured_rate", _fake({8: 10.0, 4: 400.0, 2: 1e6}))
     r = invoke("validate", str(_sized_config(tmp_path, "v", 100, budget="20s", more=SMALLER)))
     assert r.exit_code == 0, r.output
-    assert "train.smaller_models[0] (channels = [4, 8, 16, 16], num_groups = 2), since the budget buys" in r.output
+    assert "train.smaller_models[0] (channels = [4, 8, 16, 16], num_groups = 2): the budget buys" in r.output
     assert "400.0 images/s measured at the run's batch" in r.output  # the time of the model that will train
 
 

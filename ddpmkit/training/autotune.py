@@ -315,12 +315,19 @@ def _figures(cfg: RunConfig, device: torch.device, modes: list[SpeedModes], *, t
     stored = _read_cache(cache).get(key)
     if stored is not None and set(stored.get("figures", {})) == {mode_label(m) for m in modes}:
         return stored["figures"], True
-    _tell(f"  measuring {', '.join(mode_label(m) for m in modes)} for {cfg.run.name} on this {device.type} "
+    _tell(f"  measuring {', '.join(mode_label(m) for m in modes)} for {cfg.run.name} ({_size(cfg)}) on this {device.type} "
           f"({MEASURE_WARMUP + MEASURE_STEPS} steps each; cached for later runs) ...")
     timer = timer or _measured_rate
     figures = {mode_label(m): float(timer(cfg, m, device)) for m in modes}
     _write_cache(cache, key, {"figures": figures, "machine": machine_key(device, flags), "model": json.loads(json.dumps(model_key(cfg), default=str)), "time": time.time()})
     return figures, False
+
+
+def _size(cfg: RunConfig) -> str:
+    """``0.52 M parameters``: which model is measured, where a budget's smaller models share the run's name."""
+    with torch.random.fork_rng(devices=[]):
+        n = sum(p.numel() for p in build_components(cfg).denoiser.parameters())
+    return f"{n / 1e6:.2f} M parameters"
 
 
 def forget(cfg: RunConfig, device: torch.device, *, flags: set[str] | None = None, cache: Path | None = None) -> bool:

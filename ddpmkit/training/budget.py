@@ -101,10 +101,11 @@ class ModelChoice:
         if self.index == 0:
             return (f"the configured one, {self.steps[0]:,} steps in the budget (at least "
                     f"train.budget_min_steps = {self.min_steps:,})")
-        tried = ", then ".join(f"{n:,} of {model_label(cfg, i)}" for i, n in enumerate(self.steps))
-        fits = "" if self.steps[self.index] >= self.min_steps else f" (the last: none reaches {self.min_steps:,})"
-        return (f"{model_label(cfg, self.index)}{fits}, since the budget buys fewer than train.budget_min_steps"
-                f" = {self.min_steps:,} steps of the configured model (estimated: {tried})")
+        tried = ", ".join(f"{n:,} steps of {model_label(cfg, i)}" for i, n in enumerate(self.steps[:-1]))
+        reaches = self.steps[self.index] >= self.min_steps
+        return (f"{model_label(cfg, self.index)}: the budget buys about {tried}, fewer than train.budget_min_steps = "
+                f"{self.min_steps:,}, and about {self.steps[self.index]:,} of this one"
+                + ("" if reaches else f" (the last offered: none reaches {self.min_steps:,})"))
 
 
 def model_label(cfg: RunConfig, index: int) -> str:
@@ -121,7 +122,7 @@ def choose_model(cfg: RunConfig, device: torch.device, *, timer: Timer | None = 
     ``train.budget_min_steps``, else the first of ``train.smaller_models`` whose plan does, else the last.
 
     Few steps of a larger network sample worse than several times the steps of a smaller one: on MNIST, 560
-    steps of the 2.0 M-parameter UNet gave a classifier FID of X against Y for 1,990 of a 0.5 M one
+    steps of the 2.0 M-parameter UNet gave a classifier FID of 82.8 against 39.8 for 1,990 of a 0.5 M one
     (docs/quality.md). The estimates use the speed modes' measured (and cached) images/s, like ``plan``.
     """
     min_steps = cfg.train.budget_min_steps
