@@ -9,8 +9,12 @@ import pytest
 import torch
 
 import ddpmkit.training.autotune as autotune
+import ddpmkit.training.budget as budget
+import ddpmkit.training.loop as loop
+from ddpmkit.run.checkpoint import load_checkpoint
 from ddpmkit.run.config import load_config
-from ddpmkit.training.budget import PLANNED_SHARE, choose_model, plan
+from ddpmkit.training.budget import PLANNED_SHARE, REPLANNED_SHARE, TimePlan, choose_model, plan
+from ddpmkit.training.loop import learning_rate
 from ddpmkit.training.runner import RunReport, run_config
 from runconfigs import invoke, write_config
 
@@ -235,3 +239,78 @@ def test_the_choice_measures_the_configured_model_for_real(tmp_path, monkeypatch
     assert choice.index == 1 and len(choice.steps) == 2 and all(n > 0 for n in choice.steps), choice
     kept = load_config(_sized_config(tmp_path, "own", 1, budget="1h", more=SMALLER), ["train.max_steps=3"])
     assert kept.with_smaller_model(0).train.smaller_models  # the configured model keeps its fallbacks, and loads
+
+
+def test_the_replan_step_and_its_closed_form():
+    made = TimePlan(60.0, 5000, 80.0, 5.0, 1.0, True)
+    assert made.replan_step(8, 0, 1000) == 1000  # the first checkpoint comes before 120 s of steps (1,200)
+    assert made.replan_step(8, 0, 5000) == 1200
+    assert made.replan_step(8, 700, 500) == 1000  # a resumed start: before its first checkpoint
+    assert made.replan_step(8, 990, 500) is None  # too few steps to time before it
+    assert TimePlan(60.0, 900, 80.0, 5.0).replan_step(8, 0, 5000) is None  # the run ends first
+    new = made.replanned(1000, 100.0, 40.0, 8, None)
+    assert new.steps == 1000 + int((60 * REPLANNED_SHARE - 5 - 40) * 100.0 / 8)
+    assert (new.replanned_at, new.first_steps, new.loop_images_per_s, new.spent_s) == (1000, 5000, 100.0, 40.0)
+    assert made.replanned(1000, 100.0, 40.0, 8, 1100).steps == 1100  # the config's cap holds
+    assert made.replanned(1000, 100.0, 1e4, 8, None).steps == 1000  # out of time: it ends here
+    assert new.replan_step(8, 0, 1000) is None  # once
+    assert new.describe() == (f"time budget 1m 00s: the guide took 0m 05s, then 5,000 steps at the 80.0 images/s measured "
+                              f"here after 1 s of set-up; re-planned at step 1,000 from the loop's own 100.0 images/s: {new.steps:,} steps")
+    assert TimePlan(**new.record()) == new  # what a resumed run reads back
+
+
+def _replanning(monkeypatch, at_ips=40.0):
+    """Re-plan after 3 steps (before the first checkpoint at 4), as if the loop had measured ``at_ips`` with no time
+    spent: deterministic, where the loop's own rate is not."""
+    monkeypatch.setattr(budget, "REPLAN_MIN_STEPS", 3)
+    monkeypatch.setattr(budget, "REPLAN_AFTER_S", 1e-6)
+    real = TimePlan.replanned
+    monkeypatch.setattr(TimePlan, "replanned", lambda self, step, ips, spent, batch, cap: real(self, step, at_ips, 0.0, batch, cap))
+
+
+def test_the_loop_replans_once_from_its_own_rate_and_a_resume_keeps_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("DDPMKIT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(autotune, "_measured_rate", _fake({8: 100.0}))
+    monkeypatch.setattr(autotune, "_steady_rate", _fake_steady(80.0))  # the plan: 18 steps
+    _replanning(monkeypatch)
+    first, new = int(2 * PLANNED_SHARE * 80.0 / 8), 3 + int(2 * REPLANNED_SHARE * 40.0 / 8)
+    assert (first, new) == (18, 12)
+    runs = {}
+    for name in ("whole", "killed"):
+        path = _budget_config(tmp_path, name, budget="2s", num_images=0, trajectory_images=0, checkpoint_every=4)
+        path.write_text(path.read_text().replace("lr = 1e-3", 'lr = 1e-3\nlr_decay = "cosine"'))
+        runs[name] = load_config(path)
+    said: list[str] = []
+    assert run_config(runs["whole"], report=RunReport(info=said.append)) == 0
+    assert any(f"re-planned at step 3 from the loop's own 40.0 images/s: {new} steps (planned {first})" in s for s in said), said
+    assert any("of the budget" in s and "planned at 80.0, re-planned at step 3 at 40.0" in s for s in said), said
+    whole = tmp_path / "runs" / "whole"
+    state = json.loads((whole / "checkpoints" / f"step-{new:08d}" / "state.json").read_text())
+    assert state["lr_decay_end"] == new and state["time_plan"]["steps"] == new and state["time_plan"]["replanned_at"] == 3
+    rows = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, new + 1))
+    cfg = runs["whole"].train
+    for r in rows:  # the cosine decay over the first plan up to the re-plan, over the new one after it
+        assert r["lr"] == pytest.approx(learning_rate(runs["whole"], r["step"] - 1, first if r["step"] <= 3 else new))
+    assert cfg.lr_decay == "cosine" and rows[-1]["lr"] < rows[3]["lr"]
+
+    # the same run killed at step 10 and resumed: the recorded new plan is kept (no second re-plan), bit for bit
+    update = loop._Trainer.update
+
+    def dies_at_10(self, *args, **kwargs):
+        if self.step == 9:
+            raise KeyboardInterrupt
+        return update(self, *args, **kwargs)
+
+    monkeypatch.setattr(loop._Trainer, "update", dies_at_10)
+    assert run_config(runs["killed"], report=RunReport(info=lambda s: None)) != 0
+    monkeypatch.setattr(loop._Trainer, "update", update)
+    said.clear()
+    assert run_config(runs["killed"], report=RunReport(info=said.append)) == 0
+    assert any("re-planned at step 3 from the loop's own 40.0 images/s" in s and "planned at the run's first start" in s
+               for s in said), said
+    assert not any(s.strip().startswith("re-planned") for s in said), said
+    killed = tmp_path / "runs" / "killed"
+    a, b = (load_checkpoint(run / "checkpoints" / f"step-{new:08d}") for run in (whole, killed))
+    for key, value in a.weights("model").items():
+        assert torch.equal(value, b.weights("model")[key]), key

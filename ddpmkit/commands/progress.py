@@ -35,6 +35,8 @@ def training_progress(console: Console, total: int, completed: int) -> Iterator[
     def show(m: dict[str, Any]) -> None:
         prev = smoothed["loss"]
         smoothed["loss"] = m["loss"] if prev is None else 0.98 * prev + 0.02 * m["loss"]
+        if "planned_steps" in m:  # a time budget re-planned the run from the loop's own speed
+            progress.update(task, total=m["planned_steps"])
         progress.update(task, completed=m["step"], epoch=m["epoch"] + 1, loss=smoothed["loss"], ips=m["images_per_s"])
 
     with progress:

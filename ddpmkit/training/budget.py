@@ -5,8 +5,10 @@ too: it trains first, inside the same budget), so the learning-rate schedule and
 over the steps that fit. Before anything trains, the whole plan is estimated from the speed modes' figures
 (cached); the steps themselves are fixed when the budgeted network starts, after the guide: from the time
 the guide really took and a fresh measurement of steady training (and its set-up, a compilation included),
-since a machine's speed drifts with what else runs on it. The plan is recorded in the checkpoints, so a
-resumed run keeps it and stays exact; sampling is not part of the budget.
+since a machine's speed drifts with what else runs on it. Once, after about two minutes of the loop (or at its
+first checkpoint, if sooner), the steps are planned again from the loop's own images/s, and the cosine decay
+laid over them from there. The plan is recorded in the checkpoints, so a resumed run keeps it and stays exact;
+sampling is not part of the budget.
 
 Where the budget buys too few steps of the configured model (``train.budget_min_steps``), a smaller one of
 ``train.smaller_models`` is trained instead, chosen from the same estimates at the run's first start.
@@ -14,7 +16,7 @@ Where the budget buys too few steps of the configured model (``train.budget_min_
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -30,6 +32,14 @@ from ddpmkit.training.autotune import RateTimer, Timer, measured_rate, steady_ra
 #: planned rate): 0.98 in a 4-minute and 0.87 in a 15-minute budget on an AMX Xeon, 0.75-0.84 on an AVX2 EPYC
 #: with the shorter measurement before it (docs/benchmarks.md).
 PLANNED_SHARE = 0.92
+#: The share of the budget the re-plan fills: after minutes of the loop's own rate only its drift is left to
+#: cover (per 100 steps the loop's rate varied by up to +-12 % around its mean on an AVX2 EPYC)
+REPLANNED_SHARE = 0.96
+#: The loop re-plans after about this many seconds of its steps, or at its first checkpoint if that is sooner;
+#: its first 100 steps ran 10 % below its mean on an AVX2 EPYC, so a shorter window would miss low
+REPLAN_AFTER_S = 120.0
+#: ...and only over at least this many steps (the first few, set-up and compilation, are not timed)
+REPLAN_MIN_STEPS = 20
 
 
 @dataclass(frozen=True)
@@ -42,16 +52,48 @@ class TimePlan:
     setup_s: float = 0.0
     #: whether ``guide_s`` is the time the guide took (else it is estimated from the guide's rate)
     guide_trained: bool = False
+    #: the re-plan from the loop's own rate: the step it was made at, the steps planned before it, the loop's
+    #: images/s and the seconds the main network had used by then
+    replanned_at: int | None = None
+    first_steps: int | None = None
+    loop_images_per_s: float | None = None
+    spent_s: float | None = None
 
     def record(self) -> dict[str, Any]:
         return asdict(self)
+
+    def replan_step(self, batch: int, start_step: int, checkpoint_every: int) -> int | None:
+        """The step at which a start from ``start_step`` re-plans: after about ``REPLAN_AFTER_S`` of its steps at
+        the planned rate, or at its first checkpoint if sooner (a resumed run then finds the new plan recorded);
+        None where it re-planned already or would end first."""
+        if self.replanned_at is not None:
+            return None
+        first_checkpoint = (start_step // checkpoint_every + 1) * checkpoint_every
+        at = min(first_checkpoint, start_step + max(REPLAN_MIN_STEPS, round(REPLAN_AFTER_S * self.images_per_s / batch)))
+        return at if at - start_step >= REPLAN_MIN_STEPS and at < self.steps else None
+
+    def replanned(self, step: int, images_per_s: float, spent_s: float, batch: int, cap: int | None) -> "TimePlan":
+        """The plan from ``step`` on, at the loop's own ``images_per_s`` with ``spent_s`` of the budget used by
+        the main network so far (at most ``cap`` steps, at least ``step``)."""
+        left = max(0.0, self.budget_s * REPLANNED_SHARE - self.guide_s - spent_s)
+        steps = step + int(left * images_per_s / batch)
+        if cap is not None:
+            steps = min(steps, cap)
+        return replace(self, steps=max(step, steps), replanned_at=step, first_steps=self.steps,
+                       loop_images_per_s=images_per_s, spent_s=spent_s)
 
     def describe(self) -> str:
         took = "took" if self.guide_trained else "about"
         guide = f"the guide {took} {format_duration(self.guide_s)}, then " if self.guide_s else ""
         setup = f" after {self.setup_s:.0f} s of set-up" if self.setup_s >= 1 else ""
-        return (f"time budget {format_duration(self.budget_s)}: {guide}{self.steps:,} steps at the "
+        first = self.first_steps if self.replanned_at is not None and self.first_steps is not None else self.steps
+        said = (f"time budget {format_duration(self.budget_s)}: {guide}{first:,} steps at the "
                 f"{self.images_per_s:,.1f} images/s measured here{setup}")
+        return said + (self.describe_replan() if self.replanned_at is not None else "")
+
+    def describe_replan(self) -> str:
+        return (f"; re-planned at step {self.replanned_at:,} from the loop's own {self.loop_images_per_s or 0:,.1f} "
+                f"images/s: {self.steps:,} steps")
 
 
 def plan(cfg: RunConfig, device: torch.device, *, timer: Timer | None = None, final: bool = False,

@@ -33,7 +33,7 @@ from ddpmkit.training.autotune import announced, candidates, choose, is_auto, sl
 from ddpmkit.training.budget import ModelChoice, TimePlan, choose_model, with_steps
 from ddpmkit.training.budget import plan as budget_plan
 from ddpmkit.training.preflight import snr_finding
-from ddpmkit.training.loop import CPU_WARN_SECONDS, lr_decay_end, RankStopped, TrainEvents, TrainResult, steps_per_epoch, total_steps, train
+from ddpmkit.training.loop import CPU_WARN_SECONDS, lr_decay_end, RankStopped, Replan, TrainEvents, TrainResult, steps_per_epoch, total_steps, train
 from ddpmkit.version import __version__
 
 OUTPUT_FILES = ("samples.png", "samples.npz", "trajectory.png")
@@ -176,6 +176,7 @@ def _run(cfg: RunConfig, *, report: RunReport, fresh: bool, data_root: Path | No
             return code
         if from_scratch:  # the budget counts the guide's training, not the measuring before it
             guide_took = time.perf_counter() - started
+    cap = cfg.train.max_steps  # the config's own cap, which a re-plan keeps to
     if budget is not None:
         plan = plan or _final_plan(cfg, guide_took, report=report, world=world, device=device)
         cfg, record["time_plan"] = with_steps(cfg, plan.steps), plan.record()
@@ -187,20 +188,45 @@ def _run(cfg: RunConfig, *, report: RunReport, fresh: bool, data_root: Path | No
     prepared.record.update(record)
     info = RunInfo(cfg.run_dir, cfg, str(device), prepared.resume.step if prepared.resume else 0, prepared.steps)
     events = EventDispatcher(info) if world.is_main else _Silent()
-    result = _train(prepared, report=report, events=events, world=world, device=device)
+    plans = {"made": plan}
+    replan = _replan(plans, cfg, cap, started, info.start_step, report) if plan is not None else None
+    result = _train(prepared, report=report, events=events, world=world, device=device, replan=replan)
     if result is None or result.interrupted:
         return EXIT_INTERRUPTED
     if plan is not None:
         took = time.perf_counter() - started
         used = took + (guide_took or 0.0)
         rate = (result.step - info.start_step) * cfg.train.batch_size / took if took > 0 else 0.0
+        made = plans["made"]
         report.info(f"time budget {format_duration(plan.budget_s)}: this start trained for {format_duration(used)} "
                     f"({used / plan.budget_s:.0%} of the budget); the main network at {rate:,.1f} images/s, "
-                    f"planned at {plan.images_per_s:,.1f}")
+                    f"planned at {plan.images_per_s:,.1f}"
+                    + (f", re-planned at step {made.replanned_at:,} at {made.loop_images_per_s:,.1f}"
+                       if made.replanned_at is not None and made.loop_images_per_s is not None else ""))
     if not world.is_main:
         return 0
     _write_samples(prepared, result, report=report, events=events)
     return 0
+
+
+def _replan(plans: dict[str, TimePlan], cfg: RunConfig, cap: int | None, started: float, start_step: int,
+            report: RunReport) -> Replan | None:
+    """The loop's one re-plan of a time budget from its own images/s (None where the plan is kept as it is);
+    the new plan goes into ``plans["made"]``."""
+    made, batch = plans["made"], cfg.train.batch_size
+    at = made.replan_step(batch, start_step, cfg.train.checkpoint_every)
+    if at is None:
+        return None
+
+    def steps(step: int, images_per_s: float) -> tuple[int, dict[str, Any]]:
+        before = start_step * batch / images_per_s if images_per_s > 0 else 0.0  # an earlier start's steps
+        new = made.replanned(step, images_per_s, time.perf_counter() - started + before, batch, cap)
+        plans["made"] = new
+        report.info(f"  re-planned at step {step:,} from the loop's own {new.loop_images_per_s or 0:,.1f} images/s: "
+                    f"{new.steps:,} steps (planned {made.steps:,})")
+        return new.steps, {"time_plan": new.record()}
+
+    return Replan(at, steps)
 
 
 def _sized(cfg: RunConfig, *, report: RunReport, world: World, device: torch.device) -> tuple[RunConfig, dict[str, Any]]:
@@ -258,9 +284,10 @@ def _final_plan(cfg: RunConfig, guide_took: float | None, *, report: RunReport, 
     if world.is_main:
         with announced(report.info):
             plan = budget_plan(cfg, device, final=True, guide_took=guide_took)
-    (steps,) = world.all_reduce([float(plan.steps if plan is not None else 0)])
-    if plan is None:
-        return TimePlan(cfg.train.time_budget, int(steps), 0.0, 0.0)
+    shared = [float(plan.steps), plan.images_per_s, plan.guide_s, plan.setup_s] if plan is not None else [0.0] * 4
+    steps, ips, guide_s, setup_s = world.all_reduce(shared)
+    if plan is None:  # the same plan as rank 0's: every rank re-plans at the same step
+        return TimePlan(cfg.train.time_budget, int(steps), ips, guide_s, setup_s, cfg.trains_guide)
     report.info(plan.describe())
     return plan
 
@@ -347,7 +374,7 @@ def _with_train(cfg: RunConfig, **settings: Any) -> RunConfig:
 
 
 def _train(prepared: _Prepared, *, report: RunReport, events: Any, world: World,
-           device: torch.device) -> TrainResult | None:
+           device: torch.device, replan: Replan | None = None) -> TrainResult | None:
     """The training loop with its progress, events and the interrupt and failure policies; None when a
     second interrupt stopped it at once."""
     cfg, resume = prepared.cfg, prepared.resume
@@ -377,7 +404,7 @@ def _train(prepared: _Prepared, *, report: RunReport, events: Any, world: World,
                 checkpoint_state={**describe_run(cfg, prepared.built, prepared.fingerprint, __version__,
                                                  prepared.dataset.classes), **prepared.record},
                 resume=resume, denoiser_component=prepared.built.refs["denoiser"], world=world,
-                events=TrainEvents(on_step=on_step, on_measured=on_measured,
+                events=TrainEvents(on_step=on_step, on_measured=on_measured, replan=replan,
                                    on_checkpoint=lambda path, step: events.emit("checkpoint_written", step=step, path=path)),
             )
     except BaseException as exc:
