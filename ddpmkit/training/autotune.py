@@ -326,7 +326,7 @@ def _figures(cfg: RunConfig, device: torch.device, modes: list[SpeedModes], *, t
 def _size(cfg: RunConfig) -> str:
     """``0.52 M parameters``: which model is measured, where a budget's smaller models share the run's name."""
     with torch.random.fork_rng(devices=[]):
-        n = sum(p.numel() for p in build_components(cfg).denoiser.parameters())
+        n = build_components(cfg).denoiser.num_parameters()
     return f"{n / 1e6:.2f} M parameters"
 
 

@@ -33,10 +33,10 @@ from ddpmkit.training.autotune import RateTimer, Timer, measured_rate, steady_ra
 #: with the shorter measurement before it (docs/benchmarks.md).
 PLANNED_SHARE = 0.92
 #: The share of the budget the re-plan fills: after minutes of the loop's own rate only its drift is left to
-#: cover (per 100 steps the loop's rate varied by up to +-12 % around its mean on an AVX2 EPYC)
+#: cover (per 100 steps the loop's rate varied from -12 % to +14 % around its mean on an AVX2-only EPYC Zen 3)
 REPLANNED_SHARE = 0.96
 #: The loop re-plans after about this many seconds of its steps, or at its first checkpoint if that is sooner;
-#: its first 100 steps ran 10 % below its mean on an AVX2 EPYC, so a shorter window would miss low
+#: its first 100 steps ran 11 % below its mean on an AVX2-only EPYC Zen 3, so a shorter window would miss low
 REPLAN_AFTER_S = 120.0
 #: ...and only over at least this many steps (the first few, set-up and compilation, are not timed)
 REPLAN_MIN_STEPS = 20
@@ -86,13 +86,12 @@ class TimePlan:
         took = "took" if self.guide_trained else "about"
         guide = f"the guide {took} {format_duration(self.guide_s)}, then " if self.guide_s else ""
         setup = f" after {self.setup_s:.0f} s of set-up" if self.setup_s >= 1 else ""
-        first = self.first_steps if self.replanned_at is not None and self.first_steps is not None else self.steps
+        first = self.steps if self.first_steps is None else self.first_steps
         said = (f"time budget {format_duration(self.budget_s)}: {guide}{first:,} steps at the "
                 f"{self.images_per_s:,.1f} images/s measured here{setup}")
-        return said + (self.describe_replan() if self.replanned_at is not None else "")
-
-    def describe_replan(self) -> str:
-        return (f"; re-planned at step {self.replanned_at:,} from the loop's own {self.loop_images_per_s or 0:,.1f} "
+        if self.replanned_at is None:
+            return said
+        return (f"{said}; re-planned at step {self.replanned_at:,} from the loop's own {self.loop_images_per_s or 0:,.1f} "
                 f"images/s: {self.steps:,} steps")
 
 

@@ -118,7 +118,7 @@ class Replan:
     gives the new last step and the state to record with it in every later checkpoint (a resumed run keeps it).
 
     A time budget's plan is fixed before the loop from a few seconds of measurement, which missed the loop's
-    own speed by -13 % to +25 % on this project's CPUs; the loop's first minutes measure it."""
+    own speed by -13 % (an AMX Xeon) to +25 % (an AVX2-only EPYC Zen 3); the loop's first minutes measure it."""
 
     at: int
     steps: Callable[[int, float], tuple[int, dict[str, Any]]]

@@ -201,8 +201,8 @@ def _run(cfg: RunConfig, *, report: RunReport, fresh: bool, data_root: Path | No
         report.info(f"time budget {format_duration(plan.budget_s)}: this start trained for {format_duration(used)} "
                     f"({used / plan.budget_s:.0%} of the budget); the main network at {rate:,.1f} images/s, "
                     f"planned at {plan.images_per_s:,.1f}"
-                    + (f", re-planned at step {made.replanned_at:,} at {made.loop_images_per_s:,.1f}"
-                       if made.replanned_at is not None and made.loop_images_per_s is not None else ""))
+                    + (f", re-planned at step {made.replanned_at:,} at {made.loop_images_per_s or 0:,.1f}"
+                       if made.replanned_at is not None else ""))
     if not world.is_main:
         return 0
     _write_samples(prepared, result, report=report, events=events)
