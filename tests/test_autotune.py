@@ -93,6 +93,82 @@ def test_explicit_bf16_without_native_support_warns_with_both_figures(tmp_path):
     assert autotune.slow_mode_warning(cfg, CPU, timer=close, flags=AVX2, cache=tmp_path / "d.json") is None
 
 
+def test_bf16_named_where_it_is_emulated_warns_and_measures_only_its_plain_mode(tmp_path, monkeypatch):
+    """With the layout and compile left "auto", an explicit bf16 is still warned about (it was not: only a config
+    with no "auto" left was); and auto measures nothing of emulated bf16 beyond the plain mode that the warning's
+    measurement already cached: on an AVX2-only EPYC each bf16 mode cost minutes, and validate measured for 10."""
+    monkeypatch.setattr(autotune, "native_bf16", lambda device, flags=None: False)
+    path = write_config(tmp_path, "b")
+    path.write_text(path.read_text().replace('precision = "fp32"', 'precision = "bf16"')
+                    .replace("channels_last = false", 'channels_last = "auto"\ncompile = "auto"'))
+    cfg = load_config(path)
+    cache = tmp_path / "c.json"
+    timer = FakeTimer({"fp32": 71.2, "bf16": 5.2})
+    text = autotune.slow_mode_warning(cfg, CPU, timer=timer, flags=AVX2, cache=cache)
+    assert "13.7x slower than fp32" in text and timer.calls == ["fp32", "bf16"]
+    choice = autotune.choose(cfg, CPU, timer=timer, flags=AVX2, cache=cache)
+    assert autotune.mode_label(choice.modes) == "bf16" and timer.calls == ["fp32", "bf16"]  # nothing measured again
+    assert "channels-last not tried: bf16 is emulated" in choice.reason() and "compile not tried" in choice.reason()
+    assert autotune.measured_rate(cfg, CPU, timer=timer, flags=AVX2, cache=cache) == (choice.modes, 5.2)
+
+    said: list[str] = []  # validate says it, first among its findings
+    from ddpmkit.run.components import build_checked
+    from ddpmkit.training.preflight import preflight
+
+    monkeypatch.setenv("DDPMKIT_CACHE_DIR", str(tmp_path / "validate-cache"))
+    monkeypatch.setattr(autotune, "_measured_rate", timer)
+    with autotune.announced(said.append):
+        findings = preflight(cfg, build_checked(cfg))
+    assert findings[1].label == "speed" and "13.7x slower" in findings[1].warning
+    assert sum(s.strip().startswith("measuring") for s in said) == 1, said  # fp32 and bf16, in one line
+    assert "in bf16:" in findings[-1].text and "5.2 images/s" in findings[-1].text
+
+
+def test_a_slow_measurement_ends_after_two_steps_past_the_first(tmp_path, monkeypatch):
+    """A mode whose steps take seconds (emulated bf16: 12 s a step on an AVX2-only CPU) is timed from two steps after
+    the first, not eight: MEASURE_SECONDS, on a fake clock that makes each step 15 s."""
+    import time
+    from types import SimpleNamespace
+
+    clock = iter(range(0, 10**6, 15))  # autotune's own clock only: the loop keeps the real one
+    monkeypatch.setattr(autotune, "time", SimpleNamespace(perf_counter=lambda: float(next(clock)), time=time.time))
+    cfg = _auto_config(tmp_path, precision="fp32", channels_last=False)
+    steps: list[int] = []
+    real = autotune.train
+    monkeypatch.setattr(autotune, "train", lambda *a, events, **k: real(*a, events=autotune.TrainEvents(
+        on_step=lambda m: (steps.append(m["step"]), events.on_step(m))), **k))
+    ips, _ = autotune.measure_training(cfg, SpeedModes(), CPU)
+    assert steps == [1, 2, 3] and ips == pytest.approx(8 / 15)
+    steps.clear()
+    autotune.measure_training(cfg, SpeedModes(), CPU, max_seconds=None)  # ddpmkit bench: the steps it was asked for
+    assert steps == list(range(1, autotune.MEASURE_WARMUP + autotune.MEASURE_STEPS + 1))
+
+
+def test_sigterm_while_measuring_ends_the_command_and_caches_nothing(tmp_path, monkeypatch):
+    """The training loop turns SIGTERM into a graceful stop; in a measurement that stopped the measurement only,
+    and the next one started (``timeout`` could not end ``validate``). Now the command ends: exit code 130."""
+    import os
+    import signal
+
+    from runconfigs import invoke
+
+    monkeypatch.setenv("DDPMKIT_CACHE_DIR", str(tmp_path / "cache"))
+    real = autotune.train
+
+    def terminated_at_step_2(*args, events, **kwargs):
+        def on_step(metrics):
+            events.on_step(metrics)
+            if metrics["step"] == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, events=autotune.TrainEvents(on_step=on_step), **kwargs)
+
+    monkeypatch.setattr(autotune, "train", terminated_at_step_2)
+    r = invoke("validate", str(write_config(tmp_path, "v")))
+    assert r.exit_code == 130, r.output
+    assert "interrupted while measuring the speed of fp32 for v: nothing was trained, and no figure" in r.output
+    assert "Traceback" not in r.output and not (tmp_path / "cache" / autotune.CACHE_FILE).exists()
+
+
 def test_a_run_records_its_choice_and_a_resume_keeps_it(tmp_path, monkeypatch):
     monkeypatch.setenv("DDPMKIT_CACHE_DIR", str(tmp_path / "cache"))
     prefer_cl = {"fp32": 10.0, "fp32+channels-last": 20.0, "bf16": 1.0, "bf16+channels-last": 1.0}

@@ -208,7 +208,7 @@ def run_bench(
             name = mode_name(m)
             note(f"training: ddpmkit, {name}{of}")
             reset_peak_memory(device)
-            ips, setup = measure_training(cfg, m, device, warmup=warmup, steps=steps)
+            ips, setup = measure_training(cfg, m, device, warmup=warmup, steps=steps, max_seconds=None)
             rates[name].append(ips)
             setups.setdefault(name, setup)  # the first round's: later ones find the compiled code cached
             memory.setdefault(name, peak_memory_bytes(device)[0])

@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from ddpmkit.errors import DEBUG_ENV, DdpmkitError, DdpmkitWarning, debug_enabled
+from ddpmkit.errors import DEBUG_ENV, EXIT_INTERRUPTED, DdpmkitError, DdpmkitWarning, debug_enabled
 from ddpmkit.version import __version__
 
 app = typer.Typer(
@@ -108,7 +108,9 @@ def _show_warning(message: Any, category: type, filename: str, lineno: int, file
 
 
 def user_errors(func: Callable) -> Callable:
-    """Turn a DdpmkitError into one line on stderr and exit code 2; bugs keep their traceback.
+    """Turn a DdpmkitError into one line on stderr and exit code 2, and an interrupt the command did not handle
+    itself (Ctrl-C, or SIGTERM while speed modes are measured) into one line and exit code 130; bugs keep their
+    traceback.
 
     With ``--debug`` (or DDPMKIT_DEBUG=1) the traceback behind a one-line plugin error is shown too.
     """
@@ -125,6 +127,11 @@ def user_errors(func: Callable) -> Callable:
             # escape: a message may quote user text such as "[/x]" that rich would read as markup
             err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
             raise typer.Exit(2) from None
+        except KeyboardInterrupt as exc:
+            if debug():
+                traceback.print_exception(exc, file=sys.stderr)
+            err_console.print(escape(str(exc)) or "interrupted", highlight=False)
+            raise typer.Exit(EXIT_INTERRUPTED) from None
 
     return wrapper
 

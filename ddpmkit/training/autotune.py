@@ -4,7 +4,7 @@
 of the run's own model at its own batch in each candidate mode (what ``ddpmkit bench`` measures), and the
 fastest is taken. bf16 is a candidate only where it is native (CUDA with bf16, or a CPU with AVX-512 BF16 or
 AMX): emulated bf16 measured 14x slower than fp32 on an AVX2-only CPU, so it is pruned without paying for
-the measurement. fp16 is never chosen by ``auto`` (it needs a loss scaler; name it explicitly). The answer is
+the measurement (and where a config names bf16 there, only its plain mode is measured, once, for the warning). fp16 is never chosen by ``auto`` (it needs a loss scaler; name it explicitly). The answer is
 cached (keyed by device, CPU or GPU model and flags, torch and ddpmkit versions and the model's identity), recorded in
 the run's checkpoints, and kept when the run resumes, so a resumed run stays bit-exact.
 """
@@ -37,6 +37,10 @@ from ddpmkit.version import __version__
 CACHE_FILE = "speed-modes.json"
 #: steps untimed, then timed, per candidate (the median step is taken)
 MEASURE_WARMUP, MEASURE_STEPS = 3, 5
+#: a candidate's measurement ends once its steps after the first (set-up, compilation) took this long and at least
+#: two were taken: one step of emulated bf16 took 12 s on an AVX2-only EPYC Zen 3, and eight of them per mode made
+#: ``validate`` measure for over 10 minutes; exact modes there take about 1 s a step, so they take all their steps
+MEASURE_SECONDS = 20.0
 #: ``compile = "auto"`` compiles when that measured at least this many times the uncompiled images/s
 COMPILE_GAIN = 1.05
 #: an explicit mode this many times slower than the fastest exact one is warned about
@@ -154,6 +158,15 @@ def is_auto(train_section: Any) -> bool:
     return AUTO in (train_section.precision, train_section.channels_last, train_section.compile)
 
 
+def emulated_bf16(cfg: RunConfig, device: torch.device, flags: set[str] | None = None) -> bool:
+    """Whether ``cfg`` names bf16 for a CPU that only emulates it."""
+    return cfg.train.precision == "bf16" and device.type == "cpu" and not native_bf16(device, flags)
+
+
+#: why ``auto`` measures nothing more where a config names bf16 and the CPU emulates it
+EMULATED_BF16 = "bf16 is emulated on this CPU, and each bf16 mode measured here costs a minute or more"
+
+
 def candidates(cfg: RunConfig, device: torch.device, flags: set[str] | None = None) -> tuple[list[SpeedModes], dict[str, str]]:
     """The exact modes ``auto`` measures for this config on ``device``, and those pruned with the reason."""
     tc = cfg.train
@@ -168,6 +181,11 @@ def candidates(cfg: RunConfig, device: torch.device, flags: set[str] | None = No
     else:
         precisions = [tc.precision]
     layouts = [False, True] if tc.channels_last == AUTO else [bool(tc.channels_last)]
+    if emulated_bf16(cfg, device, flags):  # the run is many times slower whichever layout: the plain one, unmeasured
+        if tc.channels_last == AUTO:
+            layouts, pruned["channels-last"] = [False], EMULATED_BF16
+        if tc.compile == AUTO:
+            pruned["compile"] = EMULATED_BF16
     base = SpeedModes.for_run(tc, device)
     compiled = tc.compile is True  # "auto": tried afterwards, on the fastest of these (see choose)
     return [SpeedModes(p, channels_last=cl, compile=compiled, fused_adam=base.fused_adam, tf32=base.tf32)
@@ -175,24 +193,47 @@ def candidates(cfg: RunConfig, device: torch.device, flags: set[str] | None = No
 
 
 def measure_training(cfg: RunConfig, modes: SpeedModes, device: torch.device, *, warmup: int = MEASURE_WARMUP,
-                     steps: int = MEASURE_STEPS, mean: bool = False) -> tuple[float, float]:
+                     steps: int = MEASURE_STEPS, mean: bool = False,
+                     max_seconds: float | None = MEASURE_SECONDS) -> tuple[float, float]:
     """(images/s from the median step after ``warmup``, or from their mean with ``mean``, and seconds of the
     first step) of ddpmkit's own training loop (EMA, bookkeeping and all) for ``cfg``'s model and batch in
-    ``modes``, on random images."""
+    ``modes``, on random images. Without ``mean``, the steps end early once those after the first took
+    ``max_seconds`` (and at least two were taken); the median is then of those after the second."""
     batch = cfg.train.batch_size
     run_cfg = with_modes(cfg, modes, max_steps=warmup + steps, epochs=10**6, checkpoint_every=10**9, keep_checkpoints=1)
     model, schedule, _ = fresh_model(run_cfg)
     stamps: list[float] = []
     started = time.perf_counter()
+
+    def on_step(metrics: dict[str, Any]) -> None:
+        stamps.append(time.perf_counter())
+        if not mean and max_seconds is not None and len(stamps) >= 3 and stamps[-1] - stamps[0] >= max_seconds:
+            raise _Measured
+
     with tempfile.TemporaryDirectory(prefix="ddpmkit-measure-") as tmp:
-        train(
-            run_cfg, model=model, schedule=schedule, dataset=synthetic_dataset(run_cfg, batch * 4),
-            device=device, run_dir=Path(tmp), checkpoint_state={},
-            events=TrainEvents(on_step=lambda m: stamps.append(time.perf_counter())),
-        )
-    times = [b - a for a, b in zip(stamps, stamps[1:])][warmup - 1 :]
+        try:
+            result = train(
+                run_cfg, model=model, schedule=schedule, dataset=synthetic_dataset(run_cfg, batch * 4),
+                device=device, run_dir=Path(tmp), checkpoint_state={}, events=TrainEvents(on_step=on_step),
+            )
+        except _Measured:
+            pass
+        else:
+            if result.interrupted:  # Ctrl-C or SIGTERM: the command stops, with no partial figure cached
+                raise MeasurementInterrupted(f"interrupted while measuring the speed of {mode_label(modes)} for "
+                                             f"{cfg.run.name}: nothing was trained, and no figure of it was cached")
+    times = [b - a for a, b in zip(stamps, stamps[1:])]
+    times = times[min(warmup - 1, len(times) - 1) :]
     step_s = statistics.fmean(times) if mean else statistics.median(times)
     return batch / step_s, stamps[0] - started
+
+
+class _Measured(Exception):
+    """Raised from a measurement's step callback: enough slow steps were timed."""
+
+
+class MeasurementInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM while speed modes were measured (before anything trained): the command ends."""
 
 
 def _measured_rate(cfg: RunConfig, modes: SpeedModes, device: torch.device) -> float:
@@ -254,10 +295,10 @@ def choose(cfg: RunConfig, device: torch.device, *, timer: Timer | None = None, 
     modes, pruned = candidates(cfg, device, flags)
     figures: dict[str, float] = {}
     cached = True
-    if len(modes) > 1 or cfg.train.compile == AUTO:
+    if len(modes) > 1 or (cfg.train.compile == AUTO and "compile" not in pruned):
         figures, cached = _figures(cfg, device, modes, timer=timer, flags=flags, cache=cache)
     best = max(modes, key=lambda m: figures.get(mode_label(m), 0.0))
-    if cfg.train.compile == AUTO:  # one compilation, of the fastest mode: each costs up to a minute to measure
+    if cfg.train.compile == AUTO and "compile" not in pruned:  # one compilation, of the fastest mode: each costs up to a minute to measure
         compiled = replace(best, compile=True)
         more, more_cached = _figures(cfg, device, [compiled], timer=timer, flags=flags, cache=cache)
         figures, cached = {**figures, **more}, cached and more_cached
@@ -289,38 +330,47 @@ def measured_rate(cfg: RunConfig, device: torch.device, *, timer: Timer | None =
 
 def slow_mode_warning(cfg: RunConfig, device: torch.device, *, timer: Timer | None = None,
                       flags: set[str] | None = None, cache: Path | None = None) -> str | None:
-    """The warning for an explicit ``train.precision = "bf16"`` on a CPU without native bf16, with fp32's and
-    bf16's measured images/s when bf16 is SLOW_RATIO or more times slower; None otherwise."""
-    tc = cfg.train
-    if device.type != "cpu" or tc.precision != "bf16" or native_bf16(device, flags):
+    """The warning for an explicit ``train.precision = "bf16"`` (whatever the other modes) on a CPU without native
+    bf16, with fp32's and bf16's measured images/s when bf16 is SLOW_RATIO or more times slower; None otherwise.
+
+    Both are measured uncompiled, in the configured layout (contiguous for ``auto``): the mode the run then
+    trains in where the other modes are ``auto`` (see ``candidates``), cached for it."""
+    if not emulated_bf16(cfg, device, flags):
         return None
-    base = SpeedModes.for_run(tc, device)
-    modes = [SpeedModes(p, channels_last=base.channels_last, compile=base.compile, fused_adam=base.fused_adam)
-             for p in ("fp32", "bf16")]
+    base = SpeedModes.for_run(cfg.train, device)
+    modes = [replace(base, precision=p, compile=False) for p in ("fp32", "bf16")]
     figures, _ = _figures(cfg, device, modes, timer=timer, flags=flags, cache=cache)
     fp32, bf16 = (figures[mode_label(m)] for m in modes)
     if fp32 < SLOW_RATIO * bf16:
         return None
     return (f"train.precision = bf16 is {fp32 / bf16:.1f}x slower than fp32 here ({bf16:,.1f} against {fp32:,.1f} "
-            "images/s measured for this model): this CPU has no native bf16 (no AVX-512 BF16 or AMX), so it is "
-            'emulated; set train.precision = "auto" (or "fp32")')
+            "images/s measured for this model, uncompiled): this CPU has no native bf16 (no AVX-512 BF16 or AMX), "
+            'so it is emulated; set train.precision = "auto" (or "fp32")')
 
 
 def _figures(cfg: RunConfig, device: torch.device, modes: list[SpeedModes], *, timer: Timer | None,
              flags: set[str] | None, cache: Path | None) -> tuple[dict[str, float], bool]:
-    """Images/s of each of ``modes`` for ``cfg``'s model on ``device``: from the cache, or measured and cached."""
+    """Images/s of each of ``modes`` for ``cfg``'s model on ``device``, and whether all were cached: each mode's
+    figure from the cache, or measured and cached (one entry per mode, so a figure measured for one purpose, the
+    bf16 warning say, serves the others)."""
     cache = cache or default_cache_file()
-    key = hashlib.sha256(json.dumps([machine_key(device, flags), model_key(cfg), [asdict(m) for m in modes]],
-                                    sort_keys=True, default=str).encode()).hexdigest()
-    stored = _read_cache(cache).get(key)
-    if stored is not None and set(stored.get("figures", {})) == {mode_label(m) for m in modes}:
-        return stored["figures"], True
-    _tell(f"  measuring {', '.join(mode_label(m) for m in modes)} for {cfg.run.name} ({_size(cfg)}) on this {device.type} "
-          f"({MEASURE_WARMUP + MEASURE_STEPS} steps each; cached for later runs) ...")
+    machine, model = machine_key(device, flags), json.loads(json.dumps(model_key(cfg), default=str))
+    keys = {mode_label(m): hashlib.sha256(json.dumps([machine, model, asdict(m)], sort_keys=True).encode()).hexdigest()
+            for m in modes}
+    stored = _read_cache(cache)
+    figures = {label: stored[key]["images_per_s"] for label, key in keys.items()
+               if isinstance(stored.get(key), dict) and isinstance(stored[key].get("images_per_s"), (int, float))}
+    missing = [m for m in modes if mode_label(m) not in figures]
+    if not missing:
+        return figures, True
+    _tell(f"  measuring {', '.join(mode_label(m) for m in missing)} for {cfg.run.name} ({_size(cfg)}) on this {device.type} "
+          f"(up to {MEASURE_WARMUP + MEASURE_STEPS} steps each; cached for later runs) ...")
     timer = timer or _measured_rate
-    figures = {mode_label(m): float(timer(cfg, m, device)) for m in modes}
-    _write_cache(cache, key, {"figures": figures, "machine": machine_key(device, flags), "model": json.loads(json.dumps(model_key(cfg), default=str)), "time": time.time()})
-    return figures, False
+    for m in missing:
+        figures[mode_label(m)] = ips = float(timer(cfg, m, device))
+        _write_cache(cache, keys[mode_label(m)], {"images_per_s": ips, "mode": mode_label(m), "machine": machine,
+                                                  "model": model, "time": time.time()})
+    return {mode_label(m): figures[mode_label(m)] for m in modes}, False
 
 
 def _size(cfg: RunConfig) -> str:

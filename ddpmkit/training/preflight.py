@@ -136,15 +136,23 @@ def time_finding(
     what: str = "of training", timer: "Timer | None" = None,
 ) -> Finding:
     """The training time, from images/s measured at the run's own batch in the speed mode that will run
-    (``auto`` resolved as the run will resolve it, and cached for it); a slow explicit mode is warned about."""
-    from ddpmkit.training.autotune import MEASURE_STEPS, is_auto, measured_rate, slow_mode_warning
+    (``auto`` resolved as the run will resolve it, and cached for it)."""
+    from ddpmkit.training.autotune import MEASURE_STEPS, measured_rate
 
     modes, ips = measured_rate(cfg, device, timer=timer)
-    warning = None if is_auto(cfg.train) else slow_mode_warning(cfg, device, timer=timer)
     total = cfg.train.batch_size * steps / ips
     return Finding(label, f"about {format_duration(total)} {what} on {device} in {modes.describe()}: {ips:,.1f} "
-                          f"images/s measured at the run's batch of {cfg.train.batch_size} (the median of "
-                          f"{MEASURE_STEPS} steps; a busy machine can take up to twice as long)", warning)
+                          f"images/s measured at the run's batch of {cfg.train.batch_size} (the median of up to "
+                          f"{MEASURE_STEPS} steps; a busy machine can take up to twice as long)")
+
+
+def speed_finding(cfg: RunConfig, device: torch.device, *, timer: "Timer | None" = None) -> Finding | None:
+    """The warning for a mode the config names that is measured several times slower than fp32 here (bf16 on a
+    CPU that emulates it); None when there is none. Measured before anything else, so it is said first."""
+    from ddpmkit.training.autotune import slow_mode_warning
+
+    warning = slow_mode_warning(cfg, device, timer=timer)
+    return Finding("speed", "train.precision = bf16 is emulated on this CPU", warning) if warning else None
 
 
 def preflight(cfg: RunConfig, built: Components, *, data_root: Path | None = None, timing: bool = True) -> list[Finding]:
@@ -154,6 +162,9 @@ def preflight(cfg: RunConfig, built: Components, *, data_root: Path | None = Non
 
     data, num_images = data_finding(cfg, data_root)
     findings = [data]
+    guided = cfg
+    speed = speed_finding(cfg, pick_device(cfg.run.device)) if timing else None
+    findings += [speed] if speed else []
     if cfg.train.time_budget is not None and timing:  # the steps the run will plan (it measures the same way)
         from ddpmkit.run.components import build_components
         from ddpmkit.training.budget import choose_model, plan, with_steps
@@ -165,6 +176,7 @@ def preflight(cfg: RunConfig, built: Components, *, data_root: Path | None = Non
                 cfg = cfg.with_smaller_model(choice.index)
                 built = build_components(cfg)
         budget = plan(cfg, pick_device(cfg.run.device))
+        guided = cfg  # the guide trains its steps before the plan caps the main network's (see runner)
         cfg = with_steps(cfg, budget.steps)
         findings.append(Finding("budget", budget.describe()))
     if num_images is None:
@@ -177,7 +189,7 @@ def preflight(cfg: RunConfig, built: Components, *, data_root: Path | None = Non
         if cfg.trains_guide:  # the guide trains first: its time adds to the main network's
             from ddpmkit.run.guide import build_guide
 
-            guide, guide_built = build_guide(cfg)
+            guide, guide_built = build_guide(guided)
             findings.append(time_finding(guide, guide_built, total_steps(guide, num_images), device,
                                          label="guide", what="of training first (autoguidance)"))
     return findings

@@ -342,10 +342,10 @@ def _resolve_speed(cfg: RunConfig, resume: Checkpoint | None, *, device: torch.d
     """``cfg`` with its ``auto`` speed modes made concrete: kept from the checkpoint when resuming (so resume
     stays exact), else measured (rank 0 measures; every rank takes its choice). An explicit mode measured to
     be much slower than another exact one is warned about."""
+    warning = slow_mode_warning(cfg, device) if world.is_main else None
+    if warning:
+        report.warn(warning)
     if not is_auto(cfg.train):
-        warning = slow_mode_warning(cfg, device) if world.is_main else None
-        if warning:
-            report.warn(warning)
         return cfg, None
     if resume is not None:
         saved = resume.schema.config.get("train", {})
