@@ -17,6 +17,22 @@ def mnist_root() -> Path:
     return root
 
 
+@pytest.fixture(scope="session", autouse=True)
+def own_cache_dir(tmp_path_factory):
+    """A cache folder of the suite's own (speed figures, classifiers), inherited by every ddpmkit process it starts:
+    the user's ~/.cache/ddpmkit is neither read (a warm one hid 5 minutes of measuring from a local run that a fresh
+    CI machine pays) nor written (with figures measured beside the suite's other work)."""
+    from ddpmkit.runtime.cache import CACHE_ENV
+
+    before = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("ddpmkit-cache"))
+    yield
+    if before is None:
+        os.environ.pop(CACHE_ENV, None)
+    else:
+        os.environ[CACHE_ENV] = before
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Small tensors on a shared 2-core machine: one thread avoids threads fighting over the cores (on a busy

@@ -23,17 +23,19 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 #: mode -> largest relative difference allowed between its per-step losses and fp32's over 12 steps.
 #: fp32 modes reorder float sums only; bf16 keeps 8 bits of mantissa (2^-8 = 0.4 % per rounding).
+#: One compiled mode (a fresh machine compiles each for 1-3 minutes on 2 cores, and the inductor cache of a fresh
+#: CI machine is empty): fp32 + channels-last, whose tolerance is tight and which is what auto takes where bf16 is
+#: emulated; bf16 against fp32 is tested eagerly, and the resume test below compiles the same graph.
 TRAIN_TOLERANCE = {
     "fp32+cl": 1e-3,
     "fp32+fused": 1e-3,
-    "fp32+compile": 1e-3,
+    "fp32+cl+compile": 1e-3,
     "bf16": 0.05,
     "bf16+cl": 0.05,
     "fp16": 0.01,
-    "bf16+cl+compile": 0.05,
 }
 #: mode -> largest mean absolute pixel difference (images in [-1, 1]) from fp32 sampling, same seed.
-SAMPLE_TOLERANCE = {"fp32+cl": 1e-4, "fp32+compile": 1e-4, "bf16": 0.03, "bf16+cl": 0.03, "fp16": 0.01}
+SAMPLE_TOLERANCE = {"fp32+cl": 1e-4, "fp32+cl+compile": 1e-4, "bf16": 0.03, "bf16+cl": 0.03, "fp16": 0.01}
 
 
 def _train(tmp_path: Path, name: str, *sets: str, epochs: int = 3) -> Path:
@@ -92,7 +94,7 @@ def test_each_sampling_mode_follows_fp32(mode, trained):
     assert diff <= SAMPLE_TOLERANCE[mode], f"{mode}: mean |difference| {diff:.4g}"
 
 
-@pytest.mark.parametrize("mode", ["fp16", "bf16+cl+compile"])
+@pytest.mark.parametrize("mode", ["fp16", "fp32+cl+compile"])
 def test_resume_is_bit_exact_in_each_mode(mode, tmp_path):
     """fp16 carries its loss scale in the checkpoint; compiled kernels are the same in every process. (Dropout 0, so
     that the compiled graph is the one test_each_training_mode_follows_fp32 compiled; a compiled graph's dropout masks

@@ -22,13 +22,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ddpmkit.errors import DataError, MissingLabels
+from ddpmkit.runtime.cache import cache_dir
 
 if TYPE_CHECKING:
     from ddpmkit.run.config import DataSection
 
 #: Bump when the network below changes: cached classifiers of another version are never reused.
 ARCHITECTURE_VERSION = 1
-CACHE_ENV = "DDPMKIT_CACHE_DIR"
 #: A classifier below this test accuracy is not trusted as a feature network (the issue's target: 99 %).
 MIN_TEST_ACCURACY = 0.99
 
@@ -120,14 +120,6 @@ def to_classifier_input(images: torch.Tensor, channels: int = 1) -> torch.Tensor
     if x.shape[-2:] != (side, side):
         x = F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False)
     return x
-
-
-def cache_dir() -> Path:
-    """``$DDPMKIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/ddpmkit``, else ``~/.cache/ddpmkit``."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "ddpmkit"
 
 
 def mnist_tensors(root: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -30,6 +30,7 @@ import torch
 from ddpmkit.run.components import build_components
 from ddpmkit.run.config import RunConfig, config_from_dict
 from ddpmkit.run.data import Dataset, dataset_classes
+from ddpmkit.runtime.cache import cache_dir
 from ddpmkit.runtime.speed import AUTO, SpeedModes
 from ddpmkit.training.loop import TrainEvents, train
 from ddpmkit.version import __version__
@@ -392,11 +393,8 @@ def forget(cfg: RunConfig, device: torch.device, *, flags: set[str] | None = Non
 
 
 def default_cache_file() -> Path:
-    """``$DDPMKIT_CACHE_DIR/speed-modes.json``, else under ``$XDG_CACHE_HOME/ddpmkit`` or ``~/.cache/ddpmkit``."""
-    if os.environ.get("DDPMKIT_CACHE_DIR"):
-        return Path(os.environ["DDPMKIT_CACHE_DIR"]) / CACHE_FILE
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "ddpmkit" / CACHE_FILE
+    """``speed-modes.json`` in ddpmkit's cache folder (:func:`ddpmkit.runtime.cache.cache_dir`)."""
+    return cache_dir() / CACHE_FILE
 
 
 def _read_cache(path: Path) -> dict[str, Any]:
