@@ -4,9 +4,10 @@
 of the run's own model at its own batch in each candidate mode (what ``ddpmkit bench`` measures), and the
 fastest is taken. bf16 is a candidate only where it is native (CUDA with bf16, or a CPU with AVX-512 BF16 or
 AMX): emulated bf16 measured 14x slower than fp32 on an AVX2-only CPU, so it is pruned without paying for
-the measurement (and where a config names bf16 there, only its plain mode is measured, once, for the warning). fp16 is never chosen by ``auto`` (it needs a loss scaler; name it explicitly). The answer is
-cached (keyed by device, CPU or GPU model and flags, torch and ddpmkit versions and the model's identity), recorded in
-the run's checkpoints, and kept when the run resumes, so a resumed run stays bit-exact.
+the measurement (and where a config names bf16 there, only its plain mode is measured, once, for the warning).
+fp16 is never chosen by ``auto`` (it needs a loss scaler; name it explicitly). The answer is cached (keyed by
+device, CPU or GPU model and flags, torch and ddpmkit versions and the model's identity), recorded in the run's
+checkpoints, and kept when the run resumes, so a resumed run stays bit-exact.
 """
 
 from __future__ import annotations
@@ -299,7 +300,7 @@ def choose(cfg: RunConfig, device: torch.device, *, timer: Timer | None = None, 
     if len(modes) > 1 or (cfg.train.compile == AUTO and "compile" not in pruned):
         figures, cached = _figures(cfg, device, modes, timer=timer, flags=flags, cache=cache)
     best = max(modes, key=lambda m: figures.get(mode_label(m), 0.0))
-    if cfg.train.compile == AUTO and "compile" not in pruned:  # one compilation, of the fastest mode: each costs up to a minute to measure
+    if cfg.train.compile == AUTO and "compile" not in pruned:  # one compilation, of the fastest: each costs a minute
         compiled = replace(best, compile=True)
         more, more_cached = _figures(cfg, device, [compiled], timer=timer, flags=flags, cache=cache)
         figures, cached = {**figures, **more}, cached and more_cached
