@@ -124,6 +124,16 @@ def test_bf16_named_where_it_is_emulated_warns_and_measures_only_its_plain_mode(
     assert "in bf16:" in findings[-1].text and "5.2 images/s" in findings[-1].text
 
 
+def test_a_run_naming_bf16_where_it_is_emulated_warns_and_trains_its_plain_mode(tmp_path, monkeypatch):
+    monkeypatch.setattr(autotune, "native_bf16", lambda device, flags=None: False)
+    monkeypatch.setattr(autotune, "_measured_rate", FakeTimer({"fp32": 71.2, "bf16": 5.2}))
+    cfg = _auto_config(tmp_path, "w", precision="bf16", epochs=1, num_images=0, trajectory_images=0)
+    warned, said = [], []
+    assert run_config(cfg, report=RunReport(info=said.append, warn=warned.append)) == 0
+    assert any("bf16 is 13.7x slower than fp32 here" in w for w in warned), warned
+    assert any("speed modes: bf16" in s and "channels-last not tried: bf16 is emulated" in s for s in said), said
+
+
 def test_a_slow_measurement_ends_after_two_steps_past_the_first(tmp_path, monkeypatch):
     """A mode whose steps take seconds (emulated bf16: 12 s a step on an AVX2-only CPU) is timed from two steps after
     the first, not eight: MEASURE_SECONDS, on a fake clock that makes each step 15 s."""
