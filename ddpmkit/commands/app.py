@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from ddpmkit.errors import DEBUG_ENV, EXIT_INTERRUPTED, DdpmkitError, DdpmkitWarning, debug_enabled
+from ddpmkit.runtime.processes import sigterm_interrupts
 from ddpmkit.version import __version__
 
 app = typer.Typer(
@@ -109,8 +110,7 @@ def _show_warning(message: Any, category: type, filename: str, lineno: int, file
 
 def user_errors(func: Callable) -> Callable:
     """Turn a DdpmkitError into one line on stderr and exit code 2, and an interrupt the command did not handle
-    itself (Ctrl-C, or SIGTERM while speed modes are measured) into one line and exit code 130; bugs keep their
-    traceback.
+    itself (Ctrl-C, SIGTERM) into one line and exit code 130; bugs keep their traceback.
 
     With ``--debug`` (or DDPMKIT_DEBUG=1) the traceback behind a one-line plugin error is shown too.
     """
@@ -120,7 +120,8 @@ def user_errors(func: Callable) -> Callable:
         warnings.showwarning = _show_warning
         warnings.simplefilter("always", DdpmkitWarning)
         try:
-            return func(*args, **kwargs)
+            with sigterm_interrupts():
+                return func(*args, **kwargs)
         except DdpmkitError as exc:
             if debug():
                 traceback.print_exception(exc, file=sys.stderr)

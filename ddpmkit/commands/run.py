@@ -111,14 +111,19 @@ def _die_with_parent() -> None:
 
 def _launch(args: list[str], env: dict[str, str]) -> int:
     """Run torchrun; when a worker fails with ddpmkit's one-line error, show that line once (exit code 2)
-    instead of torchrun's own traceback about a failed child. Anything else is shown whole."""
-    proc = subprocess.run(args, env=env, stderr=subprocess.PIPE, text=True,
-                          preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
-    lines = proc.stderr.splitlines()
+    instead of torchrun's own traceback about a failed child. Anything else is shown whole. SIGTERM is passed
+    on to torchrun, which stops its workers (each checkpoints), and waited for."""
+    from ddpmkit.runtime.processes import sigterm_forwarded
+
+    proc = subprocess.Popen(args, env=env, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+    with proc, sigterm_forwarded(proc):
+        _, stderr = proc.communicate()
+    lines = stderr.splitlines()
     warnings_ = list(dict.fromkeys(line for line in lines if line.startswith("warning:")))
     errors = list(dict.fromkeys(line for line in lines if line.startswith("error:")))
     if proc.returncode == 0 or not errors or debug():
-        sys.stderr.write(proc.stderr)
+        sys.stderr.write(stderr)
         return proc.returncode
     # every rank reports; the cause is the line that is not a "stopped because another stopped"
     causes = [line for line in errors if RANK_STOPPED_HINT not in line] or errors

@@ -146,7 +146,12 @@ class TrainResult:
 
 
 class StopRequest:
-    """Set by SIGINT/SIGTERM: the loop finishes the current step, checkpoints and returns."""
+    """Set by SIGINT/SIGTERM: the loop finishes the current step, checkpoints and returns.
+
+    A second Ctrl-C gives up at once; a repeated SIGTERM asks nothing new and is ignored. Linux sends a
+    parent-death signal (PR_SET_PDEATHSIG) at each re-parenting, and the children of a killed torchrun
+    are re-parented once per thread of it as those threads exit, often a step apart.
+    """
 
     def __init__(self) -> None:
         self.signal: int | None = None
@@ -159,10 +164,11 @@ class StopRequest:
         previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
 
         def handler(signum, frame):
-            if self.signal is not None:  # a second Ctrl-C: give up at once
+            if self.signal is None:
+                self.signal = signum
+            elif signum == signal.SIGINT:  # a second Ctrl-C: give up at once
                 signal.signal(signum, previous[signum])
                 raise KeyboardInterrupt
-            self.signal = signum
 
         for s in previous:
             signal.signal(s, handler)
@@ -452,15 +458,15 @@ def train(
                 error = exc
             stopping = _agree(world, stop.signal is not None or failure is not None or world.launcher_gone(), error)
 
-    result.step = trainer.step
-    if stopping:
-        result.interrupted = True
-        if result.last_checkpoint is None or result.last_checkpoint.name != f"step-{trainer.step:08d}":
-            path = trainer.save(run_dir, checkpoint_state, per_epoch)
-            if path is not None:
-                result.last_checkpoint = path
-                if failure is None:
-                    events.on_checkpoint(path, trainer.step)
+        result.step = trainer.step
+        if stopping:  # still under the handler: a signal that follows the first must not cut the save short
+            result.interrupted = True
+            if result.last_checkpoint is None or result.last_checkpoint.name != f"step-{trainer.step:08d}":
+                path = trainer.save(run_dir, checkpoint_state, per_epoch)
+                if path is not None:
+                    result.last_checkpoint = path
+                    if failure is None:
+                        events.on_checkpoint(path, trainer.step)
     if failure is not None:
         result.failure = HookFailed(f"{failure}; training stopped at step {trainer.step}, checkpoint {result.last_checkpoint}")
         result.failure.__cause__ = failure

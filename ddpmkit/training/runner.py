@@ -24,6 +24,7 @@ from ddpmkit.run.guide import guide_config
 from ddpmkit.run.lock import acquire, locked, release
 from ddpmkit.runtime.device import pick_device
 from ddpmkit.runtime.distributed import World, from_environment, join, leave
+from ddpmkit.runtime.processes import Terminated
 from ddpmkit.runtime.speed import AUTO, SpeedModes
 from ddpmkit.runtime.units import format_duration
 from ddpmkit.sampling.draw import nearest_visited
@@ -412,9 +413,10 @@ def _train(prepared: _Prepared, *, report: RunReport, events: Any, world: World,
             events.emit("train_end", step=reached["step"], interrupted=True)
         except HookFailed:
             pass
-        if isinstance(exc, KeyboardInterrupt):  # the second Ctrl-C: stopped at once, mid-step or mid-write
+        if isinstance(exc, KeyboardInterrupt):  # a second Ctrl-C, or SIGTERM outside the loop: stopped at once
             done = step_dirs(cfg.run_dir)
-            report.info(f"stopped at once (a second interrupt) near step {reached['step']:,}; "
+            why = "SIGTERM" if isinstance(exc, Terminated) else "a second interrupt"
+            report.info(f"stopped at once ({why}) near step {reached['step']:,}; "
                         + (f"the last complete checkpoint is {done[-1]}: run the same command again to resume from it."
                            if done else "no checkpoint was written yet."))
             return None
