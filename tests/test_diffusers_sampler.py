@@ -68,3 +68,24 @@ def test_without_the_extra_naming_it_says_what_to_install(monkeypatch, fresh_plu
     everything = invoke("check-plugins", "--json", "--image-shape", "1,8,8")  # small images: quicker
     assert "skipping ddpmkit:diffusers" in everything.stderr and everything.exit_code == 0, everything.output
     plugins.reset()
+
+
+def test_where_x_T_holds_signal_the_kit_does_not_hold_a_solver_to_the_data():
+    """Linear betas at T = 50 leave abar_T = 0.6: from x_T ~ N(0, 1) the probability-flow ODE lands on the affine
+    image of the wrong start, x_0 = mu + s (x_T - sqrt(abar_T) mu) / sqrt(abar_T s^2 + 1 - abar_T), not on
+    N(mu, s^2). A correct solver must not fail for the schedule's fault, and the schedule's own check says why."""
+    results = {r.check: r for r in check_component("sampler", "diffusers", {}, num_timesteps=50)}
+    assert all(r.passed for r in results.values()), [r for r in results.values() if not r.passed]
+    assert "not held to N(mu, s^2)" in results["matches the Gaussian oracle"].detail
+    assert "final SNR 1.52" in results["each class of a conditional oracle"].detail
+
+    schedule = ddpmkit.create_schedule("linear", num_timesteps=50)
+    ab = float(schedule.alphas_cumprod[-1])
+    spread = (ab * 0.2**2 + 1 - ab) ** 0.5
+    oracle = GaussianOracle(schedule, 0.3, 0.2, image_shape=(1, 32, 32))
+    x = ddpmkit.create_sampler("diffusers").sample(oracle, schedule, (16, 1, 32, 32),
+                                                    generator=torch.Generator().manual_seed(0)).double()
+    assert abs(float(x.std()) - 0.2 / spread) < 0.01  # 0.307, where the data's std is 0.2
+    assert abs(float(x.mean()) - (0.3 - 0.2 * ab**0.5 * 0.3 / spread)) < 0.01  # 0.229, where the data's mean is 0.3
+    failed = [r.check for r in check_component("schedule", "linear", {"num_timesteps": 50}) if not r.passed]
+    assert failed == ["final SNR"]
