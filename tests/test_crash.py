@@ -190,3 +190,37 @@ def test_sigterm_repeated_while_the_stop_checkpoint_is_written_asks_nothing_new(
     assert stopped < 200 and f"interrupted at step {stopped}" in out, out
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [f"step-{stopped:08d}"]
     assert not (run / "run.lock").exists() and "Traceback" not in err, err
+
+
+_CHILD = """
+import signal, sys, time
+from pathlib import Path
+out = Path(sys.argv[1])
+def stop(signum, frame):
+    time.sleep(0.5)  # a stop checkpoint being written
+    out.write_text("checkpointed")
+    sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+out.write_text("ready")
+time.sleep(60)
+"""
+
+_LAUNCHER = """
+import os, sys
+from ddpmkit.commands.run import _launch
+sys.exit(_launch([sys.executable, "-c", sys.argv[1], sys.argv[2]], dict(os.environ)))
+"""
+
+
+def test_sigterm_to_a_launch_is_passed_on_and_waited_for(tmp_path):
+    """`ddpmkit run --nproc N` under SIGTERM (a scheduler's stop): torchrun gets it and stops its workers, which
+    checkpoint; the launcher waits for that and exits with torchrun's code instead of dying first with -15."""
+    out = tmp_path / "child"
+    launcher = subprocess.Popen([sys.executable, "-c", _LAUNCHER, _CHILD, str(out)], cwd=REPO, env=cli_env())
+    deadline = time.time() + 30
+    while not (out.exists() and out.read_text() == "ready") and time.time() < deadline:
+        time.sleep(0.02)
+    assert out.read_text() == "ready", "the launched child never started"
+    launcher.send_signal(signal.SIGTERM)
+    assert launcher.wait(timeout=30) == 0, "the launcher did not wait for what it launched"
+    assert out.read_text() == "checkpointed"
