@@ -131,6 +131,12 @@ def _written(path: Path, needle: bytes, wait_s: float = 60.0) -> bytes:
         time.sleep(0.2)
 
 
+def _sessions(run: Path, run_id: str) -> list[Path]:
+    """The run's offline wandb sessions, oldest first. wandb names each by the second it started, and two that
+    start in the same second (a fast machine's resume, then eval) get ``-1`` after the id."""
+    return sorted((run / "wandb").glob(f"offline-run-*-{run_id}*"))
+
+
 def test_the_wandb_plugin_writes_an_offline_run_that_a_resume_continues(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -141,15 +147,15 @@ def test_the_wandb_plugin_writes_an_offline_run_that_a_resume_continues(tmp_path
     assert invoke("run", str(cfg), *sets).exit_code == 0
     run = tmp_path / "runs" / "w"
     run_id = (run / "wandb-id.txt").read_text().strip()
-    first = sorted((run / "wandb").glob(f"offline-run-*-{run_id}"))
+    first = _sessions(run, run_id)
     assert len(first) == 1
     log = _written(first[0] / f"run-{run_id}.wandb", b"samples/samples")
     assert b"train/loss" in log and b"samples/samples" in log and b"ddpmkit" in log
     assert invoke("run", str(cfg), *sets, "--set", "train.epochs=2").exit_code == 0  # resumes at step 8
     assert (run / "wandb-id.txt").read_text().strip() == run_id
-    assert len(sorted((run / "wandb").glob(f"offline-run-*-{run_id}"))) == 2  # the same wandb run, continued
+    assert len(_sessions(run, run_id)) == 2  # the same wandb run, continued
     monkeypatch.setenv("DDPMKIT_CACHE_DIR", str(tmp_path / "cache"))
     r = invoke("eval", str(run), "--num", "10", "--data-root", str(tmp_path / "no-mnist-needed"))
     assert r.exit_code == 0, r.output
-    logs = sorted((run / "wandb").glob(f"offline-run-*-{run_id}"))
+    logs = _sessions(run, run_id)
     assert len(logs) == 3 and b"eval/samples/fid" in _written(logs[-1] / f"run-{run_id}.wandb", b"eval/samples/fid")
