@@ -12,6 +12,7 @@ import typer
 
 from ddpmkit.commands.app import DataRootOption, DeviceOption, SetOption, app, console, debug, say, user_errors, warn, with_device
 from ddpmkit.errors import ConfigError, DdpmkitError
+from ddpmkit.runtime.processes import sigterm_forwarded
 
 #: The words of the line every other rank prints when one rank's error stopped it.
 RANK_STOPPED_HINT = "this one stopped too"
@@ -113,8 +114,6 @@ def _launch(args: list[str], env: dict[str, str]) -> int:
     """Run torchrun; when a worker fails with ddpmkit's one-line error, show that line once (exit code 2)
     instead of torchrun's own traceback about a failed child. Anything else is shown whole. SIGTERM is passed
     on to torchrun, which stops its workers (each checkpoints), and waited for."""
-    from ddpmkit.runtime.processes import sigterm_forwarded
-
     proc = subprocess.Popen(args, env=env, stderr=subprocess.PIPE, text=True,
                             preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
     with proc, sigterm_forwarded(proc):

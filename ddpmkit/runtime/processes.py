@@ -8,7 +8,7 @@ import subprocess
 import sys
 import threading
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 
 def signal_on_parent_death(signum: int) -> None:
@@ -34,27 +34,35 @@ def _raise_terminated(signum: int, frame: object) -> None:
 
 
 @contextmanager
+def signals_handled(handler: Callable[[int, Any], None],
+                    signums: tuple[int, ...] = (signal.SIGTERM,)) -> Iterator[dict[int, Any] | None]:
+    """Within: ``handler`` for each of ``signums``; the previous handlers are restored after, and yielded (None off
+    the main thread, where Python cannot set handlers and nothing is installed)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield None
+        return
+    previous = {s: signal.getsignal(s) for s in signums}
+    for s in signums:
+        signal.signal(s, handler)
+    try:
+        yield previous
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+@contextmanager
 def sigterm_interrupts() -> Iterator[None]:
     """Within: SIGTERM raises Terminated (in the main thread, where SIGTERM still has its default action)."""
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
         yield
         return
-    signal.signal(signal.SIGTERM, _raise_terminated)
-    try:
+    with signals_handled(_raise_terminated):
         yield
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 @contextmanager
 def sigterm_forwarded(child: subprocess.Popen) -> Iterator[None]:
     """Within: SIGTERM is passed on to ``child``, which stops in its own way, and waited for (main thread only)."""
-    if threading.current_thread() is not threading.main_thread():
+    with signals_handled(lambda signum, frame: child.send_signal(signum)):
         yield
-        return
-    previous = signal.getsignal(signal.SIGTERM)
-    signal.signal(signal.SIGTERM, lambda signum, frame: child.send_signal(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import math
 import signal
-import threading
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from ddpmkit.runtime.speed import (
 )
 from ddpmkit.diffusion import NULL_CLASS, Cond, draw_training_batch_noise, training_loss
 from ddpmkit.runtime.distributed import World, check_batch
+from ddpmkit.runtime.processes import signals_handled
 from ddpmkit.errors import DdpmkitError, HookFailed, TrainingDiverged
 from ddpmkit.training.posthoc_ema import TrackedEmas
 from ddpmkit.interfaces import Denoiser, NoiseSchedule
@@ -158,10 +158,7 @@ class StopRequest:
 
     @contextmanager
     def installed(self) -> Iterator["StopRequest"]:
-        if threading.current_thread() is not threading.main_thread():
-            yield self
-            return
-        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        previous: dict[int, Any] = {}
 
         def handler(signum, frame):
             if self.signal is None:
@@ -170,13 +167,9 @@ class StopRequest:
                 signal.signal(signum, previous[signum])
                 raise KeyboardInterrupt
 
-        for s in previous:
-            signal.signal(s, handler)
-        try:
+        with signals_handled(handler, (signal.SIGINT, signal.SIGTERM)) as before:
+            previous.update(before or {})
             yield self
-        finally:
-            for s, h in previous.items():
-                signal.signal(s, h)
 
 
 class _Throughput:
