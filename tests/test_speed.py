@@ -165,6 +165,7 @@ def test_bench_prints_the_side_by_side_table_and_json(tmp_path):
                "--modes", "fp32,bf16+cl", "--sample-batches", "4,8", "--out", str(out))
     assert r.exit_code == 0, r.output
     assert "matmul peak" in r.output and "bf16+cl" in r.output  # (the table is cut to 80 columns here)
+    assert "every FLOP of a step at the measured matmul peak: fp32" in " ".join(r.output.split())
     result = json.loads(out.read_text())
     loops = [(row["loop"], row["mode"]) for row in result["training"]]
     assert loops == [("tutorial", "fp32"), ("ddpmkit", "fp32"), ("ddpmkit", "bf16+cl")]
@@ -248,3 +249,8 @@ def test_bench_rounds_interleave_and_take_the_median_ratio_within_rounds(monkeyp
     assert tutorial["per_s"] == 9.0 and row["per_s"] == pytest.approx(23.4)  # medians over the rounds
     assert row["round_ratios"] == pytest.approx([2.6] * 3) and row["ratio"] == pytest.approx(2.6)
     assert row["setup_s"] == 7.0 and result["rounds"] == 3  # the first round's set-up (compilation) is the one kept
+    # the ceiling: every FLOP of a step at a dtype's measured matmul peak, against the tutorial's median 9.0 images/s
+    flops, peaks = result["flops_per_image"]["train"], result["matmul_peak_flop_per_s"]
+    for name, peak in peaks.items():
+        assert result["ceiling"][name]["per_s"] == pytest.approx(peak / flops)
+        assert result["ceiling"][name]["ratio"] == pytest.approx(peak / flops / 9.0)

@@ -84,6 +84,15 @@ class Row:
     round_ratios: list[float] | None = None  # per interleaved round, against that round's tutorial (``rounds`` > 1)
 
 
+def ceilings(peaks: dict[str, float], flops_per_image: float, tutorial_per_s: float) -> dict[str, dict[str, float]]:
+    """For each dtype, the images/s of a training step that ran all its FLOPs at that dtype's measured matmul
+    peak, and that as a multiple of the tutorial's: what no mode of the dtype can beat on this device without
+    doing fewer FLOPs (on a Zen 4, whose bf16 peak is 2.2x its fp32 one, bf16 cannot reach 2.5x a tutorial that
+    runs near the fp32 peak)."""
+    return {name: {"per_s": peak / flops_per_image, "ratio": peak / flops_per_image / tutorial_per_s}
+            for name, peak in peaks.items()}
+
+
 def bench_tutorial_training(cfg: RunConfig, device: torch.device, *, warmup: int, steps: int) -> float:
     """Images/s of the tutorial's fp32 eager step (median step time)."""
     model, schedule, _ = fresh_model(cfg)
@@ -267,6 +276,7 @@ def run_bench(
         "flops_per_image": {"train": train_flops, "forward": forward_flops},
         "memory": memory_kind,
         "training": [vars(r) for r in training],
+        "ceiling": ceilings(peaks, train_flops, ref),
         "sampling": [vars(r) for r in sampling],
         "auto": auto_pick(cfg, device, training),
     }

@@ -100,7 +100,10 @@ def _print_bench(r: dict) -> None:
                 f"{row['peak_memory'] / 2**20:,.0f} MiB", f"{row['setup_s']:.1f}" if row["setup_s"] is not None else "",
             )
         console.print(table)
-
+        if key == "training" and r.get("ceiling"):
+            at_peak = ", ".join(f"{name} {c['per_s']:,.1f} images/s ({c['ratio']:.2f}x the tutorial)"
+                                for name, c in r["ceiling"].items())
+            console.print(f"  every FLOP of a step at the measured matmul peak: {at_peak}", highlight=False)
 
 
 def _ratio(row: dict) -> str:
