@@ -258,10 +258,12 @@ def test_the_choice_measures_the_configured_model_for_real(tmp_path, monkeypatch
 
 def test_the_replan_step_and_its_closed_form():
     made = TimePlan(60.0, 5000, 80.0, 5.0, 1.0, True)
-    assert made.replan_step(8, 0, 1000) == 1000  # the first checkpoint comes before 120 s of steps (1,200)
-    assert made.replan_step(8, 0, 5000) == 1200
-    assert made.replan_step(8, 700, 500) == 1000  # a resumed start: before its first checkpoint
-    assert made.replan_step(8, 990, 500) is None  # too few steps to time before it
+    # 120 s of steps at 80 images/s, batch 8: 1,200; then the first checkpoint within as many steps again
+    assert made.replan_step(8, 0, 1000) == 2000  # not at the checkpoint at 1,000: too soon to know the loop's rate
+    assert made.replan_step(8, 0, 600) == 1200  # a checkpoint at 120 s: there
+    assert made.replan_step(8, 0, 3000) == 1200  # the next checkpoint is too far off: at 120 s, without one
+    assert made.replan_step(8, 700, 500) == 2000  # a resumed start: 120 s of its own steps first
+    assert made.replan_step(8, 3750, 500) is None  # the run would end first
     assert TimePlan(60.0, 900, 80.0, 5.0).replan_step(8, 0, 5000) is None  # the run ends first
     new = made.replanned(1000, 100.0, 40.0, 8, None)
     assert new.steps == 1000 + int((60 * REPLANNED_SHARE - 5 - 40) * 100.0 / 8)
@@ -275,8 +277,8 @@ def test_the_replan_step_and_its_closed_form():
 
 
 def _replanning(monkeypatch, at_ips=40.0):
-    """Re-plan after 3 steps (before the first checkpoint at 4), as if the loop had measured ``at_ips`` with no time
-    spent: deterministic, where the loop's own rate is not."""
+    """Re-plan after 3 steps, at the first checkpoint after them (4), as if the loop had measured ``at_ips`` with no
+    time spent: deterministic, where the loop's own rate is not."""
     monkeypatch.setattr(budget, "REPLAN_MIN_STEPS", 3)
     monkeypatch.setattr(budget, "REPLAN_AFTER_S", 1e-6)
     real = TimePlan.replanned
@@ -288,8 +290,8 @@ def test_the_loop_replans_once_from_its_own_rate_and_a_resume_keeps_it(tmp_path,
     monkeypatch.setattr(autotune, "_measured_rate", _fake({8: 100.0}))
     monkeypatch.setattr(autotune, "_steady_rate", _fake_steady(80.0))  # the plan: 18 steps
     _replanning(monkeypatch)
-    first, new = int(2 * PLANNED_SHARE * 80.0 / 8), 3 + int(2 * REPLANNED_SHARE * 40.0 / 8)
-    assert (first, new) == (18, 12)
+    first, new = int(2 * PLANNED_SHARE * 80.0 / 8), 4 + int(2 * REPLANNED_SHARE * 40.0 / 8)
+    assert (first, new) == (18, 13)
     runs = {}
     for name in ("whole", "killed"):
         path = _budget_config(tmp_path, name, budget="2s", num_images=0, trajectory_images=0, checkpoint_every=4)
@@ -297,16 +299,16 @@ def test_the_loop_replans_once_from_its_own_rate_and_a_resume_keeps_it(tmp_path,
         runs[name] = load_config(path)
     said: list[str] = []
     assert run_config(runs["whole"], report=RunReport(info=said.append)) == 0
-    assert any(f"re-planned at step 3 from the loop's own 40.0 images/s: {new} steps (planned {first})" in s for s in said), said
-    assert any("of the budget" in s and "planned at 80.0, re-planned at step 3 at 40.0" in s for s in said), said
+    assert any(f"re-planned at step 4 from the loop's own 40.0 images/s: {new} steps (planned {first})" in s for s in said), said
+    assert any("of the budget" in s and "planned at 80.0, re-planned at step 4 at 40.0" in s for s in said), said
     whole = tmp_path / "runs" / "whole"
     state = json.loads((whole / "checkpoints" / f"step-{new:08d}" / "state.json").read_text())
-    assert state["lr_decay_end"] == new and state["time_plan"]["steps"] == new and state["time_plan"]["replanned_at"] == 3
+    assert state["lr_decay_end"] == new and state["time_plan"]["steps"] == new and state["time_plan"]["replanned_at"] == 4
     rows = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, new + 1))
     cfg = runs["whole"].train
     for r in rows:  # the cosine decay over the first plan up to the re-plan, over the new one after it
-        assert r["lr"] == pytest.approx(learning_rate(runs["whole"], r["step"] - 1, first if r["step"] <= 3 else new))
+        assert r["lr"] == pytest.approx(learning_rate(runs["whole"], r["step"] - 1, first if r["step"] <= 4 else new))
     assert cfg.lr_decay == "cosine" and rows[-1]["lr"] < rows[3]["lr"]
 
     # the same run killed at step 10 and resumed: the recorded new plan is kept (no second re-plan), bit for bit
@@ -322,7 +324,7 @@ def test_the_loop_replans_once_from_its_own_rate_and_a_resume_keeps_it(tmp_path,
     monkeypatch.setattr(loop._Trainer, "update", update)
     said.clear()
     assert run_config(runs["killed"], report=RunReport(info=said.append)) == 0
-    assert any("re-planned at step 3 from the loop's own 40.0 images/s" in s and "planned at the run's first start" in s
+    assert any("re-planned at step 4 from the loop's own 40.0 images/s" in s and "planned at the run's first start" in s
                for s in said), said
     assert not any(s.strip().startswith("re-planned") for s in said), said
     killed = tmp_path / "runs" / "killed"

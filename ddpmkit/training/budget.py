@@ -5,9 +5,9 @@ too: it trains first, inside the same budget), so the learning-rate schedule and
 over the steps that fit. Before anything trains, the whole plan is estimated from the speed modes' figures
 (cached); the steps themselves are fixed when the budgeted network starts, after the guide: from the time
 the guide really took and a fresh measurement of steady training (and its set-up, a compilation included),
-since a machine's speed drifts with what else runs on it. Once, after about two minutes of the loop (or at its
-first checkpoint, if sooner), the steps are planned again from the loop's own images/s, and the cosine decay
-laid over them from there. The plan is recorded in the checkpoints, so a resumed run keeps it and stays exact;
+since a machine's speed drifts with what else runs on it. Once, after at least two minutes of the loop (at the
+first checkpoint after them, where one comes soon), the steps are planned again from the loop's own images/s, and
+the cosine decay laid over them from there. The plan is recorded in the checkpoints, so a resumed run keeps it and stays exact;
 sampling is not part of the budget.
 
 Where the budget buys too few steps of the configured model (``train.budget_min_steps``), a smaller one of
@@ -35,8 +35,9 @@ PLANNED_SHARE = 0.92
 #: The share of the budget the re-plan fills: after minutes of the loop's own rate only its drift is left to
 #: cover (per 100 steps the loop's rate varied from -12 % to +14 % around its mean on an AVX2-only EPYC Zen 3)
 REPLANNED_SHARE = 0.96
-#: The loop re-plans after about this many seconds of its steps, or at its first checkpoint if that is sooner;
-#: its first 100 steps ran 11 % below its mean on an AVX2-only EPYC Zen 3, so a shorter window would miss low
+#: The loop re-plans after at least this many seconds of its steps: its first 100 steps ran 11 % below its mean on
+#: an AVX2-only EPYC Zen 3, and on a Zen 4 a re-plan at the first checkpoint, 65 s in, took 491 images/s for a
+#: loop that then ran at 525 (89.8 % of the budget), so a shorter window misses low
 REPLAN_AFTER_S = 120.0
 #: ...and only over at least this many steps (the first few, set-up and compilation, are not timed)
 REPLAN_MIN_STEPS = 20
@@ -63,14 +64,15 @@ class TimePlan:
         return asdict(self)
 
     def replan_step(self, batch: int, start_step: int, checkpoint_every: int) -> int | None:
-        """The step at which a start from ``start_step`` re-plans: after about ``REPLAN_AFTER_S`` of its steps at
-        the planned rate, or at its first checkpoint if sooner (a resumed run then finds the new plan recorded);
-        None where it re-planned already or would end first."""
+        """The step at which a start from ``start_step`` re-plans: after ``REPLAN_AFTER_S`` of its steps at the
+        planned rate, at the first checkpoint from there if it comes within as many steps again (a resumed run then
+        finds the new plan recorded at once), else there; None where it re-planned already or would end first."""
         if self.replanned_at is not None:
             return None
-        first_checkpoint = (start_step // checkpoint_every + 1) * checkpoint_every
-        at = min(first_checkpoint, start_step + max(REPLAN_MIN_STEPS, round(REPLAN_AFTER_S * self.images_per_s / batch)))
-        return at if at - start_step >= REPLAN_MIN_STEPS and at < self.steps else None
+        window = max(REPLAN_MIN_STEPS, round(REPLAN_AFTER_S * self.images_per_s / batch))
+        checkpoint = -(-(start_step + window) // checkpoint_every) * checkpoint_every
+        at = checkpoint if checkpoint - start_step <= 2 * window else start_step + window
+        return at if at < self.steps else None
 
     def replanned(self, step: int, images_per_s: float, spent_s: float, batch: int, cap: int | None) -> "TimePlan":
         """The plan from ``step`` on, at the loop's own ``images_per_s`` with ``spent_s`` of the budget used by
