@@ -106,7 +106,8 @@ def weights(config: Path, rounds: int, steps: int) -> None:
             q, k = ((torch.randn(4, 8, 256, head_dim) * std).bfloat16() for _ in range(2))
             v, grad = torch.randn(4, 8, 256, head_dim).bfloat16(), torch.randn(4, 8, 256, head_dim)
             ways = {"fp64": lambda q, k, v: _softmax_product(q.double(), k.double(), v.double()),
-                    "fp32 weights (ddpmkit)": lambda q, k, v: _softmax_product(q.float(), k.float(), v.float()).bfloat16(),
+                    "fp32 weights (ddpmkit)":
+                        lambda q, k, v: _softmax_product(q.float(), k.float(), v.float()).bfloat16(),
                     "bf16 weights": lambda q, k, v: _softmax_product(q.float(), k.float(), v),
                     "bf16 scores and weights": lambda q, k, v: _softmax_product(q, k, v, upcast_scores=True)}
             results = {}

@@ -7,8 +7,8 @@ over the steps that fit. Before anything trains, the whole plan is estimated fro
 the guide really took and a fresh measurement of steady training (and its set-up, a compilation included),
 since a machine's speed drifts with what else runs on it. Once, after at least two minutes of the loop (at the
 first checkpoint after them, where one comes soon), the steps are planned again from the loop's own images/s, and
-the cosine decay laid over them from there. The plan is recorded in the checkpoints, so a resumed run keeps it and stays exact;
-sampling is not part of the budget.
+the cosine decay laid over them from there. The plan is recorded in the checkpoints, so a resumed run keeps it and
+stays exact; sampling is not part of the budget.
 
 Where the budget buys too few steps of the configured model (``train.budget_min_steps``), a smaller one of
 ``train.smaller_models`` is trained instead, chosen from the same estimates at the run's first start.
