@@ -1,14 +1,22 @@
-"""The GPU measurements for docs/benchmarks.md, in one go on a CUDA machine:
+"""The GPU measurements for docs/benchmarks.md on a CUDA machine, in one go or stage by stage:
 
-    python benchmarks/gpu.py [--out gpu-bench] [--data-root DIR] [--skip-run]
+    python benchmarks/gpu.py [--out gpu-bench] [--data-root DIR] [--stages bench,profile,run] [--max-steps N]
+                             [--modes M,...] [--run-mode MODE]
 
-1. ``ddpmkit bench configs/mnist.toml --device cuda``: the tutorial's fp32 loops beside ddpmkit in
-   every CUDA speed mode (fp32, TF32, bf16/fp16 + channels-last + fused Adam, compiled), with
-   FLOP/s against the measured matmul peak of each dtype and the allocator's peak memory;
-2. ``ddpmkit run configs/mnist.toml`` end to end on the GPU in the fastest mode the bench found
-   (unless --skip-run), timed from start to the last file written.
+1. ``ddpmkit bench configs/mnist.toml --device cuda``: the tutorial's fp32 loops beside ddpmkit in the
+   CUDA speed modes of ``--modes`` (by default TF32, bf16 + channels-last + fused Adam, compiled, and compiled
+   in CUDA graphs: ``graphs``), with FLOP/s against the measured matmul peak of each dtype and peak memory;
+2. ``benchmarks/profile_step.py`` on the fastest mode and on its uncompiled twin (profile-*.txt): the kernel
+   launches, copies and synchronisations of a step, which say what bounds it;
+3. ``ddpmkit run configs/mnist.toml`` end to end on the GPU in the fastest mode the bench found (or
+   ``--run-mode``), timed from start to the last file written; by default stopped after 7,100 steps, 10 % of the
+   recipe's 70,275, and the whole recipe's training time extrapolated from the loop's steady rate. The summary
+   sets the loop's rate beside the bare step's (the bench's, same mode) and its median step beside its mean,
+   so that stalls (checkpoints) and per-step costs (metrics, progress, host syncs) show apart.
 
-Everything lands in OUT (bench.json, run.log, summary.json) for the benchmarks page.
+Everything lands in OUT (bench.json, profile-*.txt, run.log, summary.json) for the benchmarks page. Each stage
+compiles (about a minute per compiled mode on an H100), so on a lease with a 10-minute limit per command run
+``--stages bench,profile`` and then ``--stages run`` with the same OUT (the run takes the bench's fastest mode).
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import json
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,9 +46,15 @@ def ddpmkit(*args: str, log: Path | None = None) -> float:
     return time.perf_counter() - start
 
 
-def extrapolate(runs: Path, max_steps: int | None) -> dict:
-    """The run's steady-state training rate from its metrics.jsonl and, for a shortened run, the
-    training time of the whole config at that rate."""
+#: the bench's modes by default: what can be fastest at the tutorial's batch 64, where launches bound the step
+MODES = "fp32+tf32,bf16+cl+fused,bf16+cl+fused+compile,bf16+cl+fused+compile+graphs,fp32+tf32+compile+graphs"
+#: configs/mnist.toml's 75 epochs of MNIST's 60,000 images at batch 64 (the last partial batch dropped)
+RECIPE_STEPS = 75 * (60_000 // 64)
+
+
+def loop_figures(runs: Path, max_steps: int | None) -> dict:
+    """The run's steady-state training rate from its metrics.jsonl (the mean after the warm-up, stalls included)
+    and its median step's; for a shortened run, the training time of the whole config at the steady rate."""
     metrics = sorted(runs.glob("*/metrics.jsonl"))
     if not metrics:
         return {}
@@ -49,11 +64,24 @@ def extrapolate(runs: Path, max_steps: int | None) -> dict:
         return {}
     rate = steps[-1]["images_per_s"]
     out = {"steady_images_per_s": rate, "trained_steps": steps[-1].get("step")}
+    times = [r["time"] for r in steps[10:] if "time" in r]
+    if len(times) > 2:
+        gaps = sorted(b - a for a, b in zip(times, times[1:]))
+        batch = json.loads((metrics[0].parent / "config.json").read_text())["train"]["batch_size"]
+        out["median_step_images_per_s"] = batch / gaps[len(gaps) // 2]
+        out["slowest_steps_s"] = [round(g, 4) for g in gaps[-5:]]
     if max_steps:
-        epochs = json.loads((metrics[0].parent / "config.json").read_text())["train"]["epochs"]
-        total_images = epochs * 60_000  # MNIST's training set
-        out["full_training_s_estimate"] = total_images / rate
+        out["full_training_s_estimate"] = RECIPE_STEPS * 64 / rate
     return out
+
+
+def profile(mode: str, out: Path, steps: int = 5) -> None:
+    """profile_step.py's tables for ``mode`` on CUDA, into ``out``."""
+    with open(out, "w") as log:
+        code = subprocess.call([sys.executable, str(REPO / "benchmarks" / "profile_step.py"), "--device", "cuda",
+                                "--mode", mode, "--steps", str(steps)], stdout=log, stderr=subprocess.STDOUT)
+    if code:
+        print(f"profile of {mode} failed with exit code {code} (see {out}); going on", file=sys.stderr)
 
 
 def main() -> None:
@@ -62,10 +90,12 @@ def main() -> None:
     p.add_argument("--config", type=Path, default=REPO / "configs" / "mnist.toml")
     p.add_argument("--data-root", default=None)
     p.add_argument("--steps", default="20")
-    p.add_argument("--skip-run", action="store_true", help="only the bench, not the end-to-end run")
-    p.add_argument("--max-steps", type=int, default=None,
-                   help="stop the end-to-end run's training after this many steps (a short lease); "
-                        "the summary then extrapolates the full run from its steady-state rate")
+    p.add_argument("--modes", default=MODES, help=f"the bench's modes (default {MODES})")
+    p.add_argument("--stages", default="bench,profile,run", help="which of bench, profile, run (default all three)")
+    p.add_argument("--run-mode", default=None, help="the end-to-end run's mode (default: the bench's fastest)")
+    p.add_argument("--max-steps", type=int, default=RECIPE_STEPS // 10 + 1,
+                   help="stop the end-to-end run's training after this many steps (default: 10 %% of the recipe; "
+                        "0: the whole recipe); the summary extrapolates the full run from its steady-state rate")
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
 
@@ -73,26 +103,45 @@ def main() -> None:
 
     if not torch.cuda.is_available():
         sys.exit("no CUDA device here: this script measures a GPU (use `ddpmkit bench` on a CPU)")
-    bench_json = a.out / "bench.json"
-    ddpmkit("bench", str(a.config), "--device", "cuda", "--steps", a.steps, "--sample-steps", a.steps,
-            "--out", str(bench_json))
-    bench = json.loads(bench_json.read_text())
-    fastest = max(bench["training"][1:], key=lambda row: row["per_s"])
-    summary = {"device": bench["device_name"], "bench": str(bench_json), "fastest_training_mode": fastest["mode"],
-               "fastest_training_ratio": fastest["ratio"]}
-    if not a.skip_run:
-        from ddpmkit.benchmark.bench import parse_mode
+    from ddpmkit.benchmark.bench import mode_name, parse_mode
 
-        sets = parse_mode(fastest["mode"]).overrides() + [f"run.dir={a.out / 'runs'}"]
+    stages = set(a.stages.split(","))
+    if stages - {"bench", "profile", "run"}:
+        sys.exit(f"--stages {a.stages}: expected some of bench, profile, run")
+    started = time.perf_counter()
+    bench_json, summary_json = a.out / "bench.json", a.out / "summary.json"
+    summary = json.loads(summary_json.read_text()) if summary_json.exists() else {}
+    if "bench" in stages:
+        ddpmkit("bench", str(a.config), "--device", "cuda", "--steps", a.steps, "--sample-steps", a.steps,
+                "--modes", a.modes, "--out", str(bench_json))
+    rows = {}
+    if bench_json.exists():
+        bench = json.loads(bench_json.read_text())
+        rows = {row["mode"]: row for row in bench["training"][1:]}
+        fastest = max(rows.values(), key=lambda row: row["per_s"])
+        summary.update(device=bench["device_name"], bench=str(bench_json), fastest_training_mode=fastest["mode"],
+                       fastest_training_ratio=fastest["ratio"], fastest_training_images_per_s=fastest["per_s"])
+    run_mode = a.run_mode or summary.get("fastest_training_mode")
+    if run_mode is None and stages & {"profile", "run"}:
+        sys.exit(f"no bench in {a.out} to take the fastest mode from: run the bench stage first, or give --run-mode")
+    if "profile" in stages:
+        modes = parse_mode(run_mode)
+        for m in dict.fromkeys([modes, replace(modes, compile=False, cuda_graphs=False)]):
+            profile(mode_name(m), a.out / f"profile-{mode_name(m)}.txt")
+    if "run" in stages:
+        sets = parse_mode(run_mode).overrides() + [f"run.dir={a.out / 'runs'}"]
         args = ["run", str(a.config), "--device", "cuda", "--fresh"] + [x for s in sets for x in ("--set", s)]
         if a.max_steps:
             args += ["--set", f"train.max_steps={a.max_steps}"]
         if a.data_root:
             args += ["--data-root", a.data_root]
         summary["end_to_end_s"] = ddpmkit(*args, log=a.out / "run.log")
-        summary["end_to_end_mode"] = fastest["mode"]
-        summary.update(extrapolate(a.out / "runs", a.max_steps))
-    (a.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        summary["end_to_end_mode"] = run_mode
+        summary.update(loop_figures(a.out / "runs", a.max_steps))
+        if "steady_images_per_s" in summary and run_mode in rows:
+            summary["loop_over_bare_step"] = summary["steady_images_per_s"] / rows[run_mode]["per_s"]
+    summary[f"{a.stages}_s"] = time.perf_counter() - started
+    summary_json.write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
 
 

@@ -143,6 +143,39 @@ def test_the_eta_is_measured_after_the_warm_up(tmp_path, monkeypatch):
     assert measured[0] > 40, measured
 
 
+def test_cuda_graphs_are_asked_for_the_training_step_only_on_a_gpu_and_in_one_process(tmp_path, monkeypatch):
+    """train.cuda_graphs compiles the training step in torch.compile's reduce-overhead mode and marks each step's
+    start (so the last step's outputs may be overwritten), on CUDA only; sampling keeps the default mode."""
+    cfg = load_config(write_config(tmp_path, "graphs", epochs=1, num_images=0, trajectory_images=0, dropout=0.0),
+                      ["train.compile=true", "train.cuda_graphs=true"])
+    assert SpeedModes.for_run(cfg.train, torch.device("cpu")).cuda_graphs is False
+    on_gpu = SpeedModes.for_run(cfg.train, torch.device("cuda"))
+    assert on_gpu.cuda_graphs and on_gpu.compile and "CUDA graphs" in on_gpu.describe()
+
+    compiled: list[dict] = []
+    marks: list[int] = []
+
+    def fake_compile(fn, **kwargs):
+        compiled.append(kwargs)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    # the CPU standing in for a GPU: the modes a CUDA device resolves to
+    monkeypatch.setattr(train_module.SpeedModes, "for_run", classmethod(lambda cls, train, device: on_gpu))
+    from ddpmkit.run.data import load_dataset
+
+    built = build_components(cfg)
+    dataset = load_dataset(cfg.data, seed=0)
+    result = train_module.train(cfg, model=built.denoiser, schedule=built.schedule, dataset=dataset,
+                                device=torch.device("cpu"), run_dir=cfg.run_dir, checkpoint_state={})
+    assert compiled == [{"mode": "reduce-overhead"}] and len(marks) == result.step > 0
+    compiled.clear()
+    generate(built.denoiser, built.schedule, built.sampler, 2, batch_size=2, seed=0, image_shape=cfg.image_shape,
+             modes=on_gpu)
+    assert compiled == [{}]
+
+
 def test_metrics_records_carry_wall_clock_time(tmp_path):
     run_dir = _train(tmp_path, "clock", epochs=1)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -151,8 +184,10 @@ def test_metrics_records_carry_wall_clock_time(tmp_path):
 
 
 def test_mode_names_round_trip_and_bad_ones_are_user_errors():
-    for text in ("fp32", "bf16+cl", "fp16+cl+fused+compile", "fp32+tf32"):
+    for text in ("fp32", "bf16+cl", "fp16+cl+fused+compile", "fp32+tf32", "bf16+cl+fused+compile+graphs"):
         assert mode_name(parse_mode(text)) == text
+    r = invoke("bench", str(REPO / "configs" / "smoke.toml"), "--modes", "bf16+graphs")
+    assert r.exit_code == 2 and "add 'compile'" in r.output
     r = invoke("bench", str(REPO / "configs" / "smoke.toml"), "--modes", "bf17")
     assert r.exit_code == 2 and "precision must be one of" in r.output
     r = invoke("bench", str(REPO / "configs" / "smoke.toml"), "--modes", "bf16+turbo")

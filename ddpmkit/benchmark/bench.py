@@ -30,11 +30,12 @@ from ddpmkit.benchmark.tutorial import TutorialTrainer, tutorial_sample_one
 CPU_FEATURES = {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "avx512_fp16"}
 
 #: Mode flags after the precision in a mode name such as ``bf16+cl+compile``.
-FLAGS = {"cl": "channels_last", "fused": "fused_adam", "compile": "compile", "tf32": "tf32"}
+FLAGS = {"cl": "channels_last", "fused": "fused_adam", "compile": "compile", "graphs": "cuda_graphs", "tf32": "tf32"}
 
 
 def parse_mode(text: str) -> SpeedModes:
-    """``fp32``, ``bf16+cl``, ``fp16+cl+fused``, ``bf16+cl+compile``, ``fp32+tf32`` ... as SpeedModes."""
+    """``fp32``, ``bf16+cl``, ``fp16+cl+fused``, ``bf16+cl+compile``, ``bf16+compile+graphs`` (CUDA graphs),
+    ``fp32+tf32`` ... as SpeedModes."""
     precision, *flags = text.strip().split("+")
     if precision not in PRECISIONS:
         raise ConfigError(f"--modes {text}: the precision must be one of {', '.join(PRECISIONS)}")
@@ -43,6 +44,8 @@ def parse_mode(text: str) -> SpeedModes:
         if flag not in FLAGS:
             raise ConfigError(f"--modes {text}: unknown flag '{flag}' (flags: {', '.join(FLAGS)})")
         fields[FLAGS[flag]] = True
+    if fields.get("cuda_graphs") and not fields.get("compile"):
+        raise ConfigError(f"--modes {text}: 'graphs' captures the compiled step in CUDA graphs: add 'compile'")
     return SpeedModes(precision=precision, **fields)
 
 
@@ -61,9 +64,10 @@ def mode_name(modes: SpeedModes) -> str:
 def default_modes(device: torch.device) -> list[SpeedModes]:
     """Every speed mode ddpmkit offers on ``device``."""
     if device.type == "cuda":
-        names = ["fp32", "fp32+tf32", "bf16+cl+fused", "fp16+cl+fused", "bf16+cl+fused+compile"]
+        names = ["fp32", "fp32+tf32", "bf16+cl+fused", "fp16+cl+fused", "bf16+cl+fused+compile",
+                 "bf16+cl+fused+compile+graphs"]
         if not torch.cuda.is_bf16_supported():
-            names = [n for n in names if not n.startswith("bf16")] + ["fp16+cl+fused+compile"]
+            names = [n for n in names if not n.startswith("bf16")] + ["fp16+cl+fused+compile+graphs"]
     else:
         names = ["fp32", "bf16", "bf16+cl", "bf16+cl+fused", "bf16+cl+compile"]
     return [parse_mode(n) for n in names]

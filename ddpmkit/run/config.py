@@ -202,6 +202,11 @@ class TrainSection(Section):
         False, description="torch.compile the denoiser for training and sampling (a minute of set-up); auto: "
         "measured on the fastest uncompiled mode, taken when at least 5 % faster"
     )
+    cuda_graphs: bool = Field(
+        False, description="on a CUDA GPU, when the denoiser is compiled (compile = true, or chosen by auto): "
+        "capture its training step's forward and backward in CUDA graphs (torch.compile's reduce-overhead mode), "
+        "for small batches bound by launching kernels; single-process runs only, sampling unaffected"
+    )
     fused_adam: bool | None = Field(None, description="fused Adam; unset: on where it measured faster (CUDA)")
     tf32: bool = Field(True, description="TF32 matmuls and convolutions on CUDA GPUs (no effect elsewhere)")
     time_budget: float | None = Field(

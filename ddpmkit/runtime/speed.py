@@ -1,5 +1,5 @@
 """Speed modes, resolved once per run for its device: mixed precision, channels-last, TF32,
-``torch.compile`` and the fused Adam.
+``torch.compile`` (with CUDA graphs on a GPU) and the fused Adam.
 
 What each costs in exactness (docs/benchmarks.md): every mode keeps a resumed run bit-identical to an
 uninterrupted one on the CPU, because each is a fixed function of the config; fp16 carries its loss
@@ -40,6 +40,8 @@ class SpeedModes:
     compile: bool = False
     fused_adam: bool = False
     tf32: bool = False
+    #: the compiled training step captured in CUDA graphs (torch.compile's "reduce-overhead"); CUDA only
+    cuda_graphs: bool = False
 
     @classmethod
     def for_run(cls, train: Any, device: torch.device) -> "SpeedModes":
@@ -52,22 +54,24 @@ class SpeedModes:
             compile=bool(train.compile) if train.compile != AUTO else False,
             fused_adam=fused and fused_adam_available(device),
             tf32=train.tf32 and device.type == "cuda",
+            cuda_graphs=train.cuda_graphs and device.type == "cuda",
         )
 
     def train_settings(self) -> dict[str, Any]:
         """The ``[train]`` keys that ask for these modes."""
         return {"precision": self.precision, "channels_last": self.channels_last, "compile": self.compile,
-                "fused_adam": self.fused_adam, "tf32": self.tf32}
+                "fused_adam": self.fused_adam, "tf32": self.tf32, "cuda_graphs": self.cuda_graphs}
 
     def overrides(self) -> list[str]:
-        """The same as ``--set`` arguments (``train.precision=bf16`` ...); TF32 only when on, so that
-        otherwise the config's own default (on, for CUDA) stands."""
-        settings = {k: v for k, v in self.train_settings().items() if k != "tf32" or v}
+        """The same as ``--set`` arguments (``train.precision=bf16`` ...); TF32 and CUDA graphs only when on, so
+        that otherwise the config's own setting stands."""
+        settings = {k: v for k, v in self.train_settings().items() if k not in ("tf32", "cuda_graphs") or v}
         return [f"train.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in settings.items()]
 
     def describe(self) -> str:
         parts = [self.precision]
         parts += [name for name, on in (("channels-last", self.channels_last), ("compiled", self.compile),
+                                        ("CUDA graphs", self.compile and self.cuda_graphs),
                                         ("fused Adam", self.fused_adam), ("TF32", self.tf32)) if on]
         return ", ".join(parts)
 
@@ -134,10 +138,15 @@ class RoutedDenoiser:
         return getattr(self.module, name)
 
 
-def maybe_compiled(module: torch.nn.Module, modes: SpeedModes, forward: Any = None) -> Any:
+def maybe_compiled(module: torch.nn.Module, modes: SpeedModes, forward: Any = None, *, graphs: bool = False) -> Any:
     """``module`` itself, or a :class:`RoutedDenoiser` calling ``forward`` (default: the module),
-    compiled when ``modes.compile``."""
+    compiled when ``modes.compile``; with ``graphs`` (and ``modes.cuda_graphs``) in CUDA graphs.
+
+    CUDA graphs replay a whole compiled forward (and its backward) as one launch, for steps that launching
+    kernels from Python bounds (batch 64 on an H100: docs/benchmarks.md). A replay overwrites the previous
+    call's outputs, so they are only for callers that use each output before the next call: the training step
+    (``graphs=True``), not a sampler that may combine two calls' outputs (classifier-free guidance)."""
     call = forward if forward is not None else module
     if modes.compile:
-        call = torch.compile(call)
+        call = torch.compile(call, mode="reduce-overhead") if graphs and modes.cuda_graphs else torch.compile(call)
     return module if call is module else RoutedDenoiser(module, call)

@@ -153,7 +153,8 @@ class Choice:
 
 
 def mode_label(modes: SpeedModes) -> str:
-    return modes.precision + ("+channels-last" if modes.channels_last else "") + ("+compiled" if modes.compile else "")
+    return (modes.precision + ("+channels-last" if modes.channels_last else "") + ("+compiled" if modes.compile else "")
+            + ("+cuda-graphs" if modes.compile and modes.cuda_graphs else ""))
 
 
 def is_auto(train_section: Any) -> bool:
@@ -190,8 +191,8 @@ def candidates(cfg: RunConfig, device: torch.device, flags: set[str] | None = No
             pruned["compile"] = EMULATED_BF16
     base = SpeedModes.for_run(tc, device)
     compiled = tc.compile is True  # "auto": tried afterwards, on the fastest of these (see choose)
-    return [SpeedModes(p, channels_last=cl, compile=compiled, fused_adam=base.fused_adam, tf32=base.tf32)
-            for p in precisions for cl in layouts], pruned
+    return [SpeedModes(p, channels_last=cl, compile=compiled, fused_adam=base.fused_adam, tf32=base.tf32,
+                       cuda_graphs=base.cuda_graphs) for p in precisions for cl in layouts], pruned
 
 
 def measure_training(cfg: RunConfig, modes: SpeedModes, device: torch.device, *, warmup: int = MEASURE_WARMUP,
@@ -288,7 +289,9 @@ def with_modes(cfg: RunConfig, modes: SpeedModes, **train_settings: Any) -> RunC
 def model_key(cfg: RunConfig) -> dict[str, Any]:
     """The model and the step being timed: the identity's model keys, the batch and the image shape."""
     identity = {k: v for k, v in cfg.identity().items() if k.startswith(("denoiser.", "schedule.", "conditioning."))}
-    return {**identity, "batch": cfg.train.batch_size, "shape": list(cfg.image_shape), "compile": cfg.train.compile}
+    graphs = {"cuda_graphs": True} if cfg.train.cuda_graphs else {}  # keys measured before it existed still match
+    return {**identity, "batch": cfg.train.batch_size, "shape": list(cfg.image_shape), "compile": cfg.train.compile,
+            **graphs}
 
 
 def choose(cfg: RunConfig, device: torch.device, *, timer: Timer | None = None, flags: set[str] | None = None,

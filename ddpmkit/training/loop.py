@@ -232,7 +232,9 @@ class _Trainer:
             from torch.nn.parallel import DistributedDataParallel
 
             wrapped = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-        self.forward = maybe_compiled(model, self.modes, wrapped)
+        # CUDA graphs capture one process's step; DistributedDataParallel's gradient hooks stay eager
+        self.graphs = self.modes.compile and self.modes.cuda_graphs and not world.enabled
+        self.forward = maybe_compiled(model, self.modes, wrapped, graphs=self.graphs)
 
     def restore(self, resume: Checkpoint) -> None:
         self.model.load_state_dict(resume.weights("model"))
@@ -283,6 +285,8 @@ class _Trainer:
         and the EMA update."""
         tc, scaler = self.tc, self.scaler
         guard = blame(self.component, "in training") if self.component else nullcontext()
+        if self.graphs:
+            torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are no longer read
         with guard, autocast(self.device, self.modes.precision):
             loss = training_loss(self.forward, self.schedule, x0, t, noise, weighting=tc.loss_weighting,
                                  gamma=tc.min_snr_gamma, cond=cond)
@@ -296,10 +300,11 @@ class _Trainer:
             loss.backward()
         # the gradient norm (clipped to grad_clip when set; inf leaves the gradients as they are)
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip or math.inf)
-        loss_value = float(loss.detach())
+        # the step's one wait for the device: both figures in a single copy
+        loss_value, norm_value = torch.stack([loss.detach().float(), norm.detach().float()]).tolist()
         # Non-finite loss or gradients are caught before the update, so no bad step reaches the
         # weights. (fp16's overflowing gradients are the loss scaler's: it skips those steps itself.)
-        bad = not math.isfinite(loss_value) or (scaler is None and not bool(torch.isfinite(norm)))
+        bad = not math.isfinite(loss_value) or (scaler is None and not math.isfinite(norm_value))
         # the mean loss over ranks; a bad step on any rank is bad on all (one process: as they are)
         loss_sum, bad_any = self.world.all_reduce([loss_value, float(bad)])
         loss_value, bad = loss_sum / self.world.size, bad_any > 0
@@ -313,7 +318,7 @@ class _Trainer:
         else:
             self.optimizer.step()
         self.ema.update(self.model, step=self.step + 1 if tc.ema_warmup else None)
-        return _Update(loss_value, False, float(norm) if tc.grad_clip is not None else None)
+        return _Update(loss_value, False, norm_value if tc.grad_clip is not None else None)
 
     def _skip(self, loss_value: float) -> None:
         """The non-finite policy: halt, or skip up to ``train.max_nonfinite_skips`` steps in a row."""
