@@ -146,9 +146,11 @@ def test_the_eta_is_measured_after_the_warm_up(tmp_path, monkeypatch):
 def test_cuda_graphs_are_asked_for_the_training_step_only_on_a_gpu_and_in_one_process(tmp_path, monkeypatch):
     """train.cuda_graphs compiles the training step in torch.compile's reduce-overhead mode and marks each step's
     start (so the last step's outputs may be overwritten), on CUDA only; sampling keeps the default mode."""
-    cfg = load_config(write_config(tmp_path, "graphs", epochs=1, num_images=0, trajectory_images=0, dropout=0.0),
-                      ["train.compile=true", "train.cuda_graphs=true"])
+    path = write_config(tmp_path, "graphs", epochs=1, num_images=0, trajectory_images=0, dropout=0.0)
+    cfg = load_config(path, ["train.compile=true", "train.cuda_graphs=true"])
     assert SpeedModes.for_run(cfg.train, torch.device("cpu")).cuda_graphs is False
+    with pytest.raises(ddpmkit.errors.ConfigError, match="set compile = true"):
+        load_config(path, ["train.compile=false", "train.cuda_graphs=true"])
     on_gpu = SpeedModes.for_run(cfg.train, torch.device("cuda"))
     assert on_gpu.cuda_graphs and on_gpu.compile and "CUDA graphs" in on_gpu.describe()
 

@@ -243,6 +243,12 @@ class TrainSection(Section):
     keep_checkpoints: int = Field(3, ge=1)
     posthoc_ema: PosthocEmaSection = Field(default_factory=PosthocEmaSection)
 
+    @model_validator(mode="after")
+    def _graphs_need_compile(self) -> "TrainSection":
+        if self.cuda_graphs and self.compile is False:
+            raise ValueError('cuda_graphs = true replays the compiled step: set compile = true (or "auto")')
+        return self
+
     @property
     def snapshot_every(self) -> int:
         """Steps between post-hoc EMA snapshots."""
