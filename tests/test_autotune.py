@@ -235,3 +235,24 @@ def test_compile_auto_is_measured_once_on_the_fastest_mode(compiled, chosen, tmp
     choice = autotune.choose(cfg, CPU, timer=timer, flags=AVX2, cache=tmp_path / "c.json")
     assert autotune.mode_label(choice.modes) == chosen
     assert timer.calls == ["fp32", "fp32+channels-last", "fp32+channels-last+compiled"]  # one compilation measured
+
+
+def test_without_a_cxx_compiler_auto_trains_uncompiled_and_an_explicit_compile_is_one_line(tmp_path):
+    """A machine without a C++ compiler (a slim container; torch finds none through $CXX or g++): ``compile = "auto"``
+    says why it did not try compiling and trains; ``compile = true`` stops before anything with exit code 2."""
+    from runconfigs import cli_env, ddpmkit
+
+    path = write_config(tmp_path, "nocxx", epochs=1, num_images=2, trajectory_images=0)
+    path.write_text(path.read_text().replace("channels_last = false", 'channels_last = false\ncompile = "auto"'))
+    env = cli_env(CXX="/bin/false", XDG_CACHE_HOME=str(tmp_path / "cache"),
+                  TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
+    r = ddpmkit("run", str(path), env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "compile not tried: no working C++ compiler" in r.stdout + r.stderr
+    assert (load_config(path).run_dir / "samples.npz").is_file()
+    r = ddpmkit("run", str(path), "--fresh", "--set", "train.compile=true", env=env)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    lines = [line for line in (r.stdout + r.stderr).splitlines() if line.strip()]
+    assert lines == ["error: train.compile is on, but torch.compile cannot run here: no working C++ compiler for "
+                     "torch.compile's CPU kernels (install g++ or clang++, or set CXX); or set train.compile = false "
+                     '(or "auto", which measures without it)'], lines

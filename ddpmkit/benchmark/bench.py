@@ -13,7 +13,7 @@ from ddpmkit.run.config import RunConfig
 from ddpmkit.run.data import to_model_scale
 from ddpmkit.errors import ConfigError
 from ddpmkit.sampling.draw import generate
-from ddpmkit.runtime.speed import AUTO, PRECISIONS, SpeedModes, pytorch_default_precision
+from ddpmkit.runtime.speed import AUTO, PRECISIONS, SpeedModes, compile_unavailable, pytorch_default_precision
 from ddpmkit.training.autotune import (
     candidates, compile_pays, cpu_flags, cpu_model, fresh_model, measure_training, synthetic_dataset,
 )
@@ -70,6 +70,8 @@ def default_modes(device: torch.device) -> list[SpeedModes]:
             names = [n for n in names if not n.startswith("bf16")] + ["fp16+cl+fused+compile+graphs"]
     else:
         names = ["fp32", "bf16", "bf16+cl", "bf16+cl+fused", "bf16+cl+compile"]
+    if compile_unavailable(device):  # the bench says which modes it measured; --modes can still ask for these
+        names = [n for n in names if "compile" not in n]
     return [parse_mode(n) for n in names]
 
 

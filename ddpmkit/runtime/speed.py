@@ -9,12 +9,14 @@ tolerances tests/test_speed.py states); TF32 (CUDA only) does too.
 
 from __future__ import annotations
 
+import functools
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
 import torch
 
+from ddpmkit.errors import ConfigError
 from ddpmkit.validation import AUTO  # noqa: F401  (re-exported: speed modes' own vocabulary)
 
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
@@ -138,6 +140,41 @@ class RoutedDenoiser:
         return getattr(self.module, name)
 
 
+def compile_unavailable(device: torch.device) -> str | None:
+    """Why ``torch.compile`` cannot build kernels for ``device`` on this machine (no C++ compiler for a CPU's, no
+    Triton for a GPU's); None where it can, or where this torch cannot tell."""
+    return _compile_unavailable(device.type)
+
+
+@functools.lru_cache(maxsize=None)
+def _compile_unavailable(device_type: str) -> str | None:
+    try:  # torch's own checks (private helpers): a torch without them lets torch.compile say it
+        if device_type == "cpu":
+            from torch._inductor.cpp_builder import get_cpp_compiler
+            from torch._inductor.exc import InvalidCxxCompiler
+
+            try:
+                get_cpp_compiler()
+            except InvalidCxxCompiler:
+                return "no working C++ compiler for torch.compile's CPU kernels (install g++ or clang++, or set CXX)"
+        elif device_type == "cuda":
+            from torch.utils._triton import has_triton
+
+            if not has_triton():
+                return "no Triton for torch.compile's GPU kernels (pip install triton)"
+    except Exception:
+        return None
+    return None
+
+
+def require_compile(device: torch.device) -> None:
+    """Raises ConfigError, saying why and what to do, where ``torch.compile`` cannot run for ``device``."""
+    why = compile_unavailable(device)
+    if why:
+        raise ConfigError(f"train.compile is on, but torch.compile cannot run here: {why}; or set train.compile "
+                          '= false (or "auto", which measures without it)')
+
+
 def maybe_compiled(module: torch.nn.Module, modes: SpeedModes, forward: Any = None, *, graphs: bool = False) -> Any:
     """``module`` itself, or a :class:`RoutedDenoiser` calling ``forward`` (default: the module),
     compiled when ``modes.compile``; with ``graphs`` (and ``modes.cuda_graphs``) in CUDA graphs.
@@ -148,5 +185,6 @@ def maybe_compiled(module: torch.nn.Module, modes: SpeedModes, forward: Any = No
     (``graphs=True``), not a sampler that may combine two calls' outputs (classifier-free guidance)."""
     call = forward if forward is not None else module
     if modes.compile:
+        require_compile(next(module.parameters(), torch.empty(0)).device)
         call = torch.compile(call, mode="reduce-overhead") if graphs and modes.cuda_graphs else torch.compile(call)
     return module if call is module else RoutedDenoiser(module, call)

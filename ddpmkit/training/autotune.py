@@ -32,7 +32,7 @@ from ddpmkit.run.components import build_components
 from ddpmkit.run.config import RunConfig, config_from_dict
 from ddpmkit.run.data import Dataset, dataset_classes
 from ddpmkit.runtime.cache import cache_dir
-from ddpmkit.runtime.speed import AUTO, SpeedModes
+from ddpmkit.runtime.speed import AUTO, SpeedModes, compile_unavailable
 from ddpmkit.training.loop import TrainEvents, train
 from ddpmkit.version import __version__
 
@@ -189,6 +189,8 @@ def candidates(cfg: RunConfig, device: torch.device, flags: set[str] | None = No
             layouts, pruned["channels-last"] = [False], EMULATED_BF16
         if tc.compile == AUTO:
             pruned["compile"] = EMULATED_BF16
+    if tc.compile == AUTO and "compile" not in pruned and (why := compile_unavailable(device)):
+        pruned["compile"] = why
     base = SpeedModes.for_run(tc, device)
     compiled = tc.compile is True  # "auto": tried afterwards, on the fastest of these (see choose)
     return [SpeedModes(p, channels_last=cl, compile=compiled, fused_adam=base.fused_adam, tf32=base.tf32,

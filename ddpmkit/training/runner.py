@@ -25,7 +25,7 @@ from ddpmkit.run.lock import acquire, locked, release
 from ddpmkit.runtime.device import pick_device
 from ddpmkit.runtime.distributed import World, from_environment, join, leave
 from ddpmkit.runtime.processes import Terminated
-from ddpmkit.runtime.speed import AUTO, SpeedModes
+from ddpmkit.runtime.speed import AUTO, SpeedModes, require_compile
 from ddpmkit.runtime.units import format_duration
 from ddpmkit.sampling.draw import nearest_visited
 from ddpmkit.sampling.images import write_images, write_trajectory
@@ -342,7 +342,9 @@ def _resolve_speed(cfg: RunConfig, resume: Checkpoint | None, *, device: torch.d
                    report: RunReport) -> tuple[RunConfig, dict[str, Any] | None]:
     """``cfg`` with its ``auto`` speed modes made concrete: kept from the checkpoint when resuming (so resume
     stays exact), else measured (rank 0 measures; every rank takes its choice). An explicit mode measured to
-    be much slower than another exact one is warned about."""
+    be much slower than another exact one is warned about; one that cannot run here is an error before anything."""
+    if cfg.train.compile is True:
+        require_compile(device)
     warning = slow_mode_warning(cfg, device) if world.is_main else None
     if warning:
         report.warn(warning)
