@@ -256,3 +256,19 @@ def test_without_a_cxx_compiler_auto_trains_uncompiled_and_an_explicit_compile_i
     assert lines == ["error: train.compile is on, but torch.compile cannot run here: no working C++ compiler for "
                      "torch.compile's CPU kernels (install g++ or clang++, or set CXX); or set train.compile = false "
                      '(or "auto", which measures without it)'], lines
+
+
+def test_a_python_that_torch_cannot_compile_on_prunes_compile_too(tmp_path, monkeypatch):
+    import torch._dynamo
+
+    import ddpmkit.runtime.speed as speed
+
+    monkeypatch.setattr(torch._dynamo, "is_dynamo_supported", lambda: False)
+    speed._compile_unavailable.cache_clear()
+    try:
+        path = write_config(tmp_path, "py")
+        path.write_text(path.read_text().replace("channels_last = false", 'channels_last = false\ncompile = "auto"'))
+        _, pruned = autotune.candidates(load_config(path), CPU, flags=AVX2)
+        assert pruned["compile"].startswith(f"torch {torch.__version__} cannot compile on this Python")
+    finally:
+        speed._compile_unavailable.cache_clear()

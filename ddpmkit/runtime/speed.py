@@ -149,6 +149,12 @@ def compile_unavailable(device: torch.device) -> str | None:
 @functools.lru_cache(maxsize=None)
 def _compile_unavailable(device_type: str) -> str | None:
     try:  # torch's own checks (private helpers): a torch without them lets torch.compile say it
+        import sys
+
+        from torch._dynamo import is_dynamo_supported
+
+        if not is_dynamo_supported():
+            return f"torch {torch.__version__} cannot compile on this Python ({sys.version.split()[0]}) or platform"
         if device_type == "cpu":
             from torch._inductor.cpp_builder import get_cpp_compiler
             from torch._inductor.exc import InvalidCxxCompiler
