@@ -82,9 +82,16 @@ def _guided_config(tmp_path: Path) -> Path:
     return path
 
 
-def test_run_trains_the_guide_first_and_samples_with_it(tmp_path):
+@pytest.fixture(scope="module")
+def guided_run(tmp_path_factory):
+    """(the folder, the config and the CLI's result) of one guided run: the guide trains first, then the main network."""
+    tmp_path = tmp_path_factory.mktemp("guided")
     path = _guided_config(tmp_path)
-    r = cli("run", str(path))
+    return tmp_path, path, cli("run", str(path))
+
+
+def test_run_trains_the_guide_first_and_samples_with_it(guided_run):
+    tmp_path, path, r = guided_run
     assert r.returncode == 0, r.stderr
     run = tmp_path / "runs" / "g"
     guide_ckpt = run / "guide" / "checkpoints" / "step-00000002"
@@ -107,11 +114,10 @@ def test_run_trains_the_guide_first_and_samples_with_it(tmp_path):
     assert not np.array_equal(outs["1"], outs["3"])
 
 
-def test_a_checkpoint_without_its_guide_says_how_to_sample(tmp_path):
-    path = _guided_config(tmp_path)
-    assert cli("run", str(path)).returncode == 0
+def test_a_checkpoint_without_its_guide_says_how_to_sample(guided_run, tmp_path):
+    assert guided_run[2].returncode == 0
     lone = tmp_path / "lone"
-    shutil.copytree(tmp_path / "runs" / "g" / "checkpoints" / "step-00000004", lone)
+    shutil.copytree(guided_run[0] / "runs" / "g" / "checkpoints" / "step-00000004", lone)
     r = cli("sample", str(lone), "--num", "2", "--out", str(tmp_path / "x.png"))
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "guidance.weight=1" in r.stderr
