@@ -272,3 +272,19 @@ def test_a_python_that_torch_cannot_compile_on_prunes_compile_too(tmp_path, monk
         assert pruned["compile"].startswith(f"torch {torch.__version__} cannot compile on this Python")
     finally:
         speed._compile_unavailable.cache_clear()
+
+
+def test_a_compiled_run_resumed_where_nothing_compiles_says_how_to_go_on(tmp_path, monkeypatch):
+    import ddpmkit.runtime.speed as speed
+    from ddpmkit.errors import ConfigError
+
+    monkeypatch.setenv("DDPMKIT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)  # what ran is not the point: what is kept is
+    monkeypatch.setattr(autotune, "_measured_rate", FakeTimer({"fp32": 10.0, "fp32+compiled": 20.0}))
+    path = write_config(tmp_path, "k", epochs=1, num_images=0, trajectory_images=0)
+    path.write_text(path.read_text().replace("channels_last = false", 'channels_last = false\ncompile = "auto"'))
+    assert run_config(load_config(path)) == 0
+    monkeypatch.setattr(speed, "_compile_unavailable", lambda device_type: "no working C++ compiler (a test)")
+    with pytest.raises(ConfigError, match=r"this run started compiled.*--set train.compile=false"):
+        run_config(load_config(path, ["train.epochs=2"]))
+    assert run_config(load_config(path, ["train.epochs=2", "train.compile=false"])) == 0

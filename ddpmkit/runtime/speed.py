@@ -173,12 +173,18 @@ def _compile_unavailable(device_type: str) -> str | None:
     return None
 
 
-def require_compile(device: torch.device) -> None:
-    """Raises ConfigError, saying why and what to do, where ``torch.compile`` cannot run for ``device``."""
+def require_compile(device: torch.device, *, kept: bool = False) -> None:
+    """Raises ConfigError, saying why and what to do, where ``torch.compile`` cannot run for ``device``; ``kept``: the
+    compiled mode is a resumed run's, kept from its start."""
     why = compile_unavailable(device)
-    if why:
-        raise ConfigError(f"train.compile is on, but torch.compile cannot run here: {why}; or set train.compile "
-                          '= false (or "auto", which measures without it)')
+    if not why:
+        return
+    if kept:
+        raise ConfigError(f"this run started compiled, and a resume keeps its speed modes, but torch.compile cannot "
+                          f"run here: {why}; or resume uncompiled with --set train.compile=false (exact up to the "
+                          "compiled graph's own rounding and dropout masks)")
+    raise ConfigError(f"train.compile is on, but torch.compile cannot run here: {why}; or set train.compile "
+                      '= false (or "auto", which measures without it)')
 
 
 def maybe_compiled(module: torch.nn.Module, modes: SpeedModes, forward: Any = None, *, graphs: bool = False) -> Any:

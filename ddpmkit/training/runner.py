@@ -355,6 +355,8 @@ def _resolve_speed(cfg: RunConfig, resume: Checkpoint | None, *, device: torch.d
         kept = {key: saved.get(key, default)
                 for key, default in (("precision", "fp32"), ("channels_last", False), ("compile", False))}
         cfg = _with_train(cfg, **{k: v for k, v in kept.items() if getattr(cfg.train, k) == AUTO})
+        if cfg.train.compile is True:
+            require_compile(device, kept=True)
         report.info(f"  speed modes kept from the run's start: {SpeedModes.for_run(cfg.train, device).describe()}")
         return cfg, resume.state.get("speed")
     options, _ = candidates(cfg, device)
