@@ -70,3 +70,11 @@ def debug_enabled() -> bool:
 
 #: The exit code of a run or a sampling stopped by Ctrl-C or SIGTERM (128 + SIGINT), after saving what was done.
 EXIT_INTERRUPTED = 130
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """``TypeName: the first line of its message``, at most ``limit`` characters: an unexpected exception named in
+    one line by a report that goes on without what failed."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -288,3 +288,19 @@ def test_a_compiled_run_resumed_where_nothing_compiles_says_how_to_go_on(tmp_pat
     with pytest.raises(ConfigError, match=r"this run started compiled.*--set train.compile=false"):
         run_config(load_config(path, ["train.epochs=2"]))
     assert run_config(load_config(path, ["train.epochs=2", "train.compile=false"])) == 0
+
+
+def test_a_compile_trial_that_fails_leaves_auto_uncompiled_and_says_why(tmp_path):
+    path = write_config(tmp_path, "f")
+    path.write_text(path.read_text().replace("channels_last = false", 'channels_last = false\ncompile = "auto"'))
+    table = {"fp32": 10.0}
+
+    def timer(cfg, modes, device):
+        if modes.compile:
+            raise RuntimeError("CUDA graphs: operation not permitted when stream is capturing")
+        return table[autotune.mode_label(modes)]
+
+    choice = autotune.choose(load_config(path), CPU, timer=timer, flags=AVX2, cache=tmp_path / "c.json")
+    assert autotune.mode_label(choice.modes) == "fp32"
+    assert choice.failed == {"fp32+compiled": "RuntimeError: CUDA graphs: operation not permitted when stream is capturing"}
+    assert "fp32+compiled failed here, so not taken: RuntimeError: CUDA graphs" in choice.reason()

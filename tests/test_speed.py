@@ -291,3 +291,36 @@ def test_bench_rounds_interleave_and_take_the_median_ratio_within_rounds(monkeyp
     for name, peak in peaks.items():
         assert result["ceiling"][name]["per_s"] == pytest.approx(peak / flops)
         assert result["ceiling"][name]["ratio"] == pytest.approx(peak / flops / 9.0)
+
+
+def test_a_mode_that_breaks_here_is_left_out_of_the_bench_and_named(monkeypatch):
+    """A mode whose measurement raises (torch.compile broken on this machine, CUDA graphs failing to capture) is
+    measured once, left out of the rows and named with its error; the others are measured as usual."""
+    import ddpmkit.benchmark.bench as bench
+    from ddpmkit.commands.bench import _print_bench
+
+    tried: list[str] = []
+
+    def measure(cfg, m, *a, **k):
+        tried.append(bench.mode_name(m))
+        if m.compile:
+            raise RuntimeError("Triton kernel failed to launch\nmore detail")
+        return 20.0, 1.0
+
+    monkeypatch.setattr(bench, "bench_tutorial_training", lambda *a, **k: 10.0)
+    monkeypatch.setattr(bench, "measure_training", measure)
+    cfg = ddpmkit.load_config(REPO / "configs" / "smoke.toml")
+    result = bench.run_bench(cfg, torch.device("cpu"), modes=[parse_mode("fp32"), parse_mode("fp32+compile")],
+                             steps=1, warmup=1, sample=False, rounds=2)
+    assert tried == ["fp32", "fp32+compile", "fp32"]  # not retried in round 2
+    assert [row["mode"] for row in result["training"]] == ["fp32", "fp32"]  # the tutorial, then ddpmkit's
+    assert result["failed"] == {"fp32+compile": "RuntimeError: Triton kernel failed to launch"}
+    result["config"] = "smoke.toml"
+    from rich.console import Console
+
+    import ddpmkit.commands.bench as command
+
+    console = Console(record=True, width=200)
+    monkeypatch.setattr(command, "console", console)
+    _print_bench(result)
+    assert "fp32+compile failed here, left out: RuntimeError: Triton kernel failed to launch" in console.export_text()

@@ -11,7 +11,7 @@ import torch
 
 from ddpmkit.run.config import RunConfig
 from ddpmkit.run.data import to_model_scale
-from ddpmkit.errors import ConfigError
+from ddpmkit.errors import ConfigError, DdpmkitError, first_line
 from ddpmkit.sampling.draw import generate
 from ddpmkit.runtime.speed import AUTO, PRECISIONS, SpeedModes, compile_unavailable, pytorch_default_precision
 from ddpmkit.training.autotune import (
@@ -212,6 +212,7 @@ def run_bench(
     rates: dict[str, list[float]] = {mode_name(m): [] for m in modes}
     setups: dict[str, float] = {}
     memory: dict[str, int] = {}
+    failed: dict[str, str] = {}  # mode -> its error: a mode that breaks here (compiling, say) is left out, not fatal
     for r in range(rounds):
         of = f" (round {r + 1} of {rounds})" if rounds > 1 else ""
         note(f"training: the tutorial's fp32 eager step, batch {batch}{of}")
@@ -221,9 +222,18 @@ def run_bench(
         memory.setdefault("tutorial", peak_memory_bytes(device)[0])
         for m in modes:
             name = mode_name(m)
+            if name in failed:
+                continue
             note(f"training: ddpmkit, {name}{of}")
             reset_peak_memory(device)
-            ips, setup = measure_training(cfg, m, device, warmup=warmup, steps=steps, max_seconds=None)
+            try:
+                ips, setup = measure_training(cfg, m, device, warmup=warmup, steps=steps, max_seconds=None)
+            except DdpmkitError:
+                raise
+            except Exception as exc:
+                failed[name] = first_line(exc)
+                note(f"training: ddpmkit, {name} failed: {failed[name]}")
+                continue
             rates[name].append(ips)
             setups.setdefault(name, setup)  # the first round's: later ones find the compiled code cached
             memory.setdefault(name, peak_memory_bytes(device)[0])
@@ -231,6 +241,8 @@ def run_bench(
     training = [row("tutorial", None, ref, train_flops, None, memory=memory["tutorial"])]
     for m in modes:
         name = mode_name(m)
+        if name in failed:
+            continue
         ratios = [ips / t for ips, t in zip(rates[name], tutorial_rates)]
         training.append(replace(
             row("ddpmkit", m, statistics.median(rates[name]), train_flops, ref, setups[name], memory=memory[name]),
@@ -247,11 +259,18 @@ def run_bench(
         sampling.append(row("tutorial, 1 image", None, ref_s, forward_flops, None))
         for m in modes:
             m = replace(m, fused_adam=False)
-            if any(r.mode == mode_name(m) for r in sampling[1:]):
+            if any(r.mode == mode_name(m) for r in sampling[1:]) or f"{mode_name(m)} (sampling)" in failed:
                 continue  # the optimizer does not sample
             note(f"sampling: ddpmkit {cfg.sampler.name}, batch {sample_batch}, {mode_name(m)}")
             reset_peak_memory(device)
-            per_s, setup = bench_ddpmkit_sampling(cfg, m, device, steps=sample_steps, batch=sample_batch)
+            try:
+                per_s, setup = bench_ddpmkit_sampling(cfg, m, device, steps=sample_steps, batch=sample_batch)
+            except DdpmkitError:
+                raise
+            except Exception as exc:
+                failed[f"{mode_name(m)} (sampling)"] = first_line(exc)
+                note(f"sampling: ddpmkit, {mode_name(m)} failed: {failed[f'{mode_name(m)} (sampling)']}")
+                continue
             sampling.append(row(f"ddpmkit {cfg.sampler.name}, batch {sample_batch}", m, per_s, forward_flops, ref_s, setup))
         best = max(sampling[1:], key=lambda r: r.per_s, default=None)
         for b in sample_batches:  # the batch size is a speed choice too: larger is not always faster on a CPU
@@ -285,6 +304,7 @@ def run_bench(
         "ceiling": ceilings(peaks, train_flops, ref),
         "sampling": [vars(r) for r in sampling],
         "auto": auto_pick(cfg, device, training),
+        "failed": failed,
     }
 
 

@@ -104,6 +104,8 @@ def _print_bench(r: dict) -> None:
             at_peak = ", ".join(f"{name} {c['per_s']:,.1f} images/s ({c['ratio']:.2f}x the tutorial)"
                                 for name, c in r["ceiling"].items())
             console.print(f"  every FLOP of a step at the measured matmul peak: {at_peak}", highlight=False)
+    for mode, error in r.get("failed", {}).items():
+        console.print(f"  {mode} failed here, left out: {error}", highlight=False)
 
 
 def _ratio(row: dict) -> str:

@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from ddpmkit.errors import DdpmkitError, first_line
 from ddpmkit.run.components import build_components
 from ddpmkit.run.config import RunConfig, config_from_dict
 from ddpmkit.run.data import Dataset, dataset_classes
@@ -138,6 +139,8 @@ class Choice:
     figures: dict[str, float] = field(default_factory=dict)
     pruned: dict[str, str] = field(default_factory=dict)
     cached: bool = False
+    #: modes tried that failed (compiling, where torch.compile breaks on this machine), with the error
+    failed: dict[str, str] = field(default_factory=dict)
 
     def reason(self) -> str:
         """One line: what was chosen, the figures, and what was left out."""
@@ -146,10 +149,12 @@ class Choice:
         text = f"speed modes: {chosen}" + (f" (measured images/s: {shown}{'; cached' if self.cached else ''})" if shown else "")
         if self.pruned:
             text += "; " + "; ".join(f"{name} not tried: {why}" for name, why in self.pruned.items())
+        if self.failed:
+            text += "; " + "; ".join(f"{name} failed here, so not taken: {why}" for name, why in self.failed.items())
         return text
 
     def record(self) -> dict[str, Any]:
-        return {"modes": asdict(self.modes), "figures": self.figures, "pruned": self.pruned}
+        return {"modes": asdict(self.modes), "figures": self.figures, "pruned": self.pruned, "failed": self.failed}
 
 
 def mode_label(modes: SpeedModes) -> str:
@@ -305,13 +310,21 @@ def choose(cfg: RunConfig, device: torch.device, *, timer: Timer | None = None, 
     if len(modes) > 1 or (cfg.train.compile == AUTO and "compile" not in pruned):
         figures, cached = _figures(cfg, device, modes, timer=timer, flags=flags, cache=cache)
     best = max(modes, key=lambda m: figures.get(mode_label(m), 0.0))
+    failed: dict[str, str] = {}
     if cfg.train.compile == AUTO and "compile" not in pruned:  # one compilation, of the fastest: each costs a minute
         compiled = replace(best, compile=True)
-        more, more_cached = _figures(cfg, device, [compiled], timer=timer, flags=flags, cache=cache)
-        figures, cached = {**figures, **more}, cached and more_cached
-        if compile_pays(figures[mode_label(best)], more[mode_label(compiled)]):
-            best = compiled
-    return Choice(best, figures, pruned, cached and bool(figures))
+        try:
+            more, more_cached = _figures(cfg, device, [compiled], timer=timer, flags=flags, cache=cache)
+        except DdpmkitError:
+            raise
+        except Exception as exc:  # torch.compile broken here (a toolchain, a driver, a torch bug): train without it
+            failed[mode_label(compiled)] = first_line(exc)
+        else:
+            figures, cached = {**figures, **more}, cached and more_cached
+            if compile_pays(figures[mode_label(best)], more[mode_label(compiled)]):
+                best = compiled
+    return Choice(best, figures, pruned, cached and bool(figures), failed)
+
 
 
 def compile_pays(plain: float, compiled: float) -> bool:
