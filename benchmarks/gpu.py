@@ -4,19 +4,20 @@
                              [--modes M,...] [--run-mode MODE]
 
 1. ``ddpmkit bench configs/mnist.toml --device cuda``: the tutorial's fp32 loops beside ddpmkit in the
-   CUDA speed modes of ``--modes`` (by default TF32, bf16 + channels-last + fused Adam, compiled, and compiled
-   in CUDA graphs: ``graphs``), with FLOP/s against the measured matmul peak of each dtype and peak memory;
+   CUDA speed modes of ``--modes`` (by default, all with fused Adam as a run on CUDA has it: fp32 + TF32, bf16 +
+   channels-last, compiled, and compiled in CUDA graphs: ``graphs``), with FLOP/s against the measured matmul peak of each dtype and peak memory;
 2. ``benchmarks/profile_step.py`` on the fastest mode and on its uncompiled twin (profile-*.txt): the kernel
    launches, copies and synchronisations of a step, which say what bounds it;
-3. ``ddpmkit run configs/mnist.toml`` end to end on the GPU in the fastest mode the bench found (or
-   ``--run-mode``), timed from start to the last file written; by default stopped after 7,100 steps, 10 % of the
+3. ``ddpmkit run configs/mnist.toml`` end to end on the GPU as written (its ``auto`` modes measured and chosen
+   by the run, CUDA graphs among them), or in ``--run-mode`` (``fastest``: the bench's), timed from start to the
+   last file written; by default stopped after 7,028 steps, 10 % of the
    recipe's 70,275, and the whole recipe's training time extrapolated from the loop's steady rate. The summary
    sets the loop's rate beside the bare step's (the bench's, same mode) and its median step beside its mean,
    so that stalls (checkpoints) and per-step costs (metrics, progress, host syncs) show apart.
 
 Everything lands in OUT (bench.json, profile-*.txt, run.log, summary.json) for the benchmarks page. Each stage
 compiles (about a minute per compiled mode on an H100), so on a lease with a 10-minute limit per command run
-``--stages bench,profile`` and then ``--stages run`` with the same OUT (the run takes the bench's fastest mode).
+``--stages bench,profile`` and then ``--stages run`` with the same OUT.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ def ddpmkit(*args: str, log: Path | None = None) -> float:
 
 
 #: the bench's modes by default: what can be fastest at the tutorial's batch 64, where launches bound the step
-MODES = "fp32+tf32,bf16+cl+fused,bf16+cl+fused+compile,bf16+cl+fused+compile+graphs,fp32+tf32+compile+graphs"
+MODES = ("fp32+fused+tf32,bf16+cl+fused,bf16+cl+fused+compile,bf16+cl+fused+compile+graphs,"
+         "fp32+fused+compile+graphs+tf32")  # with fused Adam, as a run on CUDA trains by default
 #: configs/mnist.toml's 75 epochs of MNIST's 60,000 images at batch 64 (the last partial batch dropped)
 RECIPE_STEPS = 75 * (60_000 // 64)
 
@@ -75,6 +77,26 @@ def loop_figures(runs: Path, max_steps: int | None) -> dict:
     return out
 
 
+def trained_mode(runs: Path) -> str:
+    """The bench's name of the modes the run trained in (its config.json holds them resolved)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from ddpmkit.benchmark.bench import mode_name
+    from ddpmkit.runtime.speed import SpeedModes
+
+    train = json.loads(next(runs.glob("*/config.json")).read_text())["train"]
+    return mode_name(SpeedModes.for_run(SimpleNamespace(**train), torch.device("cuda")))
+
+
+def same_step(a, b) -> bool:
+    """Whether two SpeedModes train the same step (TF32 only matters to fp32)."""
+    tf32 = a.precision != "fp32" or a.tf32 == b.tf32
+    return tf32 and (a.precision, a.channels_last, a.compile, a.cuda_graphs, a.fused_adam) == (
+        b.precision, b.channels_last, b.compile, b.cuda_graphs, b.fused_adam)
+
+
 def profile(mode: str, out: Path, steps: int = 5) -> None:
     """profile_step.py's tables for ``mode`` on CUDA, into ``out``."""
     with open(out, "w") as log:
@@ -92,7 +114,9 @@ def main() -> None:
     p.add_argument("--steps", default="20")
     p.add_argument("--modes", default=MODES, help=f"the bench's modes (default {MODES})")
     p.add_argument("--stages", default="bench,profile,run", help="which of bench, profile, run (default all three)")
-    p.add_argument("--run-mode", default=None, help="the end-to-end run's mode (default: the bench's fastest)")
+    p.add_argument("--run-mode", default=None,
+                   help="the end-to-end run's mode (default: the config's own, auto measured by the run; "
+                        "'fastest': the bench's fastest); also the profiled mode (default: the bench's fastest)")
     p.add_argument("--max-steps", type=int, default=RECIPE_STEPS // 10 + 1,
                    help="stop the end-to-end run's training after this many steps (default: 10 %% of the recipe; "
                         "0: the whole recipe); the summary extrapolates the full run from its steady-state rate")
@@ -121,25 +145,28 @@ def main() -> None:
         fastest = max(rows.values(), key=lambda row: row["per_s"])
         summary.update(device=bench["device_name"], bench=str(bench_json), fastest_training_mode=fastest["mode"],
                        fastest_training_ratio=fastest["ratio"], fastest_training_images_per_s=fastest["per_s"])
-    run_mode = a.run_mode or summary.get("fastest_training_mode")
-    if run_mode is None and stages & {"profile", "run"}:
+    fastest_mode = summary.get("fastest_training_mode")
+    if (a.run_mode == "fastest" or (a.run_mode is None and "profile" in stages)) and fastest_mode is None:
         sys.exit(f"no bench in {a.out} to take the fastest mode from: run the bench stage first, or give --run-mode")
     if "profile" in stages:
-        modes = parse_mode(run_mode)
+        modes = parse_mode(fastest_mode if a.run_mode in (None, "fastest") else a.run_mode)
         for m in dict.fromkeys([modes, replace(modes, compile=False, cuda_graphs=False)]):
             profile(mode_name(m), a.out / f"profile-{mode_name(m)}.txt")
     if "run" in stages:
-        sets = parse_mode(run_mode).overrides() + [f"run.dir={a.out / 'runs'}"]
+        forced = fastest_mode if a.run_mode == "fastest" else a.run_mode  # None: the config as written
+        sets = (parse_mode(forced).overrides() if forced else []) + [f"run.dir={a.out / 'runs'}"]
         args = ["run", str(a.config), "--device", "cuda", "--fresh"] + [x for s in sets for x in ("--set", s)]
         if a.max_steps:
             args += ["--set", f"train.max_steps={a.max_steps}"]
         if a.data_root:
             args += ["--data-root", a.data_root]
         summary["end_to_end_s"] = ddpmkit(*args, log=a.out / "run.log")
-        summary["end_to_end_mode"] = run_mode
+        trained = trained_mode(a.out / "runs")
+        summary["end_to_end_mode"] = trained + ("" if forced else " (chosen by the config's auto)")
         summary.update(loop_figures(a.out / "runs", a.max_steps))
-        if "steady_images_per_s" in summary and run_mode in rows:
-            summary["loop_over_bare_step"] = summary["steady_images_per_s"] / rows[run_mode]["per_s"]
+        bare = [row for name, row in rows.items() if same_step(parse_mode(name), parse_mode(trained))]
+        if "steady_images_per_s" in summary and bare:
+            summary["loop_over_bare_step"] = summary["steady_images_per_s"] / bare[0]["per_s"]
     summary[f"{a.stages}_s"] = time.perf_counter() - started
     summary_json.write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
