@@ -113,6 +113,7 @@ def main() -> None:
     p.add_argument("--data-root", default=None)
     p.add_argument("--steps", default="20")
     p.add_argument("--modes", default=MODES, help=f"the bench's modes (default {MODES})")
+    p.add_argument("--no-sample", action="store_true", help="the bench measures training only (a lease's minute)")
     p.add_argument("--stages", default="bench,profile,run", help="which of bench, profile, run (default all three)")
     p.add_argument("--run-mode", default=None,
                    help="the end-to-end run's mode (default: the config's own, auto measured by the run; "
@@ -136,8 +137,9 @@ def main() -> None:
     bench_json, summary_json = a.out / "bench.json", a.out / "summary.json"
     summary = json.loads(summary_json.read_text()) if summary_json.exists() else {}
     if "bench" in stages:
-        ddpmkit("bench", str(a.config), "--device", "cuda", "--steps", a.steps, "--sample-steps", a.steps,
-                "--modes", a.modes, "--out", str(bench_json))
+        sampling = ["--no-sample"] if a.no_sample else ["--sample-steps", a.steps]
+        ddpmkit("bench", str(a.config), "--device", "cuda", "--steps", a.steps, *sampling, "--modes", a.modes,
+                "--out", str(bench_json))
     rows = {}
     if bench_json.exists():
         bench = json.loads(bench_json.read_text())
