@@ -10,6 +10,7 @@ tolerances tests/test_speed.py states); TF32 (CUDA only) does too.
 from __future__ import annotations
 
 import functools
+import sys
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
@@ -149,8 +150,6 @@ def compile_unavailable(device: torch.device) -> str | None:
 @functools.lru_cache(maxsize=None)
 def _compile_unavailable(device_type: str) -> str | None:
     try:  # torch's own checks (private helpers): a torch without them lets torch.compile say it
-        import sys
-
         from torch._dynamo import is_dynamo_supported
 
         if not is_dynamo_supported():
