@@ -319,6 +319,9 @@ def choose(cfg: RunConfig, device: torch.device, *, timer: Timer | None = None, 
             raise
         except Exception as exc:  # torch.compile broken here (a toolchain, a driver, a torch bug): train without it
             failed[mode_label(compiled)] = first_line(exc)
+            import torch._dynamo
+
+            torch._dynamo.reset()  # nothing of the failed graphs (or their CUDA-graph memory pools) stays behind
         else:
             figures, cached = {**figures, **more}, cached and more_cached
             if compile_pays(figures[mode_label(best)], more[mode_label(compiled)]):
