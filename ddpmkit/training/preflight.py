@@ -211,6 +211,7 @@ def describe_config(cfg: RunConfig, built: Components) -> str:
         f"train      {t.epochs} epochs, batch {t.batch_size}, lr {t.lr:g}, EMA {t.ema_decay:g}"
         f"{' with warm-up' if t.ema_warmup else ''}, "
         f"{t.precision} precision, channels-last {t.channels_last}, compile {t.compile}"
+        + (" (in CUDA graphs on a GPU)" if t.cuda_graphs else "")
         + (f", at most {t.max_steps} steps" if t.max_steps is not None else "")
         + (f", a time budget of {format_duration(t.time_budget)}" if t.time_budget is not None else ""),
     ]
