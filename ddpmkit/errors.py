@@ -1,11 +1,13 @@
 """Errors a user can cause: the CLI prints them as one line and exits with code 2.
 
-Also the warning category ddpmkit uses for things a user should see but that do not stop a run.
+Also the warning category ddpmkit uses for things a user should see but that do not stop a run, and
+:func:`attempt`, for a report (a benchmark, a speed-mode trial) that goes on without what failed unexpectedly.
 """
 
 from __future__ import annotations
 
 import os
+from typing import Callable, TypeVar
 
 #: Set to 1 (or pass ``--debug``) to see the full traceback behind a one-line plugin error.
 DEBUG_ENV = "DDPMKIT_DEBUG"
@@ -70,6 +72,21 @@ def debug_enabled() -> bool:
 
 #: The exit code of a run or a sampling stopped by Ctrl-C or SIGTERM (128 + SIGINT), after saving what was done.
 EXIT_INTERRUPTED = 130
+
+
+_T = TypeVar("_T")
+
+
+def attempt(fn: Callable[[], _T]) -> tuple[_T | None, str | None]:
+    """``(fn(), None)``, or ``(None, the error in one line)`` where ``fn`` raised something unexpected (a broken
+    toolchain or driver under torch.compile, say), for a report that goes on without it; ddpmkit's own errors (a
+    user's mistake) and KeyboardInterrupt still propagate."""
+    try:
+        return fn(), None
+    except DdpmkitError:
+        raise
+    except Exception as exc:
+        return None, first_line(exc)
 
 
 def first_line(exc: BaseException, limit: int = 200) -> str:

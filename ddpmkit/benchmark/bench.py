@@ -11,7 +11,7 @@ import torch
 
 from ddpmkit.run.config import RunConfig
 from ddpmkit.run.data import to_model_scale
-from ddpmkit.errors import ConfigError, DdpmkitError, first_line
+from ddpmkit.errors import ConfigError, attempt
 from ddpmkit.sampling.draw import generate
 from ddpmkit.runtime.speed import AUTO, PRECISIONS, SpeedModes, compile_unavailable, pytorch_default_precision
 from ddpmkit.training.autotune import (
@@ -226,14 +226,13 @@ def run_bench(
                 continue
             note(f"training: ddpmkit, {name}{of}")
             reset_peak_memory(device)
-            try:
-                ips, setup = measure_training(cfg, m, device, warmup=warmup, steps=steps, max_seconds=None)
-            except DdpmkitError:
-                raise
-            except Exception as exc:
-                failed[name] = first_line(exc)
-                note(f"training: ddpmkit, {name} failed: {failed[name]}")
+            measured, error = attempt(
+                lambda: measure_training(cfg, m, device, warmup=warmup, steps=steps, max_seconds=None))
+            if error is not None:
+                failed[name] = error
+                note(f"training: ddpmkit, {name} failed: {error}")
                 continue
+            ips, setup = measured
             rates[name].append(ips)
             setups.setdefault(name, setup)  # the first round's: later ones find the compiled code cached
             memory.setdefault(name, peak_memory_bytes(device)[0])
@@ -259,18 +258,18 @@ def run_bench(
         sampling.append(row("tutorial, 1 image", None, ref_s, forward_flops, None))
         for m in modes:
             m = replace(m, fused_adam=False)
-            if any(r.mode == mode_name(m) for r in sampling[1:]) or f"{mode_name(m)} (sampling)" in failed:
+            name = mode_name(m)
+            if any(r.mode == name for r in sampling[1:]) or f"{name} (sampling)" in failed:
                 continue  # the optimizer does not sample
-            note(f"sampling: ddpmkit {cfg.sampler.name}, batch {sample_batch}, {mode_name(m)}")
+            note(f"sampling: ddpmkit {cfg.sampler.name}, batch {sample_batch}, {name}")
             reset_peak_memory(device)
-            try:
-                per_s, setup = bench_ddpmkit_sampling(cfg, m, device, steps=sample_steps, batch=sample_batch)
-            except DdpmkitError:
-                raise
-            except Exception as exc:
-                failed[f"{mode_name(m)} (sampling)"] = first_line(exc)
-                note(f"sampling: ddpmkit, {mode_name(m)} failed: {failed[f'{mode_name(m)} (sampling)']}")
+            measured, error = attempt(
+                lambda: bench_ddpmkit_sampling(cfg, m, device, steps=sample_steps, batch=sample_batch))
+            if error is not None:
+                failed[f"{name} (sampling)"] = error
+                note(f"sampling: ddpmkit, {name} failed: {error}")
                 continue
+            per_s, setup = measured
             sampling.append(row(f"ddpmkit {cfg.sampler.name}, batch {sample_batch}", m, per_s, forward_flops, ref_s, setup))
         best = max(sampling[1:], key=lambda r: r.per_s, default=None)
         for b in sample_batches:  # the batch size is a speed choice too: larger is not always faster on a CPU

@@ -71,10 +71,15 @@ class SpeedModes:
         settings = {k: v for k, v in self.train_settings().items() if k not in ("tf32", "cuda_graphs") or v}
         return [f"train.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in settings.items()]
 
+    @property
+    def graphed(self) -> bool:
+        """Whether the compiled training step runs in CUDA graphs (they replay a compiled graph: compile is needed)."""
+        return self.compile and self.cuda_graphs
+
     def describe(self) -> str:
         parts = [self.precision]
         parts += [name for name, on in (("channels-last", self.channels_last), ("compiled", self.compile),
-                                        ("CUDA graphs", self.compile and self.cuda_graphs),
+                                        ("CUDA graphs", self.graphed),
                                         ("fused Adam", self.fused_adam), ("TF32", self.tf32)) if on]
         return ", ".join(parts)
 
@@ -188,7 +193,7 @@ def require_compile(device: torch.device, *, kept: bool = False) -> None:
 
 def maybe_compiled(module: torch.nn.Module, modes: SpeedModes, forward: Any = None, *, graphs: bool = False) -> Any:
     """``module`` itself, or a :class:`RoutedDenoiser` calling ``forward`` (default: the module),
-    compiled when ``modes.compile``; with ``graphs`` (and ``modes.cuda_graphs``) in CUDA graphs.
+    compiled when ``modes.compile``, in CUDA graphs with ``graphs`` (the caller's decision: see below).
 
     CUDA graphs replay a whole compiled forward (and its backward) as one launch, for steps that launching
     kernels from Python bounds (batch 64 on an H100: docs/benchmarks.md). A replay overwrites the previous
@@ -197,5 +202,5 @@ def maybe_compiled(module: torch.nn.Module, modes: SpeedModes, forward: Any = No
     call = forward if forward is not None else module
     if modes.compile:
         require_compile(next(module.parameters(), torch.empty(0)).device)
-        call = torch.compile(call, mode="reduce-overhead") if graphs and modes.cuda_graphs else torch.compile(call)
+        call = torch.compile(call, mode="reduce-overhead") if graphs else torch.compile(call)
     return module if call is module else RoutedDenoiser(module, call)

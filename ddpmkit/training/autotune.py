@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from ddpmkit.errors import DdpmkitError, first_line
+from ddpmkit.errors import attempt
 from ddpmkit.run.components import build_components
 from ddpmkit.run.config import RunConfig, config_from_dict
 from ddpmkit.run.data import Dataset, dataset_classes
@@ -159,7 +159,7 @@ class Choice:
 
 def mode_label(modes: SpeedModes) -> str:
     return (modes.precision + ("+channels-last" if modes.channels_last else "") + ("+compiled" if modes.compile else "")
-            + ("+cuda-graphs" if modes.compile and modes.cuda_graphs else ""))
+            + ("+cuda-graphs" if modes.graphed else ""))
 
 
 def is_auto(train_section: Any) -> bool:
@@ -313,21 +313,18 @@ def choose(cfg: RunConfig, device: torch.device, *, timer: Timer | None = None, 
     failed: dict[str, str] = {}
     if cfg.train.compile == AUTO and "compile" not in pruned:  # one compilation, of the fastest: each costs a minute
         compiled = replace(best, compile=True)
-        try:
-            more, more_cached = _figures(cfg, device, [compiled], timer=timer, flags=flags, cache=cache)
-        except DdpmkitError:
-            raise
-        except Exception as exc:  # torch.compile broken here (a toolchain, a driver, a torch bug): train without it
-            failed[mode_label(compiled)] = first_line(exc)
+        measured, error = attempt(lambda: _figures(cfg, device, [compiled], timer=timer, flags=flags, cache=cache))
+        if error is not None:  # torch.compile broken here (a toolchain, a driver, a torch bug): train without it
+            failed[mode_label(compiled)] = error
             import torch._dynamo
 
             torch._dynamo.reset()  # nothing of the failed graphs (or their CUDA-graph memory pools) stays behind
         else:
+            more, more_cached = measured
             figures, cached = {**figures, **more}, cached and more_cached
             if compile_pays(figures[mode_label(best)], more[mode_label(compiled)]):
                 best = compiled
     return Choice(best, figures, pruned, cached and bool(figures), failed)
-
 
 
 def compile_pays(plain: float, compiled: float) -> bool:

@@ -233,7 +233,7 @@ class _Trainer:
 
             wrapped = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
         # CUDA graphs capture one process's step; DistributedDataParallel's gradient hooks stay eager
-        self.graphs = self.modes.compile and self.modes.cuda_graphs and not world.enabled
+        self.graphs = self.modes.graphed and not world.enabled
         self.forward = maybe_compiled(model, self.modes, wrapped, graphs=self.graphs)
 
     def restore(self, resume: Checkpoint) -> None:
