@@ -201,7 +201,9 @@ def test_bench_prints_the_side_by_side_table_and_json(tmp_path):
     r = invoke("bench", str(REPO / "configs" / "smoke.toml"), "--steps", "2", "--warmup", "1", "--sample-steps", "2",
                "--modes", "fp32,bf16+cl", "--sample-batches", "4,8", "--out", str(out))
     assert r.exit_code == 0, r.output
-    assert "matmul peak" in r.output and "bf16+cl" in r.output  # (the table is cut to 80 columns here)
+    assert "matmul peak" in r.output and "bf16+cl" in r.output
+    # not a terminal: the table is printed whole, not cut to 80 columns ("images…", "tutori…")
+    assert "images/s" in r.output and "x tutorial" in r.output and "│ tutorial │" in r.output
     assert "every FLOP of a step at the measured matmul peak: fp32" in " ".join(r.output.split())
     result = json.loads(out.read_text())
     loops = [(row["loop"], row["mode"]) for row in result["training"]]

@@ -8,7 +8,7 @@ import sys
 import traceback
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Optional, TextIO
+from typing import TYPE_CHECKING, Any, Callable, Optional, TextIO
 
 import typer
 from rich.console import Console
@@ -17,6 +17,9 @@ from rich.markup import escape
 from ddpmkit.errors import DEBUG_ENV, EXIT_INTERRUPTED, DdpmkitError, DdpmkitWarning, debug_enabled
 from ddpmkit.runtime.processes import sigterm_interrupts
 from ddpmkit.version import __version__
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 app = typer.Typer(
     name="ddpmkit",
@@ -72,6 +75,20 @@ class _Stdout:
 # is never broken mid-phrase at the terminal's width (tables still fit it).
 console = Console(file=_Stdout(), emoji=False, soft_wrap=True)  # type: ignore[arg-type]
 err_console = Console(stderr=True, emoji=False, soft_wrap=True)
+
+
+def print_table(table: Table) -> None:
+    """Print ``table`` whole: in a terminal rich fits it to the width; into a file or a pipe, which have none, at
+    its natural width, so that no cell (a speed mode's name, a plugin's error) is cut to an ellipsis at 80 columns."""
+    if console.is_terminal:
+        console.print(table)
+        return
+    fitted = console.width
+    console.width = max(fitted, console.measure(table, options=console.options.update_width(10_000)).maximum)
+    try:
+        console.print(table)
+    finally:
+        console.width = fitted
 
 SetOption = typer.Option(
     None, "--set", metavar="KEY.PATH=VALUE", help="Override a config value, e.g. --set train.batch_size=128 (repeatable)."

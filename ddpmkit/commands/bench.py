@@ -9,7 +9,9 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from ddpmkit.commands.app import DeviceOption, JsonOption, SetOption, app, console, err_console, user_errors, with_device
+from ddpmkit.commands.app import (
+    DeviceOption, JsonOption, SetOption, app, console, err_console, print_table, user_errors, with_device,
+)
 from ddpmkit.errors import DdpmkitError
 
 
@@ -99,7 +101,7 @@ def _print_bench(r: dict) -> None:
                 f"{row['flop_per_s'] / 1e9:.1f}", f"{row['utilisation']:.0%}" if row["utilisation"] else "",
                 f"{row['peak_memory'] / 2**20:,.0f} MiB", f"{row['setup_s']:.1f}" if row["setup_s"] is not None else "",
             )
-        console.print(table)
+        print_table(table)
         if key == "training" and r.get("ceiling"):
             at_peak = ", ".join(f"{name} {c['per_s']:,.1f} images/s ({c['ratio']:.2f}x the tutorial)"
                                 for name, c in r["ceiling"].items())

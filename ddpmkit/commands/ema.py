@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from ddpmkit.commands.app import app, console, user_errors
+from ddpmkit.commands.app import app, console, print_table, user_errors
 
 
 @app.command()
@@ -29,6 +29,6 @@ def ema(
         table.add_column(col)
     for r, folder in done:
         table.add_row(f"{r.sigma_rel:g}", f"{r.gamma:.2f}", f"{r.fit_error:.1e}", str(folder))
-    console.print(table)
+    print_table(table)
     console.print(f"sample one with `ddpmkit sample {done[0][1]}`, or compare them with "
                   f"`ddpmkit sweep {run} --ema {sigma_rel}`", highlight=False)

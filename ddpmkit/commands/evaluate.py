@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ddpmkit.commands.app import DataRootOption, JsonOption, SeedOption, app, console, err_console, mnist_root, user_errors
+from ddpmkit.commands.app import DataRootOption, JsonOption, SeedOption, app, console, err_console, mnist_root, print_table, user_errors
 
 
 @app.command("eval")
@@ -160,7 +160,7 @@ def sweep(
                       str(r["classes_present"]), *([f"{r['class_accuracy']:.1%}"] if conditional else []))
     table.add_row("real data", "", "", f"{f['fid']:.2f}", f"{f['precision']:.3f}", f"{f['recall']:.3f}",
                   f"{f['confident_share']:.1%}", "")
-    console.print(table)
+    print_table(table)
     console.print(f"wrote {result['plot']} and {Path(result['plot']).with_name('sweep.json')}", highlight=False)
 
 
@@ -194,7 +194,7 @@ def _print_eval(r: dict) -> None:
     for label, key, fmt in rows:
         # KID as it is: on the classifier's features (not Inception's) its scale is not the field's ~1e-3
         table.add_row(label, fmt.format(s[key]), fmt.format(f[key]))
-    console.print(table)
+    print_table(table)
     console.print(f"predicted classes 0..{len(s['class_histogram']) - 1}: {s['class_histogram']}", highlight=False)
     m = r["memorisation"]
     console.print(

@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from ddpmkit.commands.app import JsonOption, app, console, err_console, user_errors
+from ddpmkit.commands.app import JsonOption, app, console, err_console, print_table, user_errors
 
 
 @app.command("list-plugins")
@@ -38,7 +38,7 @@ def list_plugins_cmd(as_json: bool = JsonOption) -> None:
         table.add_column(col, overflow="fold", no_wrap=short)
     for c in cells:
         table.add_row(*map(escape, c[:4]), f"[{styles.get(c[4], 'white')}]{c[4]}[/]")
-    console.print(table)
+    print_table(table)
     for r in rows:
         if r["error"]:
             what = f"{r['kind']} '{r['name']}'" if r["name"] else f"plugin '{r['plugin']}'"
@@ -111,7 +111,7 @@ def check_plugins(
             table.add_column(col, overflow="fold")
         for x in results:
             table.add_row(x.kind, x.qualified_name, x.check, "[green]pass[/]" if x.passed else "[red]FAIL[/]", escape(x.detail))
-        console.print(table)
+        print_table(table)
     failed = [x for x in results if not x.passed]
     if failed:
         if not as_json:
@@ -250,7 +250,7 @@ def _options_table(schema: dict) -> None:
         table.add_column(col)
     for key, prop in schema.get("properties", {}).items():
         table.add_row(key, escape(_schema_type(prop)), escape(json.dumps(prop.get("default"))), escape(prop.get("description", "")))
-    console.print(table)
+    print_table(table)
 
 
 def _schema_type(prop: dict) -> str:
