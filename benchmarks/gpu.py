@@ -18,6 +18,11 @@
 Everything lands in OUT (bench.json, profile-*.txt, run.log, summary.json) for the benchmarks page. Each stage
 compiles (about a minute per compiled mode on an H100), so on a lease with a 10-minute limit per command run
 ``--stages bench,profile`` and then ``--stages run`` with the same OUT.
+
+Before a lease, rehearse every stage on a CPU in about a minute (a small config; its own run samples too):
+
+    python benchmarks/gpu.py --device cpu --config configs/smoke.toml --out /tmp/rehearse --steps 3 --no-sample \
+        --max-steps 40
 """
 
 from __future__ import annotations
@@ -77,7 +82,7 @@ def loop_figures(runs: Path, max_steps: int | None) -> dict:
     return out
 
 
-def trained_mode(runs: Path) -> str:
+def trained_mode(runs: Path, device: str) -> str:
     """The bench's name of the modes the run trained in (its config.json holds them resolved)."""
     from types import SimpleNamespace
 
@@ -87,7 +92,7 @@ def trained_mode(runs: Path) -> str:
     from ddpmkit.runtime.speed import SpeedModes
 
     train = json.loads(next(runs.glob("*/config.json")).read_text())["train"]
-    return mode_name(SpeedModes.for_run(SimpleNamespace(**train), torch.device("cuda")))
+    return mode_name(SpeedModes.for_run(SimpleNamespace(**train), torch.device(device)))
 
 
 def same_step(a, b) -> bool:
@@ -98,11 +103,11 @@ def same_step(a, b) -> bool:
     return step(a) == step(b)
 
 
-def profile(mode: str, out: Path, steps: int = 5) -> None:
-    """profile_step.py's tables for ``mode`` on CUDA, into ``out``."""
+def profile(config: Path, mode: str, device: str, out: Path, steps: int = 5) -> None:
+    """profile_step.py's tables for ``config``'s model in ``mode`` on ``device``, into ``out``."""
     with open(out, "w") as log:
-        code = subprocess.call([sys.executable, str(REPO / "benchmarks" / "profile_step.py"), "--device", "cuda",
-                                "--mode", mode, "--steps", str(steps)], stdout=log, stderr=subprocess.STDOUT)
+        code = subprocess.call([sys.executable, str(REPO / "benchmarks" / "profile_step.py"), str(config),
+                                "--device", device, "--mode", mode, "--steps", str(steps)], stdout=log, stderr=subprocess.STDOUT)
     if code:
         print(f"profile of {mode} failed with exit code {code} (see {out}); going on", file=sys.stderr)
 
@@ -112,6 +117,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("gpu-bench"))
     p.add_argument("--config", type=Path, default=REPO / "configs" / "mnist.toml")
     p.add_argument("--data-root", default=None)
+    p.add_argument("--device", default="cuda",
+                   help="cuda; cpu only to rehearse every stage before a lease (with a small --config)")
     p.add_argument("--steps", default="20")
     p.add_argument("--modes", default=MODES, help=f"the bench's modes (default {MODES})")
     p.add_argument("--no-sample", action="store_true", help="the bench measures training only (a lease's minute)")
@@ -123,23 +130,26 @@ def main() -> None:
                    help="stop the end-to-end run's training after this many steps (default: 10 %% of the recipe; "
                         "0: the whole recipe); the summary extrapolates the full run from its steady-state rate")
     a = p.parse_args()
-    a.out.mkdir(parents=True, exist_ok=True)
-
-    import torch
-
-    if not torch.cuda.is_available():
-        sys.exit("no CUDA device here: this script measures a GPU (use `ddpmkit bench` on a CPU)")
-    from ddpmkit.benchmark.bench import mode_name, parse_mode
-
     stages = set(a.stages.split(","))
     if stages - {"bench", "profile", "run"}:
         sys.exit(f"--stages {a.stages}: expected some of bench, profile, run")
-    started = time.perf_counter()
+    a.out.mkdir(parents=True, exist_ok=True)
     bench_json, summary_json = a.out / "bench.json", a.out / "summary.json"
     summary = json.loads(summary_json.read_text()) if summary_json.exists() else {}
+    needs_fastest = a.run_mode == "fastest" or (a.run_mode is None and "profile" in stages)
+    if needs_fastest and "bench" not in stages and "fastest_training_mode" not in summary:
+        sys.exit(f"no bench in {a.out} to take the fastest mode from: run the bench stage first, or give --run-mode")
+
+    import torch
+
+    if a.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("no CUDA device here: this script measures a GPU (use `ddpmkit bench` on a CPU)")
+    from ddpmkit.benchmark.bench import mode_name, parse_mode
+
+    started = time.perf_counter()
     if "bench" in stages:
         sampling = ["--no-sample"] if a.no_sample else ["--sample-steps", a.steps]
-        ddpmkit("bench", str(a.config), "--device", "cuda", "--steps", a.steps, *sampling, "--modes", a.modes,
+        ddpmkit("bench", str(a.config), "--device", a.device, "--steps", a.steps, *sampling, "--modes", a.modes,
                 "--out", str(bench_json))
     rows = {}
     if bench_json.exists():
@@ -149,23 +159,21 @@ def main() -> None:
         summary.update(device=bench["device_name"], bench=str(bench_json), fastest_training_mode=fastest["mode"],
                        fastest_training_ratio=fastest["ratio"], fastest_training_images_per_s=fastest["per_s"])
     fastest_mode = summary.get("fastest_training_mode")
-    if (a.run_mode == "fastest" or (a.run_mode is None and "profile" in stages)) and fastest_mode is None:
-        sys.exit(f"no bench in {a.out} to take the fastest mode from: run the bench stage first, or give --run-mode")
     if "profile" in stages:
         modes = parse_mode(fastest_mode if a.run_mode in (None, "fastest") else a.run_mode)
         for m in dict.fromkeys([modes, replace(modes, compile=False, cuda_graphs=False)]):
-            profile(mode_name(m), a.out / f"profile-{mode_name(m)}.txt")
+            profile(a.config, mode_name(m), a.device, a.out / f"profile-{mode_name(m)}.txt")
     if "run" in stages:
         forced = fastest_mode if a.run_mode == "fastest" else a.run_mode  # None: the config as written
         sets = (parse_mode(forced).overrides() if forced else []) + [f"run.dir={a.out / 'runs'}"]
-        args = ["run", str(a.config), "--device", "cuda", "--fresh"] + [x for s in sets for x in ("--set", s)]
+        args = ["run", str(a.config), "--device", a.device, "--fresh"] + [x for s in sets for x in ("--set", s)]
         if a.max_steps:
             args += ["--set", f"train.max_steps={a.max_steps}"]
         if a.data_root:
             args += ["--data-root", a.data_root]
         summary["end_to_end_s"] = ddpmkit(*args, log=a.out / "run.log")
-        trained = trained_mode(a.out / "runs")
-        summary["end_to_end_mode"] = trained + ("" if forced else " (chosen by the config's auto)")
+        trained = trained_mode(a.out / "runs", a.device)
+        summary["end_to_end_mode"] = trained + ("" if forced else " (the config as written)")
         summary.update(loop_figures(a.out / "runs", a.max_steps))
         bare = [row for name, row in rows.items() if same_step(parse_mode(name), parse_mode(trained))]
         if "steady_images_per_s" in summary and bare:
