@@ -79,7 +79,8 @@ err_console = Console(stderr=True, emoji=False, soft_wrap=True)
 
 def print_table(table: Table) -> None:
     """Print ``table`` whole: in a terminal rich fits it to the width; into a file or a pipe, which have none, at
-    its natural width, so that no cell (a speed mode's name, a plugin's error) is cut to an ellipsis at 80 columns."""
+    its natural width, so that no cell (a speed mode's name, a plugin's error) is cut to an ellipsis at 80 columns.
+    (For tables of prose, where wrapping at 80 reads better, print them as they are.)"""
     if console.is_terminal:
         console.print(table)
         return

@@ -250,7 +250,7 @@ def _options_table(schema: dict) -> None:
         table.add_column(col)
     for key, prop in schema.get("properties", {}).items():
         table.add_row(key, escape(_schema_type(prop)), escape(json.dumps(prop.get("default"))), escape(prop.get("description", "")))
-    print_table(table)
+    console.print(table)  # prose descriptions: wrapped at the width
 
 
 def _schema_type(prop: dict) -> str:
