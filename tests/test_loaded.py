@@ -11,6 +11,7 @@ import torch
 
 import ddpmkit
 import ddpmkit.run.checkpoint as checkpoint_module
+from ddpmkit.run.data import settle_section
 from runconfigs import REPO, ddpmkit as ddpmkit_cli, invoke, on_mnist, write_config
 
 
@@ -80,5 +81,12 @@ def test_the_readme_example_runs(trained, tmp_path, monkeypatch):
     text = (REPO / "README.md").read_text()
     block = re.search(r"<!-- load-run example -->\s*```python\n(.*?)```", text, re.S).group(1)
     assert len(block.strip().splitlines()) <= 6 and '"runs/mnist-cpu"' in block
+    # the shape its comment promises is what runs/mnist-cpu gives: configs/mnist-cpu.toml's images, NHWC
+    data = settle_section(ddpmkit.load_config(REPO / "configs" / "mnist-cpu.toml").data)  # MNIST's: no files read
+    promised = re.search(r"uint8 \[16, (\d+), (\d+), (\d+)\]", block).groups()
+    assert tuple(map(int, promised)) == (data.image_size, data.image_size, data.channels), promised
     monkeypatch.chdir(tmp_path)
-    exec(compile(block.replace('"runs/mnist-cpu"', repr(str(trained))), "README.md", "exec"), {})
+    namespace: dict = {}
+    exec(compile(block.replace('"runs/mnist-cpu"', repr(str(trained))), "README.md", "exec"), namespace)
+    drawn, data = namespace["images"], namespace["run"].config.data
+    assert tuple(drawn.shape) == (16, data.image_size, data.image_size, data.channels) and drawn.dtype == torch.uint8
