@@ -295,6 +295,28 @@ def test_bench_rounds_interleave_and_take_the_median_ratio_within_rounds(monkeyp
         assert result["ceiling"][name]["ratio"] == pytest.approx(peak / flops / 9.0)
 
 
+def test_the_bench_says_when_a_mode_names_cuda_only_flags_off_a_gpu(monkeypatch):
+    """``graphs`` and ``tf32`` change nothing on a CPU: rows that name them are the plain step, and the bench says so
+    there (and not on a GPU, where they are what is measured)."""
+    import ddpmkit.benchmark.bench as bench
+    import ddpmkit.commands.bench as command
+    from rich.console import Console
+
+    monkeypatch.setattr(bench, "bench_tutorial_training", lambda *a, **k: 10.0)
+    monkeypatch.setattr(bench, "measure_training", lambda *a, **k: (20.0, 1.0))
+    cfg = ddpmkit.load_config(REPO / "configs" / "smoke.toml")
+    modes = [parse_mode("fp32"), parse_mode("fp32+tf32"), parse_mode("fp32+compile+graphs")]
+    result = bench.run_bench(cfg, torch.device("cpu"), modes=modes, steps=1, warmup=1, sample=False)
+    result["config"] = "smoke.toml"
+    monkeypatch.setattr(command, "print_table", lambda table: None)
+    for device, said in (("cpu", True), ("cuda:0", False)):
+        console = Console(record=True, width=200)
+        monkeypatch.setattr(command, "console", console)
+        command._print_bench({**result, "device": device})
+        text = console.export_text()
+        assert ("graphs, tf32: CUDA only; on cpu a mode with them trains the same step as without" in text) == said
+
+
 def test_a_mode_that_breaks_here_is_left_out_of_the_bench_and_named(monkeypatch):
     """A mode whose measurement raises (torch.compile broken on this machine, CUDA graphs failing to capture) is
     measured once, left out of the rows and named with its error; the others are measured as usual."""

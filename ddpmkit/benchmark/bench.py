@@ -31,6 +31,8 @@ CPU_FEATURES = {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "avx512_fp16"}
 
 #: Mode flags after the precision in a mode name such as ``bf16+cl+compile``.
 FLAGS = {"cl": "channels_last", "fused": "fused_adam", "compile": "compile", "graphs": "cuda_graphs", "tf32": "tf32"}
+#: the flags that change nothing off a CUDA GPU
+CUDA_ONLY_FLAGS = {"graphs", "tf32"}
 
 
 def parse_mode(text: str) -> SpeedModes:

@@ -108,6 +108,13 @@ def _print_bench(r: dict) -> None:
             console.print(f"  every FLOP of a step at the measured matmul peak: {at_peak}", highlight=False)
     for mode, error in r.get("failed", {}).items():
         console.print(f"  {mode} failed here, left out: {error}", highlight=False)
+    from ddpmkit.benchmark.bench import CUDA_ONLY_FLAGS
+
+    named = {flag for row in r["training"] + r["sampling"] for flag in row["mode"].split("+")}
+    cuda_only = sorted(named & CUDA_ONLY_FLAGS)
+    if cuda_only and not r["device"].startswith("cuda"):
+        console.print(f"  {', '.join(cuda_only)}: CUDA only; on {r['device']} a mode with "
+                      f"{'them' if len(cuda_only) > 1 else 'it'} trains the same step as without", highlight=False)
 
 
 def _ratio(row: dict) -> str:
