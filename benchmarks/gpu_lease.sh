@@ -6,8 +6,9 @@
 #                                                 # installs ddpmkit, runs benchmarks/gpu.py --stages STAGES, and
 #                                                 # copies its figures to $OUT
 #
-# A lease's commands stop at 10 minutes: run `device bench,profile`, then `device run` on the same warm machine
-# (gpu-bench/ is ignored, so it stays there between calls). The lent image has torch, Triton, timm, einops, typer,
+# A lease's commands stop at 10 minutes and its 15 minutes include the machine's start: run `device run` first (the
+# recipe's own figure), then `device bench,profile` on the same warm machine (gpu-bench/ is ignored, so it stays
+# there between calls; the summary sets the run beside the bench in either order). The lent image has torch, Triton, timm, einops, typer,
 # rich, pluggy, safetensors, torchmetrics and matplotlib; pydantic is the one dependency it lacks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,10 +29,10 @@ case "${1:-}" in
     root="${DDPMKIT_DATA_ROOT:-../shared/data}"
     mkdir -p data/MNIST && cp -r "$root/MNIST/raw" data/MNIST/
     du -sh .whl data
-    echo 'now: the device tool with carry [".whl", "data"] and command: bash benchmarks/gpu_lease.sh device bench,profile'
+    echo 'now: the device tool with carry [".whl", "data"] and command: bash benchmarks/gpu_lease.sh device run'
     ;;
   device)
-    stages="${2:?which stages: bench,profile or run (or all three: bench,profile,run)}"
+    stages="${2:?which stages: run, then bench,profile (or all three: bench,profile,run)}"
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
     python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . > /dev/null

@@ -14,6 +14,16 @@ from runconfigs import REPO
 SCRIPT = REPO / "benchmarks" / "gpu.py"
 
 
+def gpu_module():
+    """benchmarks/gpu.py imported as a module (benchmarks/ is not a package)."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import gpu
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    return gpu
+
+
 def gpu_script(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=600,
                           cwd=REPO)
@@ -47,13 +57,22 @@ def test_stages_that_need_a_bench_or_a_gpu_say_so(tmp_path):
 
 
 def test_same_step_ignores_tf32_only_where_no_fp32_matmul_runs():
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        import gpu
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
+    gpu = gpu_module()
     from ddpmkit.benchmark.bench import parse_mode
 
     assert gpu.same_step(parse_mode("bf16+cl+fused+tf32"), parse_mode("bf16+cl+fused"))
     assert not gpu.same_step(parse_mode("fp32+fused+tf32"), parse_mode("fp32+fused"))
     assert not gpu.same_step(parse_mode("bf16+cl+fused+compile+graphs"), parse_mode("bf16+cl+fused+compile"))
+
+
+def test_the_run_is_set_beside_the_bench_row_of_its_own_step():
+    gpu = gpu_module()
+    from ddpmkit.benchmark.bench import parse_mode
+
+    bench = {"training": [{"mode": "fp32", "per_s": 50.0, "utilisation": 0.1},  # the tutorial's row comes first
+                          {"mode": "fp32+fused+tf32", "per_s": 80.0, "utilisation": 0.05},
+                          {"mode": "bf16+cl+fused", "per_s": 200.0, "utilisation": 0.4}]}
+    # TF32 changes nothing in a bf16 step, so the bf16 row is this run's bare step
+    figures = gpu.beside_bench(bench, parse_mode("bf16+cl+fused+tf32"), 150.0)
+    assert figures == {"loop_over_bare_step": 0.75, "run_utilisation": pytest.approx(0.3)}
+    assert gpu.beside_bench(bench, parse_mode("fp32+fused"), 150.0) == {}  # no row of that step: nothing made up
