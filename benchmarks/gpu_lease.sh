@@ -8,8 +8,9 @@
 #
 # A lease's commands stop at 10 minutes and its 15 minutes include the machine's start: run `device run` first (the
 # recipe's own figure), then `device bench,profile` on the same warm machine (gpu-bench/ is ignored, so it stays
-# there between calls; the summary sets the run beside the bench in either order). The lent image has torch, Triton, timm, einops, typer,
-# rich, pluggy, safetensors, torchmetrics and matplotlib; pydantic is the one dependency it lacks.
+# there between calls; the summary sets the run beside the bench in either order). The lent image has torch,
+# Triton, timm, einops, typer, rich, pluggy, safetensors, torchmetrics and matplotlib; pydantic is the one
+# dependency it lacks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -49,7 +50,7 @@ case "${1:-}" in
     exit "$status"
     ;;
   *)
-    sed -n '2,11p' "$0" >&2
+    sed -n '2,13p' "$0" >&2
     exit 2
     ;;
 esac
