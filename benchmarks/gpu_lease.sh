@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU figures of docs/benchmarks.md on a machine lent for 15 minutes, with nothing to download there.
 #
-#   bash benchmarks/gpu_lease.sh prepare          # here: pydantic's wheels into .whl/, MNIST into data/ (both ignored)
+#   bash benchmarks/gpu_lease.sh prepare          # here: pydantic's wheels into .whl/, MNIST gzipped into data/ (both
+#                                                 # ignored)
 #   bash benchmarks/gpu_lease.sh device STAGES    # there, as the device tool's command, carrying .whl and data:
 #                                                 # installs ddpmkit, runs benchmarks/gpu.py --stages STAGES, and
 #                                                 # copies its figures to $OUT
@@ -27,14 +28,24 @@ case "${1:-}" in
     "$python" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
       -d .whl $pins
+    # MNIST gzipped (11 MB instead of 55: the checkout and the wheels must fit beside it in the 64 MiB a call
+    # carries); `device` unpacks it there
     root="${DDPMKIT_DATA_ROOT:-../shared/data}"
-    mkdir -p data/MNIST && cp -r "$root/MNIST/raw" data/MNIST/
+    rm -rf data && mkdir -p data/MNIST/raw
+    for f in "$root"/MNIST/raw/*-ubyte; do gzip -c "$f" > "data/MNIST/raw/$(basename "$f").gz"; done
     du -sh .whl data
     echo 'now: the device tool with carry [".whl", "data"] and command: bash benchmarks/gpu_lease.sh device run'
     ;;
   device)
     stages="${2:?which stages: run, then bench,profile (or all three: bench,profile,run)}"
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    python3 - <<'UNPACK'
+import gzip, pathlib, shutil
+for packed in pathlib.Path("data/MNIST/raw").glob("*.gz"):
+    if not packed.with_suffix("").exists():
+        with gzip.open(packed) as src, open(packed.with_suffix(""), "wb") as dst:
+            shutil.copyfileobj(src, dst)
+UNPACK
     export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
     python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . > /dev/null
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
@@ -50,7 +61,7 @@ case "${1:-}" in
     exit "$status"
     ;;
   *)
-    sed -n '2,13p' "$0" >&2
+    sed -n '2,14p' "$0" >&2
     exit 2
     ;;
 esac
