@@ -114,14 +114,16 @@ def beside_bench(bench: dict, trained, rate: float) -> dict:
     if not bare:
         return {}
     over = rate / bare[0]["per_s"]
-    return {"loop_over_bare_step": over, "run_utilisation": bare[0]["utilisation"] * over}
+    return {"loop_over_bare_step": over, **({"run_utilisation": bare[0]["utilisation"] * over}
+                                             if bare[0].get("utilisation") else {})}
 
 
 def profile(config: Path, mode: str, device: str, out: Path, steps: int = 5) -> None:
     """profile_step.py's tables for ``config``'s model in ``mode`` on ``device``, into ``out``."""
     with open(out, "w") as log:
         code = subprocess.call([sys.executable, str(REPO / "benchmarks" / "profile_step.py"), str(config),
-                                "--device", device, "--mode", mode, "--steps", str(steps)], stdout=log, stderr=subprocess.STDOUT)
+                                "--device", device, "--mode", mode, "--steps", str(steps)],
+                               stdout=log, stderr=subprocess.STDOUT)
     if code:
         print(f"profile of {mode} failed with exit code {code} (see {out}); going on", file=sys.stderr)
 
@@ -189,7 +191,7 @@ def main() -> None:
         summary["trained_mode"] = trained = trained_mode(a.out / "runs", a.device)
         summary["end_to_end_mode"] = trained + ("" if forced else " (the config as written)")
         summary.update(loop_figures(a.out / "runs", a.max_steps))
-    if bench_json.exists() and "steady_images_per_s" in summary:  # the run beside the bench, in either order
+    if bench_json.exists() and {"trained_mode", "steady_images_per_s"} <= summary.keys():  # in either order
         summary.update(beside_bench(json.loads(bench_json.read_text()), parse_mode(summary["trained_mode"]),
                                     summary["steady_images_per_s"]))
     summary[f"{a.stages}_s"] = time.perf_counter() - started
