@@ -346,5 +346,6 @@ def test_a_mode_that_breaks_here_is_left_out_of_the_bench_and_named(monkeypatch)
 
     console = Console(record=True, width=200)
     monkeypatch.setattr(command, "console", console)
+    monkeypatch.setattr(command, "print_table", console.print)  # the table into the recorded console too
     _print_bench(result)
     assert "fp32+compile failed here, left out: RuntimeError: Triton kernel failed to launch" in console.export_text()

@@ -215,6 +215,15 @@ def run_bench(
     setups: dict[str, float] = {}
     memory: dict[str, int] = {}
     failed: dict[str, str] = {}  # mode -> its error: a mode that breaks here (compiling, say) is left out, not fatal
+
+    def tried(key: str, what: str, measure: Callable[[], tuple[float, float]]) -> tuple[float, float] | None:
+        """``measure()``, or None where it broke, its error recorded under ``key`` in ``failed`` and noted."""
+        measured, error = attempt(measure)
+        if error is not None:
+            failed[key] = error
+            note(f"{what} failed: {error}")
+        return measured
+
     for r in range(rounds):
         of = f" (round {r + 1} of {rounds})" if rounds > 1 else ""
         note(f"training: the tutorial's fp32 eager step, batch {batch}{of}")
@@ -228,11 +237,9 @@ def run_bench(
                 continue
             note(f"training: ddpmkit, {name}{of}")
             reset_peak_memory(device)
-            measured, error = attempt(
-                lambda: measure_training(cfg, m, device, warmup=warmup, steps=steps, max_seconds=None))
-            if error is not None:
-                failed[name] = error
-                note(f"training: ddpmkit, {name} failed: {error}")
+            measured = tried(name, f"training: ddpmkit, {name}",
+                             lambda: measure_training(cfg, m, device, warmup=warmup, steps=steps, max_seconds=None))
+            if measured is None:
                 continue
             ips, setup = measured
             rates[name].append(ips)
@@ -265,11 +272,9 @@ def run_bench(
                 continue  # the optimizer does not sample
             note(f"sampling: ddpmkit {cfg.sampler.name}, batch {sample_batch}, {name}")
             reset_peak_memory(device)
-            measured, error = attempt(
-                lambda: bench_ddpmkit_sampling(cfg, m, device, steps=sample_steps, batch=sample_batch))
-            if error is not None:
-                failed[f"{name} (sampling)"] = error
-                note(f"sampling: ddpmkit, {name} failed: {error}")
+            measured = tried(f"{name} (sampling)", f"sampling: ddpmkit, {name}",
+                             lambda: bench_ddpmkit_sampling(cfg, m, device, steps=sample_steps, batch=sample_batch))
+            if measured is None:
                 continue
             per_s, setup = measured
             sampling.append(row(f"ddpmkit {cfg.sampler.name}, batch {sample_batch}", m, per_s, forward_flops, ref_s, setup))
