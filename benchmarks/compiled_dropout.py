@@ -2,7 +2,8 @@
 (docs/benchmarks.md, "Hashed dropout masks in compiled CPU graphs").
 
     python benchmarks/compiled_dropout.py masks                 # one mask on 64 x 8 x 256 x 256, each way (ms)
-    python benchmarks/compiled_dropout.py step [--rounds 2]     # the tutorial UNet's compiled bf16 step, interleaved A/B
+    python benchmarks/compiled_dropout.py step [--rounds 2]     # the tutorial UNet's compiled bf16 step, interleaved
+    A/B
     python benchmarks/compiled_dropout.py losses [--steps 400]  # the same dropout in training? three short runs
     python benchmarks/compiled_dropout.py weights [--rounds 3]  # attention's weights in bf16 for the product with v?
 
@@ -18,8 +19,8 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -39,8 +40,12 @@ def _plain_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_
 
 
 #: where the masks are hashed: the UNet's (dropout, attention)
-VARIANTS = {"nothing": (_plain_dropout, _plain_attention), "the ResBlocks only": (D.dropout, _plain_attention),
-            "attention only": (_plain_dropout, D.attention), "both (ddpmkit)": (D.dropout, D.attention)}
+VARIANTS = {
+    "nothing": (_plain_dropout, _plain_attention),
+    "the ResBlocks only": (D.dropout, _plain_attention),
+    "attention only": (_plain_dropout, D.attention),
+    "both (ddpmkit)": (D.dropout, D.attention),
+}
 
 
 def _median_ms(fn: Callable[[], object], repeat: int = 5) -> float:
@@ -60,11 +65,13 @@ def masks() -> None:
     # the seed's torch.randint as an ATen call, drawn once, instead of inlined into every vector of the mask's kernel
     compiled_hashed_aten_seed = torch.compile(lambda x: D.dropout(x, 0.1, True), options={"fallback_random": True})
     compiled_mul = torch.compile(lambda x: x * 1.1)
-    for name, fn in (("F.dropout, eager", lambda: F.dropout(w, 0.1, training=True)),
-                     ("F.dropout, compiled (inductor's Philox)", lambda: compiled_f(w)),
-                     ("ddpmkit dropout, compiled (hashed)", lambda: compiled_hashed(w)),
-                     ("ddpmkit dropout, compiled with fallback_random", lambda: compiled_hashed_aten_seed(w)),
-                     ("a multiply, compiled (the memory traffic alone)", lambda: compiled_mul(w))):
+    for name, fn in (
+        ("F.dropout, eager", lambda: F.dropout(w, 0.1, training=True)),
+        ("F.dropout, compiled (inductor's Philox)", lambda: compiled_f(w)),
+        ("ddpmkit dropout, compiled (hashed)", lambda: compiled_hashed(w)),
+        ("ddpmkit dropout, compiled with fallback_random", lambda: compiled_hashed_aten_seed(w)),
+        ("a multiply, compiled (the memory traffic alone)", lambda: compiled_mul(w)),
+    ):
         print(f"{name}: {_median_ms(fn):.0f} ms", flush=True)
 
 
@@ -82,7 +89,9 @@ def step(config: Path, rounds: int, steps: int) -> None:
                 U.dropout, U.attention = drop, attend
                 figures[name].append(measure_training(cfg, modes, cpu, warmup=2, steps=steps)[0])
             ratios = ", ".join(f"{name} {v[-1] / figures['nothing'][-1]:.2f}x" for name, v in figures.items())
-            print(f"round {r + 1}: masks hashed in {ratios} (nothing: {figures['nothing'][-1]:.1f} images/s)", flush=True)
+            print(
+                f"round {r + 1}: masks hashed in {ratios} (nothing: {figures['nothing'][-1]:.1f} images/s)", flush=True
+            )
     finally:
         U.dropout, U.attention = ddpmkits
 
@@ -105,11 +114,12 @@ def weights(config: Path, rounds: int, steps: int) -> None:
         for std in (1.0, 3.0):  # the scale of q and k: logits grow with it
             q, k = ((torch.randn(4, 8, 256, head_dim) * std).bfloat16() for _ in range(2))
             v, grad = torch.randn(4, 8, 256, head_dim).bfloat16(), torch.randn(4, 8, 256, head_dim)
-            ways = {"fp64": lambda q, k, v: _softmax_product(q.double(), k.double(), v.double()),
-                    "fp32 weights (ddpmkit)":
-                        lambda q, k, v: _softmax_product(q.float(), k.float(), v.float()).bfloat16(),
-                    "bf16 weights": lambda q, k, v: _softmax_product(q.float(), k.float(), v),
-                    "bf16 scores and weights": lambda q, k, v: _softmax_product(q, k, v, upcast_scores=True)}
+            ways = {
+                "fp64": lambda q, k, v: _softmax_product(q.double(), k.double(), v.double()),
+                "fp32 weights (ddpmkit)": lambda q, k, v: _softmax_product(q.float(), k.float(), v.float()).bfloat16(),
+                "bf16 weights": lambda q, k, v: _softmax_product(q.float(), k.float(), v),
+                "bf16 scores and weights": lambda q, k, v: _softmax_product(q, k, v, upcast_scores=True),
+            }
             results = {}
             for name, way in ways.items():
                 leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
@@ -118,8 +128,11 @@ def weights(config: Path, rounds: int, steps: int) -> None:
                 results[name] = [out.double()] + [t.grad.double() for t in leaves]
             for name in list(ways)[1:]:
                 errors = [((a - b).norm() / b.norm()).item() for a, b in zip(results[name], results["fp64"])]
-                print(f"head size {head_dim}, q and k of std {std}, {name}: relative error of the output "
-                      f"{errors[0]:.1e}, of dq {errors[1]:.1e}, dk {errors[2]:.1e}, dv {errors[3]:.1e}", flush=True)
+                print(
+                    f"head size {head_dim}, q and k of std {std}, {name}: relative error of the output "
+                    f"{errors[0]:.1e}, of dq {errors[1]:.1e}, dk {errors[2]:.1e}, dv {errors[3]:.1e}",
+                    flush=True,
+                )
 
     from ddpmkit.benchmark.bench import parse_mode
     from ddpmkit.run.config import load_config
@@ -135,8 +148,11 @@ def weights(config: Path, rounds: int, steps: int) -> None:
                 U.attention = attend
                 figures[name].append(measure_training(cfg, modes, cpu, warmup=2, steps=steps, max_seconds=None)[0])
             base = figures["fp32 weights (ddpmkit)"][-1]
-            print(f"round {r + 1}: fp32 weights {base:.2f} images/s, bf16 weights "
-                  f"{figures['bf16 weights'][-1] / base:.3f}x", flush=True)
+            print(
+                f"round {r + 1}: fp32 weights {base:.2f} images/s, bf16 weights "
+                f"{figures['bf16 weights'][-1] / base:.3f}x",
+                flush=True,
+            )
     finally:
         U.attention = shipped
 
@@ -155,30 +171,49 @@ def losses(config: Path, steps: int, data_root: str | None) -> None:
     from ddpmkit.run.config import load_config
     from ddpmkit.training.runner import run_config
 
-    runs = {"dropout 0.1, eager (F.dropout)": (0.1, False), "dropout 0.1, compiled (hashed)": (0.1, True),
-            "dropout 0, compiled": (0.0, True)}
+    runs = {
+        "dropout 0.1, eager (F.dropout)": (0.1, False),
+        "dropout 0.1, compiled (hashed)": (0.1, True),
+        "dropout 0, compiled": (0.0, True),
+    }
     with tempfile.TemporaryDirectory(prefix="ddpmkit-dropout-") as tmp:
         for i, (name, (p, compiled)) in enumerate(runs.items()):
-            cfg = load_config(config, [
-                f"run.dir={json.dumps(tmp)}", f'run.name="r{i}"', "denoiser.options.attentions=[false, true, false, false]",
-                f"denoiser.options.dropout={p}", "guidance.weight=1.0", 'train.precision="bf16"',
-                "train.channels_last=true", f"train.compile={str(compiled).lower()}", f"train.max_steps={steps}",
-                "sample.num_images=16", "sample.trajectory_images=0"])
+            cfg = load_config(
+                config,
+                [
+                    f"run.dir={json.dumps(tmp)}",
+                    f'run.name="r{i}"',
+                    "denoiser.options.attentions=[false, true, false, false]",
+                    f"denoiser.options.dropout={p}",
+                    "guidance.weight=1.0",
+                    'train.precision="bf16"',
+                    "train.channels_last=true",
+                    f"train.compile={str(compiled).lower()}",
+                    f"train.max_steps={steps}",
+                    "sample.num_images=16",
+                    "sample.trajectory_images=0",
+                ],
+            )
             cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"time_budget": None})})
             run_config(cfg, data_root=Path(data_root) if data_root else None)
             rows = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
             rows = [row for row in rows if "loss" in row]
-            late = rows[len(rows) // 2:]
+            late = rows[len(rows) // 2 :]
             trace = [row["loss"] for row in late]
-            print(f"{name}: mean loss over steps {late[0]['step']}-{late[-1]['step']} {statistics.fmean(trace):.5f} "
-                  f"(standard error {statistics.stdev(trace) / len(trace) ** 0.5:.5f}), "
-                  f"{statistics.median(row['images_per_s'] for row in late):.1f} images/s", flush=True)
+            print(
+                f"{name}: mean loss over steps {late[0]['step']}-{late[-1]['step']} {statistics.fmean(trace):.5f} "
+                f"(standard error {statistics.stdev(trace) / len(trace) ** 0.5:.5f}), "
+                f"{statistics.median(row['images_per_s'] for row in late):.1f} images/s",
+                flush=True,
+            )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("what", choices=["masks", "step", "losses", "weights"])
-    parser.add_argument("--config", type=Path, help="default: configs/mnist.toml (step), configs/mnist-cpu.toml (losses)")
+    parser.add_argument(
+        "--config", type=Path, help="default: configs/mnist.toml (step), configs/mnist-cpu.toml (losses)"
+    )
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, help="default: 5 timed steps (step, weights), 400 steps (losses)")
     parser.add_argument("--data-root", default=os.environ.get("DDPMKIT_DATA_ROOT"))

@@ -5,7 +5,8 @@
 
 1. ``ddpmkit bench configs/mnist.toml --device cuda``: the tutorial's fp32 loops beside ddpmkit in the
    CUDA speed modes of ``--modes`` (by default, all with fused Adam as a run on CUDA has it: fp32 + TF32, bf16 +
-   channels-last, compiled, and compiled in CUDA graphs: ``graphs``), with FLOP/s against the measured matmul peak of each dtype and peak memory;
+   channels-last, compiled, and compiled in CUDA graphs: ``graphs``), with FLOP/s against the measured matmul peak of
+   each dtype and peak memory;
 2. ``benchmarks/profile_step.py`` on the fastest mode and on its uncompiled twin (profile-*.txt): the kernel
    launches, copies and synchronisations of a step, which say what bounds it;
 3. ``ddpmkit run configs/mnist.toml`` end to end on the GPU as written (its ``auto`` modes measured and chosen
@@ -55,8 +56,10 @@ def ddpmkit(*args: str, log: Path | None = None) -> float:
 
 
 #: the bench's modes by default: what can be fastest at the tutorial's batch 64, where launches bound the step
-MODES = ("fp32+fused+tf32,bf16+cl+fused,bf16+cl+fused+compile,bf16+cl+fused+compile+graphs,"
-         "fp32+fused+compile+graphs+tf32")  # with fused Adam, as a run on CUDA trains by default
+MODES = (
+    "fp32+fused+tf32,bf16+cl+fused,bf16+cl+fused+compile,bf16+cl+fused+compile+graphs,"
+    "fp32+fused+compile+graphs+tf32"
+)  # with fused Adam, as a run on CUDA trains by default
 #: configs/mnist.toml's 75 epochs of MNIST's 60,000 images at batch 64 (the last partial batch dropped)
 RECIPE_STEPS = 75 * (60_000 // 64)
 
@@ -99,6 +102,7 @@ def trained_mode(runs: Path, device: str) -> str:
 
 def same_step(a, b) -> bool:
     """Whether two SpeedModes train the same step (TF32 only matters to fp32)."""
+
     def step(m):
         return replace(m, tf32=m.tf32 and m.precision == "fp32")
 
@@ -114,16 +118,30 @@ def beside_bench(bench: dict, trained, rate: float) -> dict:
     if not bare:
         return {}
     over = rate / bare[0]["per_s"]
-    return {"loop_over_bare_step": over, **({"run_utilisation": bare[0]["utilisation"] * over}
-                                             if bare[0].get("utilisation") else {})}
+    return {
+        "loop_over_bare_step": over,
+        **({"run_utilisation": bare[0]["utilisation"] * over} if bare[0].get("utilisation") else {}),
+    }
 
 
 def profile(config: Path, mode: str, device: str, out: Path, steps: int = 5) -> None:
     """profile_step.py's tables for ``config``'s model in ``mode`` on ``device``, into ``out``."""
     with open(out, "w") as log:
-        code = subprocess.call([sys.executable, str(REPO / "benchmarks" / "profile_step.py"), str(config),
-                                "--device", device, "--mode", mode, "--steps", str(steps)],
-                               stdout=log, stderr=subprocess.STDOUT)
+        code = subprocess.call(
+            [
+                sys.executable,
+                str(REPO / "benchmarks" / "profile_step.py"),
+                str(config),
+                "--device",
+                device,
+                "--mode",
+                mode,
+                "--steps",
+                str(steps),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     if code:
         print(f"profile of {mode} failed with exit code {code} (see {out}); going on", file=sys.stderr)
 
@@ -133,18 +151,26 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("gpu-bench"))
     p.add_argument("--config", type=Path, default=REPO / "configs" / "mnist.toml")
     p.add_argument("--data-root", default=None)
-    p.add_argument("--device", default="cuda",
-                   help="cuda; cpu only to rehearse every stage before a lease (with a small --config)")
+    p.add_argument(
+        "--device", default="cuda", help="cuda; cpu only to rehearse every stage before a lease (with a small --config)"
+    )
     p.add_argument("--steps", default="20")
     p.add_argument("--modes", default=MODES, help=f"the bench's modes (default {MODES})")
     p.add_argument("--no-sample", action="store_true", help="the bench measures training only (a lease's minute)")
     p.add_argument("--stages", default="bench,profile,run", help="which of bench, profile, run (default all three)")
-    p.add_argument("--run-mode", default=None,
-                   help="the end-to-end run's mode (default: the config's own, auto measured by the run; "
-                        "'fastest': the bench's fastest); also the profiled mode (default: the bench's fastest)")
-    p.add_argument("--max-steps", type=int, default=RECIPE_STEPS // 10 + 1,
-                   help="stop the end-to-end run's training after this many steps (default: 10 %% of the recipe; "
-                        "0: the whole recipe); the summary extrapolates the full run from its steady-state rate")
+    p.add_argument(
+        "--run-mode",
+        default=None,
+        help="the end-to-end run's mode (default: the config's own, auto measured by the run; "
+        "'fastest': the bench's fastest); also the profiled mode (default: the bench's fastest)",
+    )
+    p.add_argument(
+        "--max-steps",
+        type=int,
+        default=RECIPE_STEPS // 10 + 1,
+        help="stop the end-to-end run's training after this many steps (default: 10 %% of the recipe; "
+        "0: the whole recipe); the summary extrapolates the full run from its steady-state rate",
+    )
     a = p.parse_args()
     stages = set(a.stages.split(","))
     if stages - {"bench", "profile", "run"}:
@@ -165,15 +191,31 @@ def main() -> None:
     started = time.perf_counter()
     if "bench" in stages:
         sampling = ["--no-sample"] if a.no_sample else ["--sample-steps", a.steps]
-        ddpmkit("bench", str(a.config), "--device", a.device, "--steps", a.steps, *sampling, "--modes", a.modes,
-                "--out", str(bench_json))
+        ddpmkit(
+            "bench",
+            str(a.config),
+            "--device",
+            a.device,
+            "--steps",
+            a.steps,
+            *sampling,
+            "--modes",
+            a.modes,
+            "--out",
+            str(bench_json),
+        )
     rows = {}
     if bench_json.exists():
         bench = json.loads(bench_json.read_text())
         rows = {row["mode"]: row for row in bench["training"][1:]}
         fastest = max(rows.values(), key=lambda row: row["per_s"])
-        summary.update(device=bench["device_name"], bench=str(bench_json), fastest_training_mode=fastest["mode"],
-                       fastest_training_ratio=fastest["ratio"], fastest_training_images_per_s=fastest["per_s"])
+        summary.update(
+            device=bench["device_name"],
+            bench=str(bench_json),
+            fastest_training_mode=fastest["mode"],
+            fastest_training_ratio=fastest["ratio"],
+            fastest_training_images_per_s=fastest["per_s"],
+        )
     fastest_mode = summary.get("fastest_training_mode")
     if "profile" in stages:
         modes = parse_mode(fastest_mode if a.run_mode in (None, "fastest") else a.run_mode)
@@ -192,8 +234,11 @@ def main() -> None:
         summary["end_to_end_mode"] = trained + ("" if forced else " (the config as written)")
         summary.update(loop_figures(a.out / "runs", a.max_steps))
     if bench_json.exists() and {"trained_mode", "steady_images_per_s"} <= summary.keys():  # in either order
-        summary.update(beside_bench(json.loads(bench_json.read_text()), parse_mode(summary["trained_mode"]),
-                                    summary["steady_images_per_s"]))
+        summary.update(
+            beside_bench(
+                json.loads(bench_json.read_text()), parse_mode(summary["trained_mode"]), summary["steady_images_per_s"]
+            )
+        )
     summary[f"{a.stages}_s"] = time.perf_counter() - started
     summary_json.write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))

@@ -29,8 +29,10 @@ def main(run: str, repeats: int = 20) -> None:
         started = time.perf_counter()
         save_snapshot(Path(folder), 50, {s: tracked.weights(model, s) for s in tracked.sigma_rels}, tracked.gammas)
         snapshot = time.perf_counter() - started
-    print(f"{model.num_parameters():,} parameters, 2 profiles: update {update * 1000:.2f} ms per step, "
-          f"snapshot {snapshot * 1000:.0f} ms")
+    print(
+        f"{model.num_parameters():,} parameters, 2 profiles: update {update * 1000:.2f} ms per step, "
+        f"snapshot {snapshot * 1000:.0f} ms"
+    )
 
 
 if __name__ == "__main__":

@@ -19,7 +19,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def profile_steps(config: Path, mode: str, device: str, steps: int, overrides: list[str], kernels: bool = False) -> None:
+def profile_steps(
+    config: Path, mode: str, device: str, steps: int, overrides: list[str], kernels: bool = False
+) -> None:
     import torch
     import torch._inductor.config
 
@@ -28,8 +30,8 @@ def profile_steps(config: Path, mode: str, device: str, steps: int, overrides: l
     from torch.profiler import ProfilerActivity, profile
 
     from ddpmkit.benchmark.bench import parse_mode
-    from ddpmkit.training.autotune import measure_training
     from ddpmkit.run.config import load_config
+    from ddpmkit.training.autotune import measure_training
 
     cfg = load_config(config, overrides)
     dev, modes = torch.device(device), parse_mode(mode)
@@ -56,8 +58,17 @@ def time_hooks(steps: int = 3000) -> None:
     cfg.run_dir.mkdir(parents=True)
     events = EventDispatcher(RunInfo(cfg.run_dir, cfg, "cpu", 0, steps))
     events.emit("train_start")
-    metrics = {"step": 0, "epoch": 0, "loss": 0.1, "lr": 1e-3, "images_per_s": 100.0, "time": time.time(),
-               "elapsed_s": 1.0, "grad_norm": 0.5, "skipped": 0}
+    metrics = {
+        "step": 0,
+        "epoch": 0,
+        "loss": 0.1,
+        "lr": 1e-3,
+        "images_per_s": 100.0,
+        "time": time.time(),
+        "elapsed_s": 1.0,
+        "grad_norm": 0.5,
+        "skipped": 0,
+    }
     start = time.perf_counter()
     for step in range(1, steps + 1):
         events.emit("step_end", step=step, metrics={**metrics, "step": step})

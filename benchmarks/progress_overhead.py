@@ -32,7 +32,9 @@ def main() -> None:
         alone = measure_training(cfg, modes, device, steps=args.steps, mean=True)[0]
         with training_progress(terminal, 100, 0):
             barred = measure_training(cfg, modes, device, steps=args.steps, mean=True)[0]
-        print(f"round {i}: loop alone {alone:.1f} images/s, with the bar {barred:.1f}: {barred / alone:.3f}x", flush=True)
+        print(
+            f"round {i}: loop alone {alone:.1f} images/s, with the bar {barred:.1f}: {barred / alone:.3f}x", flush=True
+        )
 
 
 if __name__ == "__main__":

@@ -18,21 +18,56 @@ import ddpmkit
 from ddpmkit.diffusion import training_loss
 
 VARIANTS = {
-    "tutorial": dict(channels=[64, 128, 256, 512, 512, 384], attentions=[False, True, False, False, False, True],
-                     upscales=[False, False, False, True, True, True], num_groups=32, num_heads=8),
-    "w32-4": dict(channels=[32, 64, 128, 128], attentions=[False, False, False, False],
-                  upscales=[False, False, True, True], num_groups=8, num_heads=4, dropout=0.0),
-    "w32-6": dict(channels=[32, 64, 128, 256, 256, 192], attentions=[False, False, False, False, False, False],
-                  upscales=[False, False, False, True, True, True], num_groups=8, num_heads=4, dropout=0.0),
-    "w16-6-att": dict(channels=[16, 32, 64, 128, 128, 96], attentions=[False, True, False, False, False, True],
-                      upscales=[False, False, False, True, True, True], num_groups=8, num_heads=4, dropout=0.0),
-    "w24-4": dict(channels=[24, 48, 96, 96], attentions=[False, False, False, False],
-                  upscales=[False, False, True, True], num_groups=8, num_heads=4, dropout=0.0),
+    "tutorial": dict(
+        channels=[64, 128, 256, 512, 512, 384],
+        attentions=[False, True, False, False, False, True],
+        upscales=[False, False, False, True, True, True],
+        num_groups=32,
+        num_heads=8,
+    ),
+    "w32-4": dict(
+        channels=[32, 64, 128, 128],
+        attentions=[False, False, False, False],
+        upscales=[False, False, True, True],
+        num_groups=8,
+        num_heads=4,
+        dropout=0.0,
+    ),
+    "w32-6": dict(
+        channels=[32, 64, 128, 256, 256, 192],
+        attentions=[False, False, False, False, False, False],
+        upscales=[False, False, False, True, True, True],
+        num_groups=8,
+        num_heads=4,
+        dropout=0.0,
+    ),
+    "w16-6-att": dict(
+        channels=[16, 32, 64, 128, 128, 96],
+        attentions=[False, True, False, False, False, True],
+        upscales=[False, False, False, True, True, True],
+        num_groups=8,
+        num_heads=4,
+        dropout=0.0,
+    ),
+    "w24-4": dict(
+        channels=[24, 48, 96, 96],
+        attentions=[False, False, False, False],
+        upscales=[False, False, True, True],
+        num_groups=8,
+        num_heads=4,
+        dropout=0.0,
+    ),
 }
 
 
 def bench(
-    name: str, opts: dict, precision: str, channels_last: bool, steps: int, batch: int, size: int = 32,
+    name: str,
+    opts: dict,
+    precision: str,
+    channels_last: bool,
+    steps: int,
+    batch: int,
+    size: int = 32,
     device: str = "cpu",
 ) -> tuple[float, float, int]:
     torch.manual_seed(0)
@@ -89,7 +124,9 @@ def main() -> None:
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    print(f"torch {torch.__version__}, {a.device}, {torch.get_num_threads()} threads, batch {a.batch}, {a.size}x{a.size}")
+    print(
+        f"torch {torch.__version__}, {a.device}, {torch.get_num_threads()} threads, batch {a.batch}, {a.size}x{a.size}"
+    )
     print(f"{'variant':<12}{'params':>10} {'precision':<6}{'layout':<14}{'train img/s':>12}{'fwd img/s':>11}")
     for name in a.variants.split(","):
         for mode in a.modes.split(","):

@@ -10,7 +10,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ddpmkit.errors import CheckpointError, ConfigError, DataError, DdpmkitError, DdpmkitWarning, PluginCodeError, PluginError
+from ddpmkit.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    DdpmkitError,
+    DdpmkitWarning,
+    PluginCodeError,
+    PluginError,
+)
 from ddpmkit.hookspecs import PLUGIN_API_VERSION, Register, hookimpl
 from ddpmkit.version import __version__
 

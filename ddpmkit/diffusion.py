@@ -20,8 +20,9 @@ unconditional call is ``denoiser(x_t, t)``, as in API 2.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Dict, Protocol, Union
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -60,7 +61,7 @@ class Network(Protocol):
 
 
 #: What a conditional denoiser is asked for, per image: ``{"class": int64 [B]}`` (see the module docstring).
-Cond = Dict[str, torch.Tensor]
+Cond = dict[str, torch.Tensor]
 #: The class index meaning "no class": the unconditional model a conditional denoiser also learns.
 NULL_CLASS = -1
 #: The kinds of condition ddpmkit knows (a denoiser declares the ones it takes in ``conditions``).
@@ -78,7 +79,7 @@ PREDICTIONS: tuple[str, ...] = ("epsilon", "x0", "v")
 #: A schedule whose x_T still holds more signal than this is not close enough to pure noise.
 MAX_FINAL_SNR = 0.01
 
-Step = Union[int, torch.Tensor]
+Step = int | torch.Tensor
 
 
 def _at(values: torch.Tensor, t: Step, like: torch.Tensor) -> torch.Tensor:
@@ -210,7 +211,9 @@ def predict_x0_eps(
 LOSS_WEIGHTINGS: tuple[str, ...] = ("uniform", "min_snr")
 
 
-def loss_weight(schedule: ScheduleTables, t: torch.Tensor, prediction: str, weighting: str, gamma: float = 5.0) -> torch.Tensor:
+def loss_weight(
+    schedule: ScheduleTables, t: torch.Tensor, prediction: str, weighting: str, gamma: float = 5.0
+) -> torch.Tensor:
     """Per-image weight of the squared error at steps ``t``.
 
     ``min_snr`` (Hang et al. 2023) weights the x0 error by min(SNR_t, gamma). For estimates consistent with
@@ -329,7 +332,9 @@ def start_step(timesteps: list[int], strength: float, num_timesteps: int) -> int
     return max(below) if below else None
 
 
-def forward_jump(schedule: ScheduleTables, x: torch.Tensor, t_from: int, t_to: int, noise: torch.Tensor) -> torch.Tensor:
+def forward_jump(
+    schedule: ScheduleTables, x: torch.Tensor, t_from: int, t_to: int, noise: torch.Tensor
+) -> torch.Tensor:
     """A draw of x_{t_to} ~ q(x_{t_to} | x_{t_from}) for t_to > t_from: sqrt(abar_to / abar_from) x plus
     sqrt(1 - abar_to / abar_from) noise (Ho et al. 2020, eq. 4, composed; RePaint's jump back, Lugmayr et al.
     2022, section 4.2). ``t_from = -1`` is x_0."""
@@ -375,7 +380,11 @@ def run_reverse_steps(
                 x = forward_jump(s, x, block[-1].t_prev, block[0].t, z)
             for step in block:
                 x0, eps = predict_x0_eps(denoiser, s, x, step.t, clip_denoised=clip_denoised)
-                z = torch.randn(shape, generator=generator, device=generator.device).to(device) if step.sigma > 0 else None
+                z = (
+                    torch.randn(shape, generator=generator, device=generator.device).to(device)
+                    if step.sigma > 0
+                    else None
+                )
                 x = reverse_step(s, step, x0, eps, z)
                 if hook is not None:
                     x = hook(index, step.t_prev, x)
@@ -406,8 +415,14 @@ def _posterior_mean_coefficients(ab: float, mu: float, s: float) -> tuple[float,
 
 
 def gaussian_reverse_moments(
-    schedule: ScheduleTables, steps: list[ReverseStep], mu: float, s: float, *,
-    guided_by: tuple[float, float] | None = None, weight: float = 1.0, interval: tuple[int, int] | None = None,
+    schedule: ScheduleTables,
+    steps: list[ReverseStep],
+    mu: float,
+    s: float,
+    *,
+    guided_by: tuple[float, float] | None = None,
+    weight: float = 1.0,
+    interval: tuple[int, int] | None = None,
 ) -> tuple[float, float]:
     """The exact mean and std of the output of ``steps`` from x_T ~ N(0, 1), with the exact predictor of
     data N(mu, s^2) (computed in float64, no clipping); ``guided_by=(mu_0, s_0)``: guided by the exact

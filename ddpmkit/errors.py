@@ -7,7 +7,8 @@ Also the warning category ddpmkit uses for things a user should see but that do 
 from __future__ import annotations
 
 import os
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 #: Set to 1 (or pass ``--debug``) to see the full traceback behind a one-line plugin error.
 DEBUG_ENV = "DDPMKIT_DEBUG"

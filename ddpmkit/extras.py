@@ -12,7 +12,7 @@ from ddpmkit.errors import MissingExtra
 #: extra -> (the module it makes importable, what it is for)
 EXTRAS: dict[str, tuple[str, str]] = {
     "diffusers": ("diffusers", "HuggingFace diffusers: the diffusers sampler and diffusers-unet denoiser, export"),
-    "hf": ("datasets", "HuggingFace datasets: data.dataset = \"hf\""),
+    "hf": ("datasets", 'HuggingFace datasets: data.dataset = "hf"'),
     "tensorboard": ("tensorboard", "TensorBoard event files: [plugins.tensorboard]"),
     "wandb": ("wandb", "Weights & Biases logging: [plugins.wandb]"),
     "inception": ("torch_fidelity", "Inception features for eval (torch-fidelity)"),

@@ -18,7 +18,7 @@ ordinary ``denoiser(x_t, t)``, so every sampler guides without knowing.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -38,8 +38,9 @@ def _any_guided(t: torch.Tensor, interval: Sequence[int]) -> bool:
     return bool(guided_at(t, interval).any())
 
 
-def mix(reference: torch.Tensor, output: torch.Tensor, weight: float, t: torch.Tensor,
-        interval: Sequence[int] | None = None) -> torch.Tensor:
+def mix(
+    reference: torch.Tensor, output: torch.Tensor, weight: float, t: torch.Tensor, interval: Sequence[int] | None = None
+) -> torch.Tensor:
     """D_0 + w (D - D_0) where t lies in ``interval``, D elsewhere: the guided prediction, per image."""
     guided = reference + weight * (output - reference)
     if interval is None:
@@ -57,10 +58,17 @@ class GuidedDenoiser(Denoiser):
 
     conditions = frozenset({"class"})  # passed on to both networks
 
-    def __init__(self, main: Denoiser, guide: Denoiser, weight: float, schedule: NoiseSchedule,
-                 interval: Sequence[int] | None = None) -> None:
-        super().__init__(image_shape=main.image_shape, num_timesteps=main.num_timesteps,
-                         num_classes=getattr(main, "num_classes", 0))
+    def __init__(
+        self,
+        main: Denoiser,
+        guide: Denoiser,
+        weight: float,
+        schedule: NoiseSchedule,
+        interval: Sequence[int] | None = None,
+    ) -> None:
+        super().__init__(
+            image_shape=main.image_shape, num_timesteps=main.num_timesteps, num_classes=getattr(main, "num_classes", 0)
+        )
         self.main, self.guide = main, guide
         self.weight = float(weight)
         self.schedule = schedule
@@ -84,8 +92,9 @@ class ClassConditioned(Denoiser):
     guidance of weight w: D(x | none) + w (D(x | label) - D(x | none)) in one forward pass of 2B images
     (w = 1: the labels alone, B images). It is called ``(x_t, t)``, as samplers call any denoiser."""
 
-    def __init__(self, main: Denoiser, labels: torch.Tensor, weight: float = 1.0,
-                 interval: Sequence[int] | None = None) -> None:
+    def __init__(
+        self, main: Denoiser, labels: torch.Tensor, weight: float = 1.0, interval: Sequence[int] | None = None
+    ) -> None:
         super().__init__(image_shape=main.image_shape, num_timesteps=main.num_timesteps)
         self.main = main
         self.labels = labels.to(torch.int64)
@@ -96,12 +105,18 @@ class ClassConditioned(Denoiser):
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond | None = None) -> torch.Tensor:
         n = x_t.shape[0]
         if n != len(self.labels):
-            raise ValueError(f"the sampler called the denoiser with {n} images for a batch of {len(self.labels)} "
-                             "labelled ones; a sampler must keep the batch it was given")
+            raise ValueError(
+                f"the sampler called the denoiser with {n} images for a batch of {len(self.labels)} "
+                "labelled ones; a sampler must keep the batch it was given"
+            )
         labels = self.labels.to(x_t.device)
         if self.weight == 1.0 or not bool(guided_at(t, self.interval).any()):
             return denoise(self.main, x_t, t, {"class": labels})
-        both = denoise(self.main, torch.cat([x_t, x_t]), torch.cat([t, t]),
-                       {"class": torch.cat([labels, torch.full_like(labels, NULL_CLASS)])}).float()
+        both = denoise(
+            self.main,
+            torch.cat([x_t, x_t]),
+            torch.cat([t, t]),
+            {"class": torch.cat([labels, torch.full_like(labels, NULL_CLASS)])},
+        ).float()
         out, ref = both.chunk(2)
         return mix(ref, out, self.weight, t, self.interval)

@@ -6,7 +6,8 @@ these hooks with ``@ddpmkit.hookimpl``.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pluggy
 

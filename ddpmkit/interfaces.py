@@ -13,13 +13,23 @@ import torch
 from pydantic import ConfigDict, Field
 from torch import nn
 
+from ddpmkit.diffusion import CONDITIONS, Cond, ReverseStep, SamplerCallback, Start, StepHook, run_reverse_steps
 from ddpmkit.errors import ConfigError
 from ddpmkit.validation import StrictNumbers
 
-from ddpmkit.diffusion import CONDITIONS, Cond, ReverseStep, SamplerCallback, Start, StepHook, run_reverse_steps
-
-__all__ = ["CONDITIONS", "ComponentOptions", "Cond", "Denoiser", "NoiseSchedule", "ReverseStepSampler", "Sampler", "SamplerCallback",
-           "Start", "StepHook", "check_betas"]
+__all__ = [
+    "CONDITIONS",
+    "ComponentOptions",
+    "Cond",
+    "Denoiser",
+    "NoiseSchedule",
+    "ReverseStepSampler",
+    "Sampler",
+    "SamplerCallback",
+    "Start",
+    "StepHook",
+    "check_betas",
+]
 
 
 class ComponentOptions(StrictNumbers):
@@ -38,7 +48,7 @@ class NoiseSchedule(abc.ABC):
     class Options(ComponentOptions):
         num_timesteps: int = Field(1000, ge=1, description="number of diffusion steps T")
 
-    def __init__(self, options: "NoiseSchedule.Options | None" = None) -> None:
+    def __init__(self, options: NoiseSchedule.Options | None = None) -> None:
         self.options = options if options is not None else type(self).Options()
         betas = self.make_betas().to(torch.float64)
         check_betas(betas, self.options.num_timesteps)
@@ -82,7 +92,7 @@ class NoiseSchedule(abc.ABC):
             raise KeyError(f"no table {name!r}; the tables are {', '.join(self._tensor_names)}")
         return self._float64[name].to(self.device)
 
-    def to(self, device: torch.device | str) -> "NoiseSchedule":
+    def to(self, device: torch.device | str) -> NoiseSchedule:
         """Move every derived tensor to ``device``; returns self."""
         for name in self._tensor_names:
             setattr(self, name, getattr(self, name).to(device))
@@ -134,7 +144,7 @@ class Denoiser(nn.Module, abc.ABC):
 
     def __init__(
         self,
-        options: "Denoiser.Options | None" = None,
+        options: Denoiser.Options | None = None,
         *,
         image_shape: tuple[int, int, int],
         num_timesteps: int,
@@ -192,7 +202,7 @@ class Sampler(abc.ABC):
     class Options(ComponentOptions):
         pass
 
-    def __init__(self, options: "Sampler.Options | None" = None) -> None:
+    def __init__(self, options: Sampler.Options | None = None) -> None:
         self.options = options if options is not None else type(self).Options()
 
     def reverse_steps(self, schedule: NoiseSchedule) -> list[ReverseStep] | None:
@@ -241,8 +251,6 @@ class Sampler(abc.ABC):
         """
 
 
-
-
 class ReverseStepSampler(Sampler):
     """A sampler that is fully described by its :meth:`reverse_steps`: it draws x_T ~ N(0, I) and takes each
     step with :func:`ddpmkit.diffusion.run_reverse_steps` (an option named ``clip_denoised`` is honoured).
@@ -270,6 +278,16 @@ class ReverseStepSampler(Sampler):
         resample: int = 1,
     ) -> torch.Tensor:
         clip = bool(getattr(self.options, "clip_denoised", False))
-        return run_reverse_steps(self.reverse_steps(schedule), denoiser, schedule, shape, generator=generator,
-                                 clip_denoised=clip, callback=callback, start=start, hook=hook,
-                                 jump_length=jump_length, resample=resample)
+        return run_reverse_steps(
+            self.reverse_steps(schedule),
+            denoiser,
+            schedule,
+            shape,
+            generator=generator,
+            clip_denoised=clip,
+            callback=callback,
+            start=start,
+            hook=hook,
+            jump_length=jump_length,
+            resample=resample,
+        )

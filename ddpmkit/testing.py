@@ -12,17 +12,17 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from ddpmkit.registry.blame import one_line
 from ddpmkit.diffusion import MAX_FINAL_SNR, PREDICTIONS, gaussian_reverse_moments
 from ddpmkit.errors import ConfigError, DdpmkitError
-from ddpmkit.registry.build import create_denoiser, create_sampler, create_schedule
 from ddpmkit.interfaces import Denoiser
-
+from ddpmkit.registry.blame import one_line
+from ddpmkit.registry.build import create_denoiser, create_sampler, create_schedule
 
 
 @dataclass
@@ -43,9 +43,8 @@ class CheckResult:
 
 class _Checks:
     def __init__(self, kind: str, name: str) -> None:
-        from ddpmkit.registry.discovery import find
-
         from ddpmkit.kinds import KINDS
+        from ddpmkit.registry.discovery import find
 
         self.kind, self.name, self.results = kind, name.rpartition(":")[2], []
         try:
@@ -117,8 +116,14 @@ def check_schedule(name: str, options: dict[str, Any] | None = None, *, device: 
             assert t.device.type == torch.device(device).type, f"{attr} on {t.device}"
         return f"float32 on {device}"
 
-    for check, fn in (("T >= 1", steps), ("make_betas is float64", float64), ("betas in (0, 1)", betas),
-                      ("abar decreasing", decreasing), ("final SNR", final_snr), ("float32 on device", on_device)):
+    for check, fn in (
+        ("T >= 1", steps),
+        ("make_betas is float64", float64),
+        ("betas in (0, 1)", betas),
+        ("abar decreasing", decreasing),
+        ("final SNR", final_snr),
+        ("float32 on device", on_device),
+    ):
         c.run(check, fn)
     return c.results
 
@@ -143,8 +148,9 @@ def check_denoiser(
 
     def make(seed: int, shape: tuple[int, int, int] = image_shape, num_classes: int = 0) -> Denoiser:
         torch.manual_seed(seed)
-        return create_denoiser(name, image_shape=shape, num_timesteps=num_timesteps, num_classes=num_classes,
-                               **(options or {})).to(device)
+        return create_denoiser(
+            name, image_shape=shape, num_timesteps=num_timesteps, num_classes=num_classes, **(options or {})
+        ).to(device)
 
     def build() -> str:
         built["m"] = make(0)
@@ -194,8 +200,11 @@ def check_denoiser(
     def other_shapes() -> str:
         channels, height, width = image_shape
         tried = []
-        for shape in {(channels, height // 2, width // 2), (4 - channels if channels in (1, 3) else 1, height, width),
-                      (channels, height + 1, width + 1)}:
+        for shape in {
+            (channels, height // 2, width // 2),
+            (4 - channels if channels in (1, 3) else 1, height, width),
+            (channels, height + 1, width + 1),
+        }:
             if min(shape[1:]) < 1:
                 continue
             try:
@@ -285,7 +294,9 @@ def check_denoiser(
             return "declares no conditions: trained unconditionally only"
         k = 3
         conditional = _nudged(make(0, num_classes=k)).eval()
-        assert getattr(conditional, "num_classes", 0) == k, f"built with num_classes = {k}, reports {getattr(conditional, 'num_classes', None)}"
+        assert getattr(conditional, "num_classes", 0) == k, (
+            f"built with num_classes = {k}, reports {getattr(conditional, 'num_classes', None)}"
+        )
         x, _ = batch(1)
         x = x.expand(4, *image_shape).contiguous()
         t = torch.full((4,), num_timesteps // 2, device=device)
@@ -293,19 +304,31 @@ def check_denoiser(
         with torch.no_grad():
             out = conditional(x, t, cond={"class": labels})
             alone = [conditional(x[i : i + 1], t[i : i + 1], cond={"class": labels[i : i + 1]}) for i in range(4)]
-        assert tuple(out.shape) == tuple(x.shape) and torch.isfinite(out).all(), "bad output for labels 0, 1, 2 and null"
-        assert not torch.allclose(out[0], out[1]), "the same image at class 0 and class 1 gives the same output: the label is ignored"
+        assert tuple(out.shape) == tuple(x.shape) and torch.isfinite(out).all(), (
+            "bad output for labels 0, 1, 2 and null"
+        )
+        assert not torch.allclose(out[0], out[1]), (
+            "the same image at class 0 and class 1 gives the same output: the label is ignored"
+        )
         assert not torch.allclose(out[0], out[3]), "class 0 and the null class give the same output"
         for i in range(4):
             assert torch.allclose(out[i], alone[i][0], rtol=1e-4, atol=1e-5), (
                 f"image {i} of a batch with labels {labels.tolist()} differs from the same image alone: the label "
-                "must be used per image")
+                "must be used per image"
+            )
         return f"{k} classes and the null class ({NULL_CLASS}), per image"
 
-    for check, fn in (("prediction target", predicts), ("shape in == out", shapes), ("uses t per image", uses_t),
-                      ("other image shapes", other_shapes), ("eval deterministic", deterministic),
-                      ("gradients reach all parameters", gradients), ("state_dict round trip", round_trip),
-                      ("conditions on the class", conditions), ("forward time", speed)):
+    for check, fn in (
+        ("prediction target", predicts),
+        ("shape in == out", shapes),
+        ("uses t per image", uses_t),
+        ("other image shapes", other_shapes),
+        ("eval deterministic", deterministic),
+        ("gradients reach all parameters", gradients),
+        ("state_dict round trip", round_trip),
+        ("conditions on the class", conditions),
+        ("forward time", speed),
+    ):
         c.run(check, fn)
     return c.results
 
@@ -342,7 +365,8 @@ def _nudged(model: Denoiser, scale: float = 0.02) -> Denoiser:
 class GaussianOracle(Denoiser):
     """The exact predictor for data x_0 ~ N(mu, s^2) per pixel, under a given schedule, for any target.
 
-    x_t = sqrt(abar) x_0 + sqrt(1 - abar) eps gives E[eps | x_t] = sqrt(1 - abar) (x_t - sqrt(abar) mu) / (abar s^2 + 1 - abar);
+    x_t = sqrt(abar) x_0 + sqrt(1 - abar) eps gives E[eps | x_t] = sqrt(1 - abar) (x_t - sqrt(abar) mu) / (abar s^2 +
+    1 - abar);
     E[x_0 | x_t] and v follow from eq. 4 and v = sqrt(abar) eps - sqrt(1 - abar) x_0.
 
     Class-conditional with ``class_means``: class k is N(class_means[k], s^2), and the null class (the
@@ -352,10 +376,21 @@ class GaussianOracle(Denoiser):
 
     conditions = frozenset({"class"})
 
-    def __init__(self, schedule, mu: float, s: float, image_shape=(1, 8, 8), prediction: str = "epsilon",
-                 class_means: list[float] | None = None) -> None:
-        super().__init__(Denoiser.Options(), image_shape=image_shape, num_timesteps=schedule.num_timesteps,
-                         num_classes=len(class_means or []))
+    def __init__(
+        self,
+        schedule,
+        mu: float,
+        s: float,
+        image_shape=(1, 8, 8),
+        prediction: str = "epsilon",
+        class_means: list[float] | None = None,
+    ) -> None:
+        super().__init__(
+            Denoiser.Options(),
+            image_shape=image_shape,
+            num_timesteps=schedule.num_timesteps,
+            num_classes=len(class_means or []),
+        )
         self.mu, self.s = mu, s
         self.prediction = prediction
         self.register_buffer("abar", schedule.alphas_cumprod.double().clone())
@@ -410,17 +445,23 @@ def check_sampler(
 
     def draw(seed: int, record: bool = False, prediction: str = "epsilon") -> torch.Tensor:
         cb = (lambda i, t, x: seen_t.append(int(t))) if record else None
-        return sampler.sample(oracles[prediction], schedule, shape, generator=torch.Generator().manual_seed(seed),
-                              callback=cb)
+        return sampler.sample(
+            oracles[prediction], schedule, shape, generator=torch.Generator().manual_seed(seed), callback=cb
+        )
 
     first: dict[str, torch.Tensor] = {}
     final_snr = float(schedule.snr()[-1])
     # where x_T still holds signal, sampling from x_T ~ N(0, 1) starts from the wrong marginal, and an ODE and an SDE
     # sampler land in different places: N(mu, s^2) is no one's answer then (the schedule's own check fails)
-    no_ideal = (f"not held to N(mu, s^2): x_T of this schedule still holds signal (final SNR {final_snr:.3g} >= "
-                f"{MAX_FINAL_SNR}), so samplers that start from pure noise differ by design; checked for the "
-                "reverse-step family (exact for its steps) and a stated gaussian_answer only"
-                ) if final_snr >= MAX_FINAL_SNR else None
+    no_ideal = (
+        (
+            f"not held to N(mu, s^2): x_T of this schedule still holds signal (final SNR {final_snr:.3g} >= "
+            f"{MAX_FINAL_SNR}), so samplers that start from pure noise differ by design; checked for the "
+            "reverse-step family (exact for its steps) and a stated gaussian_answer only"
+        )
+        if final_snr >= MAX_FINAL_SNR
+        else None
+    )
 
     def moments() -> str:
         x = draw(0, record=True).double()
@@ -439,14 +480,21 @@ def check_sampler(
             bias, how = 1e-3, "the exact answer it states (gaussian_answer)"
         else:
             target_mu, target_s = mu, s
-            bias, how = float(sampler.oracle_tolerance), f"ideal, within the declared oracle_tolerance {sampler.oracle_tolerance:g}"
+            bias, how = (
+                float(sampler.oracle_tolerance),
+                f"ideal, within the declared oracle_tolerance {sampler.oracle_tolerance:g}",
+            )
         tol_mean = 5 * s / math.sqrt(n) + bias  # 5 standard errors, plus the allowance for bias
         tol_std = 5 * s / math.sqrt(2 * n) + bias
         m_hat, s_hat = float(x.mean()), float(x.std())
-        assert abs(m_hat - target_mu) < tol_mean, f"mean {m_hat:.4f}, expected {target_mu:.4f} +- {tol_mean:.4f} ({how})"
+        assert abs(m_hat - target_mu) < tol_mean, (
+            f"mean {m_hat:.4f}, expected {target_mu:.4f} +- {tol_mean:.4f} ({how})"
+        )
         assert abs(s_hat - target_s) < tol_std, f"std {s_hat:.4f}, expected {target_s:.4f} +- {tol_std:.4f} ({how})"
-        return (f"mean {m_hat:.4f}, std {s_hat:.4f}; expected {target_mu:.4f}, {target_s:.4f} ({how}; "
-                f"data N({mu}, {s}^2)), {n} pixels")
+        return (
+            f"mean {m_hat:.4f}, std {s_hat:.4f}; expected {target_mu:.4f}, {target_s:.4f} ({how}; "
+            f"data N({mu}, {s}^2)), {n} pixels"
+        )
 
     def targets() -> str:
         assert "x" in first, "no first sample to compare with"
@@ -480,7 +528,8 @@ def check_sampler(
         declared = int(sampler.num_evaluations(schedule))
         assert len(calls) == declared, (
             f"sample() called the denoiser {len(calls)} times for one batch, but num_evaluations() says {declared}; "
-            "a sampler that calls it more than once per step says so in num_evaluations()")
+            "a sampler that calls it more than once per step says so in num_evaluations()"
+        )
         steps = len(sampler.timesteps(schedule))
         return f"{declared} denoiser calls per batch for {steps} steps"
 
@@ -488,7 +537,8 @@ def check_sampler(
         listed = [int(t) for t in sampler.timesteps(schedule)]
         assert seen_t, "the callback was never called"
         assert seen_t == listed, (
-            f"the callback saw {len(seen_t)} steps ({seen_t[:3]}...) but timesteps() lists {len(listed)} ({listed[:3]}...)"
+            f"the callback saw {len(seen_t)} steps ({seen_t[:3]}...) but timesteps() lists {len(listed)} "
+            f"({listed[:3]}...)"
         )
         # non-increasing: a second-order solver (Heun) evaluates the denoiser twice at some t
         assert all(a >= b for a, b in zip(seen_t, seen_t[1:])), "the callback's t increases somewhere"
@@ -519,16 +569,19 @@ def check_sampler(
         n = num_pixels // len(class_means)
         for k, (m_hat, s_hat) in enumerate(got):
             if steps is not None:
-                target_mu, target_s = gaussian_reverse_moments(schedule, steps, class_means[k], s_c,
-                                                               guided_by=(mu_c, s_c), weight=weight)
+                target_mu, target_s = gaussian_reverse_moments(
+                    schedule, steps, class_means[k], s_c, guided_by=(mu_c, s_c), weight=weight
+                )
                 bias = 1e-3
             else:
                 target_mu, target_s, bias = class_means[k], s_c, float(sampler.oracle_tolerance)
             tol_mean, tol_std = 5 * target_s / math.sqrt(n) + bias, 5 * target_s / math.sqrt(2 * n) + bias
             assert abs(m_hat - target_mu) < tol_mean, (
-                f"class {k} at guidance weight {weight:g}: mean {m_hat:.4f}, expected {target_mu:.4f} +- {tol_mean:.4f}")
+                f"class {k} at guidance weight {weight:g}: mean {m_hat:.4f}, expected {target_mu:.4f} +- {tol_mean:.4f}"
+            )
             assert abs(s_hat - target_s) < tol_std, (
-                f"class {k} at guidance weight {weight:g}: std {s_hat:.4f}, expected {target_s:.4f} +- {tol_std:.4f}")
+                f"class {k} at guidance weight {weight:g}: std {s_hat:.4f}, expected {target_s:.4f} +- {tol_std:.4f}"
+            )
             shown.append(f"class {k}: mean {m_hat:.4f} (expected {target_mu:.4f}), std {s_hat:.4f} ({target_s:.4f})")
         return "; ".join(shown)
 
@@ -555,9 +608,15 @@ def check_sampler(
         start = Start(q_sample(schedule, x0, t0, torch.randn(shape, generator=g)), t0)
         out = sampler.sample(oracles["epsilon"], schedule, shape, generator=g, start=start, hook=hook)
         assert len(visited) == sum(1 for t in listed if t <= t0), (
-            f"from t = {t0} the hook was called {len(visited)} times; {sum(1 for t in listed if t <= t0)} steps lie at or below it")
-        assert visited[-1] == -1 and all(a > b for a, b in zip(visited, visited[1:])), f"hook saw t_prev {visited[:4]}..."
-        assert torch.allclose(out[:, :, 0, 0], torch.full_like(out[:, :, 0, 0], 0.75)), "the hook's pasted pixel was lost"
+            f"from t = {t0} the hook was called {len(visited)} times; {sum(1 for t in listed if t <= t0)} steps lie "
+            "at or below it"
+        )
+        assert visited[-1] == -1 and all(a > b for a, b in zip(visited, visited[1:])), (
+            f"hook saw t_prev {visited[:4]}..."
+        )
+        assert torch.allclose(out[:, :, 0, 0], torch.full_like(out[:, :, 0, 0], 0.75)), (
+            "the hook's pasted pixel was lost"
+        )
         full = Start(q_sample(schedule, x0, listed[0], torch.randn(shape, generator=g)), listed[0])
         edited = sampler.sample(oracles["epsilon"], schedule, shape, generator=g, start=full).double()
         plain = first.get("x")
@@ -566,15 +625,21 @@ def check_sampler(
         tol = 5 * s / math.sqrt(n) * 2 + 0.01  # two independent estimates, plus the input's leak at t = T - 1
         assert abs(float(edited.mean()) - float(plain.mean())) < tol, (
             f"from the noised input at t = {listed[0]}: mean {float(edited.mean()):.4f}, from noise "
-            f"{float(plain.mean()):.4f}")
+            f"{float(plain.mean()):.4f}"
+        )
         return f"from t = {t0}: {len(visited)} steps, the hook honoured; from t = {listed[0]}: as from noise"
 
-    for check, fn in (("matches the Gaussian oracle", moments), ("x0 and v denoisers", targets),
-                      ("seeds reproduce", seeds), ("output in [-1, 1]", in_range),
-                      ("callback sees the listed steps", callback), ("cost as declared", cost),
-                      ("each class of a conditional oracle", lambda: check_classes(1.0)),
-                      ("classifier-free guidance (w = 2)", lambda: check_classes(2.0)),
-                      ("starts from an image (edit)", starts)):
+    for check, fn in (
+        ("matches the Gaussian oracle", moments),
+        ("x0 and v denoisers", targets),
+        ("seeds reproduce", seeds),
+        ("output in [-1, 1]", in_range),
+        ("callback sees the listed steps", callback),
+        ("cost as declared", cost),
+        ("each class of a conditional oracle", lambda: check_classes(1.0)),
+        ("classifier-free guidance (w = 2)", lambda: check_classes(2.0)),
+        ("starts from an image (edit)", starts),
+    ):
         c.run(check, fn)
     return c.results
 
@@ -584,8 +649,15 @@ def check_sampler(
 #: The keys of the ``metrics`` every ``step_end`` hook gets (more may come: the first step of a start also
 #: carries its plan, ``speed`` and ``time_plan``; ``grad_norm`` with train.grad_clip; ``skipped`` on a
 #: non-finite step that was skipped).
-METRIC_KEYS: dict[str, type] = {"step": int, "epoch": int, "loss": float, "lr": float, "images_per_s": float,
-                                "time": float, "elapsed_s": float}
+METRIC_KEYS: dict[str, type] = {
+    "step": int,
+    "epoch": int,
+    "loss": float,
+    "lr": float,
+    "images_per_s": float,
+    "time": float,
+    "elapsed_s": float,
+}
 
 
 def check_event_plugin(name: str, options: dict[str, Any] | None = None, *, steps: int = 3) -> list[CheckResult]:
@@ -604,10 +676,18 @@ def check_event_plugin(name: str, options: dict[str, Any] | None = None, *, step
     def build() -> str:
         plugin = discovery.find_plugin(name)
         c.qualified = plugin.qualified
-        impls = {hook: [i for i in getattr(discovery.registry().manager.hook, hook).get_hookimpls()
-                        if i.plugin_name == plugin.qualified] for hook in discovery.EVENT_HOOKS}
+        impls = {
+            hook: [
+                i
+                for i in getattr(discovery.registry().manager.hook, hook).get_hookimpls()
+                if i.plugin_name == plugin.qualified
+            ]
+            for hook in discovery.EVENT_HOOKS
+        }
         found.update(plugin=plugin, impls={h: i for h, i in impls.items() if i})
-        assert found["impls"], f"plugin {plugin.label} implements none of the event hooks ({', '.join(discovery.EVENT_HOOKS)})"
+        assert found["impls"], (
+            f"plugin {plugin.label} implements none of the event hooks ({', '.join(discovery.EVENT_HOOKS)})"
+        )
         return "implements " + ", ".join(found["impls"])
 
     c.run("loads", build)
@@ -615,9 +695,11 @@ def check_event_plugin(name: str, options: dict[str, Any] | None = None, *, step
         return c.results
     plugin = found["plugin"]
     with tempfile.TemporaryDirectory(prefix="ddpmkit-check-") as scratch:
-        data = {"run": {"dir": scratch, "name": "probe", "device": "cpu"},
-                "data": {"dataset": "synthetic", "num_samples": 8, "image_size": 8},
-                "plugins": {plugin.name: dict(options or {})}}
+        data = {
+            "run": {"dir": scratch, "name": "probe", "device": "cpu"},
+            "data": {"dataset": "synthetic", "num_samples": 8, "image_size": 8},
+            "plugins": {plugin.name: dict(options or {})},
+        }
         built: dict[str, Any] = {}
 
         def configure() -> str:
@@ -634,15 +716,42 @@ def check_event_plugin(name: str, options: dict[str, Any] | None = None, *, step
         args = {"run": info, "options": cfg.plugin_options(plugin)}
         now = time.time()
         calls = [("train_start", {})]
-        calls += [("step_end", {"step": k, "metrics": {"step": k, "epoch": 0, "loss": 1.0 / k, "lr": 1e-3,
-                                                          "images_per_s": 100.0, "time": now + k, "elapsed_s": 0.1 * k}})
-                  for k in range(1, steps + 1)]
-        calls += [("checkpoint_written", {"step": steps, "path": run_dir / "checkpoints" / f"step-{steps:08d}"}),
-                  ("samples_written", {"paths": []}), ("train_end", {"step": steps, "interrupted": False}),
-                  ("evaluated", {"result": {"num_samples": 10, "samples": {"fid": 12.5, "precision": 0.5, "recall": 0.5},
-                                            "floor": {"fid": 2.5, "precision": 0.7, "recall": 0.7}}})]
+        calls += [
+            (
+                "step_end",
+                {
+                    "step": k,
+                    "metrics": {
+                        "step": k,
+                        "epoch": 0,
+                        "loss": 1.0 / k,
+                        "lr": 1e-3,
+                        "images_per_s": 100.0,
+                        "time": now + k,
+                        "elapsed_s": 0.1 * k,
+                    },
+                },
+            )
+            for k in range(1, steps + 1)
+        ]
+        calls += [
+            ("checkpoint_written", {"step": steps, "path": run_dir / "checkpoints" / f"step-{steps:08d}"}),
+            ("samples_written", {"paths": []}),
+            ("train_end", {"step": steps, "interrupted": False}),
+            (
+                "evaluated",
+                {
+                    "result": {
+                        "num_samples": 10,
+                        "samples": {"fid": 12.5, "precision": 0.5, "recall": 0.5},
+                        "floor": {"fid": 2.5, "precision": 0.7, "recall": 0.7},
+                    }
+                },
+            ),
+        ]
         for hook, kwargs in calls:
             for impl in found["impls"].get(hook, []):
+
                 def call(impl=impl, hook=hook, kwargs=kwargs) -> str:
                     impl.function(*[{**args, **kwargs}[a] for a in impl.argnames])
                     return ""

@@ -11,7 +11,8 @@ from ddpmkit.interfaces import NoiseSchedule
 
 
 class CosineSchedule(NoiseSchedule):
-    """abar(t) = f(t) / f(0), f(t) = cos^2(((t / T + s) / (1 + s)) pi / 2); beta_t = min(1 - abar_t / abar_{t-1}, max_beta)."""
+    """abar(t) = f(t) / f(0), f(t) = cos^2(((t / T + s) / (1 + s)) pi / 2); beta_t = min(1 - abar_t / abar_{t-1},
+    max_beta)."""
 
     class Options(NoiseSchedule.Options):
         offset: float = Field(0.008, gt=0, lt=1, description="s in eq. 17: keeps beta small near t = 0")

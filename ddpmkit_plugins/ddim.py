@@ -26,7 +26,8 @@ def spaced_timesteps(num_timesteps: int, steps: int, spacing: str) -> list[int]:
 
 
 class DDIMSampler(ReverseStepSampler):
-    """x_{t_prev} = sqrt(abar_prev) x_0 + sqrt(1 - abar_prev - sigma^2) eps + sigma z (eq. 12), sigma from eta (eq. 16)."""
+    """x_{t_prev} = sqrt(abar_prev) x_0 + sqrt(1 - abar_prev - sigma^2) eps + sigma z (eq. 12), sigma from eta (eq.
+    16)."""
 
     class Options(ReverseStepSampler.Options):
         steps: int = Field(50, ge=1, description="number of denoiser evaluations (at most T)")

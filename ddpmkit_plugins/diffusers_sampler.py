@@ -18,17 +18,22 @@ from ddpmkit.interfaces import Denoiser, NoiseSchedule, Sampler, SamplerCallback
 try:
     import diffusers
 except ImportError:
-    raise MissingExtra("the 'diffusers' sampler needs HuggingFace diffusers: pip install 'ddpmkit[diffusers]'") from None
+    raise MissingExtra(
+        "the 'diffusers' sampler needs HuggingFace diffusers: pip install 'ddpmkit[diffusers]'"
+    ) from None
 
 #: ddpmkit's prediction targets under diffusers' names.
 PREDICTION_TYPES = {"epsilon": "epsilon", "x0": "sample", "v": "v_prediction"}
 #: Constructor arguments ddpmkit sets from the run; a user may not override them.
 SET_BY_DDPMKIT = {"num_train_timesteps", "trained_betas", "beta_start", "beta_end", "beta_schedule", "prediction_type"}
-EXAMPLES = "DPMSolverMultistepScheduler, UniPCMultistepScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler, DDIMScheduler"
+EXAMPLES = (
+    "DPMSolverMultistepScheduler, UniPCMultistepScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler, DDIMScheduler"
+)
 
 
 class DiffusersSampler(Sampler):
-    """Runs ``diffusers.<scheduler>`` for ``steps`` steps: scale_model_input, the denoiser, step, as diffusers' pipelines do."""
+    """Runs ``diffusers.<scheduler>`` for ``steps`` steps: scale_model_input, the denoiser, step, as diffusers'
+    pipelines do."""
 
     #: How far from the kit's ideal answer on Gaussian data N(0.3, 0.2^2) few-step solvers may land. Their last
     #: step jumps from t ~ T / steps straight to the estimate of x_0, which drops the data's remaining spread:
@@ -36,12 +41,17 @@ class DiffusersSampler(Sampler):
     oracle_tolerance = 0.06
 
     class Options(Sampler.Options):
-        scheduler: str = Field("DPMSolverMultistepScheduler", description=f"a diffusers scheduler class, e.g. {EXAMPLES}")
+        scheduler: str = Field(
+            "DPMSolverMultistepScheduler", description=f"a diffusers scheduler class, e.g. {EXAMPLES}"
+        )
         steps: int = Field(20, ge=1, description="inference steps (Heun evaluates the denoiser about twice per step)")
         eta: float | None = Field(None, ge=0, le=1, description="passed to step() by schedulers that take it (DDIM)")
         options: dict[str, Any] = Field(
             default_factory=dict,
-            description="the scheduler's own constructor options, e.g. {algorithm_type = 'dpmsolver++', timestep_spacing = 'trailing'}",
+            description=(
+                "the scheduler's own constructor options, e.g. "
+                "{algorithm_type = 'dpmsolver++', timestep_spacing = 'trailing'}"
+            ),
         )
 
         @field_validator("scheduler")
@@ -64,15 +74,20 @@ class DiffusersSampler(Sampler):
             return self
 
     def make_scheduler(self, schedule: NoiseSchedule, prediction: str = "epsilon") -> Any:
-        """The diffusers scheduler for ``schedule``'s betas and a denoiser predicting ``prediction``, with its timesteps set."""
+        """The diffusers scheduler for ``schedule``'s betas and a denoiser predicting ``prediction``, with its
+        timesteps set."""
         o = self.options
         if o.steps > schedule.num_timesteps:
             from ddpmkit.errors import ConfigError
 
-            raise ConfigError(f"sampler.options.steps: {o.steps} steps exceed the schedule's T = {schedule.num_timesteps}")
+            raise ConfigError(
+                f"sampler.options.steps: {o.steps} steps exceed the schedule's T = {schedule.num_timesteps}"
+            )
         scheduler = getattr(diffusers, o.scheduler)(
-            num_train_timesteps=schedule.num_timesteps, trained_betas=schedule.betas.double().cpu().numpy(),
-            prediction_type=PREDICTION_TYPES[prediction], **o.options,
+            num_train_timesteps=schedule.num_timesteps,
+            trained_betas=schedule.betas.double().cpu().numpy(),
+            prediction_type=PREDICTION_TYPES[prediction],
+            **o.options,
         )
         scheduler.set_timesteps(o.steps)
         return scheduler

@@ -13,8 +13,11 @@ class GivenBetas(NoiseSchedule):
     """beta_1 ... beta_T as listed; ``num_timesteps`` is their number."""
 
     class Options(NoiseSchedule.Options):
-        betas: list[float] | None = Field(None, description="every beta_t, t = 1 ... T, each in (0, 1); unset: the "
-                                          "linear 1e-4 ... 0.02 of Ho et al. over num_timesteps")
+        betas: list[float] | None = Field(
+            None,
+            description="every beta_t, t = 1 ... T, each in (0, 1); unset: the "
+            "linear 1e-4 ... 0.02 of Ho et al. over num_timesteps",
+        )
 
         @model_validator(mode="before")
         @classmethod
@@ -24,7 +27,7 @@ class GivenBetas(NoiseSchedule):
             return data
 
         @model_validator(mode="after")
-        def _valid(self) -> "GivenBetas.Options":
+        def _valid(self) -> GivenBetas.Options:
             if self.betas is None:
                 return self
             if len(self.betas) != self.num_timesteps:

@@ -16,10 +16,11 @@ class LinearSchedule(NoiseSchedule):
         beta_end: float = Field(0.02, gt=0, lt=1, description="beta at the last step")
 
         @model_validator(mode="after")
-        def _increasing(self) -> "LinearSchedule.Options":
+        def _increasing(self) -> LinearSchedule.Options:
             if self.beta_end <= self.beta_start:
                 raise ValueError(
-                    f"betas must increase: beta_end ({self.beta_end}) must be greater than beta_start ({self.beta_start})"
+                    f"betas must increase: beta_end ({self.beta_end}) must be greater than beta_start "
+                    f"({self.beta_start})"
                 )
             return self
 

@@ -34,9 +34,12 @@ def train_start(run: Any, options: Options) -> None:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        raise MissingExtra("[plugins.tensorboard] enabled = true needs the tensorboard package: "
-                           "pip install 'ddpmkit[tensorboard]'") from None
-    _writers[Path(run.run_dir)] = SummaryWriter(log_dir=str(Path(run.run_dir) / "tensorboard"), purge_step=run.start_step + 1)
+        raise MissingExtra(
+            "[plugins.tensorboard] enabled = true needs the tensorboard package: pip install 'ddpmkit[tensorboard]'"
+        ) from None
+    _writers[Path(run.run_dir)] = SummaryWriter(
+        log_dir=str(Path(run.run_dir) / "tensorboard"), purge_step=run.start_step + 1
+    )
 
 
 @hookimpl

@@ -15,20 +15,19 @@ of the class, with one more row for the null class, added to the time embedding 
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from typing import Literal
-
 from pydantic import Field, ValidationInfo, field_validator
 from torch import nn
 
+from ddpmkit.diffusion import NULL_CLASS, Cond
 from ddpmkit.errors import ConfigError
+from ddpmkit.interfaces import Denoiser
 from ddpmkit.runtime.dropout import attention, dropout
 from ddpmkit.runtime.limits import check_fits
-from ddpmkit.diffusion import NULL_CLASS, Cond
-from ddpmkit.interfaces import Denoiser
 
 
 class SinusoidalEmbedding(nn.Module):
@@ -105,7 +104,13 @@ class UNetLayer(nn.Module):
     """ResBlock, optional attention, ResBlock, then a stride-2 conv (x2 channels) or a 4x4 transposed conv (/2)."""
 
     def __init__(
-        self, channels: int, upscale: bool, attention: bool, num_groups: int, dropout: float, num_heads: int,
+        self,
+        channels: int,
+        upscale: bool,
+        attention: bool,
+        num_groups: int,
+        dropout: float,
+        num_heads: int,
         emb_dim: int | None = None,
     ):
         super().__init__()
@@ -148,11 +153,13 @@ class UNet(Denoiser):
             validate_default=True,  # defaults are checked against the options a user did set
         )
         attentions: list[bool] = Field(
-            [False, True, False, False, False, True], description="self-attention in each layer",
+            [False, True, False, False, False, True],
+            description="self-attention in each layer",
             validate_default=True,  # defaults are checked against the options a user did set
         )
         upscales: list[bool] = Field(
-            [False, False, False, True, True, True], description="False for a down layer, True for an up layer",
+            [False, False, False, True, True, True],
+            description="False for a down layer, True for an up layer",
             validate_default=True,  # defaults are checked against the options a user did set
         )
 
@@ -196,8 +203,9 @@ class UNet(Denoiser):
                     raise ValueError("the first half of the layers must go down (false), the second half up (true)")
             return flags
 
-    def __init__(self, options=None, *, image_shape: tuple[int, int, int], num_timesteps: int,
-                 num_classes: int = 0) -> None:
+    def __init__(
+        self, options=None, *, image_shape: tuple[int, int, int], num_timesteps: int, num_classes: int = 0
+    ) -> None:
         super().__init__(options, image_shape=image_shape, num_timesteps=num_timesteps, num_classes=num_classes)
         o = self.options
         channels_in, height, width = self.image_shape
@@ -208,8 +216,11 @@ class UNet(Denoiser):
                 f"{factor} (data.image_size), got {height}x{width}"
             )
         self.shallow_conv = nn.Conv2d(channels_in, o.channels[0], kernel_size=3, padding=1)
-        check_fits(num_timesteps * max(o.channels) * 4, f"unet's time-embedding table for T = {num_timesteps:,}",
-                   "DDPMs use about 1,000 steps")
+        check_fits(
+            num_timesteps * max(o.channels) * 4,
+            f"unet's time-embedding table for T = {num_timesteps:,}",
+            "DDPMs use about 1,000 steps",
+        )
         self.embedding = SinusoidalEmbedding(num_timesteps, max(o.channels))
         learned = o.time_embedding == "mlp"
         self.time_mlp = TimeMLP(max(o.channels)) if learned else None

@@ -1,7 +1,8 @@
 """Logs a run to Weights & Biases when ``[plugins.wandb] enabled = true`` (the extra ``ddpmkit[wandb]``).
 
 The config, every ``log_every``-th step's loss, learning rate and images/s, the sample grids and the figures
-of ``ddpmkit eval RUN`` go to one wandb run per ddpmkit run: its id is kept in ``<run>/wandb-id.txt``, so a resumed run continues the same wandb
+of ``ddpmkit eval RUN`` go to one wandb run per ddpmkit run: its id is kept in ``<run>/wandb-id.txt``, so a resumed
+run continues the same wandb
 run. ``WANDB_MODE=offline`` (or ``mode = "offline"``) writes the wandb files under ``<run>/wandb`` only.
 """
 
@@ -27,8 +28,10 @@ class Options(BaseModel):
     project: str = Field("ddpmkit", description="the wandb project")
     entity: str | None = Field(None, description="the wandb team or user (unset: your default)")
     mode: Literal["online", "offline", "disabled"] | None = Field(
-        None, description="online, offline (files under <run>/wandb, to `wandb sync` later) or disabled; unset: "
-        "WANDB_MODE, else online")
+        None,
+        description="online, offline (files under <run>/wandb, to `wandb sync` later) or disabled; unset: "
+        "WANDB_MODE, else online",
+    )
     log_every: int = Field(10, ge=1, description="log the training metrics every N steps")
     tags: list[str] = Field(default_factory=list, description="tags of the wandb run")
 
@@ -56,12 +59,21 @@ def _init(run: Any, options: Options, resuming: bool) -> Any:
     try:
         import wandb
     except ImportError:
-        raise MissingExtra("[plugins.wandb] enabled = true needs the wandb package: pip install 'ddpmkit[wandb]'") from None
+        raise MissingExtra(
+            "[plugins.wandb] enabled = true needs the wandb package: pip install 'ddpmkit[wandb]'"
+        ) from None
     run_dir = Path(run.run_dir)
     return wandb.init(
-        project=options.project, entity=options.entity, id=_run_id(run_dir, resuming), resume="allow",
-        dir=str(run_dir), name=run.config.run.name, config=run.config.model_dump(mode="json"),
-        tags=options.tags or None, mode=options.mode, reinit="create_new",
+        project=options.project,
+        entity=options.entity,
+        id=_run_id(run_dir, resuming),
+        resume="allow",
+        dir=str(run_dir),
+        name=run.config.run.name,
+        config=run.config.model_dump(mode="json"),
+        tags=options.tags or None,
+        mode=options.mode,
+        reinit="create_new",
     )
 
 
@@ -80,8 +92,14 @@ def step_end(run: Any, step: int, metrics: dict[str, Any], options: Options) -> 
         return
     _steps[Path(run.run_dir)] = step
     if step % options.log_every == 0 or step == run.start_step + 1:
-        logged.log({f"train/{key}": metrics[key] for key in ("loss", "lr", "images_per_s", "grad_norm")
-                    if isinstance(metrics.get(key), (int, float))}, step=step)
+        logged.log(
+            {
+                f"train/{key}": metrics[key]
+                for key in ("loss", "lr", "images_per_s", "grad_norm")
+                if isinstance(metrics.get(key), (int, float))
+            },
+            step=step,
+        )
 
 
 @hookimpl
@@ -111,7 +129,11 @@ def evaluated(run: Any, result: dict[str, Any], options: Options) -> None:
     if not options.enabled:
         return
     logged = _init(run, options, resuming=True)  # the run's own wandb run, continued
-    figures = {f"eval/{part}/{key}": value for part in ("samples", "floor")
-               for key, value in result.get(part, {}).items() if isinstance(value, (int, float))}
+    figures = {
+        f"eval/{part}/{key}": value
+        for part in ("samples", "floor")
+        for key, value in result.get(part, {}).items()
+        if isinstance(value, (int, float))
+    }
     logged.log({**figures, "eval/num_samples": result.get("num_samples")}, step=run.start_step)
     logged.finish()

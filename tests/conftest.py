@@ -130,4 +130,4 @@ def _sigint_kept(request):
     after = signal.getsignal(signal.SIGINT)
     if after is not before:
         signal.signal(signal.SIGINT, before)
-        warnings.warn(f"{request.node.nodeid} left SIGINT's handler as {after!r}; put back")
+        warnings.warn(f"{request.node.nodeid} left SIGINT's handler as {after!r}; put back", stacklevel=1)

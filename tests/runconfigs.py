@@ -65,8 +65,15 @@ trajectory_steps = [0, 5, 10, 19]
 
 def write_config(folder: Path, name: str = "t", **values) -> Path:
     fields = dict(
-        name=name, run_dir=str(folder / "runs"), seed=0, num_samples=32, dropout=0.1, epochs=2,
-        checkpoint_every=2, num_images=4, trajectory_images=2,
+        name=name,
+        run_dir=str(folder / "runs"),
+        seed=0,
+        num_samples=32,
+        dropout=0.1,
+        epochs=2,
+        checkpoint_every=2,
+        num_images=4,
+        trajectory_images=2,
     )
     fields.update(values)
     path = folder / f"{name}.toml"
@@ -86,8 +93,16 @@ def trained_tiny(folder: Path, name: str, *args: str, **values) -> Path:
 def on_mnist(root: Path, limit: int = 64) -> list[str]:
     """``--set`` arguments training a tiny config on the first ``limit`` MNIST digits (8x8) instead of rectangles:
     eval and sweep measure digits only."""
-    return ["--set", "data.dataset=mnist", "--set", f"data.root={root}", "--set", "data.download=false",
-            "--set", f"data.limit={limit}"]
+    return [
+        "--set",
+        "data.dataset=mnist",
+        "--set",
+        f"data.root={root}",
+        "--set",
+        "data.download=false",
+        "--set",
+        f"data.limit={limit}",
+    ]
 
 
 def cli_env(**extra: str) -> dict[str, str]:
@@ -101,8 +116,12 @@ def cli_env(**extra: str) -> dict[str, str]:
 def ddpmkit(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 300):
     """Run the CLI as a user would, in a subprocess."""
     return subprocess.run(
-        [sys.executable, "-m", "ddpmkit", *args], cwd=cwd or REPO, env=env or cli_env(),
-        capture_output=True, text=True, timeout=timeout,
+        [sys.executable, "-m", "ddpmkit", *args],
+        cwd=cwd or REPO,
+        env=env or cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 

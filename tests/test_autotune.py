@@ -8,12 +8,12 @@ import json
 
 import pytest
 import torch
+from runconfigs import write_config
 
 import ddpmkit.training.autotune as autotune
 from ddpmkit.run.config import load_config
 from ddpmkit.runtime.speed import SpeedModes
 from ddpmkit.training.runner import RunReport, run_config
-from runconfigs import write_config
 
 CPU = torch.device("cpu")
 AVX2 = {"avx", "avx2", "fma"}
@@ -23,8 +23,11 @@ AMX = AVX2 | {"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}
 def _auto_config(tmp_path, name="a", precision="auto", channels_last="auto", **values):
     path = write_config(tmp_path, name, **values)
     layout = '"auto"' if channels_last == "auto" else str(channels_last).lower()
-    path.write_text(path.read_text().replace('precision = "fp32"', f'precision = "{precision}"')
-                    .replace("channels_last = false", f"channels_last = {layout}"))
+    path.write_text(
+        path.read_text()
+        .replace('precision = "fp32"', f'precision = "{precision}"')
+        .replace("channels_last = false", f"channels_last = {layout}")
+    )
     return load_config(path)
 
 
@@ -67,7 +70,8 @@ def test_the_fastest_mode_is_chosen_and_the_measurement_cached(tmp_path):
 
 
 def test_another_ddpmkit_version_measures_anew(tmp_path, monkeypatch):
-    """ddpmkit's own code (its compiled dropout, say) can change which mode is fastest: a cached figure is its version's."""
+    """ddpmkit's own code (its compiled dropout, say) can change which mode is fastest: a cached figure is its
+    version's."""
     cfg = _auto_config(tmp_path)
     cache = tmp_path / "cache.json"
     timer = FakeTimer({"fp32": 70.0, "fp32+channels-last": 71.0, "bf16": 380.0, "bf16+channels-last": 450.0})
@@ -99,8 +103,11 @@ def test_bf16_named_where_it_is_emulated_warns_and_measures_only_its_plain_mode(
     measurement already cached: on an AVX2-only EPYC each bf16 mode cost minutes, and validate measured for 10."""
     monkeypatch.setattr(autotune, "native_bf16", lambda device, flags=None: False)
     path = write_config(tmp_path, "b")
-    path.write_text(path.read_text().replace('precision = "fp32"', 'precision = "bf16"')
-                    .replace("channels_last = false", 'channels_last = "auto"\ncompile = "auto"'))
+    path.write_text(
+        path.read_text()
+        .replace('precision = "fp32"', 'precision = "bf16"')
+        .replace("channels_last = false", 'channels_last = "auto"\ncompile = "auto"')
+    )
     cfg = load_config(path)
     cache = tmp_path / "c.json"
     timer = FakeTimer({"fp32": 71.2, "bf16": 5.2})
@@ -145,8 +152,13 @@ def test_a_slow_measurement_ends_after_two_steps_past_the_first(tmp_path, monkey
     cfg = _auto_config(tmp_path, precision="fp32", channels_last=False)
     steps: list[int] = []
     real = autotune.train
-    monkeypatch.setattr(autotune, "train", lambda *a, events, **k: real(*a, events=autotune.TrainEvents(
-        on_step=lambda m: (steps.append(m["step"]), events.on_step(m))), **k))
+    monkeypatch.setattr(
+        autotune,
+        "train",
+        lambda *a, events, **k: real(
+            *a, events=autotune.TrainEvents(on_step=lambda m: (steps.append(m["step"]), events.on_step(m))), **k
+        ),
+    )
     ips, _ = autotune.measure_training(cfg, SpeedModes(), CPU)
     assert steps == [1, 2, 3] and ips == pytest.approx(8 / 15)
     steps.clear()
@@ -170,6 +182,7 @@ def test_sigterm_while_measuring_ends_the_command_and_caches_nothing(tmp_path, m
             events.on_step(metrics)
             if metrics["step"] == 2:
                 os.kill(os.getpid(), signal.SIGTERM)
+
         return real(*args, events=autotune.TrainEvents(on_step=on_step), **kwargs)
 
     monkeypatch.setattr(autotune, "train", terminated_at_step_2)
@@ -186,7 +199,9 @@ def test_a_run_records_its_choice_and_a_resume_keeps_it(tmp_path, monkeypatch):
     cfg = _auto_config(tmp_path, "r", epochs=1, num_images=0, trajectory_images=0)
     said: list[str] = []
     assert run_config(cfg, report=RunReport(info=said.append)) == 0
-    assert any("speed modes: fp32+channels-last (measured images/s: fp32+channels-last 20" in line for line in said), said
+    assert any("speed modes: fp32+channels-last (measured images/s: fp32+channels-last 20" in line for line in said), (
+        said
+    )
     state = json.loads((tmp_path / "runs" / "r" / "checkpoints" / "step-00000004" / "state.json").read_text())
     assert state["config"]["train"]["channels_last"] is True and state["config"]["train"]["precision"] == "fp32"
     assert state["speed"]["figures"]["fp32+channels-last"] == 20.0
@@ -227,11 +242,21 @@ def test_a_bad_precision_is_still_a_user_error(value, tmp_path):
 @pytest.mark.parametrize("compiled, chosen", [(26.0, "fp32+channels-last+compiled"), (20.5, "fp32+channels-last")])
 def test_compile_auto_is_measured_once_on_the_fastest_mode(compiled, chosen, tmp_path):
     path = write_config(tmp_path, "c")
-    path.write_text(path.read_text().replace('precision = "fp32"', 'precision = "auto"')
-                    .replace("channels_last = false", 'channels_last = "auto"\ncompile = "auto"'))
+    path.write_text(
+        path.read_text()
+        .replace('precision = "fp32"', 'precision = "auto"')
+        .replace("channels_last = false", 'channels_last = "auto"\ncompile = "auto"')
+    )
     cfg = load_config(path)
-    timer = FakeTimer({"fp32": 10.0, "fp32+channels-last": 20.0, "bf16": 1.0, "bf16+channels-last": 1.0,
-                       "fp32+channels-last+compiled": compiled})
+    timer = FakeTimer(
+        {
+            "fp32": 10.0,
+            "fp32+channels-last": 20.0,
+            "bf16": 1.0,
+            "bf16+channels-last": 1.0,
+            "fp32+channels-last+compiled": compiled,
+        }
+    )
     choice = autotune.choose(cfg, CPU, timer=timer, flags=AVX2, cache=tmp_path / "c.json")
     assert autotune.mode_label(choice.modes) == chosen
     assert timer.calls == ["fp32", "fp32+channels-last", "fp32+channels-last+compiled"]  # one compilation measured
@@ -244,8 +269,9 @@ def test_without_a_cxx_compiler_auto_trains_uncompiled_and_an_explicit_compile_i
 
     path = write_config(tmp_path, "nocxx", epochs=1, num_images=2, trajectory_images=0)
     path.write_text(path.read_text().replace("channels_last = false", 'channels_last = false\ncompile = "auto"'))
-    env = cli_env(CXX="/bin/false", XDG_CACHE_HOME=str(tmp_path / "cache"),
-                  TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
+    env = cli_env(
+        CXX="/bin/false", XDG_CACHE_HOME=str(tmp_path / "cache"), TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor")
+    )
     r = ddpmkit("run", str(path), env=env)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "compile not tried: no working C++ compiler" in r.stdout + r.stderr
@@ -253,9 +279,11 @@ def test_without_a_cxx_compiler_auto_trains_uncompiled_and_an_explicit_compile_i
     r = ddpmkit("run", str(path), "--fresh", "--set", "train.compile=true", env=env)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     lines = [line for line in (r.stdout + r.stderr).splitlines() if line.strip()]
-    assert lines == ["error: train.compile is on, but torch.compile cannot run here: no working C++ compiler for "
-                     "torch.compile's CPU kernels (install g++ or clang++, or set CXX); or set train.compile = false "
-                     '(or "auto", which measures without it)'], lines
+    assert lines == [
+        "error: train.compile is on, but torch.compile cannot run here: no working C++ compiler for "
+        "torch.compile's CPU kernels (install g++ or clang++, or set CXX); or set train.compile = false "
+        '(or "auto", which measures without it)'
+    ], lines
 
 
 def test_a_python_that_torch_cannot_compile_on_prunes_compile_too(tmp_path, monkeypatch):
@@ -302,5 +330,7 @@ def test_a_compile_trial_that_fails_leaves_auto_uncompiled_and_says_why(tmp_path
 
     choice = autotune.choose(load_config(path), CPU, timer=timer, flags=AVX2, cache=tmp_path / "c.json")
     assert autotune.mode_label(choice.modes) == "fp32"
-    assert choice.failed == {"fp32+compiled": "RuntimeError: CUDA graphs: operation not permitted when stream is capturing"}
+    assert choice.failed == {
+        "fp32+compiled": "RuntimeError: CUDA graphs: operation not permitted when stream is capturing"
+    }
     assert "fp32+compiled failed here, so not taken: RuntimeError: CUDA graphs" in choice.reason()

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from runconfigs import invoke, write_config
 
 import ddpmkit.training.autotune as autotune
 import ddpmkit.training.budget as budget
@@ -16,14 +17,15 @@ from ddpmkit.run.config import load_config
 from ddpmkit.training.budget import PLANNED_SHARE, REPLANNED_SHARE, TimePlan, choose_model, plan
 from ddpmkit.training.loop import learning_rate
 from ddpmkit.training.runner import RunReport, run_config
-from runconfigs import invoke, write_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _budget_config(tmp_path, name="b", budget="2s", extra="", **values):
     path = write_config(tmp_path, name, **values)
-    path.write_text(path.read_text().replace("keep_checkpoints = 3", f'keep_checkpoints = 3\ntime_budget = "{budget}"') + extra)
+    path.write_text(
+        path.read_text().replace("keep_checkpoints = 3", f'keep_checkpoints = 3\ntime_budget = "{budget}"') + extra
+    )
     return path
 
 
@@ -37,7 +39,9 @@ def _fake_steady(ips, setup_s=0.0):
     return lambda cfg, modes, device, expected: (ips, setup_s)
 
 
-GUIDE = '\n[guidance]\nweight = 2.0\nsteps = 10\n\n[guidance.denoiser_options]\nchannels = [4, 8, 16, 16]\nnum_groups = 2\n'
+GUIDE = (
+    "\n[guidance]\nweight = 2.0\nsteps = 10\n\n[guidance.denoiser_options]\nchannels = [4, 8, 16, 16]\nnum_groups = 2\n"
+)
 
 
 def test_the_plan_fits_the_budget_with_the_guide_first(tmp_path, monkeypatch):
@@ -48,11 +52,21 @@ def test_the_plan_fits_the_budget_with_the_guide_first(tmp_path, monkeypatch):
     assert p.guide_s == pytest.approx(10 * 8 / 400.0)
     assert p.steps == int((60 * PLANNED_SHARE - p.guide_s) * 100.0 / 8) and p.images_per_s == 100.0
     # the plan the run keeps: the guide's real time and steady training measured when the main network starts
-    final = plan(cfg, torch.device("cpu"), timer=_fake({8: 100.0, 4: 400.0}), final=True, guide_took=3.0,
-                 rate_timer=_fake_steady(90.0, setup_s=2.0))
+    final = plan(
+        cfg,
+        torch.device("cpu"),
+        timer=_fake({8: 100.0, 4: 400.0}),
+        final=True,
+        guide_took=3.0,
+        rate_timer=_fake_steady(90.0, setup_s=2.0),
+    )
     assert final.steps == int((60 * PLANNED_SHARE - 3.0 - 2.0) * 90.0 / 8)
     assert (final.guide_s, final.setup_s, final.guide_trained) == (3.0, 2.0, True)
-    assert final.describe() == f"time budget 1m 00s: the guide took 0m 03s, then {final.steps:,} steps at the 90.0 images/s measured here after 2 s of set-up"
+    assert (
+        final.describe()
+        == f"time budget 1m 00s: the guide took 0m 03s, then {final.steps:,} steps at the 90.0 images/s measured here "
+        "after 2 s of set-up"
+    )
     capped = load_config(_budget_config(tmp_path, "c", budget="1m"), ["train.max_steps=7"])
     assert plan(capped, torch.device("cpu"), timer=_fake({8: 100.0})).steps == 7
 
@@ -65,7 +79,9 @@ def test_validate_times_the_guide_for_its_own_steps_when_the_budget_plans_fewer(
 
     monkeypatch.setenv("DDPMKIT_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(autotune, "_measured_rate", _fake({8: 8.0, 4: 8.0}))  # one step a second, either network
-    cfg = load_config(_budget_config(tmp_path, budget="16s", extra=GUIDE.replace("steps = 10", "steps = 12"), epochs=10))
+    cfg = load_config(
+        _budget_config(tmp_path, budget="16s", extra=GUIDE.replace("steps = 10", "steps = 12"), epochs=10)
+    )
     findings = {f.label: f.text for f in preflight(cfg, build_checked(cfg))}
     assert "the guide about 0m 12s, then 2 steps" in findings["budget"], findings  # int(16 * 0.92 - 12)
     assert findings["guide"].startswith("about 0m 12s of training first"), findings
@@ -100,7 +116,9 @@ def test_a_budgeted_run_trains_the_planned_steps_and_keeps_the_plan(tmp_path, mo
     monkeypatch.setenv("DDPMKIT_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(autotune, "_measured_rate", _fake({8: 100.0}))  # the choice's burst, for the estimate
     monkeypatch.setattr(autotune, "_steady_rate", _fake_steady(80.0))  # what the plan is made from
-    cfg = load_config(_budget_config(tmp_path, "r", budget="2s", num_images=0, trajectory_images=0, checkpoint_every=1000))
+    cfg = load_config(
+        _budget_config(tmp_path, "r", budget="2s", num_images=0, trajectory_images=0, checkpoint_every=1000)
+    )
     said: list[str] = []
     assert run_config(cfg, report=RunReport(info=said.append)) == 0
     steps = int(2 * PLANNED_SHARE * 80.0 / 8)
@@ -127,8 +145,11 @@ def test_the_main_network_is_planned_from_the_time_the_guide_took(tmp_path, monk
     monkeypatch.setenv("DDPMKIT_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(autotune, "_measured_rate", _fake({8: 100.0, 4: 1e6}))  # the estimate: a guide of no time
     monkeypatch.setattr(autotune, "_steady_rate", _fake_steady(10.0, setup_s=0.25))
-    cfg = load_config(_budget_config(tmp_path, "g", budget="40s", num_images=0, trajectory_images=0,
-                                     checkpoint_every=1000, extra=GUIDE))
+    cfg = load_config(
+        _budget_config(
+            tmp_path, "g", budget="40s", num_images=0, trajectory_images=0, checkpoint_every=1000, extra=GUIDE
+        )
+    )
     said: list[str] = []
     assert run_config(cfg, report=RunReport(info=said.append)) == 0
     run = tmp_path / "runs" / "g"
@@ -140,14 +161,19 @@ def test_the_main_network_is_planned_from_the_time_the_guide_took(tmp_path, monk
     assert any("the guide took" in s for s in said), said
 
 
-SMALLER = ('\n[[train.smaller_models]]\ndenoiser_options = { channels = [4, 8, 16, 16], num_groups = 2 }\n'
-           'guide_options = { channels = [2, 4, 8, 8], num_groups = 2 }\n')
+SMALLER = (
+    "\n[[train.smaller_models]]\ndenoiser_options = { channels = [4, 8, 16, 16], num_groups = 2 }\n"
+    "guide_options = { channels = [2, 4, 8, 8], num_groups = 2 }\n"
+)
 
 
 def _sized_config(tmp_path, name, min_steps, budget="1m", extra=GUIDE, more=""):
-    path = _budget_config(tmp_path, name, budget=budget, num_images=0, trajectory_images=0, checkpoint_every=1000,
-                          extra=extra + more)
-    path.write_text(path.read_text().replace("keep_checkpoints = 3", f"keep_checkpoints = 3\nbudget_min_steps = {min_steps}"))
+    path = _budget_config(
+        tmp_path, name, budget=budget, num_images=0, trajectory_images=0, checkpoint_every=1000, extra=extra + more
+    )
+    path.write_text(
+        path.read_text().replace("keep_checkpoints = 3", f"keep_checkpoints = 3\nbudget_min_steps = {min_steps}")
+    )
     return path
 
 
@@ -171,15 +197,29 @@ def test_a_budget_takes_the_first_smaller_model_it_buys_enough_steps_of(tmp_path
     assert (choice.index, choice.steps) == (1, [own, small])
     assert choice.describe(cfg) == (
         f"train.smaller_models[0] (channels = [4, 8, 16, 16], num_groups = 2): the budget buys about {own:,} steps of "
-        f"the configured model, fewer than train.budget_min_steps = {own + 1:,}, and about {small:,} of this one")
+        f"the configured model, fewer than train.budget_min_steps = {own + 1:,}, and about {small:,} of this one"
+    )
     picked = cfg.with_smaller_model(choice.index)
-    assert picked.denoiser.options["channels"] == [4, 8, 16, 16] and picked.guidance.denoiser_options["channels"] == [2, 4, 8, 8]
+    assert picked.denoiser.options["channels"] == [4, 8, 16, 16] and picked.guidance.denoiser_options["channels"] == [
+        2,
+        4,
+        8,
+        8,
+    ]
     assert picked.run_dir == cfg.run_dir and not picked.train.smaller_models and picked.train.max_steps is None
-    capped = load_config(_sized_config(tmp_path, "b2", own + 1, more=SMALLER.replace("guide_options", "max_steps = 9\nguide_options")))
+    capped = load_config(
+        _sized_config(tmp_path, "b2", own + 1, more=SMALLER.replace("guide_options", "max_steps = 9\nguide_options"))
+    )
     assert capped.with_smaller_model(1).train.max_steps == 9
     cfg = load_config(_sized_config(tmp_path, "c", 10**5, more=smaller_twice))  # none is enough: the last
-    choice = choose_model(cfg, torch.device("cpu"), timer=lambda c, m, d: rates.get(c.denoiser.options["channels"][0], 1e4))
-    assert choice.index == 2 and len(choice.steps) == 3 and "(the last offered: none reaches 100,000)" in choice.describe(cfg)
+    choice = choose_model(
+        cfg, torch.device("cpu"), timer=lambda c, m, d: rates.get(c.denoiser.options["channels"][0], 1e4)
+    )
+    assert (
+        choice.index == 2
+        and len(choice.steps) == 3
+        and "(the last offered: none reaches 100,000)" in choice.describe(cfg)
+    )
 
 
 def test_a_budgeted_run_trains_the_smaller_model_and_keeps_it_on_resume(tmp_path, monkeypatch):
@@ -208,13 +248,18 @@ def test_a_budgeted_run_trains_the_smaller_model_and_keeps_it_on_resume(tmp_path
     assert json.loads((run / "config.json").read_text())["denoiser"]["options"]["channels"] == [8, 16, 32, 32]
 
 
-@pytest.mark.parametrize("more, needle", [
-    ("", "train.smaller_models: needs train.budget_min_steps"),
-    ("min", "train.smaller_models[0]: "),
-])
+@pytest.mark.parametrize(
+    "more, needle",
+    [
+        ("", "train.smaller_models: needs train.budget_min_steps"),
+        ("min", "train.smaller_models[0]: "),
+    ],
+)
 def test_smaller_models_that_cannot_work_are_one_line(more, needle, tmp_path):
     if more == "min":
-        path = _sized_config(tmp_path, "m", 10, more=SMALLER.replace("num_groups = 2 }\nguide", "num_groups = 3 }\nguide"))
+        path = _sized_config(
+            tmp_path, "m", 10, more=SMALLER.replace("num_groups = 2 }\nguide", "num_groups = 3 }\nguide")
+        )
     else:
         path = _budget_config(tmp_path, "m", extra=GUIDE + SMALLER)
     r = invoke("validate", str(path), "--no-timing")
@@ -271,8 +316,10 @@ def test_the_replan_step_and_its_closed_form():
     assert made.replanned(1000, 100.0, 40.0, 8, 1100).steps == 1100  # the config's cap holds
     assert made.replanned(1000, 100.0, 1e4, 8, None).steps == 1000  # out of time: it ends here
     assert new.replan_step(8, 0, 1000) is None  # once
-    assert new.describe() == (f"time budget 1m 00s: the guide took 0m 05s, then 5,000 steps at the 80.0 images/s measured "
-                              f"here after 1 s of set-up; re-planned at step 1,000 from the loop's own 100.0 images/s: {new.steps:,} steps")
+    assert new.describe() == (
+        f"time budget 1m 00s: the guide took 0m 05s, then 5,000 steps at the 80.0 images/s measured "
+        f"here after 1 s of set-up; re-planned at step 1,000 from the loop's own 100.0 images/s: {new.steps:,} steps"
+    )
     assert TimePlan(**new.record()) == new  # what a resumed run reads back
 
 
@@ -282,7 +329,9 @@ def _replanning(monkeypatch, at_ips=40.0):
     monkeypatch.setattr(budget, "REPLAN_MIN_STEPS", 3)
     monkeypatch.setattr(budget, "REPLAN_AFTER_S", 1e-6)
     real = TimePlan.replanned
-    monkeypatch.setattr(TimePlan, "replanned", lambda self, step, ips, spent, batch, cap: real(self, step, at_ips, 0.0, batch, cap))
+    monkeypatch.setattr(
+        TimePlan, "replanned", lambda self, step, ips, spent, batch, cap: real(self, step, at_ips, 0.0, batch, cap)
+    )
 
 
 def test_the_loop_replans_once_from_its_own_rate_and_a_resume_keeps_it(tmp_path, monkeypatch):
@@ -299,11 +348,15 @@ def test_the_loop_replans_once_from_its_own_rate_and_a_resume_keeps_it(tmp_path,
         runs[name] = load_config(path)
     said: list[str] = []
     assert run_config(runs["whole"], report=RunReport(info=said.append)) == 0
-    assert any(f"re-planned at step 4 from the loop's own 40.0 images/s: {new} steps (planned {first})" in s for s in said), said
+    assert any(
+        f"re-planned at step 4 from the loop's own 40.0 images/s: {new} steps (planned {first})" in s for s in said
+    ), said
     assert any("of the budget" in s and "planned at 80.0, re-planned at step 4 at 40.0" in s for s in said), said
     whole = tmp_path / "runs" / "whole"
     state = json.loads((whole / "checkpoints" / f"step-{new:08d}" / "state.json").read_text())
-    assert state["lr_decay_end"] == new and state["time_plan"]["steps"] == new and state["time_plan"]["replanned_at"] == 4
+    assert (
+        state["lr_decay_end"] == new and state["time_plan"]["steps"] == new and state["time_plan"]["replanned_at"] == 4
+    )
     rows = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, new + 1))
     cfg = runs["whole"].train
@@ -324,8 +377,10 @@ def test_the_loop_replans_once_from_its_own_rate_and_a_resume_keeps_it(tmp_path,
     monkeypatch.setattr(loop._Trainer, "update", update)
     said.clear()
     assert run_config(runs["killed"], report=RunReport(info=said.append)) == 0
-    assert any("re-planned at step 4 from the loop's own 40.0 images/s" in s and "planned at the run's first start" in s
-               for s in said), said
+    assert any(
+        "re-planned at step 4 from the loop's own 40.0 images/s" in s and "planned at the run's first start" in s
+        for s in said
+    ), said
     assert not any(s.strip().startswith("re-planned") for s in said), said
     killed = tmp_path / "runs" / "killed"
     a, b = (load_checkpoint(run / "checkpoints" / f"step-{new:08d}") for run in (whole, killed))

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ddpmkit.errors import CheckpointError
 from ddpmkit.run.checkpoint import (
     EMA_FILE,
     MODEL_FILE,
@@ -22,7 +23,6 @@ from ddpmkit.run.checkpoint import (
     save_checkpoint,
     step_dirs,
 )
-from ddpmkit.errors import CheckpointError
 
 
 def _save(run_dir: Path, step: int, keep: int = 3) -> Path:
@@ -32,8 +32,13 @@ def _save(run_dir: Path, step: int, keep: int = 3) -> Path:
     model(torch.randn(2, 4)).sum().backward()
     opt.step()
     return save_checkpoint(
-        run_dir, step, model_state=model.state_dict(), ema_state=model.state_dict(),
-        optimizer_state=opt.state_dict(), state={"note": "test"}, keep=keep,
+        run_dir,
+        step,
+        model_state=model.state_dict(),
+        ema_state=model.state_dict(),
+        optimizer_state=opt.state_dict(),
+        state={"note": "test"},
+        keep=keep,
     )
 
 

@@ -11,10 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from runconfigs import invoke
 
 import ddpmkit
 from ddpmkit.registry import discovery as plugins
-from runconfigs import invoke
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -72,7 +72,11 @@ def test_mnist_config_is_the_tutorials_recipe():
     assert cfg.data.dataset == "mnist" and cfg.image_shape == (1, 32, 32)
     assert cfg.schedule.options == {"num_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02}
     assert cfg.denoiser.options == {
-        "prediction": "epsilon", "time_embedding": "sinusoidal", "num_groups": 32, "num_heads": 8, "dropout": 0.1,
+        "prediction": "epsilon",
+        "time_embedding": "sinusoidal",
+        "num_groups": 32,
+        "num_heads": 8,
+        "dropout": 0.1,
         "channels": [64, 128, 256, 512, 512, 384],
         "attentions": [False, True, False, False, False, True],
         "upscales": [False, False, False, True, True, True],
@@ -97,9 +101,12 @@ def test_set_good_override_is_applied():
 
 def test_set_override_that_changes_the_model():
     result = invoke(
-        "validate", str(SMOKE),
-        "--set", "denoiser.options.channels=[16, 32, 64, 64]",
-        "--set", "denoiser.options.num_groups=8",
+        "validate",
+        str(SMOKE),
+        "--set",
+        "denoiser.options.channels=[16, 32, 64, 64]",
+        "--set",
+        "denoiser.options.num_groups=8",
     )
     assert result.exit_code == 0, result.output
     small = invoke("validate", str(SMOKE))
@@ -154,7 +161,8 @@ def test_messages_quoting_brackets_are_printed_verbatim():
     """rich markup must not eat or choke on user text such as '[true,false]' or '[/x]'."""
     err = assert_user_error(
         invoke("validate", str(SMOKE), "--set", "denoiser.options.attentions=[true,false]"),
-        "--set denoiser.options.attentions=[true,false]: denoiser.options.attentions: needs one entry per layer (4), got 2",
+        "--set denoiser.options.attentions=[true,false]: denoiser.options.attentions: needs one entry per layer (4), "
+        "got 2",
     )
     assert err.count("\n") == 1
     assert_user_error(invoke("validate", str(SMOKE), "--set", "run.name=[/x]"), "--set run.name=[/x]: run.name:")
@@ -201,14 +209,29 @@ def test_list_plugins_json():
     assert result.exit_code == 0
     rows = json.loads(result.stdout)
     assert rows == [
-        {"kind": kind, "name": name, "qualified_name": f"ddpmkit:{name}", "plugin": plugin, "distribution": "ddpmkit",
-         "version": ddpmkit.__version__, "status": "ok", "error": None}
-        for kind, name, plugin in [("schedule", "betas", "builtin"), ("schedule", "cosine", "builtin"),
-                                   ("schedule", "linear", "builtin"), ("denoiser", "diffusers-unet", "builtin"),
-                                   ("denoiser", "unet", "builtin"), ("sampler", "ddim", "builtin"),
-                                   ("sampler", "ddpm", "builtin"), ("sampler", "diffusers", "builtin"),
-                                   ("events", "metrics", "metrics"),
-                                   ("events", "tensorboard", "tensorboard"), ("events", "wandb", "wandb")]
+        {
+            "kind": kind,
+            "name": name,
+            "qualified_name": f"ddpmkit:{name}",
+            "plugin": plugin,
+            "distribution": "ddpmkit",
+            "version": ddpmkit.__version__,
+            "status": "ok",
+            "error": None,
+        }
+        for kind, name, plugin in [
+            ("schedule", "betas", "builtin"),
+            ("schedule", "cosine", "builtin"),
+            ("schedule", "linear", "builtin"),
+            ("denoiser", "diffusers-unet", "builtin"),
+            ("denoiser", "unet", "builtin"),
+            ("sampler", "ddim", "builtin"),
+            ("sampler", "ddpm", "builtin"),
+            ("sampler", "diffusers", "builtin"),
+            ("events", "metrics", "metrics"),
+            ("events", "tensorboard", "tensorboard"),
+            ("events", "wandb", "wandb"),
+        ]
     ]
 
 
@@ -232,7 +255,12 @@ def test_subprocess_validate_and_set():
     proc = subprocess.run(base, capture_output=True, text=True, env=env_without_switch(), timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "112,313 parameters" in proc.stdout
-    proc = subprocess.run(base + ["--set", "train.batch_size=0"], capture_output=True, text=True, env=env_without_switch(), timeout=120)
+    proc = subprocess.run(
+        base + ["--set", "train.batch_size=0"], capture_output=True, text=True, env=env_without_switch(), timeout=120
+    )
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "error: --set train.batch_size=0: train.batch_size: Input should be greater than or equal to 1"
+    assert (
+        proc.stderr.strip()
+        == "error: --set train.batch_size=0: train.batch_size: Input should be greater than or equal to 1"
+    )
     assert proc.stdout == ""

@@ -10,17 +10,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from runconfigs import ddpmkit, invoke, write_config
 
 from ddpmkit.diffusion import NULL_CLASS, ancestral_steps, gaussian_reverse_moments
 from ddpmkit.guidance import ClassConditioned, mix
 from ddpmkit.registry.build import create_denoiser, create_schedule
 from ddpmkit.testing import GaussianOracle, check_denoiser, check_sampler
-from runconfigs import ddpmkit, invoke, write_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY_UNET = dict(channels=[8, 16, 32, 32], attentions=[False, True, False, False], upscales=[False, False, True, True],
-                 num_groups=4, num_heads=2, dropout=0.0)
+TINY_UNET = dict(
+    channels=[8, 16, 32, 32],
+    attentions=[False, True, False, False],
+    upscales=[False, False, True, True],
+    num_groups=4,
+    num_heads=2,
+    dropout=0.0,
+)
 
 
 def conditional_config(folder: Path, name: str = "c", **values) -> Path:
@@ -110,8 +116,9 @@ def test_label_dropout_is_seeded_and_at_its_rate():
     # two ranks take their slices of the very same draw
     trainer.step = 5
     whole = trainer.batch_labels(labels[:8], slice(None))
-    assert torch.equal(torch.cat([trainer.batch_labels(labels[:8], slice(0, 4)),
-                                  trainer.batch_labels(labels[:8], slice(4, 8))]), whole)
+    assert torch.equal(
+        torch.cat([trainer.batch_labels(labels[:8], slice(0, 4)), trainer.batch_labels(labels[:8], slice(4, 8))]), whole
+    )
 
 
 def test_classifier_free_guidance_is_one_batched_pass_mixing_the_predictions():
@@ -214,7 +221,7 @@ def register_denoisers(register):
 
 
 def test_a_conditional_config_naming_an_unconditional_denoiser_is_one_line(tmp_path, plugin_module):
-    plugin_module('''
+    plugin_module("""
 import torch
 from ddpmkit import hookimpl
 from ddpmkit.interfaces import Denoiser
@@ -230,10 +237,15 @@ class Plain(Denoiser):
 @hookimpl
 def register_denoisers(register):
     register("plain", Plain)
-''')
+""")
     cfg = conditional_config(tmp_path)
-    cfg.write_text(cfg.read_text().replace('[denoiser]\nname = "unet"', '[denoiser]\nname = "plain"')
-                   .split("[denoiser.options]")[0] + "[sampler]" + cfg.read_text().split("[sampler]", 1)[1])
+    cfg.write_text(
+        cfg.read_text()
+        .replace('[denoiser]\nname = "unet"', '[denoiser]\nname = "plain"')
+        .split("[denoiser.options]")[0]
+        + "[sampler]"
+        + cfg.read_text().split("[sampler]", 1)[1]
+    )
     r = invoke("validate", str(cfg))
     assert r.exit_code == 2, r.output
     assert "cannot be conditioned on class labels" in r.output and "plain" in r.output
@@ -263,7 +275,10 @@ def test_a_conditional_run_resumes_exactly_and_draws_the_classes_asked_for(tmp_p
     from safetensors.torch import load_file
 
     final = sorted((run_a / "checkpoints").iterdir())[-1].name
-    a, b = load_file(run_a / "checkpoints" / final / "ema.safetensors"), load_file(run_b / "checkpoints" / final / "ema.safetensors")
+    a, b = (
+        load_file(run_a / "checkpoints" / final / "ema.safetensors"),
+        load_file(run_b / "checkpoints" / final / "ema.safetensors"),
+    )
     assert all(torch.equal(a[k], b[k]) for k in a)  # label dropout draws its own seeded stream
     state = json.loads((run_a / "checkpoints" / final / "state.json").read_text())
     assert state["classes"] == ["top-left", "top-right", "bottom-left", "bottom-right"]

@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 
 import ddpmkit
 from ddpmkit import ConfigError
-from ddpmkit.registry import discovery as plugins
 from ddpmkit.commands import app
+from ddpmkit.registry import discovery as plugins
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = (ROOT / "configs" / "smoke.toml").read_text()
@@ -58,44 +58,168 @@ CASES = [
     ("unknown-key", "batch_size = 16", "bach_size = 16", "train.bach_size: unknown key (did you mean 'batch_size'?)"),
     ("unknown-key-no-suggestion", "epochs = 2", "epochs = 2\nzzz_qqq = 1", "train.zzz_qqq: unknown key"),
     ("unknown-table", "[sample]", "[sampel]", "sampel: unknown key (did you mean 'sample'?)"),
-    ("unknown-option", "num_heads = 2", "num_head = 2", "denoiser.options.num_head: unknown key (did you mean 'num_heads'?)"),
-    ("unknown-schedule-option", "beta_end = 0.2", "beta_ned = 0.2", "schedule.options.beta_ned: unknown key (did you mean 'beta_end'?)"),
+    (
+        "unknown-option",
+        "num_heads = 2",
+        "num_head = 2",
+        "denoiser.options.num_head: unknown key (did you mean 'num_heads'?)",
+    ),
+    (
+        "unknown-schedule-option",
+        "beta_end = 0.2",
+        "beta_ned = 0.2",
+        "schedule.options.beta_ned: unknown key (did you mean 'beta_end'?)",
+    ),
     ("wrong-type-int", "batch_size = 16", 'batch_size = "big"', "train.batch_size: Input should be a valid integer"),
     ("wrong-type-float-to-int", "epochs = 2", "epochs = 2.5", "train.epochs: Input should be a valid integer"),
-    ("wrong-type-bool", "ema_warmup = true", 'ema_warmup = "sometimes"', "train.ema_warmup: Input should be a valid boolean"),
-    ("wrong-type-option", "num_groups = 4", 'num_groups = "four"', "denoiser.options.num_groups: Input should be a valid integer"),
-    ("wrong-type-list", "channels = [8, 16, 32, 32]", "channels = 8", "denoiser.options.channels: Input should be a valid list"),
-    ("T-zero", "num_timesteps = 50", "num_timesteps = 0", "schedule.options.num_timesteps: Input should be greater than or equal to 1"),
-    ("T-negative", "num_timesteps = 50", "num_timesteps = -3", "schedule.options.num_timesteps: Input should be greater than or equal to 1"),
+    (
+        "wrong-type-bool",
+        "ema_warmup = true",
+        'ema_warmup = "sometimes"',
+        "train.ema_warmup: Input should be a valid boolean",
+    ),
+    (
+        "wrong-type-option",
+        "num_groups = 4",
+        'num_groups = "four"',
+        "denoiser.options.num_groups: Input should be a valid integer",
+    ),
+    (
+        "wrong-type-list",
+        "channels = [8, 16, 32, 32]",
+        "channels = 8",
+        "denoiser.options.channels: Input should be a valid list",
+    ),
+    (
+        "T-zero",
+        "num_timesteps = 50",
+        "num_timesteps = 0",
+        "schedule.options.num_timesteps: Input should be greater than or equal to 1",
+    ),
+    (
+        "T-negative",
+        "num_timesteps = 50",
+        "num_timesteps = -3",
+        "schedule.options.num_timesteps: Input should be greater than or equal to 1",
+    ),
     ("beta-end-ge-1", "beta_end = 0.2", "beta_end = 1.5", "schedule.options.beta_end: Input should be less than 1"),
     ("beta-end-eq-1", "beta_end = 0.2", "beta_end = 1.0", "schedule.options.beta_end: Input should be less than 1"),
-    ("beta-start-zero", "beta_start = 1e-3", "beta_start = 0.0", "schedule.options.beta_start: Input should be greater than 0"),
-    ("beta-start-negative", "beta_start = 1e-3", "beta_start = -0.1", "schedule.options.beta_start: Input should be greater than 0"),
+    (
+        "beta-start-zero",
+        "beta_start = 1e-3",
+        "beta_start = 0.0",
+        "schedule.options.beta_start: Input should be greater than 0",
+    ),
+    (
+        "beta-start-negative",
+        "beta_start = 1e-3",
+        "beta_start = -0.1",
+        "schedule.options.beta_start: Input should be greater than 0",
+    ),
     ("lr-zero", "lr = 1e-3", "lr = 0", "train.lr: Input should be greater than 0"),
     ("lr-negative", "lr = 1e-3", "lr = -1e-3", "train.lr: Input should be greater than 0"),
     ("ema-one", "ema_decay = 0.9", "ema_decay = 1.0", "train.ema_decay: Input should be less than 1"),
-    ("ema-negative", "ema_decay = 0.9", "ema_decay = -0.1", "train.ema_decay: Input should be greater than or equal to 0"),
+    (
+        "ema-negative",
+        "ema_decay = 0.9",
+        "ema_decay = -0.1",
+        "train.ema_decay: Input should be greater than or equal to 0",
+    ),
     ("epochs-zero", "epochs = 2", "epochs = 0", "train.epochs: Input should be greater than or equal to 1"),
     ("batch-zero", "batch_size = 16", "batch_size = 0", "train.batch_size: Input should be greater than or equal to 1"),
-    ("checkpoint-every-zero", "checkpoint_every = 3", "checkpoint_every = 0", "train.checkpoint_every: Input should be greater than or equal to 1"),
-    ("num-images-negative", "num_images = 8", "num_images = -1", "sample.num_images: Input should be greater than or equal to 0"),
-    ("num-samples-zero", "num_samples = 64", "num_samples = 0", "data.num_samples: Input should be greater than or equal to 1"),
+    (
+        "checkpoint-every-zero",
+        "checkpoint_every = 3",
+        "checkpoint_every = 0",
+        "train.checkpoint_every: Input should be greater than or equal to 1",
+    ),
+    (
+        "num-images-negative",
+        "num_images = 8",
+        "num_images = -1",
+        "sample.num_images: Input should be greater than or equal to 0",
+    ),
+    (
+        "num-samples-zero",
+        "num_samples = 64",
+        "num_samples = 0",
+        "data.num_samples: Input should be greater than or equal to 1",
+    ),
     ("seed-negative", "seed = 0", "seed = -1", "run.seed: Input should be greater than or equal to 0"),
-    ("channels-odd-length", "channels = [8, 16, 32, 32]", "channels = [8, 16, 32]", "denoiser.options.channels: needs an even number (>= 2) of layers, got 3"),
-    ("attentions-wrong-length", "attentions = [false, true, false, false]", "attentions = [false, true, false]", "denoiser.options.attentions: needs one entry per layer (4), got 3"),
-    ("upscales-wrong-length", "upscales = [false, false, true, true]", "upscales = [false, false, true, true, true]", "denoiser.options.upscales: needs one entry per layer (4), got 5"),
-    ("channels-flow", "channels = [8, 16, 32, 32]", "channels = [8, 16, 32, 40]", "denoiser.options.channels: channels[3] must be 32"),
-    ("unknown-denoiser", 'name = "unet"', 'name = "unett"', "denoiser.name: unknown denoiser 'unett'; installed: diffusers-unet, unet"),
-    ("unknown-sampler", 'name = "ddpm"', 'name = "plms"', "sampler.name: unknown sampler 'plms'; installed: ddim, ddpm"),
-    ("unknown-schedule", 'name = "linear"', 'name = "quadratic"',
-     "schedule.name: unknown schedule 'quadratic'; installed: betas, cosine, linear"),
-    ("trajectory-step-ge-T", "trajectory_steps = [0, 5, 10, 20, 30, 49]", "trajectory_steps = [0, 5, 50]", "sample.trajectory_steps: steps [50] are not below T = 50"),
-    ("trajectory-step-negative", "trajectory_steps = [0, 5, 10, 20, 30, 49]", "trajectory_steps = [-1, 5]", "sample.trajectory_steps: steps must be >= 0"),
+    (
+        "channels-odd-length",
+        "channels = [8, 16, 32, 32]",
+        "channels = [8, 16, 32]",
+        "denoiser.options.channels: needs an even number (>= 2) of layers, got 3",
+    ),
+    (
+        "attentions-wrong-length",
+        "attentions = [false, true, false, false]",
+        "attentions = [false, true, false]",
+        "denoiser.options.attentions: needs one entry per layer (4), got 3",
+    ),
+    (
+        "upscales-wrong-length",
+        "upscales = [false, false, true, true]",
+        "upscales = [false, false, true, true, true]",
+        "denoiser.options.upscales: needs one entry per layer (4), got 5",
+    ),
+    (
+        "channels-flow",
+        "channels = [8, 16, 32, 32]",
+        "channels = [8, 16, 32, 40]",
+        "denoiser.options.channels: channels[3] must be 32",
+    ),
+    (
+        "unknown-denoiser",
+        'name = "unet"',
+        'name = "unett"',
+        "denoiser.name: unknown denoiser 'unett'; installed: diffusers-unet, unet",
+    ),
+    (
+        "unknown-sampler",
+        'name = "ddpm"',
+        'name = "plms"',
+        "sampler.name: unknown sampler 'plms'; installed: ddim, ddpm",
+    ),
+    (
+        "unknown-schedule",
+        'name = "linear"',
+        'name = "quadratic"',
+        "schedule.name: unknown schedule 'quadratic'; installed: betas, cosine, linear",
+    ),
+    (
+        "trajectory-step-ge-T",
+        "trajectory_steps = [0, 5, 10, 20, 30, 49]",
+        "trajectory_steps = [0, 5, 50]",
+        "sample.trajectory_steps: steps [50] are not below T = 50",
+    ),
+    (
+        "trajectory-step-negative",
+        "trajectory_steps = [0, 5, 10, 20, 30, 49]",
+        "trajectory_steps = [-1, 5]",
+        "sample.trajectory_steps: steps must be >= 0",
+    ),
     ("run-name", 'name = "smoke"', 'name = "../evil"', "run.name: use letters, digits"),
     ("run-device", 'device = "cpu"', 'device = "gpu"', "run.device: must be auto, cpu, cuda, cuda:N or mps"),
-    ("data-channels", "image_size = 16", "image_size = 16\nchannels = 2", "data.channels: must be 1 (grayscale), 3 (RGB) or \"auto\"; got 2"),
-    ("dataset", 'dataset = "synthetic"', 'dataset = "cifar"', "data.dataset: Input should be 'mnist', 'fashion-mnist', 'cifar10', 'image-folder', 'hf' or 'synthetic'"),
-    ("variance", "[sampler]\nname = \"ddpm\"", "[sampler]\nname = \"ddpm\"\noptions.variance = \"huge\"", "sampler.options.variance: Input should be 'beta' or 'posterior'"),
+    (
+        "data-channels",
+        "image_size = 16",
+        "image_size = 16\nchannels = 2",
+        'data.channels: must be 1 (grayscale), 3 (RGB) or "auto"; got 2',
+    ),
+    (
+        "dataset",
+        'dataset = "synthetic"',
+        'dataset = "cifar"',
+        "data.dataset: Input should be 'mnist', 'fashion-mnist', 'cifar10', 'image-folder', 'hf' or 'synthetic'",
+    ),
+    (
+        "variance",
+        '[sampler]\nname = "ddpm"',
+        '[sampler]\nname = "ddpm"\noptions.variance = "huge"',
+        "sampler.options.variance: Input should be 'beta' or 'posterior'",
+    ),
 ]
 
 
@@ -121,7 +245,8 @@ def test_betas_not_increasing(tmp_path):
     table_line = text.splitlines().index("[schedule.options]") + 1
     assert_user_error(
         validate(str(path)),
-        f"{path}:{table_line}: schedule.options: betas must increase: beta_end (0.0001) must be greater than beta_start (0.001)",
+        f"{path}:{table_line}: schedule.options: betas must increase: beta_end (0.0001) must be greater than "
+        "beta_start (0.001)",
     )
     text, _ = edited("beta_end = 0.2", "beta_end = 0.001")  # equal is not increasing either
     path.write_text(text)
@@ -134,16 +259,19 @@ def test_channels_not_divisible_by_groups(tmp_path):
     path.write_text(text)
     channels_line = text.splitlines().index("channels = [8, 16, 32, 32]") + 1
     assert_user_error(
-        validate(str(path)), f"{path}:{channels_line}: denoiser.options.channels: channels[0] = 8 is not divisible by num_groups = 3"
+        validate(str(path)),
+        f"{path}:{channels_line}: denoiser.options.channels: channels[0] = 8 is not divisible by num_groups = 3",
     )
 
 
 def test_dotted_keys_and_inline_tables_are_located(tmp_path):
-    text = SMOKE.replace("[sampler]\nname = \"ddpm\"", "[sampler]\nname = \"ddpm\"\noptions = { variance = \"wide\" }")
+    text = SMOKE.replace('[sampler]\nname = "ddpm"', '[sampler]\nname = "ddpm"\noptions = { variance = "wide" }')
     path = tmp_path / "bad.toml"
     path.write_text(text)
     line = text.splitlines().index('options = { variance = "wide" }') + 1
-    assert_user_error(validate(str(path)), f"{path}:{line}: sampler.options.variance: Input should be 'beta' or 'posterior'")
+    assert_user_error(
+        validate(str(path)), f"{path}:{line}: sampler.options.variance: Input should be 'beta' or 'posterior'"
+    )
 
 
 def test_every_problem_is_reported(tmp_path):
@@ -157,7 +285,9 @@ def test_every_problem_is_reported(tmp_path):
 def test_unknown_plugin_lists_the_installed_ones_even_with_defaults(tmp_path):
     path = tmp_path / "bad.toml"
     path.write_text('[denoiser]\nname = "transformer"\n')
-    assert_user_error(validate(str(path)), f"{path}:2: denoiser.name: unknown denoiser 'transformer'; installed: diffusers-unet, unet")
+    assert_user_error(
+        validate(str(path)), f"{path}:2: denoiser.name: unknown denoiser 'transformer'; installed: diffusers-unet, unet"
+    )
 
 
 def test_unet_needs_divisible_image_size(tmp_path):
@@ -169,7 +299,9 @@ def test_unet_needs_divisible_image_size(tmp_path):
 
 
 def test_only_channels_given_reports_the_default_lists(tmp_path):
-    text = SMOKE.replace("attentions = [false, true, false, false]\n", "").replace("upscales = [false, false, true, true]\n", "")
+    text = SMOKE.replace("attentions = [false, true, false, false]\n", "").replace(
+        "upscales = [false, false, true, true]\n", ""
+    )
     path = tmp_path / "bad.toml"
     path.write_text(text)
     assert_user_error(validate(str(path)), "denoiser.options.attentions: needs one entry per layer (4), got 6")
@@ -220,7 +352,10 @@ def test_subprocess_bad_option_and_syntax_error(tmp_path):
     proc = run_cli("validate", str(path))
     assert proc.returncode == 2
     assert proc.stdout == ""
-    assert proc.stderr.strip() == f"error: {path}:{line}: denoiser.options.channels: needs an even number (>= 2) of layers, got 3"
+    assert (
+        proc.stderr.strip()
+        == f"error: {path}:{line}: denoiser.options.channels: needs an even number (>= 2) of layers, got 3"
+    )
 
     text, line = edited("lr = 1e-3", "lr = = 1e-3")
     path.write_text(text)

@@ -6,20 +6,32 @@ import json
 import textwrap
 
 import pytest
-
-from ddpmkit.testing import GaussianOracle, assert_conforms, check_component
 from runconfigs import ddpmkit, invoke
 
+from ddpmkit.testing import GaussianOracle, assert_conforms, check_component
 
-@pytest.mark.parametrize("kind, name, options", [
-    ("schedule", "linear", {}),
-    ("schedule", "linear", {"num_timesteps": 1}),
-    ("sampler", "ddpm", {}),
-    ("sampler", "ddpm", {"variance": "posterior"}),
-    ("sampler", "ddpm", {"clip_denoised": True}),
-    ("denoiser", "unet", {"channels": [8, 16, 32, 32], "attentions": [False, True, False, False],
-                          "upscales": [False, False, True, True], "num_groups": 4, "num_heads": 2}),
-])
+
+@pytest.mark.parametrize(
+    "kind, name, options",
+    [
+        ("schedule", "linear", {}),
+        ("schedule", "linear", {"num_timesteps": 1}),
+        ("sampler", "ddpm", {}),
+        ("sampler", "ddpm", {"variance": "posterior"}),
+        ("sampler", "ddpm", {"clip_denoised": True}),
+        (
+            "denoiser",
+            "unet",
+            {
+                "channels": [8, 16, 32, 32],
+                "attentions": [False, True, False, False],
+                "upscales": [False, False, True, True],
+                "num_groups": 4,
+                "num_heads": 2,
+            },
+        ),
+    ],
+)
 def test_builtins_conform(kind, name, options):
     if options.get("num_timesteps") == 1:  # T = 1 keeps almost all signal: only the SNR check may fail
         failed = [r.check for r in check_component(kind, name, options) if not r.passed]
@@ -46,7 +58,7 @@ def test_oracle_is_the_posterior_mean_of_the_noise():
     resid = (eps - pred).flatten()
     centered = (x_t - x_t.mean()).flatten()
     assert abs(float((resid * centered).mean())) < 0.01
-    assert float(((eps - pred) ** 2).mean()) < float((eps ** 2).mean())
+    assert float(((eps - pred) ** 2).mean()) < float((eps**2).mean())
 
 
 BROKEN = """
@@ -64,7 +76,9 @@ class Lazy(Sampler):
 
 
 def test_broken_components_fail_their_checks(plugin_module):
-    plugin_module(BROKEN + textwrap.dedent("""
+    plugin_module(
+        BROKEN
+        + textwrap.dedent("""
         import ddpmkit
 
         @ddpmkit.hookimpl
@@ -74,7 +88,10 @@ def test_broken_components_fail_their_checks(plugin_module):
         @ddpmkit.hookimpl
         def register_samplers(register):
             register("lazy", Lazy)
-    """), name="broken", distribution="ddpmkit-broken")
+    """),
+        name="broken",
+        distribution="ddpmkit-broken",
+    )
     r = invoke("check-plugins", "flat", "lazy", "--json")
     assert r.exit_code == 1, r.output
     results = json.loads(r.stdout)
@@ -96,7 +113,9 @@ def test_check_plugins_cli_on_every_builtin():
     r = ddpmkit("check-plugins", "--json")
     assert r.returncode == 0, r.stdout + r.stderr
     results = json.loads(r.stdout)
-    assert {x["qualified_name"] for x in results} >= {f"ddpmkit:{n}" for n in ("linear", "cosine", "unet", "ddpm", "ddim")}
+    assert {x["qualified_name"] for x in results} >= {
+        f"ddpmkit:{n}" for n in ("linear", "cosine", "unet", "ddpm", "ddim")
+    }
     assert all(x["passed"] for x in results), [x for x in results if not x["passed"]]
     unet = {x["check"]: x["detail"] for x in results if x["name"] == "unet"}
     assert unet["builds"] == "35,178,689 parameters" and "ms per image" in unet["forward time"]

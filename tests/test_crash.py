@@ -15,15 +15,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from runconfigs import REPO, cli_env, ddpmkit, write_config
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 
 #: Loaded by the child processes only (PYTHONPATH): slows every file write of a checkpoint, so
 #: random kills land inside writes often, and can make the Nth write fail with ENOSPC.
-SITECUSTOMIZE = '''
+SITECUSTOMIZE = """
 import errno, os, time
 import ddpmkit.run.checkpoint as c
 _real = c._write_file
@@ -38,7 +37,7 @@ def _write_file(path, data):
     time.sleep(float(os.environ.get("CRASHTEST_WRITE_PAUSE", "0")))
     return _real(path, data)
 c._write_file = _write_file
-'''
+"""
 
 
 def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
@@ -71,7 +70,8 @@ def _same_state(a: Path, b: Path) -> None:
 
 
 def _uninterrupted_and_broken(tmp_path: Path, name: str, **options) -> tuple[Path, Path, Path]:
-    """Two copies of one config: ``a`` run to the end now, ``b`` to be broken. Returns (a's run, b's config, b's run)."""
+    """Two copies of one config: ``a`` run to the end now, ``b`` to be broken. Returns (a's run, b's config, b's
+    run)."""
     common = dict(num_images=0, trajectory_images=0, **options)
     for side in ("a", "b"):
         (tmp_path / side).mkdir()
@@ -84,14 +84,21 @@ def test_many_random_kills_then_resume_lose_nothing(tmp_path):
     env = _env(tmp_path, CRASHTEST_WRITE_PAUSE="0.02")
     rng = random.Random(20261126)
     kills, inside_writes = 0, 0
-    for trial in range(6):
+    for _ in range(6):
         metrics = run_b / "metrics.jsonl"
         logged = len(metrics.read_text().splitlines()) if metrics.exists() else 0
-        proc = subprocess.Popen([sys.executable, "-m", "ddpmkit", "run", str(broken)], cwd=REPO, env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ddpmkit", "run", str(broken)],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         deadline = time.time() + 60  # wait until this process trains (start-up takes seconds), then a random moment
-        while proc.poll() is None and time.time() < deadline and (
-            not metrics.exists() or len(metrics.read_text().splitlines()) <= logged
+        while (
+            proc.poll() is None
+            and time.time() < deadline
+            and (not metrics.exists() or len(metrics.read_text().splitlines()) <= logged)
         ):
             time.sleep(0.005)
         time.sleep(rng.uniform(0.0, 0.5))
@@ -131,9 +138,14 @@ def test_a_second_ctrl_c_inside_a_checkpoint_write_stops_at_once_and_resumes_exa
     while checkpoint 4 is being written (writes slowed), it leaves no partial folder, says which complete
     checkpoint remains, and the run resumes from it to the same bits as an uninterrupted run."""
     run_a, broken, run_b = _uninterrupted_and_broken(tmp_path, "i", epochs=3, checkpoint_every=2, dropout=0.1)
-    proc = subprocess.Popen([sys.executable, "-m", "ddpmkit", "run", str(broken)], cwd=REPO,
-                            env=_env(tmp_path, CRASHTEST_WRITE_PAUSE="0.3", COLUMNS="200"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ddpmkit", "run", str(broken)],
+        cwd=REPO,
+        env=_env(tmp_path, CRASHTEST_WRITE_PAUSE="0.3", COLUMNS="200"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.time() + 120
         while not list((run_b / "checkpoints").glob(".tmp-step-00000004-*")) and time.time() < deadline:
@@ -165,9 +177,14 @@ def test_sigterm_repeated_while_the_stop_checkpoint_is_written_asks_nothing_new(
     under DDP: tests/test_distributed.py's kill-and-resume failed 1 run in 3, then 1 in 7, on an AVX2-only Zen 3)."""
     cfg = write_config(tmp_path, "t", epochs=50, checkpoint_every=1000, num_images=0, trajectory_images=0)
     run = tmp_path / "runs" / "t"
-    proc = subprocess.Popen([sys.executable, "-m", "ddpmkit", "run", str(cfg)], cwd=REPO,
-                            env=_env(tmp_path, CRASHTEST_WRITE_PAUSE="0.3", COLUMNS="200"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ddpmkit", "run", str(cfg)],
+        cwd=REPO,
+        env=_env(tmp_path, CRASHTEST_WRITE_PAUSE="0.3", COLUMNS="200"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.time() + 120
         while not (run / "metrics.jsonl").is_file() or not (run / "metrics.jsonl").read_text():  # a step taken

@@ -9,17 +9,23 @@ import pytest
 import torch
 from PIL import Image
 
+from ddpmkit.errors import DataError
 from ddpmkit.run.config import DataSection
 from ddpmkit.run.data import load_dataset, resolve_root, to_model_scale, to_uint8
-from ddpmkit.errors import DataError
 
 
 def test_mnist_padded_and_scaled(mnist_root):
     ds = load_dataset(DataSection(dataset="mnist", root=str(mnist_root), download=False))
     assert ds.images.shape == (60000, 1, 32, 32) and ds.images.dtype == torch.uint8
     # 28 -> 32 by zero padding: a 2-pixel black border everywhere
-    border = torch.cat([ds.images[:, :, :2].flatten(), ds.images[:, :, -2:].flatten(),
-                        ds.images[:, :, :, :2].flatten(), ds.images[:, :, :, -2:].flatten()])
+    border = torch.cat(
+        [
+            ds.images[:, :, :2].flatten(),
+            ds.images[:, :, -2:].flatten(),
+            ds.images[:, :, :, :2].flatten(),
+            ds.images[:, :, :, -2:].flatten(),
+        ]
+    )
     assert int(border.max()) == 0
     x = to_model_scale(ds.images[:256])
     assert x.min().item() == -1.0 and x.max().item() == 1.0  # [-1, 1], not the tutorial's [0, 1]

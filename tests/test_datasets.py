@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from runconfigs import invoke, write_config
 
 from ddpmkit.errors import DataError, DataNotFound
 from ddpmkit.run.config import DataSection
 from ddpmkit.run.data import CIFAR10_DIR, CIFAR10_RECORD, dataset_classes, load_dataset, settle_section
-from runconfigs import invoke, write_config
 
 datasets = pytest.importorskip("datasets")
 
@@ -59,8 +59,9 @@ def cifar_root(tmp_path: Path, per_batch: int = 3) -> tuple[Path, np.ndarray, np
         images.append(x)
         labels.append(y)
     (folder / "test_batch.bin").write_bytes(cifar_records(2, seed=9)[0])
-    (folder / "batches.meta.txt").write_text("\n".join(
-        ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]) + "\n\n")
+    (folder / "batches.meta.txt").write_text(
+        "\n".join(["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]) + "\n\n"
+    )
     return tmp_path, np.concatenate(images), np.concatenate(labels)
 
 
@@ -118,15 +119,18 @@ def test_cifar10_damaged_or_missing_batches_are_refused(tmp_path):
 
 def test_cifar10_download_checks_the_archive_and_unpacks_only_its_batches(tmp_path, monkeypatch):
     """The archive is checksummed; members outside cifar-10-batches-bin, links and other files stay packed."""
-    import ddpmkit.run.data as data
     from torchvision.datasets import utils
+
+    import ddpmkit.run.data as data
 
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+
         def add(name: str, payload: bytes, kind: bytes = tarfile.REGTYPE, link: str = "") -> None:
             info = tarfile.TarInfo(name)
             info.size, info.type, info.linkname = (len(payload) if kind == tarfile.REGTYPE else 0), kind, link
             tar.addfile(info, io.BytesIO(payload) if kind == tarfile.REGTYPE else None)
+
         for i in range(1, 6):
             add(f"{CIFAR10_DIR}/data_batch_{i}.bin", cifar_records(2, seed=i)[0])
         add(f"{CIFAR10_DIR}/../escaped.bin", b"x")
@@ -144,7 +148,9 @@ def test_cifar10_download_checks_the_archive_and_unpacks_only_its_batches(tmp_pa
     monkeypatch.setattr(data, "CIFAR10_MD5", hashlib.md5(archive).hexdigest())
     ds = load_dataset(DataSection(dataset="cifar10", root=str(tmp_path / "b"), download=True))
     assert len(ds) == 10
-    assert sorted(p.name for p in (tmp_path / "b" / CIFAR10_DIR).iterdir()) == [f"data_batch_{i}.bin" for i in range(1, 6)]
+    assert sorted(p.name for p in (tmp_path / "b" / CIFAR10_DIR).iterdir()) == [
+        f"data_batch_{i}.bin" for i in range(1, 6)
+    ]
     assert not (tmp_path / "b" / "escaped.bin").exists()
 
 
@@ -223,11 +229,21 @@ def test_validate_refuses_an_empty_or_missing_image_folder(tmp_path):
     config = write_config(tmp_path)
     (tmp_path / "empty").mkdir()
     for root, said in ((tmp_path / "empty", "holds no images"), (tmp_path / "missing", "does not exist")):
-        result = invoke("validate", str(config), "--no-timing", "--set", "data.dataset=image-folder",
-                        "--set", f"data.root={root}", "--set", "data.image_size=auto")
+        result = invoke(
+            "validate",
+            str(config),
+            "--no-timing",
+            "--set",
+            "data.dataset=image-folder",
+            "--set",
+            f"data.root={root}",
+            "--set",
+            "data.image_size=auto",
+        )
         assert result.exit_code == 2 and said in result.stderr, result.output
-        result = invoke("validate", str(config), "--no-timing", "--set", "data.dataset=image-folder",
-                        "--set", f"data.root={root}")  # image_size given: the data check itself refuses
+        result = invoke(
+            "validate", str(config), "--no-timing", "--set", "data.dataset=image-folder", "--set", f"data.root={root}"
+        )  # image_size given: the data check itself refuses
         assert result.exit_code == 2 and said in result.stderr, result.output
 
 
@@ -265,8 +281,12 @@ def test_a_tiny_run_trains_and_samples_on_each_dataset(tmp_path, dataset, one_th
         root = cifar_root(tmp_path)[0]
         sets = [f"data.root={root}", "data.download=false", "data.hflip=true", "conditioning.kind=class"]
     else:
-        sets = [f"data.path={hf_saved(tmp_path, n=8, size=8)}", "data.image_column=img", "data.label_column=kind",
-                "conditioning.kind=class"]
+        sets = [
+            f"data.path={hf_saved(tmp_path, n=8, size=8)}",
+            "data.image_column=img",
+            "data.label_column=kind",
+            "conditioning.kind=class",
+        ]
     config = write_config(tmp_path, name=dataset, epochs=1, num_images=2)
     args = ["--set", f"data.dataset={dataset}", "--set", "data.image_size=8"]
     for s in sets:

@@ -46,8 +46,10 @@ def ddim_affine(ts: list[int], abar: np.ndarray, mu: float, s: float) -> tuple[f
         c = math.sqrt(1 - ab) / (ab * s * s + 1 - ab)
         # x0_hat = (x - sqrt(1 - ab) eps_hat) / sqrt(ab); x_prev = sqrt(ab_prev) x0_hat + sqrt(1 - ab_prev) eps_hat
         k_x = (math.sqrt(ab_prev) * (1 - math.sqrt(1 - ab) * c) / math.sqrt(ab)) + math.sqrt(1 - ab_prev) * c
-        k_0 = (math.sqrt(ab_prev) * math.sqrt(1 - ab) * c * math.sqrt(ab) * mu / math.sqrt(ab)
-               - math.sqrt(1 - ab_prev) * c * math.sqrt(ab) * mu)
+        k_0 = (
+            math.sqrt(ab_prev) * math.sqrt(1 - ab) * c * math.sqrt(ab) * mu / math.sqrt(ab)
+            - math.sqrt(1 - ab_prev) * c * math.sqrt(ab) * mu
+        )
         A, B = k_x * A, k_x * B + k_0
     return A, B
 
@@ -69,8 +71,10 @@ def test_deterministic_ddim_is_exactly_the_closed_form(steps, spacing):
 
 
 @pytest.mark.parametrize("prediction", ["epsilon", "x0", "v"])
-@pytest.mark.parametrize("name, options", [("ddpm", {}), ("ddpm", {"variance": "posterior"}), ("ddim", {"steps": 100}),
-                                           ("ddim", {"steps": 20, "eta": 1.0})])
+@pytest.mark.parametrize(
+    "name, options",
+    [("ddpm", {}), ("ddpm", {"variance": "posterior"}), ("ddim", {"steps": 100}), ("ddim", {"steps": 20, "eta": 1.0})],
+)
 def test_samplers_recover_the_data_from_any_prediction_target(name, options, prediction):
     """The exact epsilon-, x0- or v-predictor of N(mu, s^2), sampled by ddpm or ddim, gives back the distribution:
     its moments match the exact answer for the sampler's steps within 5 standard errors (+ float32 rounding).

@@ -8,9 +8,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from runconfigs import invoke, write_config
 
 import ddpmkit
-from runconfigs import invoke, write_config
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -32,7 +32,7 @@ def unet_config(folder, name: str, **values):
     """The tiny test config with diffusers' UNet2DModel as its denoiser."""
     cfg = write_config(folder, name, **values)
     text = cfg.read_text()
-    cfg.write_text(text[: text.index("[denoiser]")] + TINY_UNET + text[text.index("[sampler]") + len("[sampler]"):])
+    cfg.write_text(text[: text.index("[denoiser]")] + TINY_UNET + text[text.index("[sampler]") + len("[sampler]") :])
     return cfg
 
 
@@ -61,8 +61,9 @@ def test_a_diffusers_unet_run_exports_to_a_pipeline_that_samples_the_same_images
     assert "4 optimizer steps" in card
     pipe = diffusers.DDPMPipeline.from_pretrained(str(out))
     assert pipe.scheduler.config.num_train_timesteps == 20 and pipe.scheduler.config.variance_type == "fixed_large"
-    theirs = pipe(batch_size=3, generator=torch.Generator().manual_seed(7), num_inference_steps=20,
-                  output_type="np").images
+    theirs = pipe(
+        batch_size=3, generator=torch.Generator().manual_seed(7), num_inference_steps=20, output_type="np"
+    ).images
     ours = _ddpmkit_images(unet_run, 3, seed=7)
     assert theirs.shape == ours.shape == (3, 8, 8, 1)
     assert np.abs(theirs - ours).max() < 1e-4  # the same noise, the same process: the same images
@@ -78,8 +79,9 @@ def test_a_ddim_export_is_a_ddim_pipeline_matching_ddpmkits_ddim(unet_run, tmp_p
     done = export_diffusers(loaded, tmp_path / "ddim")
     assert done.pipeline == "DDIMPipeline"
     pipe = diffusers.DDIMPipeline.from_pretrained(str(tmp_path / "ddim"))
-    theirs = pipe(batch_size=2, generator=torch.Generator().manual_seed(3), num_inference_steps=5, eta=0.0,
-                  output_type="np").images
+    theirs = pipe(
+        batch_size=2, generator=torch.Generator().manual_seed(3), num_inference_steps=5, eta=0.0, output_type="np"
+    ).images
     ours = _ddpmkit_images(unet_run, 2, seed=3, sampler="ddim", options={"steps": 5})
     assert np.abs(theirs - ours).max() < 1e-4
 
@@ -105,9 +107,16 @@ def test_a_pretrained_unet2dmodel_folder_is_sampled_by_ddpmkit_and_round_trips(u
     r = invoke("sample", str(out), "--num", "2", "--out", str(tmp_path / "s.npz"))
     assert r.exit_code == 0, r.output
     bare = tmp_path / "bare"  # a UNet2DModel alone: the DDPM paper's linear schedule, T = 1000
-    diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
-                          layers_per_block=1, norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"),
-                          up_block_types=("UpBlock2D", "UpBlock2D")).save_pretrained(str(bare))
+    diffusers.UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+    ).save_pretrained(str(bare))
     plain = ddpmkit.load_run(bare, device="cpu")
     assert plain.config.schedule.name == "linear" and plain.components.schedule.num_timesteps == 1000
     images = plain.sample(2, sampler="ddim", steps=3)
@@ -116,9 +125,16 @@ def test_a_pretrained_unet2dmodel_folder_is_sampled_by_ddpmkit_and_round_trips(u
 
 def test_a_pretrained_folder_that_does_not_fit_the_run_is_one_line(tmp_path):
     bare = tmp_path / "rgb"
-    diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16),
-                          layers_per_block=1, norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"),
-                          up_block_types=("UpBlock2D", "UpBlock2D")).save_pretrained(str(bare))
+    diffusers.UNet2DModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+    ).save_pretrained(str(bare))
     cfg = unet_config(tmp_path, "p")
     r = invoke("validate", str(cfg), "--no-timing", "--set", f"denoiser.options.pretrained={bare}")
     assert r.exit_code == 2 and "returns 3 channels; the run's images have 1" in r.output, r.output
@@ -126,13 +142,31 @@ def test_a_pretrained_folder_that_does_not_fit_the_run_is_one_line(tmp_path):
 
 def test_a_pretrained_folder_is_evaluated_and_fine_tuned(tmp_path, mnist_root, quick_classifier_cache, monkeypatch):
     bare = tmp_path / "digits"
-    model = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
-                                  layers_per_block=1, norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"),
-                                  up_block_types=("UpBlock2D", "UpBlock2D"))
+    model = diffusers.UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+    )
     model.save_pretrained(str(bare))
     monkeypatch.setenv("DDPMKIT_CACHE_DIR", str(quick_classifier_cache))
-    r = invoke("eval", str(bare), "--num", "10", "--sampler", "ddim", "--set", "sampler.options.steps=3",
-               "--data-root", str(mnist_root), "--json")
+    r = invoke(
+        "eval",
+        str(bare),
+        "--num",
+        "10",
+        "--sampler",
+        "ddim",
+        "--set",
+        "sampler.options.steps=3",
+        "--data-root",
+        str(mnist_root),
+        "--json",
+    )
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["num_samples"] == 10
     cfg = unet_config(tmp_path, "ft", epochs=1, num_images=0, trajectory_images=0)
@@ -142,8 +176,9 @@ def test_a_pretrained_folder_is_evaluated_and_fine_tuned(tmp_path, mnist_root, q
     tuned = load_config(cfg, ["denoiser.options.pretrained=" + str(bare)])
     start = build_components(tuned).denoiser.unet.state_dict()
     assert all(torch.equal(start[k], v) for k, v in model.state_dict().items())  # fine-tuning starts from it
-    r = invoke("run", str(cfg), "--set", f"denoiser.options.pretrained={bare}",
-               "--set", "schedule.options.num_timesteps=20")
+    r = invoke(
+        "run", str(cfg), "--set", f"denoiser.options.pretrained={bare}", "--set", "schedule.options.num_timesteps=20"
+    )
     assert r.exit_code == 0, r.output
 
 

@@ -6,11 +6,11 @@ import sys
 
 import pytest
 import torch
+from runconfigs import invoke
 
 import ddpmkit
 from ddpmkit.registry import discovery as plugins
 from ddpmkit.testing import GaussianOracle, check_component
-from runconfigs import invoke
 
 pytest.importorskip("diffusers")
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore::DeprecationWarning")]
@@ -22,21 +22,28 @@ def test_ddim_scheduler_agrees_with_the_builtin_ddim():
     schedule = ddpmkit.create_schedule("linear", num_timesteps=1000)
     oracle = GaussianOracle(schedule, 0.3, 0.2, image_shape=SHAPE[1:])
     ours = ddpmkit.create_sampler("ddim", steps=50, spacing="leading")
-    theirs = ddpmkit.create_sampler("diffusers", scheduler="DDIMScheduler", steps=50,
-                                    options={"timestep_spacing": "leading", "clip_sample": False, "set_alpha_to_one": True})
+    theirs = ddpmkit.create_sampler(
+        "diffusers",
+        scheduler="DDIMScheduler",
+        steps=50,
+        options={"timestep_spacing": "leading", "clip_sample": False, "set_alpha_to_one": True},
+    )
     assert theirs.timesteps(schedule) == ours.timesteps(schedule)
     a = ours.sample(oracle, schedule, SHAPE, generator=torch.Generator().manual_seed(3))
     b = theirs.sample(oracle, schedule, SHAPE, generator=torch.Generator().manual_seed(3))
     assert float((a - b).abs().max()) < 1e-3
 
 
-@pytest.mark.parametrize("options", [
-    {},  # DPM-Solver++ (2M), 20 steps
-    {"steps": 50, "options": {"algorithm_type": "sde-dpmsolver++"}},
-    {"scheduler": "UniPCMultistepScheduler"},
-    {"scheduler": "EulerDiscreteScheduler", "steps": 30},
-    {"scheduler": "HeunDiscreteScheduler", "steps": 20},
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},  # DPM-Solver++ (2M), 20 steps
+        {"steps": 50, "options": {"algorithm_type": "sde-dpmsolver++"}},
+        {"scheduler": "UniPCMultistepScheduler"},
+        {"scheduler": "EulerDiscreteScheduler", "steps": 30},
+        {"scheduler": "HeunDiscreteScheduler", "steps": 20},
+    ],
+)
 def test_diffusers_schedulers_pass_the_kit(options):
     failed = [r for r in check_component("sampler", "diffusers", options) if not r.passed]
     assert not failed, failed
@@ -45,7 +52,9 @@ def test_diffusers_schedulers_pass_the_kit(options):
 def test_ten_step_solvers_are_held_to_the_ideal_and_fail_on_the_narrow_target():
     """Honest limit of the kit: its data N(0.3, 0.2^2) is narrow, and a 10-step solver's last jump (t = 99 to
     x_0) drops most of the remaining spread (std 0.10); no exact answer exists for diffusers' solvers."""
-    (moments,) = [r for r in check_component("sampler", "diffusers", {"steps": 10}) if r.check == "matches the Gaussian oracle"]
+    (moments,) = [
+        r for r in check_component("sampler", "diffusers", {"steps": 10}) if r.check == "matches the Gaussian oracle"
+    ]
     assert not moments.passed and "std 0.09" in moments.detail
 
 
@@ -83,8 +92,11 @@ def test_where_x_T_holds_signal_the_kit_does_not_hold_a_solver_to_the_data():
     ab = float(schedule.alphas_cumprod[-1])
     spread = (ab * 0.2**2 + 1 - ab) ** 0.5
     oracle = GaussianOracle(schedule, 0.3, 0.2, image_shape=(1, 32, 32))
-    x = ddpmkit.create_sampler("diffusers").sample(oracle, schedule, (16, 1, 32, 32),
-                                                    generator=torch.Generator().manual_seed(0)).double()
+    x = (
+        ddpmkit.create_sampler("diffusers")
+        .sample(oracle, schedule, (16, 1, 32, 32), generator=torch.Generator().manual_seed(0))
+        .double()
+    )
     assert abs(float(x.std()) - 0.2 / spread) < 0.01  # 0.307, where the data's std is 0.2
     assert abs(float(x.mean()) - (0.3 - 0.2 * ab**0.5 * 0.3 / spread)) < 0.01  # 0.229, where the data's mean is 0.3
     failed = [r.check for r in check_component("schedule", "linear", {"num_timesteps": 50}) if not r.passed]

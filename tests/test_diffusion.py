@@ -7,11 +7,11 @@ import math
 import numpy as np
 import pytest
 import torch
+from test_sampler import reverse_chain_moments
 
 import ddpmkit
 from ddpmkit import diffusion as D
 from ddpmkit.interfaces import Denoiser
-from test_sampler import reverse_chain_moments
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,9 @@ def test_ancestral_step_is_the_posterior_mean_plus_noise(schedule):
 
 def test_ddim_sigma_at_eta_1_is_the_posterior_std(schedule):
     for t in (999, 500, 10, 1):
-        assert D.ddim_sigma(schedule, t, t - 1, 1.0) == pytest.approx(float(schedule.posterior_variance[t]) ** 0.5, rel=1e-4)
+        assert D.ddim_sigma(schedule, t, t - 1, 1.0) == pytest.approx(
+            float(schedule.posterior_variance[t]) ** 0.5, rel=1e-4
+        )
         assert D.ddim_sigma(schedule, t, t - 1, 0.0) == 0.0
 
 

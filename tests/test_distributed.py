@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from runconfigs import REPO, cli_env, ddpmkit, write_config
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 
@@ -28,8 +27,9 @@ def _losses(run_dir: Path) -> list[tuple[int, float]]:
 
 
 def _torchrun(cfg: Path, *extra: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([*TORCHRUN, str(cfg), *extra], cwd=REPO, env=cli_env(), capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [*TORCHRUN, str(cfg), *extra], cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_two_processes_follow_one_and_only_rank_0_writes(tmp_path):
@@ -48,7 +48,13 @@ def test_two_processes_follow_one_and_only_rank_0_writes(tmp_path):
     for (_, la), (_, lb) in zip(a, b):
         assert abs(la - lb) <= 1e-5 * la  # the same global batch and noise; only float sums reorder
     run = tmp_path / "two" / "runs" / "r"
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.json", "metrics.jsonl", "samples.npz", "samples.png"]
+    assert sorted(p.name for p in run.iterdir()) == [
+        "checkpoints",
+        "config.json",
+        "metrics.jsonl",
+        "samples.npz",
+        "samples.png",
+    ]
 
 
 def test_kill_and_resume_under_ddp_is_bit_for_bit(tmp_path):
@@ -58,8 +64,14 @@ def test_kill_and_resume_under_ddp_is_bit_for_bit(tmp_path):
     r = _torchrun(whole)
     assert r.returncode == 0, r.stderr
     run_b = tmp_path / "b" / "runs" / "k"
-    proc = subprocess.Popen([*TORCHRUN, str(broken)], cwd=REPO, env=cli_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [*TORCHRUN, str(broken)],
+        cwd=REPO,
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 240
         while time.time() < deadline and not any(

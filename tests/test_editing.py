@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from runconfigs import invoke, trained_tiny
 
 import ddpmkit
 from ddpmkit.diffusion import start_step
@@ -15,7 +16,6 @@ from ddpmkit.interfaces import Denoiser
 from ddpmkit.sampling.draw import generate
 from ddpmkit.sampling.edit import Edit, as_keep_mask
 from ddpmkit.testing import GaussianOracle
-from runconfigs import invoke, trained_tiny
 
 
 class CorrelatedOracle(Denoiser):
@@ -60,11 +60,14 @@ def test_sdedit_at_strength_1_has_the_unconditional_distribution(short_schedule,
     chosen = ddpmkit.create_sampler(sampler, **options)
     plain, _ = generate(oracle, short_schedule, chosen, n, batch_size=n, seed=1, image_shape=(1, 2, 2))
     far = torch.full((n, 1, 2, 2), -1.0)
-    edited, _ = generate(oracle, short_schedule, chosen, n, batch_size=n, seed=2, image_shape=(1, 2, 2),
-                         edit=Edit(far, 1.0))
+    edited, _ = generate(
+        oracle, short_schedule, chosen, n, batch_size=n, seed=2, image_shape=(1, 2, 2), edit=Edit(far, 1.0)
+    )
     # the sampler's own answer (DDIM at 50 steps narrows the spread: std 0.16), with 16,384 pixels each (the
     # sampling error of a mean is 0.0016)
-    assert abs(float(edited.mean()) - float(plain.mean())) < 0.01 and abs(float(edited.std()) - float(plain.std())) < 0.01
+    assert (
+        abs(float(edited.mean()) - float(plain.mean())) < 0.01 and abs(float(edited.std()) - float(plain.std())) < 0.01
+    )
     if sampler != "ddpm":
         return
     assert abs(float(plain.mean()) - mu) < 0.01 and abs(float(plain.std()) - s) < 0.01
@@ -72,8 +75,9 @@ def test_sdedit_at_strength_1_has_the_unconditional_distribution(short_schedule,
         t0 = start_step(chosen.timesteps(short_schedule), strength, short_schedule.num_timesteps)
         a2 = float(short_schedule.alphas_cumprod[t0])
         k = a2 * s**2 / (a2 * s**2 + 1 - a2)
-        near, _ = generate(oracle, short_schedule, chosen, n, batch_size=n, seed=3, image_shape=(1, 2, 2),
-                           edit=Edit(far, strength))
+        near, _ = generate(
+            oracle, short_schedule, chosen, n, batch_size=n, seed=3, image_shape=(1, 2, 2), edit=Edit(far, strength)
+        )
         assert abs(float(near.mean()) - (mu + k * (-1.0 - mu))) < 0.02, (strength, k)
 
 
@@ -91,8 +95,16 @@ def test_inpainting_keeps_the_known_pixels_and_moves_the_rest_to_the_conditional
     keep[..., 0] = 1
     means = {}
     for resample, jump in ((1, 1), (5, 10)):
-        out, _ = generate(oracle, short_schedule, ddpm, n, batch_size=n, seed=0, image_shape=(1, 1, 2),
-                          edit=Edit(x_in, 1.0, keep, jump_length=jump, resample=resample))
+        out, _ = generate(
+            oracle,
+            short_schedule,
+            ddpm,
+            n,
+            batch_size=n,
+            seed=0,
+            image_shape=(1, 1, 2),
+            edit=Edit(x_in, 1.0, keep, jump_length=jump, resample=resample),
+        )
         assert torch.equal(out[..., 0], x_in[..., 0])  # the known pixel, exactly
         means[resample] = float(out[..., 1].mean())
     target = rho * v
@@ -122,8 +134,13 @@ def test_edit_in_python_strength_0_returns_the_input_and_a_mask_keeps_its_pixels
     mask = torch.zeros(8, 8, dtype=torch.bool)
     mask[:, 4:] = True  # generate the right half
     for sampler in ("ddpm", "ddim"):
-        out = run.edit(images, mask=mask, plan=run.plan(sampler=sampler, steps=5 if sampler == "ddim" else None),
-                       resample=2, jump_length=2)
+        out = run.edit(
+            images,
+            mask=mask,
+            plan=run.plan(sampler=sampler, steps=5 if sampler == "ddim" else None),
+            resample=2,
+            jump_length=2,
+        )
         assert torch.allclose(out[..., :4], images[..., :4].float() / 127.5 - 1, atol=1e-6)
         assert not torch.allclose(out[..., 4:], images[..., 4:].float() / 127.5 - 1, atol=0.05)
     with pytest.raises(ConfigError, match="the run's images are 1x8x8"):
@@ -135,8 +152,20 @@ def test_edit_cli_writes_a_grid_beside_the_input(tiny_run, tmp_path):
     mask = np.zeros((8, 8), np.uint8)
     mask[4:] = 255
     Image.fromarray(mask).save(tmp_path / "mask.png")
-    r = invoke("edit", str(tiny_run), "--input", str(tmp_path / "digit.png"), "--mask", str(tmp_path / "mask.png"),
-               "--num", "3", "--sampler", "ddim", "--set", "sampler.options.steps=4")
+    r = invoke(
+        "edit",
+        str(tiny_run),
+        "--input",
+        str(tmp_path / "digit.png"),
+        "--mask",
+        str(tmp_path / "mask.png"),
+        "--num",
+        "3",
+        "--sampler",
+        "ddim",
+        "--set",
+        "sampler.options.steps=4",
+    )
     assert r.exit_code == 0, r.output
     grid = tmp_path / "digit-edited.png"
     assert grid.is_file() and "input, mask, 3 results" in r.output

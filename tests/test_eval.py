@@ -6,18 +6,18 @@ which ddpmkit trains once per machine (about 45 s here); the statistics do not d
 
 from __future__ import annotations
 
-from pathlib import Path
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from runconfigs import cli_env, ddpmkit, invoke
 
 from ddpmkit.evaluation.classifier import ClassifierSpec, load_or_train, mnist_tensors
 from ddpmkit.evaluation.metrics import distribution_distances, features, precision_recall
-from runconfigs import cli_env, ddpmkit, invoke
 
 SMALL = ClassifierSpec(width=8, features=32, epochs=1, train_limit=4000)
 
@@ -122,8 +122,12 @@ def test_eval_cli_on_a_samples_file(mnist_root, tmp_path, test_images, quick_cla
     """Through the CLI, as a user runs it: real test digits as 'samples' score like real data."""
     samples = tmp_path / "digits.npz"
     labels = mnist_tensors(mnist_root, train=False)[1][2000:2200]  # as a conditional run's .npz carries them
-    np.savez_compressed(samples, images=test_images[2000:2200].permute(0, 2, 3, 1).numpy(), labels=labels.numpy(),
-                        classes=np.array([str(d) for d in range(10)]))
+    np.savez_compressed(
+        samples,
+        images=test_images[2000:2200].permute(0, 2, 3, 1).numpy(),
+        labels=labels.numpy(),
+        classes=np.array([str(d) for d in range(10)]),
+    )
     env = cli_env(DDPMKIT_CACHE_DIR=str(quick_classifier_cache))
     r = ddpmkit("eval", str(samples), "--data-root", str(mnist_root), "--json", env=env)
     assert r.returncode == 0, r.stderr
@@ -157,7 +161,9 @@ def random_inception_weights(tmp_path_factory) -> Path:
     original = FeatureExtractorInceptionV3.load_state_dict
     FeatureExtractorInceptionV3.load_state_dict = lambda self, state, *a, **k: None  # keep the random init
     try:
-        net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(placeholder))
+        net = FeatureExtractorInceptionV3(
+            "inception-v3-compat", ["2048"], feature_extractor_weights_path=str(placeholder)
+        )
     finally:
         FeatureExtractorInceptionV3.load_state_dict = original
     torch.manual_seed(0)
@@ -169,8 +175,9 @@ def random_inception_weights(tmp_path_factory) -> Path:
     return path
 
 
-def test_inception_fid_runs_offline_with_given_weights(mnist_root, tmp_path, test_images, quick_classifier_cache,
-                                                       random_inception_weights, monkeypatch):
+def test_inception_fid_runs_offline_with_given_weights(
+    mnist_root, tmp_path, test_images, quick_classifier_cache, random_inception_weights, monkeypatch
+):
     """The Inception path end to end through torchmetrics: identical sets score 0, other digits more."""
     monkeypatch.setenv("DDPMKIT_CACHE_DIR", str(quick_classifier_cache))
     a, b = tmp_path / "a.npz", tmp_path / "b.npz"
@@ -178,17 +185,27 @@ def test_inception_fid_runs_offline_with_given_weights(mnist_root, tmp_path, tes
     np.savez_compressed(b, images=test_images[12:24].permute(0, 2, 3, 1).numpy())
     fids = {}
     for name, samples in (("same", a), ("other", b)):
-        r = invoke("eval", str(samples), "--reference", str(a), "--data-root", str(mnist_root), "--json",
-                   "--inception-weights", str(random_inception_weights))  # in-process: the start-up is not the test
+        r = invoke(
+            "eval",
+            str(samples),
+            "--reference",
+            str(a),
+            "--data-root",
+            str(mnist_root),
+            "--json",
+            "--inception-weights",
+            str(random_inception_weights),
+        )  # in-process: the start-up is not the test
         assert r.exit_code == 0, r.output
-        inc = json.loads(r.stdout[r.stdout.index("{"):])["inception_fid"]
+        inc = json.loads(r.stdout[r.stdout.index("{") :])["inception_fid"]
         assert inc["status"] == "ok", inc
         fids[name] = inc["fid"]
     assert abs(fids["same"]) < 1e-2 and fids["other"] > 100 * max(abs(fids["same"]), 1e-4), fids
 
 
-def test_inception_weights_that_are_not_a_state_dict_are_refused_unread(mnist_root, tmp_path, test_images,
-                                                                       quick_classifier_cache):
+def test_inception_weights_that_are_not_a_state_dict_are_refused_unread(
+    mnist_root, tmp_path, test_images, quick_classifier_cache
+):
     import pickle
 
     samples = tmp_path / "a.npz"
@@ -196,8 +213,15 @@ def test_inception_weights_that_are_not_a_state_dict_are_refused_unread(mnist_ro
     marker = tmp_path / "ran"
     bad = tmp_path / "bad.pt"
     bad.write_bytes(pickle.dumps(_Payload(str(marker))))
-    r = ddpmkit("eval", str(samples), "--data-root", str(mnist_root), "--inception-weights", str(bad),
-                env=cli_env(DDPMKIT_CACHE_DIR=str(quick_classifier_cache)))
+    r = ddpmkit(
+        "eval",
+        str(samples),
+        "--data-root",
+        str(mnist_root),
+        "--inception-weights",
+        str(bad),
+        env=cli_env(DDPMKIT_CACHE_DIR=str(quick_classifier_cache)),
+    )
     assert r.returncode == 2 and "not a plain PyTorch state dict" in r.stderr and not marker.exists(), r.stderr
 
 

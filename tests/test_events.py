@@ -9,9 +9,9 @@ import json
 import textwrap
 
 import pytest
+from runconfigs import invoke, write_config
 
 from ddpmkit.registry import discovery as plugins
-from runconfigs import invoke, write_config
 
 
 def _event_plugin(plugin_module, dist: str, body: str):
@@ -43,7 +43,10 @@ def test_metrics_can_be_switched_off(tmp_path):
 
 def test_third_party_hooks_see_every_event(tmp_path, plugin_module):
     log = tmp_path / "events.log"
-    _event_plugin(plugin_module, "ddpmkit-spy", f"""
+    _event_plugin(
+        plugin_module,
+        "ddpmkit-spy",
+        f"""
         LOG = {str(log)!r}
 
         def _log(*words):
@@ -69,14 +72,19 @@ def test_third_party_hooks_see_every_event(tmp_path, plugin_module):
         @ddpmkit.hookimpl
         def train_end(step, interrupted):
             _log("end", step, interrupted)
-    """)
+    """,
+    )
     cfg = write_config(tmp_path, "spy", epochs=1, checkpoint_every=2, num_images=2, trajectory_images=1)
     r = invoke("run", str(cfg))
     assert r.exit_code == 0, r.output
     assert log.read_text().splitlines() == [
         "start 0 4 spy",
-        "step 1 True", "step 2 True", "checkpoint 2 step-00000002",
-        "step 3 True", "step 4 True", "checkpoint 4 step-00000004",
+        "step 1 True",
+        "step 2 True",
+        "checkpoint 2 step-00000002",
+        "step 3 True",
+        "step 4 True",
+        "checkpoint 4 step-00000004",
         "end 4 False",
         "samples samples.npz samples.png trajectory.png",
     ]
@@ -86,12 +94,16 @@ def test_third_party_hooks_see_every_event(tmp_path, plugin_module):
 
 
 def test_a_failing_hook_stops_after_a_checkpoint_and_names_the_plugin(tmp_path, plugin_module):
-    flaky = _event_plugin(plugin_module, "ddpmkit-flaky", """
+    flaky = _event_plugin(
+        plugin_module,
+        "ddpmkit-flaky",
+        """
         @ddpmkit.hookimpl
         def step_end(step):
             if step == 3:
                 raise RuntimeError("disk full")
-    """)
+    """,
+    )
     cfg = write_config(tmp_path, "flaky", epochs=3, checkpoint_every=100, num_images=0, trajectory_images=0)
     r = invoke("run", str(cfg))
     assert r.exit_code == 2, r.output
@@ -110,14 +122,19 @@ def test_a_failing_hook_stops_after_a_checkpoint_and_names_the_plugin(tmp_path, 
 
 
 def test_incompatible_plugin_is_marked_and_breaks_nothing(tmp_path, plugin_module):
-    plugin_module("""
+    plugin_module(
+        """
         import ddpmkit
         DDPMKIT_PLUGIN_API = [7, 8]
 
         @ddpmkit.hookimpl
         def register_schedules(register):
             register("warp", "future_hooks:Nothing")
-    """, name="future", distribution="ddpmkit-future", version="9.0")
+    """,
+        name="future",
+        distribution="ddpmkit-future",
+        version="9.0",
+    )
     r = invoke("list-plugins", "--json")
     assert r.exit_code == 0, r.output
     rows = json.loads(r.stdout)
@@ -131,4 +148,6 @@ def test_incompatible_plugin_is_marked_and_breaks_nothing(tmp_path, plugin_modul
     cfg.write_text(text)
     r = invoke("validate", str(cfg))
     assert r.exit_code == 2, r.output
-    assert "unknown schedule 'warp'" in r.stderr and "ddpmkit-future 9.0" in r.stderr and "plugin API [7, 8]" in r.stderr
+    assert (
+        "unknown schedule 'warp'" in r.stderr and "ddpmkit-future 9.0" in r.stderr and "plugin API [7, 8]" in r.stderr
+    )

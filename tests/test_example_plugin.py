@@ -19,7 +19,6 @@ import tomllib
 from pathlib import Path
 
 import pytest
-
 from throwaway_venv import make_venv, outer_snapshot
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,8 +102,9 @@ def test_sigmoid_options_are_validated(example):
 @pytest.mark.parametrize("image_shape", [(1, 16, 16), (3, 8, 8)])
 def test_resconv_keeps_the_input_shape(example, image_shape):
     import torch
-    from ddpmkit.interfaces import Denoiser
     from ddpmkit_example.resconv import ResConv
+
+    from ddpmkit.interfaces import Denoiser
 
     model = ResConv(ResConv.Options(channels=8, num_blocks=2, num_groups=4), image_shape=image_shape, num_timesteps=100)
     assert isinstance(model, Denoiser)
@@ -218,7 +218,11 @@ def test_real_install_through_the_cli(tmp_path):
     shutil.copytree(EXAMPLE, source, ignore=shutil.ignore_patterns("__pycache__", "build", "dist", "*.egg-info"))
     proc = call("-m", "pip", "install", "--no-index", "--no-build-isolation", "--no-deps", str(source))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    where = call("-c", "import importlib.metadata as m, ddpmkit_example; print(ddpmkit_example.__file__); print(m.version('ddpmkit-example-plugin'))")
+    where = call(
+        "-c",
+        "import importlib.metadata as m, ddpmkit_example; print(ddpmkit_example.__file__); "
+        "print(m.version('ddpmkit-example-plugin'))",
+    )
     assert where.returncode == 0, where.stderr
     module_file, version = where.stdout.split()
     assert Path(module_file).resolve().is_relative_to(site_dir) and version == VERSION, where.stdout
@@ -233,7 +237,12 @@ def test_real_install_through_the_cli(tmp_path):
     for key in [("schedule", "sigmoid"), ("denoiser", "resconv")]:
         assert key in rows, sorted(rows)
         row = rows[key]
-        assert (row["distribution"], row["version"], row["plugin"], row["status"]) == (DIST, VERSION, "example", "ok"), row
+        assert (row["distribution"], row["version"], row["plugin"], row["status"]) == (
+            DIST,
+            VERSION,
+            "example",
+            "ok",
+        ), row
     for key in BUILTINS:
         assert rows[key]["distribution"] == "ddpmkit" and rows[key]["status"] == "ok", rows.get(key)
 

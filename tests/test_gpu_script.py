@@ -8,7 +8,6 @@ import sys
 
 import pytest
 import torch
-
 from runconfigs import REPO
 
 SCRIPT = REPO / "benchmarks" / "gpu.py"
@@ -25,18 +24,27 @@ def gpu_module():
 
 
 def gpu_script(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=600,
-                          cwd=REPO)
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=600, cwd=REPO)
 
 
 @pytest.mark.slow
 def test_the_run_stage_rehearsed_on_the_cpu_writes_the_summary_the_benchmarks_page_quotes(tmp_path):
     out = tmp_path / "out"
-    r = gpu_script("--device", "cpu", "--config", str(REPO / "configs" / "smoke.toml"), "--out", str(out),
-                   "--stages", "run", "--max-steps", "40")
+    r = gpu_script(
+        "--device",
+        "cpu",
+        "--config",
+        str(REPO / "configs" / "smoke.toml"),
+        "--out",
+        str(out),
+        "--stages",
+        "run",
+        "--max-steps",
+        "40",
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     summary = json.loads((out / "summary.json").read_text())
-    assert summary == json.loads(r.stdout[r.stdout.index("{"):])  # printed as written
+    assert summary == json.loads(r.stdout[r.stdout.index("{") :])  # printed as written
     # smoke.toml's 2 epochs of 4 steps come before the 40-step cap; its own fp32 mode, as written
     assert summary["trained_steps"] == 8 and summary["end_to_end_mode"] == "fp32 (the config as written)"
     assert summary["steady_images_per_s"] > 0 and summary["end_to_end_s"] > 0
@@ -69,9 +77,13 @@ def test_the_run_is_set_beside_the_bench_row_of_its_own_step():
     gpu = gpu_module()
     from ddpmkit.benchmark.bench import parse_mode
 
-    bench = {"training": [{"mode": "fp32", "per_s": 50.0, "utilisation": 0.1},  # the tutorial's row comes first
-                          {"mode": "fp32+fused+tf32", "per_s": 80.0, "utilisation": 0.05},
-                          {"mode": "bf16+cl+fused", "per_s": 200.0, "utilisation": 0.4}]}
+    bench = {
+        "training": [
+            {"mode": "fp32", "per_s": 50.0, "utilisation": 0.1},  # the tutorial's row comes first
+            {"mode": "fp32+fused+tf32", "per_s": 80.0, "utilisation": 0.05},
+            {"mode": "bf16+cl+fused", "per_s": 200.0, "utilisation": 0.4},
+        ]
+    }
     # TF32 changes nothing in a bf16 step, so the bf16 row is this run's bare step
     figures = gpu.beside_bench(bench, parse_mode("bf16+cl+fused+tf32"), 150.0)
     assert figures == {"loop_over_bare_step": 0.75, "run_utilisation": pytest.approx(0.3)}

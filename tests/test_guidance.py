@@ -8,22 +8,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from runconfigs import ddpmkit as cli
+from runconfigs import write_config
 
 import ddpmkit
-from ddpmkit.run.config import load_config
 from ddpmkit.diffusion import split_prediction
 from ddpmkit.errors import ConfigError
 from ddpmkit.guidance import GuidedDenoiser
-from ddpmkit.run.guide import guide_config
 from ddpmkit.interfaces import Denoiser
-
-from runconfigs import ddpmkit as cli, write_config
+from ddpmkit.run.config import load_config
+from ddpmkit.run.guide import guide_config
 
 SHAPE = (1, 4, 4)
 
 
 class Fixed(Denoiser):
-    """Predicts ``target`` for the images of N(0, s^2) data exactly: x0_hat = sqrt(abar) s^2 / (abar s^2 + 1 - abar) x_t."""
+    """Predicts ``target`` for the images of N(0, s^2) data exactly: x0_hat = sqrt(abar) s^2 / (abar s^2 + 1 - abar)
+    x_t."""
 
     def __init__(self, schedule, s: float, target: str) -> None:
         super().__init__(image_shape=SHAPE, num_timesteps=schedule.num_timesteps)
@@ -59,10 +60,15 @@ def test_guided_x0_is_the_weighted_extrapolation(schedule, main_target, guide_ta
 
 
 def test_guide_config_takes_the_guide_options(tmp_path):
-    cfg = load_config(write_config(tmp_path), overrides=[
-        "guidance.weight=2", "guidance.steps=3", "guidance.denoiser_options.channels=[4,8,16,16]",
-        "guidance.denoiser_options.num_groups=2",
-    ])
+    cfg = load_config(
+        write_config(tmp_path),
+        overrides=[
+            "guidance.weight=2",
+            "guidance.steps=3",
+            "guidance.denoiser_options.channels=[4,8,16,16]",
+            "guidance.denoiser_options.num_groups=2",
+        ],
+    )
     guide = guide_config(cfg)
     assert guide.run_dir == cfg.run_dir / "guide"
     assert guide.denoiser.options["channels"] == [4, 8, 16, 16] and guide.denoiser.options["num_heads"] == 2
@@ -77,14 +83,17 @@ def test_guide_options_are_checked_by_the_denoiser(tmp_path):
 
 def _guided_config(tmp_path: Path) -> Path:
     path = write_config(tmp_path, "g", epochs=1, num_images=4, trajectory_images=0, dropout=0.0)
-    path.write_text(path.read_text() + "\n[guidance]\nweight = 3.0\nsteps = 2\n\n[guidance.denoiser_options]\n"
-                    "channels = [4, 8, 16, 16]\nnum_groups = 2\n")
+    path.write_text(
+        path.read_text() + "\n[guidance]\nweight = 3.0\nsteps = 2\n\n[guidance.denoiser_options]\n"
+        "channels = [4, 8, 16, 16]\nnum_groups = 2\n"
+    )
     return path
 
 
 @pytest.fixture(scope="module")
 def guided_run(tmp_path_factory):
-    """(the folder, the config and the CLI's result) of one guided run: the guide trains first, then the main network."""
+    """(the folder, the config and the CLI's result) of one guided run: the guide trains first, then the main
+    network."""
     tmp_path = tmp_path_factory.mktemp("guided")
     path = _guided_config(tmp_path)
     return tmp_path, path, cli("run", str(path))
@@ -121,6 +130,11 @@ def test_a_checkpoint_without_its_guide_says_how_to_sample(guided_run, tmp_path)
     r = cli("sample", str(lone), "--num", "2", "--out", str(tmp_path / "x.png"))
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "guidance.weight=1" in r.stderr
-    assert cli("sample", str(lone), "--num", "2", "--out", str(tmp_path / "x.png"), "--set", "guidance.weight=1").returncode == 0
+    assert (
+        cli(
+            "sample", str(lone), "--num", "2", "--out", str(tmp_path / "x.png"), "--set", "guidance.weight=1"
+        ).returncode
+        == 0
+    )
     r = cli("sample", str(lone), "--num", "2", "--out", str(tmp_path / "x.png"), "--set", "guidance.steps=9")
     assert r.returncode == 2 and "guidance.weight" in r.stderr

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from throwaway_venv import PIP_OFFLINE, make_venv, outer_snapshot
 
 GUIDE = Path(__file__).resolve().parents[1] / "docs" / "writing-plugins.md"
@@ -73,8 +72,12 @@ def test_the_guide_works_from_an_empty_folder(tmp_path):
             assert proc.returncode == 0, f"{code}\n{proc.stdout}\n{proc.stderr}"
     # what the guide says these commands show
     listed = outputs["ddpmkit list-plugins"]
-    for name in ("ddpmkit-tutorial:scaled-linear", "ddpmkit-tutorial:tiny-v", "ddpmkit-tutorial:simple-ddim",
-                 "ddpmkit-tutorial:csvlog"):
+    for name in (
+        "ddpmkit-tutorial:scaled-linear",
+        "ddpmkit-tutorial:tiny-v",
+        "ddpmkit-tutorial:simple-ddim",
+        "ddpmkit-tutorial:csvlog",
+    ):
         assert name in listed, (name, listed)
     assert "width" in outputs["ddpmkit describe tiny-v"] and "eta" in outputs["ddpmkit describe simple-ddim"]
     assert "[plugins.csvlog]" in outputs["ddpmkit describe csvlog"] and "every" in outputs["ddpmkit describe csvlog"]
@@ -84,7 +87,9 @@ def test_the_guide_works_from_an_empty_folder(tmp_path):
     assert "predicts v" in outputs["ddpmkit validate tutorial.toml"]
     run = work / "runs" / "tutorial-smoke"
     assert (run / "samples.png").exists() and (run / "trajectory.png").exists()
-    assert "showing the visited t nearest to those asked for: 36, 12, 0" in " ".join(outputs["ddpmkit run tutorial.toml"].split())
+    assert "showing the visited t nearest to those asked for: 36, 12, 0" in " ".join(
+        outputs["ddpmkit run tutorial.toml"].split()
+    )
     assert (work / "drawn-edited.png").is_file() and (work / "inpainted.png").is_file()  # the guide's sampler edits
     with np.load(work / "inpainted.npz") as npz, np.load(work / "drawn.npz") as drawn:
         assert (npz["images"][:, :4] == drawn["images"][0, :4]).all()  # the kept top half, exactly
@@ -104,7 +109,11 @@ def test_the_guide_and_the_example_pin_a_ddpmkit_that_includes_this_one():
 
     guide_toml = next(code for lang, code, path in blocks() if path and path.endswith("pyproject.toml"))
     example = GUIDE.parent / "examples" / "ddpmkit-example-plugin" / "pyproject.toml"
-    for name, project in (("the guide", tomllib.loads(guide_toml)["project"]),
-                          ("the example plugin", tomllib.loads(example.read_text())["project"])):
+    for name, project in (
+        ("the guide", tomllib.loads(guide_toml)["project"]),
+        ("the example plugin", tomllib.loads(example.read_text())["project"]),
+    ):
         (pin,) = [Requirement(d) for d in project["dependencies"] if Requirement(d).name == "ddpmkit"]
-        assert pin.specifier.contains(ddpmkit.__version__), f"{name} pins {pin}, which refuses ddpmkit {ddpmkit.__version__}"
+        assert pin.specifier.contains(ddpmkit.__version__), (
+            f"{name} pins {pin}, which refuses ddpmkit {ddpmkit.__version__}"
+        )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from runconfigs import invoke, write_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -131,12 +130,16 @@ def _copy_run(trained_run, tmp_path, name="r"):
     return run
 
 
-@pytest.mark.parametrize("out, phrase", [
-    ("d.png", "is a folder"),           # a folder named like an image
-    ("file.toml/x.png", "is a file, not a folder"),
-    ("x.txt", "must end in .png or .npz"),
-    (".", "holds other files than samples"),
-], ids=["a-folder", "under-a-file", "wrong-suffix", "the-current-folder"])
+@pytest.mark.parametrize(
+    "out, phrase",
+    [
+        ("d.png", "is a folder"),  # a folder named like an image
+        ("file.toml/x.png", "is a file, not a folder"),
+        ("x.txt", "must end in .png or .npz"),
+        (".", "holds other files than samples"),
+    ],
+    ids=["a-folder", "under-a-file", "wrong-suffix", "the-current-folder"],
+)
 def test_a_bad_sample_output_path_is_refused_before_sampling(out, phrase, trained_run, tmp_path):
     (tmp_path / "d.png").mkdir()
     (tmp_path / "file.toml").write_text("x")
@@ -179,6 +182,7 @@ def _state(change):
         state = json.loads((ck / "state.json").read_text())
         change(state)
         (ck / "state.json").write_text(json.dumps(state))
+
     return damage
 
 
@@ -197,22 +201,31 @@ CHECKPOINT_DAMAGE = [
     ("model-truncated", lambda ck: (ck / "model.safetensors").write_bytes(b"\0" * 100), "truncated or wrong size"),
     ("ema-missing", lambda ck: (ck / "ema.safetensors").unlink(), "missing"),
     ("model-a-folder", lambda ck: _replace_with_folder(ck / "model.safetensors"), "unreadable"),
-    ("optimizer-a-pickle", lambda ck: (ck / "optimizer.pt").write_bytes(b'cos\nsystem\n(S"touch pwned"\ntR.'),
-     "truncated or wrong size"),
-    ("a-size-claim-of-a-petabyte", _state(lambda s: next(iter(s["files"].values())).update(bytes=10**15)),
-     "truncated or wrong size"),
+    (
+        "optimizer-a-pickle",
+        lambda ck: (ck / "optimizer.pt").write_bytes(b'cos\nsystem\n(S"touch pwned"\ntR.'),
+        "truncated or wrong size",
+    ),
+    (
+        "a-size-claim-of-a-petabyte",
+        _state(lambda s: next(iter(s["files"].values())).update(bytes=10**15)),
+        "truncated or wrong size",
+    ),
 ]
 
 
 @pytest.mark.parametrize("name, damage, phrase", CHECKPOINT_DAMAGE, ids=[n for n, _, _ in CHECKPOINT_DAMAGE])
-def test_a_damaged_newest_checkpoint_is_skipped_by_sample_and_resume(name, damage, phrase, trained_run, tmp_path,
-                                                                   monkeypatch):
+def test_a_damaged_newest_checkpoint_is_skipped_by_sample_and_resume(
+    name, damage, phrase, trained_run, tmp_path, monkeypatch
+):
     monkeypatch.chdir(tmp_path)  # where a crafted pickle would write, were it ever run
     run = _copy_run(trained_run, tmp_path, name)
     newest = run / "checkpoints" / "step-00000004"
     damage(newest)
     r = invoke("sample", str(run), "--num", "2", "--out", str(tmp_path / "x.png"))
-    assert r.exit_code == 0 and "skipping broken checkpoint" in r.output and phrase in " ".join(r.output.split()), r.output
+    assert r.exit_code == 0 and "skipping broken checkpoint" in r.output and phrase in " ".join(r.output.split()), (
+        r.output
+    )
     assert "step-00000002" in " ".join(r.output.split())  # sampled from the earlier checkpoint
     cfg = write_config(tmp_path, name, epochs=2)
     r = invoke("run", str(cfg))
@@ -234,8 +247,12 @@ def _bomb_png(path, side=20000):
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
-                     + chunk(b"IDAT", zlib.compress(b"\0" * (side + 1), 9)) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b"\0" * (side + 1), 9))
+        + chunk(b"IEND", b"")
+    )
 
 
 def test_a_decompression_bomb_in_an_image_folder_is_refused_for_training(tmp_path):
@@ -270,7 +287,11 @@ def _saved(path, **arrays):
 BAD_EVAL_INPUTS = [
     ("missing", lambda d: d / "nope.npz", "no such file or folder"),
     ("not-a-zip", lambda d: _file(d / "x.npz", b"not a zip"), "not a samples .npz"),
-    ("wrong-shape", lambda d: _saved(d / "x.npz", images=np.zeros((3, 3))), "expected images [N, H, W, C], [N, C, H, W] or [N, H, W]"),
+    (
+        "wrong-shape",
+        lambda d: _saved(d / "x.npz", images=np.zeros((3, 3))),
+        "expected images [N, H, W, C], [N, C, H, W] or [N, H, W]",
+    ),
     ("no-images-key", lambda d: _saved(d / "x.npz", foo=np.zeros((3, 8, 8, 1), "uint8")), "not a samples .npz"),
     ("empty-folder", lambda d: _folder(d / "e"), "holds no images"),
     ("text-named-png", lambda d: _folder(d / "t", ("a.png", b"hi")), "not an image"),
@@ -325,12 +346,16 @@ def _mnist_copy(tmp_path, mnist_root, damage):
     return tmp_path / "data"
 
 
-@pytest.mark.parametrize("damage", [
-    lambda d: b"\x00\x00\x00\x00" + d[4:],   # a bad magic number
-    lambda d: b"",                            # an empty file
-    lambda d: d[: len(d) // 3],               # truncated
-    lambda d: d[:4] + b"\x7f\xff\xff\xff" + d[8:],  # an impossible image count
-], ids=["bad-magic", "empty", "truncated", "impossible-header"])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda d: b"\x00\x00\x00\x00" + d[4:],  # a bad magic number
+        lambda d: b"",  # an empty file
+        lambda d: d[: len(d) // 3],  # truncated
+        lambda d: d[:4] + b"\x7f\xff\xff\xff" + d[8:],  # an impossible image count
+    ],
+    ids=["bad-magic", "empty", "truncated", "impossible-header"],
+)
 def test_damaged_mnist_files_are_one_line_that_says_damaged(damage, tmp_path, mnist_root):
     root = _mnist_copy(tmp_path, mnist_root, damage)
     cfg = write_config(tmp_path, "m")
@@ -344,7 +369,9 @@ def test_damaged_mnist_files_are_one_line_that_says_damaged(damage, tmp_path, mn
 def test_a_seed_beyond_what_torch_takes_is_one_line_on_the_command_line(tmp_path):
     cfg = write_config(tmp_path, "s", epochs=1, num_images=0, trajectory_images=0)
     assert invoke("run", str(cfg)).exit_code == 0
-    r = invoke("sample", str(tmp_path / "runs" / "s"), "--num", "2", "--seed", str(2**64), "--out", str(tmp_path / "x.png"))
+    r = invoke(
+        "sample", str(tmp_path / "runs" / "s"), "--num", "2", "--seed", str(2**64), "--out", str(tmp_path / "x.png")
+    )
     assert r.exit_code == 2 and "--seed" in r.output
 
 
@@ -359,15 +386,31 @@ def test_ctrl_c_during_a_long_sampling_keeps_the_finished_batches(tmp_path):
     cfg = write_config(tmp_path, "c", epochs=1, num_images=0, trajectory_images=0)
     assert invoke("run", str(cfg)).exit_code == 0
     started = time.perf_counter()  # loading and one batch, in this process: the pace on this machine now
-    r = invoke("sample", str(tmp_path / "runs" / "c"), "--num", "4", "--batch-size", "4", "--out",
-               str(tmp_path / "one.npz"))
+    r = invoke(
+        "sample", str(tmp_path / "runs" / "c"), "--num", "4", "--batch-size", "4", "--out", str(tmp_path / "one.npz")
+    )
     assert r.exit_code == 0, r.output
     one_batch = time.perf_counter() - started
     out = tmp_path / "partial.npz"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ddpmkit", "sample", str(tmp_path / "runs" / "c"), "--num", "200000", "--batch-size", "4",
-         "--out", str(out)], cwd=REPO, env=cli_env(PYTHONFAULTHANDLER="1"), stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "ddpmkit",
+            "sample",
+            str(tmp_path / "runs" / "c"),
+            "--num",
+            "200000",
+            "--batch-size",
+            "4",
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        env=cli_env(PYTHONFAULTHANDLER="1"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         assert proc.stdout.readline().startswith("sampling 200000 images")  # loaded, sampling begins
@@ -378,8 +421,10 @@ def test_ctrl_c_during_a_long_sampling_keeps_the_finished_batches(tmp_path):
         except subprocess.TimeoutExpired:  # e.g. SIGINT ignored (see conftest._sigint_default): say where it was
             proc.send_signal(signal.SIGABRT)  # faulthandler prints every thread's stack
             _, stderr = proc.communicate(timeout=30)
-            pytest.fail(f"no exit 120 s after Ctrl-C (one batch in-process took {one_batch:.1f} s); "
-                        f"the sampler's threads:\n{stderr[-6000:]}")
+            pytest.fail(
+                f"no exit 120 s after Ctrl-C (one batch in-process took {one_batch:.1f} s); "
+                f"the sampler's threads:\n{stderr[-6000:]}"
+            )
     finally:
         if proc.poll() is None:  # never leave a sampler running
             proc.kill()

@@ -8,7 +8,6 @@ import sys
 import time
 
 import pytest
-
 from runconfigs import cli_env, invoke, write_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -92,8 +91,14 @@ def test_the_ema_horizon_in_closed_form_matches_the_updates():
 def test_a_full_stdout_does_not_stop_training(tmp_path):
     cfg = write_config(tmp_path, "full", epochs=1, num_images=2, trajectory_images=0)
     with open("/dev/full", "w") as full:
-        r = subprocess.run([sys.executable, "-m", "ddpmkit", "run", str(cfg)], stdout=full, stderr=subprocess.PIPE,
-                           text=True, env=cli_env(), timeout=300)
+        r = subprocess.run(
+            [sys.executable, "-m", "ddpmkit", "run", str(cfg)],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=cli_env(),
+            timeout=300,
+        )
     assert r.returncode == 0, r.stderr
     assert r.stderr.count("cannot write to standard output") == 1, r.stderr
     assert "trained to step 4" in r.stderr and (tmp_path / "runs" / "full" / "samples.png").is_file()

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from runconfigs import invoke, trained_tiny, write_config
 
 from ddpmkit.errors import DataError
 from ddpmkit.evaluation.report import check_feature_network, images_from_array, read_images
-from runconfigs import invoke, trained_tiny, write_config
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,19 @@ PACKAGE = Path(ddpmkit.__file__).parent
 #: The groups (name: the modules or subpackages of ddpmkit in it), lowest level first. A module may import
 #: from its own group and from the levels below; groups on one level do not import each other.
 LEVELS: list[dict[str, tuple[str, ...]]] = [
-    {"plugin API": ("errors", "validation", "version", "hookspecs", "kinds", "diffusion", "interfaces", "guidance", "extras")},
+    {
+        "plugin API": (
+            "errors",
+            "validation",
+            "version",
+            "hookspecs",
+            "kinds",
+            "diffusion",
+            "interfaces",
+            "guidance",
+            "extras",
+        )
+    },
     {"runtime": ("runtime",)},
     {"registry": ("registry",)},
     {"run": ("run",)},
@@ -91,7 +103,7 @@ def test_no_import_cycles():
         state[node] = 1
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                cycles.append(path[path.index(nxt):] + [nxt] if nxt in path else [node, nxt])
+                cycles.append(path[path.index(nxt) :] + [nxt] if nxt in path else [node, nxt])
             elif nxt not in state:
                 visit(nxt, path + [nxt])
         state[node] = 2

@@ -8,11 +8,12 @@ import re
 import numpy as np
 import pytest
 import torch
+from runconfigs import REPO, invoke, on_mnist, write_config
+from runconfigs import ddpmkit as ddpmkit_cli
 
 import ddpmkit
 import ddpmkit.run.checkpoint as checkpoint_module
 from ddpmkit.run.data import settle_section
-from runconfigs import REPO, ddpmkit as ddpmkit_cli, invoke, on_mnist, write_config
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +71,21 @@ def test_a_sweep_loads_its_checkpoint_once(trained, tmp_path, monkeypatch, mnist
 
     monkeypatch.setattr(checkpoint_module, "load_checkpoint", counting)
     monkeypatch.setenv("DDPMKIT_CACHE_DIR", str(quick_classifier_cache))
-    r = invoke("sweep", str(trained), "--sampler", "ddpm", "--sampler", "ddim:4,5", "--num", "10",
-               "--data-root", str(mnist_root), "--out", str(tmp_path / "sweep"), "--json")
+    r = invoke(
+        "sweep",
+        str(trained),
+        "--sampler",
+        "ddpm",
+        "--sampler",
+        "ddim:4,5",
+        "--num",
+        "10",
+        "--data-root",
+        str(mnist_root),
+        "--out",
+        str(tmp_path / "sweep"),
+        "--json",
+    )
     assert r.exit_code == 0, r.output
     assert len(loads) == 1, loads
 

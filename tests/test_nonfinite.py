@@ -8,13 +8,13 @@ import math
 
 import pytest
 import torch
+from runconfigs import ddpmkit, invoke, write_config
 from safetensors.torch import load_file
 
 import ddpmkit.training.loop as train_module
-from ddpmkit.run.config import load_config
 from ddpmkit.errors import TrainingDiverged
+from ddpmkit.run.config import load_config
 from ddpmkit.training.runner import run_config
-from runconfigs import ddpmkit, invoke, write_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -48,7 +48,9 @@ def _poison(monkeypatch, from_call: int, to_call: int = 10**9, where: str = "los
 
 def _cfg(tmp_path, name, *sets, epochs=2):
     tmp_path.mkdir(parents=True, exist_ok=True)
-    path = write_config(tmp_path, name, epochs=epochs, checkpoint_every=2, num_images=0, trajectory_images=0, dropout=0.0)
+    path = write_config(
+        tmp_path, name, epochs=epochs, checkpoint_every=2, num_images=0, trajectory_images=0, dropout=0.0
+    )
     return load_config(path, list(sets))
 
 

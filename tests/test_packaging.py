@@ -13,7 +13,6 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
 from throwaway_venv import PIP_OFFLINE, make_venv
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,11 +26,31 @@ def built(tmp_path_factory) -> tuple[Path, Path]:
     src = tmp / "src"
     shutil.copytree(REPO, src, ignore=IGNORED)
     dist = tmp / "dist"
-    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-index", "--no-build-isolation",
-                        "-w", str(dist), str(src)], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-index",
+            "--no-build-isolation",
+            "-w",
+            str(dist),
+            str(src),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
-    r = subprocess.run([sys.executable, "-c", f"from setuptools import build_meta as b; print(b.build_sdist({str(dist)!r}))"],
-                       cwd=src, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-c", f"from setuptools import build_meta as b; print(b.build_sdist({str(dist)!r}))"],
+        cwd=src,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     (wheel,) = dist.glob("ddpmkit-*.whl")
     return wheel, dist / r.stdout.split()[-1]
@@ -73,9 +92,12 @@ def test_a_non_editable_install_runs_every_command(built, tmp_path, mnist_root, 
     venv = make_venv(tmp_path, cwd=work)
     r = venv.call("-m", "pip", "install", *PIP_OFFLINE, str(wheel))
     assert r.returncode == 0, r.stdout + r.stderr
-    r = venv.call("-c", "import ddpmkit, ddpmkit_plugins, ddpmkit.evaluation.report, ddpmkit.benchmark.bench, "
-                        "ddpmkit.serving.page; "
-                        "print(ddpmkit.__file__); print(ddpmkit_plugins.__file__)")
+    r = venv.call(
+        "-c",
+        "import ddpmkit, ddpmkit_plugins, ddpmkit.evaluation.report, ddpmkit.benchmark.bench, "
+        "ddpmkit.serving.page; "
+        "print(ddpmkit.__file__); print(ddpmkit_plugins.__file__)",
+    )
     assert r.returncode == 0, r.stderr
     assert all(Path(line).resolve().is_relative_to(venv.site_dir) for line in r.stdout.split()), r.stdout
     script = Path(venv.python).with_name("ddpmkit")
@@ -99,8 +121,19 @@ def test_a_non_editable_install_runs_every_command(built, tmp_path, mnist_root, 
     r = ddpmkit("list-plugins", "--json")
     assert r.returncode == 0, r.stderr
     rows = [row for row in json.loads(r.stdout) if row["distribution"] == "ddpmkit"]
-    assert sorted(row["name"] for row in rows) == ["betas", "cosine", "ddim", "ddpm", "diffusers", "diffusers-unet",
-                                                    "linear", "metrics", "tensorboard", "unet", "wandb"]
+    assert sorted(row["name"] for row in rows) == [
+        "betas",
+        "cosine",
+        "ddim",
+        "ddpm",
+        "diffusers",
+        "diffusers-unet",
+        "linear",
+        "metrics",
+        "tensorboard",
+        "unet",
+        "wandb",
+    ]
     optional = {"diffusers", "diffusers-unet", "tensorboard", "wandb"}  # "needs extra" where it is not installed
     assert all(row["status"] == "ok" for row in rows if row["name"] not in optional), rows
     assert all(row["status"] in ("ok", "needs extra") for row in rows if row["name"] in optional), rows

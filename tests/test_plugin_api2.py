@@ -7,14 +7,19 @@ import json
 from pathlib import Path
 
 import pytest
+from runconfigs import invoke, write_config
 
 import ddpmkit
 from ddpmkit.testing import assert_conforms, check_component
-from runconfigs import invoke, write_config
 
 SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.toml"
-TINY_UNET = dict(channels=[8, 16, 32, 32], attentions=[False, False, False, False], upscales=[False, False, True, True],
-                 num_groups=4, num_heads=2)
+TINY_UNET = dict(
+    channels=[8, 16, 32, 32],
+    attentions=[False, False, False, False],
+    upscales=[False, False, True, True],
+    num_groups=4,
+    num_heads=2,
+)
 
 COMPONENTS = """
 import torch
@@ -45,12 +50,16 @@ def one_line_error(result, *parts: str) -> str:
 
 
 def denoiser_plugin(plugin_module, body: str, name: str = "bad"):
-    return plugin_module(COMPONENTS + body + f"""
+    return plugin_module(
+        COMPONENTS
+        + body
+        + f"""
 
 @ddpmkit.hookimpl
 def register_denoisers(register):
     register({name!r}, Bad)
-""")
+"""
+    )
 
 
 def config_with(tmp_path: Path, **replace: str) -> Path:
@@ -69,46 +78,62 @@ LABEL = "(plugin 'fake', ddpmkit-fake 1.0)"
 
 
 def test_a_denoiser_raising_while_built_is_one_line(plugin_module, tmp_path):
-    denoiser_plugin(plugin_module, """
+    denoiser_plugin(
+        plugin_module,
+        """
 class Bad(Tiny):
     def __init__(self, options=None, *, image_shape, num_timesteps):
         super().__init__(options, image_shape=image_shape, num_timesteps=num_timesteps)
         raise ValueError("only 64x64 images, sorry")
-""")
+""",
+    )
     cfg = config_with(tmp_path, **{'name = "unet"': 'name = "bad"'})
     cfg.write_text(cfg.read_text().split("[denoiser.options]")[0] + "[sampler]" + cfg.read_text().split("[sampler]")[1])
-    one_line_error(invoke("validate", str(cfg)), f"denoiser 'bad' {LABEL} failed to build: ValueError: only 64x64 images")
+    one_line_error(
+        invoke("validate", str(cfg)), f"denoiser 'bad' {LABEL} failed to build: ValueError: only 64x64 images"
+    )
     # --debug shows the traceback behind it
     debug = invoke("--debug", "validate", str(cfg))
     assert debug.exit_code == 2 and "Traceback" in debug.stderr and "only 64x64 images" in debug.stderr
 
 
 def test_a_denoiser_returning_the_wrong_shape_fails_validate(plugin_module, tmp_path):
-    denoiser_plugin(plugin_module, """
+    denoiser_plugin(
+        plugin_module,
+        """
 class Bad(Tiny):
     def forward(self, x_t, t):
         return super().forward(x_t, t)[:, :, ::2]
-""")
+""",
+    )
     cfg = config_with(tmp_path)
     cfg.write_text(cfg.read_text().replace('name = "unet"', 'name = "bad"').replace("[denoiser.options]", "[x]"))
     cfg.write_text(cfg.read_text().split("[x]")[0] + "[sampler]" + cfg.read_text().split("[sampler]")[1])
-    one_line_error(invoke("validate", str(cfg)),
-                   f"denoiser 'bad' {LABEL} failed a forward pass: ValueError: forward returned shape (2, 1, 4, 8)")
+    one_line_error(
+        invoke("validate", str(cfg)),
+        f"denoiser 'bad' {LABEL} failed a forward pass: ValueError: forward returned shape (2, 1, 4, 8)",
+    )
 
 
 def test_a_denoiser_failing_only_in_training_is_named(plugin_module, tmp_path):
-    denoiser_plugin(plugin_module, """
+    denoiser_plugin(
+        plugin_module,
+        """
 class Bad(Tiny):
     def forward(self, x_t, t):
         if self.training:
             raise RuntimeError("CUDA error: device-side assert triggered\\nmore lines of torch detail")
         return super().forward(x_t, t)
-""")
+""",
+    )
     cfg = config_with(tmp_path)
     cfg.write_text(cfg.read_text().replace('name = "unet"', 'name = "bad"').replace("[denoiser.options]", "[x]"))
     cfg.write_text(cfg.read_text().split("[x]")[0] + "[sampler]" + cfg.read_text().split("[sampler]")[1])
-    one_line_error(invoke("run", str(cfg)), f"denoiser 'bad' {LABEL} failed in training: RuntimeError: CUDA error",
-                   "--debug shows all")
+    one_line_error(
+        invoke("run", str(cfg)),
+        f"denoiser 'bad' {LABEL} failed in training: RuntimeError: CUDA error",
+        "--debug shows all",
+    )
 
 
 def test_a_schedule_with_nan_betas_fails_validate_naming_it(plugin_module, tmp_path):
@@ -130,12 +155,18 @@ def register_schedules(register):
     one_line_error(invoke("validate", str(cfg)), f"schedule 'nan' {LABEL}", "non-finite betas")
 
 
-@pytest.mark.parametrize("body, expected, code", [
-    ("raise KeyError('no such buffer')", "sampler 'bad' (plugin 'fake', ddpmkit-fake 1.0) failed while sampling: "
-     "KeyError: 'no such buffer'", 2),
-    ("return torch.full(shape, float('nan'))", "returned non-finite values in 100.0% of the pixels", 2),
-    ("return torch.full(shape, 3.0)", "returned values in [3, 3]; 100.0% of the pixels lie outside [-1, 1]", 0),
-])
+@pytest.mark.parametrize(
+    "body, expected, code",
+    [
+        (
+            "raise KeyError('no such buffer')",
+            "sampler 'bad' (plugin 'fake', ddpmkit-fake 1.0) failed while sampling: KeyError: 'no such buffer'",
+            2,
+        ),
+        ("return torch.full(shape, float('nan'))", "returned non-finite values in 100.0% of the pixels", 2),
+        ("return torch.full(shape, 3.0)", "returned values in [3, 3]; 100.0% of the pixels lie outside [-1, 1]", 0),
+    ],
+)
 def test_sampler_failures_are_reported_naming_it(plugin_module, tmp_path, body, expected, code):
     plugin_module(f"""
 import torch
@@ -164,7 +195,9 @@ def failed_checks(kind: str, name: str, **kwargs) -> dict[str, str]:
 
 
 def test_the_kit_catches_a_denoiser_that_ignores_t_or_uses_t0(plugin_module):
-    plugin_module(COMPONENTS + """
+    plugin_module(
+        COMPONENTS
+        + """
 class IgnoresT(Tiny):
     def forward(self, x_t, t):
         return self.conv(x_t)
@@ -184,7 +217,8 @@ def register_denoisers(register):
     register("ignores-t", IgnoresT)
     register("first-t", FirstT)
     register("wrong-elsewhere", WrongElsewhere)
-""")
+"""
+    )
     assert failed_checks("denoiser", "tiny") == {}
     # (its per-step scale then gets no gradient either)
     assert set(failed_checks("denoiser", "ignores-t")) == {"uses t per image", "gradients reach all parameters"}
@@ -194,8 +228,12 @@ def register_denoisers(register):
 
 
 def test_the_kit_checks_unet_at_other_shapes_and_options():
-    results = {r.check: r for r in check_component("denoiser", "unet", dict(TINY_UNET, prediction="v"),
-                                                   image_shape=(3, 16, 16), num_timesteps=50)}
+    results = {
+        r.check: r
+        for r in check_component(
+            "denoiser", "unet", dict(TINY_UNET, prediction="v"), image_shape=(3, 16, 16), num_timesteps=50
+        )
+    }
     assert all(r.passed for r in results.values()), [r for r in results.values() if not r.passed]
     assert results["prediction target"].detail == "v"
     assert "(3, 17, 17) refused" in results["other image shapes"].detail  # 17 is not divisible by 4
@@ -298,14 +336,17 @@ def test_a_plugin_named_linear_leaves_configs_and_checkpoints_working(plugin_mod
     assert validated.exit_code == 0, validated.output
     assert "schedule   ddpmkit:linear" in validated.stdout
     assert "'evil' (ddpmkit-evil 1.0) as ddpmkit-evil:linear; using ddpmkit's own (ddpmkit:linear)" in (
-        " ".join(validated.stderr.split()))
+        " ".join(validated.stderr.split())
+    )
     sampled = invoke("sample", str(run), "--num", "2", "--out", str(tmp_path / "s.png"))
     assert sampled.exit_code == 0, sampled.output
     resumed = invoke("run", str(cfg), "--set", "train.epochs=2")
     assert resumed.exit_code == 0, resumed.output
     assert "resuming from" in resumed.stdout
-    with pytest.raises(ddpmkit.PluginCodeError,
-                       match=r"schedule 'linear' \(plugin 'evil', ddpmkit-evil 1.0\) failed to build: RuntimeError: hijacked"):
+    with pytest.raises(
+        ddpmkit.PluginCodeError,
+        match=r"schedule 'linear' \(plugin 'evil', ddpmkit-evil 1.0\) failed to build: RuntimeError: hijacked",
+    ):
         ddpmkit.create_schedule("ddpmkit-evil:linear")
 
 
@@ -316,7 +357,10 @@ def test_sample_keeps_the_runs_sampler_options_and_follows_its_steps(tmp_path):
     assert result.exit_code == 0, result.output
     text = " ".join(result.stdout.split())
     # T = 20, steps 16, 12, 8, 4, 0; asked for 0, 5, 10, 19
-    assert "trajectory.png: ddim visits 5 of 20 steps; showing the visited t nearest to those asked for: 16, 12, 4, 0" in text
+    assert (
+        "trajectory.png: ddim visits 5 of 20 steps; showing the visited t nearest to those asked for: 16, 12, 4, 0"
+        in text
+    )
     from PIL import Image
 
     strip = Image.open(tmp_path / "runs" / "d" / "trajectory.png")
@@ -327,8 +371,10 @@ def test_sample_keeps_the_runs_sampler_options_and_follows_its_steps(tmp_path):
         assert r.exit_code == 0 and "(5 steps)" in r.stdout, r.output
     r = invoke("sample", str(run), "--sampler", "ddpm", "--num", "2", "--out", str(tmp_path / "b.png"))
     assert r.exit_code == 0 and "(20 steps)" in r.stdout, r.output
-    one_line_error(invoke("sample", str(run), "--set", "schedule.options.beta_end=0.1", "--out", str(tmp_path / "c.png")),
-                   "--set schedule.options.beta_end=0.1: the weights were trained with the checkpoint's schedule")
+    one_line_error(
+        invoke("sample", str(run), "--set", "schedule.options.beta_end=0.1", "--out", str(tmp_path / "c.png")),
+        "--set schedule.options.beta_end=0.1: the weights were trained with the checkpoint's schedule",
+    )
 
 
 def test_a_v_predicting_unet_trains_with_the_v_loss_and_records_it(tmp_path):
@@ -375,8 +421,10 @@ def test_event_plugins_get_their_own_validated_options(plugin_module, tmp_path):
     result = invoke("run", str(cfg))
     assert result.exit_code == 0, result.output
     assert log.read_text().split("\n") == ["2", "4", "6", "8", "end 8 False", ""]
-    one_line_error(invoke("validate", str(cfg), "--set", "plugins.spy.every=0"),
-                   "--set plugins.spy.every=0: plugins.spy.every: Input should be greater than or equal to 1")
+    one_line_error(
+        invoke("validate", str(cfg), "--set", "plugins.spy.every=0"),
+        "--set plugins.spy.every=0: plugins.spy.every: Input should be greater than or equal to 1",
+    )
     text = cfg.read_text()
     cfg.write_text(text.replace("\nevery = 2", "\nevry = 2"))
     lines = invoke("validate", str(cfg)).stderr
@@ -389,19 +437,26 @@ def test_event_plugins_get_their_own_validated_options(plugin_module, tmp_path):
 
 def test_train_end_gets_the_step_a_failing_hook_stopped_at(plugin_module, tmp_path):
     plugin_module(SPY, name="spy", distribution="ddpmkit-spy")
-    plugin_module("""
+    plugin_module(
+        """
 import ddpmkit
 
 @ddpmkit.hookimpl
 def step_end(step):
     if step == 3:
         raise OSError("disk full")
-""", name="flaky", distribution="ddpmkit-flaky")
+""",
+        name="flaky",
+        distribution="ddpmkit-flaky",
+    )
     log = tmp_path / "spy.log"
     cfg = write_config(tmp_path, "f", epochs=2, checkpoint_every=100, num_images=0, trajectory_images=0)
     cfg.write_text(cfg.read_text() + f'\n[plugins.spy]\npath = "{log}"\n')
-    one_line_error(invoke("run", str(cfg)), "event hook step_end of plugin 'flaky' (ddpmkit-flaky 1.0) failed: OSError",
-                   "training stopped at step 3")
+    one_line_error(
+        invoke("run", str(cfg)),
+        "event hook step_end of plugin 'flaky' (ddpmkit-flaky 1.0) failed: OSError",
+        "training stopped at step 3",
+    )
     assert log.read_text().split("\n")[-2] == "end 3 True"
 
 
@@ -428,22 +483,33 @@ def test_denoiser_device_without_parameters():
 
 
 def test_an_unknown_prediction_target_is_refused_naming_the_plugin(plugin_module):
-    denoiser_plugin(plugin_module, """
+    denoiser_plugin(
+        plugin_module,
+        """
 class Bad(Tiny):
     prediction = "score"
-""")
-    with pytest.raises(ddpmkit.PluginCodeError, match=r"denoiser 'bad' \(plugin 'fake', ddpmkit-fake 1.0\) declares "
-                                                       r"prediction = 'score'; ddpmkit knows epsilon, x0, v"):
+""",
+    )
+    with pytest.raises(
+        ddpmkit.PluginCodeError,
+        match=r"denoiser 'bad' \(plugin 'fake', ddpmkit-fake 1.0\) declares "
+        r"prediction = 'score'; ddpmkit knows epsilon, x0, v",
+    ):
         ddpmkit.create_denoiser("bad", image_shape=(1, 8, 8), num_timesteps=10)
 
 
 def test_list_plugins_never_truncates_long_distribution_names(plugin_module):
     for suffix in ("alpha", "beta"):
-        plugin_module(COMPONENTS + """
+        plugin_module(
+            COMPONENTS
+            + """
 @ddpmkit.hookimpl
 def register_denoisers(register):
     register("tiny", Tiny)
-""", name=suffix, distribution=f"ddpmkit-a-rather-long-distribution-name-{suffix}")
+""",
+            name=suffix,
+            distribution=f"ddpmkit-a-rather-long-distribution-name-{suffix}",
+        )
     result = invoke("list-plugins")
     assert result.exit_code == 0 and "…" not in result.stdout, result.stdout
     # folded over lines, each qualified name is still there whole

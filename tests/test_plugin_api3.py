@@ -7,10 +7,10 @@ from __future__ import annotations
 import json
 
 import torch
+from runconfigs import invoke, write_config
 
 from ddpmkit.registry.build import create_schedule
 from ddpmkit.testing import check_event_plugin, check_sampler
-from runconfigs import invoke, write_config
 
 SAMPLERS = '''
 import torch
@@ -57,7 +57,10 @@ def register_samplers(register):
 def test_the_kit_counts_denoiser_calls_and_holds_a_sampler_to_its_stated_answer(plugin_module):
     plugin_module(SAMPLERS)
     twice = {r.check: r for r in check_sampler("twice", num_timesteps=50, num_pixels=4096)}
-    assert twice["cost as declared"].passed and "100 denoiser calls per batch for 50 steps" in twice["cost as declared"].detail
+    assert (
+        twice["cost as declared"].passed
+        and "100 denoiser calls per batch for 50 steps" in twice["cost as declared"].detail
+    )
     assert twice["matches the Gaussian oracle"].passed, twice["matches the Gaussian oracle"].detail
     assert "the exact answer it states" in twice["matches the Gaussian oracle"].detail
     liar = {r.check: r for r in check_sampler("liar", num_timesteps=50, num_pixels=4096)}
@@ -68,9 +71,25 @@ def test_check_plugins_takes_the_schedule_t_and_image_shape():
     r = invoke("check-plugins", "ddim", "--schedule", "cosine", "--timesteps", "200", "--set", "steps=20", "--json")
     assert r.exit_code == 0, r.output
     assert "exact for its 20 steps" in r.stdout
-    r = invoke("check-plugins", "unet", "--image-shape", "3,8,8", "--timesteps", "50",
-               "--set", "channels=[8,16,32,32]", "--set", "attentions=[false,false,false,false]",
-               "--set", "upscales=[false,false,true,true]", "--set", "num_groups=4", "--set", "num_heads=2", "--json")
+    r = invoke(
+        "check-plugins",
+        "unet",
+        "--image-shape",
+        "3,8,8",
+        "--timesteps",
+        "50",
+        "--set",
+        "channels=[8,16,32,32]",
+        "--set",
+        "attentions=[false,false,false,false]",
+        "--set",
+        "upscales=[false,false,true,true]",
+        "--set",
+        "num_groups=4",
+        "--set",
+        "num_heads=2",
+        "--json",
+    )
     assert r.exit_code == 0, r.output
     r = invoke("check-plugins", "ddim", "--image-shape", "3,8")
     assert r.exit_code == 2 and "--image-shape 3,8" in r.output
@@ -82,14 +101,18 @@ def test_event_plugins_are_checked_by_driving_their_hooks(plugin_module):
     results = {r.check: r for r in check_event_plugin("metrics")}
     assert all(r.passed for r in results.values()), {k: r.detail for k, r in results.items() if not r.passed}
     assert "metrics.jsonl" in results["files it wrote"].detail
-    plugin_module('''
+    plugin_module(
+        """
 from ddpmkit import hookimpl
 
 @hookimpl
 def step_end(step, metrics):
     if step == 2:
         raise KeyError("loss_ema")
-''', name="probe2csv", distribution="ddpmkit-probe")
+""",
+        name="probe2csv",
+        distribution="ddpmkit-probe",
+    )
     r = invoke("check-plugins", "probe2csv", "--json")
     assert r.exit_code == 1, r.output
     failed = [row for row in json.loads(r.stdout) if not row["passed"]]
@@ -97,7 +120,7 @@ def step_end(step, metrics):
 
 
 def test_an_error_a_set_caused_points_at_the_set(tmp_path, plugin_module):
-    plugin_module('''
+    plugin_module("""
 import torch
 from pydantic import model_validator
 from ddpmkit import hookimpl
@@ -120,11 +143,14 @@ class Picky(Denoiser):
 @hookimpl
 def register_denoisers(register):
     register("picky", Picky)
-''')
+""")
     cfg = write_config(tmp_path)
     text = cfg.read_text()
-    cfg.write_text(text[: text.index('[denoiser]')] + '[denoiser]\nname = "picky"\n\n[denoiser.options]\nheads = 4\n\n'
-                   + text[text.index("[sampler]"):])
+    cfg.write_text(
+        text[: text.index("[denoiser]")]
+        + '[denoiser]\nname = "picky"\n\n[denoiser.options]\nheads = 4\n\n'
+        + text[text.index("[sampler]") :]
+    )
     r = invoke("validate", str(cfg), "--set", "denoiser.options.width=30")
     assert r.exit_code == 2, r.output
     assert "--set denoiser.options.width=30" in r.output and "width (30) must be divisible by heads (4)" in r.output

@@ -23,7 +23,14 @@ from ddpmkit.registry import discovery as plugins
 
 ROW_KEYS = {"kind", "name", "qualified_name", "plugin", "distribution", "version", "status", "error"}
 BUILTIN_ROWS = [
-    {"kind": "schedule", "name": "linear", "plugin": "builtin", "distribution": "ddpmkit", "status": "ok", "error": None},
+    {
+        "kind": "schedule",
+        "name": "linear",
+        "plugin": "builtin",
+        "distribution": "ddpmkit",
+        "status": "ok",
+        "error": None,
+    },
     {"kind": "denoiser", "name": "unet", "plugin": "builtin", "distribution": "ddpmkit", "status": "ok", "error": None},
     {"kind": "sampler", "name": "ddpm", "plugin": "builtin", "distribution": "ddpmkit", "status": "ok", "error": None},
 ]
@@ -95,7 +102,11 @@ def cli_json(*site_paths: Path, env_extra: dict[str, str] | None = None) -> list
     env["PYTHONPATH"] = os.pathsep.join([str(p) for p in site_paths] + [env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env.update(env_extra or {})
     proc = subprocess.run(
-        [sys.executable, "-m", "ddpmkit", "list-plugins", "--json"], capture_output=True, text=True, env=env, timeout=120
+        [sys.executable, "-m", "ddpmkit", "list-plugins", "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
@@ -155,7 +166,9 @@ def test_the_folder_plugins_is_not_a_top_level_package(tmp_path):
         "print(importlib.util.find_spec('plugins') is None, pathlib.Path(ddpmkit_plugins.__file__).parent.name)"
     )
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", plugins.DISABLE_ENV)}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["True", "ddpmkit_plugins"]
 
@@ -165,7 +178,10 @@ def test_the_folder_plugins_is_not_a_top_level_package(tmp_path):
 
 def test_working_third_party_plugin(site):
     make_dist(
-        site, "ddpmkit-constant", "1.2.3", {"constant": "fake_constant_hooks"},
+        site,
+        "ddpmkit-constant",
+        "1.2.3",
+        {"constant": "fake_constant_hooks"},
         {
             "fake_constant_hooks": hook_module("schedule", "constant", "fake_constant_impl:ConstantSchedule"),
             "fake_constant_impl": SCHEDULE_MODULE,
@@ -196,14 +212,25 @@ def test_working_third_party_plugin(site):
     cli_rows = cli_json(site)
     assert_builtins_ok(cli_rows)
     assert rows_named(cli_rows, name="constant") == [
-        {"kind": "schedule", "name": "constant", "qualified_name": "ddpmkit-constant:constant", "plugin": "constant", "distribution": "ddpmkit-constant",
-         "version": "1.2.3", "status": "ok", "error": None}
+        {
+            "kind": "schedule",
+            "name": "constant",
+            "qualified_name": "ddpmkit-constant:constant",
+            "plugin": "constant",
+            "distribution": "ddpmkit-constant",
+            "version": "1.2.3",
+            "status": "ok",
+            "error": None,
+        }
     ]
 
 
 def test_config_can_use_a_third_party_component(site, tmp_path):
     make_dist(
-        site, "ddpmkit-constant2", "0.1", {"constant2": "fake_constant2_hooks"},
+        site,
+        "ddpmkit-constant2",
+        "0.1",
+        {"constant2": "fake_constant2_hooks"},
         {
             "fake_constant2_hooks": hook_module("schedule", "constant2", "fake_constant2_impl:ConstantSchedule"),
             "fake_constant2_impl": SCHEDULE_MODULE,
@@ -222,12 +249,21 @@ def test_config_can_use_a_third_party_component(site, tmp_path):
 
 def test_plugin_that_raises_on_import(site, tmp_path):
     make_dist(
-        site, "ddpmkit-broken", "0.3", {"broken": "fake_broken_hooks"},
+        site,
+        "ddpmkit-broken",
+        "0.3",
+        {"broken": "fake_broken_hooks"},
         {"fake_broken_hooks": "raise RuntimeError('boom from the broken plugin')\n"},
     )
     make_dist(
-        site, "ddpmkit-fine", "2.0", {"fine": "fake_fine_hooks"},
-        {"fake_fine_hooks": hook_module("schedule", "fine", "fake_fine_impl:ConstantSchedule"), "fake_fine_impl": SCHEDULE_MODULE},
+        site,
+        "ddpmkit-fine",
+        "2.0",
+        {"fine": "fake_fine_hooks"},
+        {
+            "fake_fine_hooks": hook_module("schedule", "fine", "fake_fine_impl:ConstantSchedule"),
+            "fake_fine_impl": SCHEDULE_MODULE,
+        },
     )
     discovered()
     rows = ddpmkit.list_plugins()
@@ -251,8 +287,16 @@ def test_plugin_that_raises_on_import(site, tmp_path):
     cli_rows = cli_json(site)
     assert_builtins_ok(cli_rows)
     assert rows_named(cli_rows, plugin="broken") == [
-        {"kind": None, "name": None, "qualified_name": None, "plugin": "broken", "distribution": "ddpmkit-broken", "version": "0.3",
-         "status": "error", "error": "RuntimeError: boom from the broken plugin"}
+        {
+            "kind": None,
+            "name": None,
+            "qualified_name": None,
+            "plugin": "broken",
+            "distribution": "ddpmkit-broken",
+            "version": "0.3",
+            "status": "error",
+            "error": "RuntimeError: boom from the broken plugin",
+        }
     ]
     assert rows_named(cli_rows, name="fine")[0]["status"] == "ok"
 
@@ -264,7 +308,9 @@ def test_plugin_that_raises_on_import(site, tmp_path):
     assert "boom from the broken plugin" in table.stdout and "linear" in table.stdout
     config = tmp_path / "uses-broken.toml"
     config.write_text('[schedule]\nname = "cosine-nope"\n')
-    bad = subprocess.run([sys.executable, "-m", "ddpmkit", "validate", str(config)], capture_output=True, text=True, env=env)
+    bad = subprocess.run(
+        [sys.executable, "-m", "ddpmkit", "validate", str(config)], capture_output=True, text=True, env=env
+    )
     assert bad.returncode == 2
     assert "Traceback" not in bad.stderr
     assert f"{config}:2: schedule.name: unknown schedule 'cosine-nope'" in bad.stderr
@@ -274,7 +320,10 @@ def test_plugin_that_raises_on_import(site, tmp_path):
 def test_plugin_whose_hook_raises(site):
     """A hook that raises after registering something: the plugin is an error and its components refuse to build."""
     make_dist(
-        site, "ddpmkit-halfway", "1.0", {"halfway": "fake_halfway_hooks"},
+        site,
+        "ddpmkit-halfway",
+        "1.0",
+        {"halfway": "fake_halfway_hooks"},
         {
             "fake_halfway_hooks": textwrap.dedent(
                 """
@@ -297,13 +346,18 @@ def test_plugin_whose_hook_raises(site):
     assert_builtins_ok(rows)
     (row,) = rows_named(rows, plugin="halfway")
     assert row["status"] == "error" and row["error"] == "ValueError: sampler registration failed"
-    with pytest.raises(PluginError, match=r"'halfway' \(ddpmkit-halfway 1\.0\), which failed to load: ValueError: sampler"):
+    with pytest.raises(
+        PluginError, match=r"'halfway' \(ddpmkit-halfway 1\.0\), which failed to load: ValueError: sampler"
+    ):
         ddpmkit.create_schedule("halfway")
 
 
 def test_register_with_a_bad_target_is_recorded(site):
     make_dist(
-        site, "ddpmkit-badtarget", "1.0", {"badtarget": "fake_badtarget_hooks"},
+        site,
+        "ddpmkit-badtarget",
+        "1.0",
+        {"badtarget": "fake_badtarget_hooks"},
         {"fake_badtarget_hooks": hook_module("denoiser", "nocolon", "not_a_module_attr_string")},
     )
     discovered()
@@ -319,12 +373,18 @@ def test_register_with_a_bad_target_is_recorded(site):
 def test_two_plugins_register_the_same_name(site):
     for dist, version, module in [("ddpmkit-one", "1.0", "fake_one_hooks"), ("ddpmkit-two", "2.0", "fake_two_hooks")]:
         make_dist(
-            site, dist, version, {dist.split("-")[1]: module},
+            site,
+            dist,
+            version,
+            {dist.split("-")[1]: module},
             {module: hook_module("schedule", "dup", "fake_dup_impl:ConstantSchedule")},
         )
     (site / "fake_dup_impl.py").write_text(SCHEDULE_MODULE)
     make_dist(
-        site, "ddpmkit-unique", "1.0", {"unique": "fake_unique_hooks"},
+        site,
+        "ddpmkit-unique",
+        "1.0",
+        {"unique": "fake_unique_hooks"},
         {"fake_unique_hooks": hook_module("schedule", "unique", "fake_dup_impl:ConstantSchedule")},
     )
     discovered()
@@ -342,7 +402,9 @@ def test_two_plugins_register_the_same_name(site):
     # the qualified names pick one (normalised as pip does), and nothing else can take them
     assert ddpmkit.create_schedule("ddpmkit-two:dup", num_timesteps=3).num_timesteps == 3
     assert ddpmkit.create_schedule("DDPMKIT_ONE:dup", num_timesteps=3).num_timesteps == 3
-    with pytest.raises(PluginError, match="no schedule 'ddpmkit-three:dup': 'dup' comes from ddpmkit-one:dup, ddpmkit-two:dup"):
+    with pytest.raises(
+        PluginError, match="no schedule 'ddpmkit-three:dup': 'dup' comes from ddpmkit-one:dup, ddpmkit-two:dup"
+    ):
         ddpmkit.create_schedule("ddpmkit-three:dup")
     # other names are unaffected
     assert rows_named(rows, name="unique")[0]["status"] == "ok"
@@ -352,14 +414,18 @@ def test_two_plugins_register_the_same_name(site):
     cli_rows = cli_json(site)
     assert_builtins_ok(cli_rows)
     assert sorted((r["distribution"], r["status"]) for r in rows_named(cli_rows, name="dup")) == [
-        ("ddpmkit-one", "clash"), ("ddpmkit-two", "clash"),
+        ("ddpmkit-one", "clash"),
+        ("ddpmkit-two", "clash"),
     ]
     assert rows_named(cli_rows, name="unique")[0]["status"] == "ok"
 
 
 def test_third_party_clashing_with_a_builtin(site):
     make_dist(
-        site, "ddpmkit-shadow", "0.1", {"shadow": "fake_shadow_hooks"},
+        site,
+        "ddpmkit-shadow",
+        "0.1",
+        {"shadow": "fake_shadow_hooks"},
         {"fake_shadow_hooks": hook_module("sampler", "ddpm", "fake_shadow_impl:Nothing")},
     )
     discovered()
@@ -367,7 +433,9 @@ def test_third_party_clashing_with_a_builtin(site):
     assert sorted((r["distribution"], r["status"]) for r in rows) == [("ddpmkit", "ok"), ("ddpmkit-shadow", "shadowed")]
     assert "use ddpmkit-shadow:ddpm" in rows_named(rows, distribution="ddpmkit-shadow")[0]["error"]
     # the plain name stays ddpmkit's own, with a warning naming the shadowing plugin
-    with pytest.warns(ddpmkit.DdpmkitWarning, match=r"'shadow' \(ddpmkit-shadow 0.1\) as ddpmkit-shadow:ddpm.*ddpmkit:ddpm"):
+    with pytest.warns(
+        ddpmkit.DdpmkitWarning, match=r"'shadow' \(ddpmkit-shadow 0.1\) as ddpmkit-shadow:ddpm.*ddpmkit:ddpm"
+    ):
         sampler = ddpmkit.create_sampler("ddpm")
     assert type(sampler).__module__ == "ddpmkit_plugins.ddpm"
     assert type(ddpmkit.create_sampler("ddpmkit:ddpm")).__module__ == "ddpmkit_plugins.ddpm"
@@ -384,9 +452,14 @@ def test_same_distribution_twice_on_sys_path_is_loaded_once(site, tmp_path, monk
     for folder in (site, second):
         folder.mkdir(exist_ok=True)
         make_dist(
-            folder, "ddpmkit-twice", "1.0", {"twice": "fake_twice_hooks"},
-            {"fake_twice_hooks": hook_module("schedule", "twice", "fake_twice_impl:ConstantSchedule"),
-             "fake_twice_impl": SCHEDULE_MODULE},
+            folder,
+            "ddpmkit-twice",
+            "1.0",
+            {"twice": "fake_twice_hooks"},
+            {
+                "fake_twice_hooks": hook_module("schedule", "twice", "fake_twice_impl:ConstantSchedule"),
+                "fake_twice_impl": SCHEDULE_MODULE,
+            },
         )
     monkeypatch.syspath_prepend(str(second))
     discovered()
@@ -420,7 +493,10 @@ def test_duplicate_entry_points_are_deduplicated(site, monkeypatch):
 
 def test_lazy_target_that_fails_to_import(site):
     make_dist(
-        site, "ddpmkit-lazybad", "0.9", {"lazybad": "fake_lazybad_hooks"},
+        site,
+        "ddpmkit-lazybad",
+        "0.9",
+        {"lazybad": "fake_lazybad_hooks"},
         {
             "fake_lazybad_hooks": hook_module("schedule", "lazybad", "fake_lazybad_impl:ConstantSchedule")
             + hook_module("denoiser", "noattr", "fake_lazybad_other:Missing"),
@@ -439,7 +515,10 @@ def test_lazy_target_that_fails_to_import(site):
     assert "schedule 'lazybad' (plugin 'lazybad', ddpmkit-lazybad 0.9) failed to load" in message
     assert "fake_lazybad_impl:ConstantSchedule" in message
     assert "ModuleNotFoundError: No module named 'no_such_module_for_ddpmkit_tests'" in message
-    with pytest.raises(PluginError, match=r"denoiser 'noattr' \(plugin 'lazybad', ddpmkit-lazybad 0.9\) failed to load .*AttributeError"):
+    with pytest.raises(
+        PluginError,
+        match=r"denoiser 'noattr' \(plugin 'lazybad', ddpmkit-lazybad 0.9\) failed to load .*AttributeError",
+    ):
         ddpmkit.create_denoiser("noattr", image_shape=(1, 8, 8), num_timesteps=2)
 
     cli_rows = cli_json(site)
@@ -449,11 +528,17 @@ def test_lazy_target_that_fails_to_import(site):
 
 def test_target_that_is_not_a_subclass(site):
     make_dist(
-        site, "ddpmkit-wrongkind", "1.0", {"wrongkind": "fake_wrongkind_hooks"},
+        site,
+        "ddpmkit-wrongkind",
+        "1.0",
+        {"wrongkind": "fake_wrongkind_hooks"},
         {"fake_wrongkind_hooks": hook_module("sampler", "notasampler", "ddpmkit_plugins.linear:LinearSchedule")},
     )
     discovered()
-    with pytest.raises(PluginError, match=r"sampler 'notasampler' \(plugin 'wrongkind', ddpmkit-wrongkind 1.0\) is not a Sampler subclass"):
+    with pytest.raises(
+        PluginError,
+        match=r"sampler 'notasampler' \(plugin 'wrongkind', ddpmkit-wrongkind 1.0\) is not a Sampler subclass",
+    ):
         ddpmkit.create_sampler("notasampler")
 
 
@@ -462,9 +547,14 @@ def test_target_that_is_not_a_subclass(site):
 
 def test_env_var_disables_third_party_plugins(site, monkeypatch):
     make_dist(
-        site, "ddpmkit-optional", "1.0", {"optional": "fake_optional_hooks"},
-        {"fake_optional_hooks": hook_module("schedule", "optional", "fake_optional_impl:ConstantSchedule"),
-         "fake_optional_impl": SCHEDULE_MODULE},
+        site,
+        "ddpmkit-optional",
+        "1.0",
+        {"optional": "fake_optional_hooks"},
+        {
+            "fake_optional_hooks": hook_module("schedule", "optional", "fake_optional_impl:ConstantSchedule"),
+            "fake_optional_impl": SCHEDULE_MODULE,
+        },
     )
     make_dist(site, "ddpmkit-broken2", "0.1", {"broken2": "fake_broken2_hooks"}, {"fake_broken2_hooks": "1 / 0\n"})
     discovered()
@@ -498,9 +588,14 @@ def test_env_var_disables_third_party_plugins(site, monkeypatch):
 @pytest.mark.parametrize("args", [["--help"], ["list-plugins"], ["list-plugins", "--json"], ["--version"]])
 def test_cli_does_not_import_torch(args, tmp_path):
     make_dist(
-        tmp_path, "ddpmkit-lazyok", "1.0", {"lazyok": "fake_lazyok_hooks"},
-        {"fake_lazyok_hooks": hook_module("schedule", "lazyok", "fake_lazyok_impl:ConstantSchedule"),
-         "fake_lazyok_impl": SCHEDULE_MODULE},
+        tmp_path,
+        "ddpmkit-lazyok",
+        "1.0",
+        {"lazyok": "fake_lazyok_hooks"},
+        {
+            "fake_lazyok_hooks": hook_module("schedule", "lazyok", "fake_lazyok_impl:ConstantSchedule"),
+            "fake_lazyok_impl": SCHEDULE_MODULE,
+        },
     )
     snippet = textwrap.dedent(
         f"""

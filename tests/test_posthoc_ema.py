@@ -6,8 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ddpmkit.training.posthoc_ema import (ema_beta, gamma_to_sigma_rel, profile_inner, sigma_rel_to_gamma,
-                                          solve_coefficients)
+from ddpmkit.training.posthoc_ema import (
+    ema_beta,
+    gamma_to_sigma_rel,
+    profile_inner,
+    sigma_rel_to_gamma,
+    solve_coefficients,
+)
 
 
 def test_sigma_rel_and_gamma_are_the_papers_closed_form_and_its_inverse():
@@ -81,13 +86,19 @@ def test_snapshots_of_two_profiles_rebuild_a_tracked_one_and_a_third():
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
+from runconfigs import invoke, write_config  # noqa: E402
 
 from ddpmkit.run.checkpoint import TRACKED_FILE, find_checkpoint, load_snapshots, profile_file  # noqa: E402
 from ddpmkit.training.posthoc_ema import TrackedEmas, rebuild, rebuild_run  # noqa: E402
-from runconfigs import invoke, write_config  # noqa: E402
 
-POSTHOC = ["--set", "train.posthoc_ema.enabled=true", "--set", "train.posthoc_ema.sigma_rels=[0.05,0.1,0.08]",
-           "--set", "train.posthoc_ema.every=4"]
+POSTHOC = [
+    "--set",
+    "train.posthoc_ema.enabled=true",
+    "--set",
+    "train.posthoc_ema.sigma_rels=[0.05,0.1,0.08]",
+    "--set",
+    "train.posthoc_ema.every=4",
+]
 
 
 def _flat(state: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -177,8 +188,9 @@ def test_ddpmkit_ema_writes_folders_that_sample_and_refuses_what_it_cannot(posth
     assert "step 16 from 4 snapshots" in result.output
     for s in ("0.020", "0.050", "0.100", "0.200"):
         assert (posthoc_run / "posthoc-ema" / f"sigma-{s}" / "ema.safetensors").is_file()
-    sampled = invoke("sample", str(posthoc_run / "posthoc-ema" / "sigma-0.050"), "--num", "2",
-                     "--out", str(tmp_path / "s"))
+    sampled = invoke(
+        "sample", str(posthoc_run / "posthoc-ema" / "sigma-0.050"), "--num", "2", "--out", str(tmp_path / "s")
+    )
     assert sampled.exit_code == 0, sampled.output
     bad = invoke("ema", str(posthoc_run), "--sigma-rel", "0.5")
     assert bad.exit_code == 2 and "at most 0.3" in bad.output
@@ -189,7 +201,7 @@ def test_ddpmkit_ema_writes_folders_that_sample_and_refuses_what_it_cannot(posth
 
 
 def test_rebuild_run_agrees_with_the_folder_it_writes(posthoc_run):
-    (r, folder), = rebuild_run(posthoc_run, [0.15])
+    ((r, folder),) = rebuild_run(posthoc_run, [0.15])
     written = find_checkpoint(folder)
     assert written.step == 16 and written.state["posthoc_ema"]["sigma_rel"] == 0.15
     assert torch.equal(_flat(written.weights("ema")), _flat(r.weights))
@@ -201,11 +213,16 @@ def test_validate_counts_the_snapshots_in_its_disk_estimate(posthoc_run, tmp_pat
     from ddpmkit.run.config import load_config
     from ddpmkit.training.preflight import disk_estimate
 
-    cfg = load_config(write_config(tmp_path, "ph", epochs=4, num_images=0, trajectory_images=0, checkpoint_every=4),
-                      POSTHOC[1::2])
+    cfg = load_config(
+        write_config(tmp_path, "ph", epochs=4, num_images=0, trajectory_images=0, checkpoint_every=4), POSTHOC[1::2]
+    )
     estimate, what = disk_estimate(cfg, build_components(cfg), 16)
-    written = sum(f.stat().st_size for folder in ("checkpoints", "posthoc-ema/snapshots")
-                  for f in (posthoc_run / folder).rglob("*") if f.is_file())
+    written = sum(
+        f.stat().st_size
+        for folder in ("checkpoints", "posthoc-ema/snapshots")
+        for f in (posthoc_run / folder).rglob("*")
+        if f.is_file()
+    )
     assert written <= estimate < 1.3 * written, (written, estimate)
     assert "4 post-hoc EMA snapshots" in what
     shown = invoke("validate", str(write_config(tmp_path, "v")), *POSTHOC, "--no-timing")
@@ -213,8 +230,15 @@ def test_validate_counts_the_snapshots_in_its_disk_estimate(posthoc_run, tmp_pat
 
 
 def test_a_profile_wider_than_any_power_function_is_one_line_at_validate(tmp_path):
-    result = invoke("validate", str(write_config(tmp_path)), "--no-timing", "--set", "train.posthoc_ema.enabled=true",
-                    "--set", "train.posthoc_ema.sigma_rels=[0.05,0.5]")
+    result = invoke(
+        "validate",
+        str(write_config(tmp_path)),
+        "--no-timing",
+        "--set",
+        "train.posthoc_ema.enabled=true",
+        "--set",
+        "train.posthoc_ema.sigma_rels=[0.05,0.5]",
+    )
     assert result.exit_code == 2 and "sigma_rel 0.5" in result.output and "at most 0.3" in result.output, result.output
 
 

@@ -7,13 +7,13 @@ import math
 
 import pytest
 import torch
+from runconfigs import invoke, write_config
 from timm.utils import ModelEmaV3
 
 import ddpmkit
 from ddpmkit import diffusion as D
-from ddpmkit.training.preflight import ema_schedule
 from ddpmkit.training.loop import learning_rate
-from runconfigs import invoke, write_config
+from ddpmkit.training.preflight import ema_schedule
 
 
 @pytest.mark.parametrize("decay, warmup, steps", [(0.9999, False, 2200), (0.999, True, 300), (0.99, True, 5)])
@@ -41,8 +41,17 @@ def test_validate_reports_and_warns(tmp_path):
     assert "terminal signal-to-noise ratio" in text and "of training on cpu" in text
     assert "warning" not in ok.stdout
     # the tutorial's EMA on a short run, and a schedule that never reaches noise
-    bad = invoke("validate", str(cfg), "--no-timing", "--set", "train.ema_decay=0.9999", "--set", "train.ema_warmup=false",
-                 "--set", "schedule.options.beta_end=0.002")
+    bad = invoke(
+        "validate",
+        str(cfg),
+        "--no-timing",
+        "--set",
+        "train.ema_decay=0.9999",
+        "--set",
+        "train.ema_warmup=false",
+        "--set",
+        "schedule.options.beta_end=0.002",
+    )
     assert bad.exit_code == 0, bad.output
     text = " ".join(bad.stdout.split())
     assert "the EMA weights (used for sampling) would still be 100% random initialisation" in text
@@ -61,7 +70,8 @@ def test_min_snr_weighting_is_the_same_objective_for_every_target():
     x0_hat = x0 + 0.1 * torch.randn(6, 1, 4, 4, generator=g)  # an estimate, consistent with x_t
     eps_hat = D.eps_from_x0(schedule, x_t, t, x0_hat)
     errors = {
-        "x0": (x0_hat - x0), "epsilon": (eps_hat - eps),
+        "x0": (x0_hat - x0),
+        "epsilon": (eps_hat - eps),
         "v": D.v_from_x0_eps(schedule, t, x0_hat, eps_hat) - D.v_from_x0_eps(schedule, t, x0, eps),
     }
     snr = schedule.snr()[t].double()
@@ -93,7 +103,9 @@ def test_learning_rate_schedule():
 def test_a_changed_learning_rate_takes_effect_on_resume(tmp_path):
     cfg = write_config(tmp_path, "lr", epochs=1, num_images=0, trajectory_images=0)
     assert invoke("run", str(cfg)).exit_code == 0
-    r = invoke("run", str(cfg), "--set", "train.epochs=2", "--set", "train.lr=5e-4", "--set", "train.loss_weighting=min_snr")
+    r = invoke(
+        "run", str(cfg), "--set", "train.epochs=2", "--set", "train.lr=5e-4", "--set", "train.loss_weighting=min_snr"
+    )
     assert r.exit_code == 0, r.output
     lrs = [json.loads(line)["lr"] for line in (tmp_path / "runs" / "lr" / "metrics.jsonl").read_text().splitlines()]
     assert lrs == [1e-3] * 4 + [5e-4] * 4

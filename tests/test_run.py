@@ -13,9 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from runconfigs import REPO, cli_env, ddpmkit, invoke, write_config
+from safetensors.torch import load_file
 
 
 def _losses(run_dir: Path) -> list[tuple[int, float]]:
@@ -56,12 +55,20 @@ def test_sample_command_png_and_npz(tmp_path):
     assert a.shape == (5, 8, 8, 1) and a.dtype == np.uint8
     # same seed, a checkpoint dir instead of the run dir, same images; raw weights differ
     out2 = tmp_path / "y.npz"
-    assert invoke("sample", str(_final(run)), "--num", "5", "--batch-size", "2", "--seed", "3",
-                  "--out", str(out2)).exit_code == 0
+    assert (
+        invoke(
+            "sample", str(_final(run)), "--num", "5", "--batch-size", "2", "--seed", "3", "--out", str(out2)
+        ).exit_code
+        == 0
+    )
     assert np.array_equal(a, np.load(out2)["images"])
     out3 = tmp_path / "z.npz"
-    assert invoke("sample", str(run), "--num", "5", "--batch-size", "2", "--seed", "3", "--raw",
-                  "--out", str(out3)).exit_code == 0
+    assert (
+        invoke(
+            "sample", str(run), "--num", "5", "--batch-size", "2", "--seed", "3", "--raw", "--out", str(out3)
+        ).exit_code
+        == 0
+    )
     assert not np.array_equal(a, np.load(out3)["images"])
     png = tmp_path / "g.png"
     r = ddpmkit("sample", str(run), "--num", "4", "--out", str(png), "--set", "sampler.options.variance=posterior")
@@ -77,8 +84,11 @@ def test_sample_command_png_and_npz(tmp_path):
         (["run", "{cfg}", "--set", "train.nope=1"], "train.nope: unknown key", True),
         (["run", "{cfg}", "--set", "train.batch_size=-3"], "--set train.batch_size=-3", False),
         (["run", "{cfg}", "--set", "run.dir={tmp}/file.txt/runs"], "cannot write the run directory", True),
-        (["run", "{cfg}", "--set", "data.dataset=mnist", "--set", "data.download=false", "--data-root", "{tmp}"],
-         "MNIST not found", False),
+        (
+            ["run", "{cfg}", "--set", "data.dataset=mnist", "--set", "data.download=false", "--data-root", "{tmp}"],
+            "MNIST not found",
+            False,
+        ),
     ],
 )
 def test_user_errors_are_one_line_exit_2(tmp_path, args, needle, real):
@@ -114,8 +124,14 @@ def test_resume_refuses_a_different_model_and_allows_more_epochs(tmp_path):
 def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
     """A run that would take days says so (suggesting the CPU config); SIGTERM then stops it cleanly."""
     cfg = write_config(tmp_path, "term", epochs=10**7, checkpoint_every=10**9, num_images=0, trajectory_images=0)
-    proc = subprocess.Popen([sys.executable, "-m", "ddpmkit", "run", str(cfg)], cwd=REPO, env=cli_env(COLUMNS="200"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ddpmkit", "run", str(cfg)],
+        cwd=REPO,
+        env=cli_env(COLUMNS="200"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     seen = []
     for line in proc.stdout:  # the plan, then the measured speed and the warning, then SIGTERM
         seen.append(line)
@@ -134,8 +150,13 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
 
 
 def _run_until_killed(cfg: Path, run_dir: Path, min_step: int) -> int:
-    proc = subprocess.Popen([sys.executable, "-m", "ddpmkit", "run", str(cfg)], cwd=REPO, env=cli_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ddpmkit", "run", str(cfg)],
+        cwd=REPO,
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline = time.time() + 240
         while time.time() < deadline:
@@ -223,8 +244,14 @@ def test_a_run_held_by_a_live_process_is_refused_and_a_stale_lock_is_taken_over(
 def test_two_processes_on_one_run_the_second_refuses(tmp_path):
     cfg = write_config(tmp_path, "two", epochs=400, checkpoint_every=5, num_images=0, trajectory_images=0)
     run_dir = tmp_path / "runs" / "two"
-    first = subprocess.Popen([sys.executable, "-m", "ddpmkit", "run", str(cfg)], cwd=REPO, env=cli_env(),
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "ddpmkit", "run", str(cfg)],
+        cwd=REPO,
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.time() + 120
         while not list((run_dir / "checkpoints").glob("step-*")) and time.time() < deadline:

@@ -84,7 +84,7 @@ def reverse_chain_moments(T: int, mu: float, s: float, variance: str, mu_model: 
     return m, math.sqrt(v)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def draw(variance: str, *, mu_model: float = MU, clip: bool = False, seed: int = 0, shape=SHAPE, T: int = 1000):
     """Sample with the exact predictor (cached: several tests look at the same draw; do not modify it)."""
     schedule = ddpmkit.create_schedule("linear", num_timesteps=T)
@@ -153,7 +153,9 @@ def test_missing_noise_or_wrong_sign_would_fail():
         for t in range(999, -1, -1):
             eps = denoiser(x, torch.full((shape[0],), t))
             sign = -1.0 if broken == "wrong-sign" else 1.0
-            x = (x - sign * schedule.betas[t] / schedule.sqrt_one_minus_alphas_cumprod[t] * eps) / schedule.alphas[t].sqrt()
+            x = (x - sign * schedule.betas[t] / schedule.sqrt_one_minus_alphas_cumprod[t] * eps) / schedule.alphas[
+                t
+            ].sqrt()
             if t > 0 and broken != "no-noise":
                 x = x + schedule.betas[t].sqrt() * torch.randn(shape, generator=g)
         x = x.clamp(-1, 1).double()
@@ -195,7 +197,9 @@ def test_callback_sees_every_step():
         assert isinstance(x, torch.Tensor) and x.shape == (3, 1, 8, 8)
         seen.append((index, t, x.clone()))
 
-    out = sampler.sample(denoiser, schedule, (3, 1, 8, 8), generator=torch.Generator().manual_seed(0), callback=callback)
+    out = sampler.sample(
+        denoiser, schedule, (3, 1, 8, 8), generator=torch.Generator().manual_seed(0), callback=callback
+    )
     assert [i for i, _, _ in seen] == list(range(20))
     assert [t for _, t, _ in seen] == list(range(19, -1, -1))
     # the last x the callback sees is the result (before clamping, which does nothing here)
@@ -208,8 +212,13 @@ def test_a_callback_that_takes_x0_gets_each_steps_clean_image_estimate():
     schedule, denoiser = small(T=20)
     sampler = ddpmkit.create_sampler("ddpm")
     seen = []
-    out = sampler.sample(denoiser, schedule, (3, 1, 8, 8), generator=torch.Generator().manual_seed(0),
-                         callback=lambda index, t, x, x0: seen.append((x.clone(), x0.clone())))
+    out = sampler.sample(
+        denoiser,
+        schedule,
+        (3, 1, 8, 8),
+        generator=torch.Generator().manual_seed(0),
+        callback=lambda index, t, x, x0: seen.append((x.clone(), x0.clone())),
+    )
     assert len(seen) == 20 and all(x0.shape == (3, 1, 8, 8) for _, x0 in seen)
     assert torch.allclose(seen[-1][0], seen[-1][1]) and torch.allclose(seen[-1][1].clamp(-1, 1), out)
     assert not torch.allclose(seen[0][0], seen[0][1])  # early on, x_t is mostly noise, not its estimate
@@ -242,7 +251,10 @@ def test_clip_denoised(variance):
     for clip in (False, True):
         sampler = ddpmkit.create_sampler("ddpm", variance=variance, clip_denoised=clip)
         sampler.sample(
-            denoiser, schedule, (2, 1, 8, 8), generator=torch.Generator().manual_seed(0),
+            denoiser,
+            schedule,
+            (2, 1, 8, 8),
+            generator=torch.Generator().manual_seed(0),
             callback=lambda i, t, x, clip=clip: last.__setitem__(clip, x.clone()),
         )
     assert torch.allclose(last[False], torch.full_like(last[False], 5.0), atol=1e-3)

@@ -110,8 +110,15 @@ def test_posterior_mean_is_consistent_with_eq_11(schedule):
 
 def test_every_tensor_is_float32(schedule):
     names = [
-        "betas", "alphas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
-        "sqrt_one_minus_alphas_cumprod", "posterior_variance", "posterior_mean_coef1", "posterior_mean_coef2",
+        "betas",
+        "alphas",
+        "alphas_cumprod",
+        "alphas_cumprod_prev",
+        "sqrt_alphas_cumprod",
+        "sqrt_one_minus_alphas_cumprod",
+        "posterior_variance",
+        "posterior_mean_coef1",
+        "posterior_mean_coef2",
     ]
     for name in names:
         value = getattr(schedule, name)
@@ -141,8 +148,15 @@ def test_to_moves_every_tensor():
     assert s.to("meta") is s
     assert s.device.type == "meta"
     names = [
-        "betas", "alphas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
-        "sqrt_one_minus_alphas_cumprod", "posterior_variance", "posterior_mean_coef1", "posterior_mean_coef2",
+        "betas",
+        "alphas",
+        "alphas_cumprod",
+        "alphas_cumprod_prev",
+        "sqrt_alphas_cumprod",
+        "sqrt_one_minus_alphas_cumprod",
+        "posterior_variance",
+        "posterior_mean_coef1",
+        "posterior_mean_coef2",
     ]
     for name in names:
         assert getattr(s, name).device.type == "meta", name

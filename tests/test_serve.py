@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-
 from runconfigs import REPO, cli_env, trained_tiny
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
@@ -37,8 +36,13 @@ def server(run):
     """``ddpmkit serve RUN`` as a user starts it, on a free port; its URL while it runs."""
     port = _free_port()
     log = open(run.parent / "serve.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "ddpmkit", "serve", str(run), "--port", str(port)], cwd=REPO,
-                            env=cli_env(GRADIO_ANALYTICS_ENABLED="False"), stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ddpmkit", "serve", str(run), "--port", str(port)],
+        cwd=REPO,
+        env=cli_env(GRADIO_ANALYTICS_ENABLED="False"),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + 180
     while time.time() < deadline:
@@ -73,10 +77,12 @@ def test_the_studio_draws_by_class_and_edits_with_a_brushed_mask(run):
     edited = studio.edit(photo, brushed, num=2, sampler="ddim", steps=5)
     assert "inpainting" in edited.caption and edited.grid.shape[1] > 3 * edited.grid.shape[0]  # 4 cells in a row
     assert "SDEdit at strength 0.3" in studio.edit(photo, None, strength=0.3, num=1).caption
-    for bad, message in ((lambda: studio.edit(None, None), "upload an image"),
-                         (lambda: studio.draw(num=500), "1 to 64"),
-                         (lambda: studio.draw(sampler="nope"), "unknown sampler 'nope'"),
-                         (lambda: studio.draw(klass="no-such-class"), "class 'no-such-class'")):
+    for bad, message in (
+        (lambda: studio.edit(None, None), "upload an image"),
+        (lambda: studio.draw(num=500), "1 to 64"),
+        (lambda: studio.draw(sampler="nope"), "unknown sampler 'nope'"),
+        (lambda: studio.draw(klass="no-such-class"), "class 'no-such-class'"),
+    ):
         with pytest.raises(PageError, match=message):
             bad()
 
@@ -93,14 +99,27 @@ def test_the_server_answers_an_http_client_and_a_bad_upload_is_a_message(server,
     brush = np.zeros((30, 30, 4), np.uint8)
     brush[:15, :, 0] = brush[:15, :, 3] = 255
     Image.fromarray(brush).save(tmp_path / "brush.png")
-    editor = {"background": handle_file(str(tmp_path / "in.png")), "layers": [handle_file(str(tmp_path / "brush.png"))],
-              "composite": None, "id": None}
+    editor = {
+        "background": handle_file(str(tmp_path / "in.png")),
+        "layers": [handle_file(str(tmp_path / "brush.png"))],
+        "composite": None,
+        "id": None,
+    }
     _, words = client.predict(editor, 0.5, "all", 1.0, "ddpm", 5, 2, 0, api_name="/edit")
     assert words.startswith("inpainting, ddpm, 2 results")
     (tmp_path / "not-an-image.png").write_text("hello")
     with pytest.raises(AppError, match="the upload is not an image this page can read"):
-        client.predict({**editor, "background": handle_file(str(tmp_path / "not-an-image.png")), "layers": []},
-                       0.5, "all", 1.0, "ddpm", 5, 2, 0, api_name="/edit")
+        client.predict(
+            {**editor, "background": handle_file(str(tmp_path / "not-an-image.png")), "layers": []},
+            0.5,
+            "all",
+            1.0,
+            "ddpm",
+            5,
+            2,
+            0,
+            api_name="/edit",
+        )
     assert "4 images" in client.predict("all", 1.0, "ddim", 5, 4, 3, api_name="/draw")[2]  # still serving
 
 
@@ -118,9 +137,17 @@ def test_the_page_draws_in_a_real_headless_browser(server):
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--window-size=1280,1600"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1280,1600",
+    ):
         options.add_argument(flag)
     browser = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     try:
@@ -142,8 +169,9 @@ def test_the_page_draws_in_a_real_headless_browser(server):
 
 
 def test_without_the_extra_serve_says_what_to_install(run, monkeypatch):
-    import ddpmkit.extras
     from runconfigs import invoke
+
+    import ddpmkit.extras
 
     real = ddpmkit.extras.is_missing
     monkeypatch.setattr(ddpmkit.extras, "is_missing", lambda extra: extra == "ui" or real(extra))

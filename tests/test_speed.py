@@ -1,4 +1,5 @@
-"""Speed modes (precision, channels-last, compile, fused Adam) agree with fp32; the ETA is steady-state; `ddpmkit bench`."""
+"""Speed modes (precision, channels-last, compile, fused Adam) agree with fp32; the ETA is steady-state; `ddpmkit
+bench`."""
 
 from __future__ import annotations
 
@@ -7,17 +8,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from runconfigs import REPO, invoke, write_config
 from safetensors.torch import load_file
 
 import ddpmkit
 import ddpmkit.training.loop as train_module
 from ddpmkit.benchmark.bench import mode_name, parse_mode
-from ddpmkit.run.config import load_config
 from ddpmkit.run.components import build_components
-from ddpmkit.training.runner import run_config
-from ddpmkit.sampling.draw import generate
+from ddpmkit.run.config import load_config
 from ddpmkit.runtime.speed import SpeedModes
-from runconfigs import REPO, invoke, write_config
+from ddpmkit.sampling.draw import generate
+from ddpmkit.training.runner import run_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -40,8 +41,16 @@ SAMPLE_TOLERANCE = {"fp32+cl": 1e-4, "fp32+cl+compile": 1e-4, "bf16": 0.03, "bf1
 
 def _train(tmp_path: Path, name: str, *sets: str, epochs: int = 3) -> Path:
     tmp_path.mkdir(parents=True, exist_ok=True)
-    cfg_path = write_config(tmp_path, name, epochs=epochs, checkpoint_every=2, num_images=0, trajectory_images=0,
-                            dropout=0.0, num_samples=32)
+    cfg_path = write_config(
+        tmp_path,
+        name,
+        epochs=epochs,
+        checkpoint_every=2,
+        num_images=0,
+        trajectory_images=0,
+        dropout=0.0,
+        num_samples=32,
+    )
     cfg = load_config(cfg_path, list(sets))
     assert run_config(cfg) == 0
     return cfg.run_dir
@@ -80,8 +89,9 @@ def trained(tmp_path_factory):
 
 
 def _sample(cfg, built, modes: SpeedModes) -> torch.Tensor:
-    images, _ = generate(built.denoiser, built.schedule, built.sampler, 8, batch_size=8, seed=3,
-                         image_shape=cfg.image_shape, modes=modes)
+    images, _ = generate(
+        built.denoiser, built.schedule, built.sampler, 8, batch_size=8, seed=3, image_shape=cfg.image_shape, modes=modes
+    )
     return images
 
 
@@ -133,8 +143,13 @@ def test_the_eta_is_measured_after_the_warm_up(tmp_path, monkeypatch):
 
     built = build_components(cfg)
     train_module.train(
-        cfg, model=built.denoiser, schedule=built.schedule, dataset=load_dataset(cfg.data, seed=0),
-        device=torch.device("cpu"), run_dir=cfg.run_dir, checkpoint_state={},
+        cfg,
+        model=built.denoiser,
+        schedule=built.schedule,
+        dataset=load_dataset(cfg.data, seed=0),
+        device=torch.device("cpu"),
+        run_dir=cfg.run_dir,
+        checkpoint_state={},
         events=train_module.TrainEvents(on_measured=lambda rate, eta: measured.append(rate)),
     )
     assert len(measured) == 1
@@ -169,12 +184,27 @@ def test_cuda_graphs_are_asked_for_the_training_step_only_on_a_gpu_and_in_one_pr
 
     built = build_components(cfg)
     dataset = load_dataset(cfg.data, seed=0)
-    result = train_module.train(cfg, model=built.denoiser, schedule=built.schedule, dataset=dataset,
-                                device=torch.device("cpu"), run_dir=cfg.run_dir, checkpoint_state={})
+    result = train_module.train(
+        cfg,
+        model=built.denoiser,
+        schedule=built.schedule,
+        dataset=dataset,
+        device=torch.device("cpu"),
+        run_dir=cfg.run_dir,
+        checkpoint_state={},
+    )
     assert compiled == [{"mode": "reduce-overhead"}] and len(marks) == result.step > 0
     compiled.clear()
-    generate(built.denoiser, built.schedule, built.sampler, 2, batch_size=2, seed=0, image_shape=cfg.image_shape,
-             modes=on_gpu)
+    generate(
+        built.denoiser,
+        built.schedule,
+        built.sampler,
+        2,
+        batch_size=2,
+        seed=0,
+        image_shape=cfg.image_shape,
+        modes=on_gpu,
+    )
     assert compiled == [{}]
 
 
@@ -198,8 +228,22 @@ def test_mode_names_round_trip_and_bad_ones_are_user_errors():
 
 def test_bench_prints_the_side_by_side_table_and_json(tmp_path):
     out = tmp_path / "bench.json"
-    r = invoke("bench", str(REPO / "configs" / "smoke.toml"), "--steps", "2", "--warmup", "1", "--sample-steps", "2",
-               "--modes", "fp32,bf16+cl", "--sample-batches", "4,8", "--out", str(out))
+    r = invoke(
+        "bench",
+        str(REPO / "configs" / "smoke.toml"),
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--sample-steps",
+        "2",
+        "--modes",
+        "fp32,bf16+cl",
+        "--sample-batches",
+        "4,8",
+        "--out",
+        str(out),
+    )
     assert r.exit_code == 0, r.output
     assert "matmul peak" in r.output and "bf16+cl" in r.output
     # not a terminal: the table is printed whole, not cut to 80 columns ("images…", "tutori…")
@@ -224,7 +268,10 @@ def test_bench_prints_the_side_by_side_table_and_json(tmp_path):
     assert result["auto"] == expected
     assert "(auto)" in r.output and "measuring training: ddpmkit, bf16+cl ..." in r.output
     assert [row["loop"] for row in result["sampling"]] == [
-        "tutorial, 1 image", "ddpmkit ddpm, batch 8", "ddpmkit ddpm, batch 8", "ddpmkit ddpm, batch 4"
+        "tutorial, 1 image",
+        "ddpmkit ddpm, batch 8",
+        "ddpmkit ddpm, batch 8",
+        "ddpmkit ddpm, batch 4",
     ]
     r = invoke("bench", str(REPO / "configs" / "smoke.toml"), "--sample-batches", "4,x")
     assert r.exit_code == 2 and "expected comma-separated batch sizes" in r.output
@@ -257,12 +304,18 @@ def test_bench_marks_a_compiled_mode_auto_only_when_a_run_would_take_it():
     from ddpmkit.training.autotune import COMPILE_GAIN, candidates
 
     cfg = ddpmkit.load_config(REPO / "configs" / "smoke.toml")
-    probe = cfg.model_copy(update={"train": cfg.train.model_copy(update={"precision": "auto", "channels_last": "auto",
-                                                                          "compile": "auto"})})
+    probe = cfg.model_copy(
+        update={"train": cfg.train.model_copy(update={"precision": "auto", "channels_last": "auto", "compile": "auto"})}
+    )
     plain = candidates(probe, torch.device("cpu"))[0][0]
     name, twin = mode_name(plain), mode_name(replace(plain, compile=True))
-    rows = lambda gain: [SimpleNamespace(loop="ddpmkit", mode=name, per_s=100.0),
-                         SimpleNamespace(loop="ddpmkit", mode=twin, per_s=100.0 * gain)]
+
+    def rows(gain):
+        return [
+            SimpleNamespace(loop="ddpmkit", mode=name, per_s=100.0),
+            SimpleNamespace(loop="ddpmkit", mode=twin, per_s=100.0 * gain),
+        ]
+
     assert auto_pick(cfg, torch.device("cpu"), rows(COMPILE_GAIN - 0.01)) == name
     assert auto_pick(cfg, torch.device("cpu"), rows(COMPILE_GAIN + 0.01)) == twin
     assert auto_pick(cfg, torch.device("cpu"), [SimpleNamespace(loop="tutorial", mode=name, per_s=1.0)]) is None
@@ -276,13 +329,18 @@ def test_bench_rounds_interleave_and_take_the_median_ratio_within_rounds(monkeyp
 
     order: list[str] = []
     speed = iter([1.0, 1.0, 0.5, 0.5, 0.9, 0.9])
-    monkeypatch.setattr(bench, "bench_tutorial_training",
-                        lambda *a, **k: order.append("tutorial") or 10.0 * next(speed))
-    monkeypatch.setattr(bench, "measure_training",
-                        lambda cfg, m, *a, **k: order.append(bench.mode_name(m)) or (26.0 * next(speed), 5.0 + len(order)))
+    monkeypatch.setattr(
+        bench, "bench_tutorial_training", lambda *a, **k: order.append("tutorial") or 10.0 * next(speed)
+    )
+    monkeypatch.setattr(
+        bench,
+        "measure_training",
+        lambda cfg, m, *a, **k: order.append(bench.mode_name(m)) or (26.0 * next(speed), 5.0 + len(order)),
+    )
     cfg = ddpmkit.load_config(REPO / "configs" / "smoke.toml")
-    result = bench.run_bench(cfg, torch.device("cpu"), modes=[parse_mode("fp32")], steps=1, warmup=1,
-                             sample=False, rounds=3)
+    result = bench.run_bench(
+        cfg, torch.device("cpu"), modes=[parse_mode("fp32")], steps=1, warmup=1, sample=False, rounds=3
+    )
     assert order == ["tutorial", "fp32"] * 3
     tutorial, row = result["training"]
     assert tutorial["per_s"] == 9.0 and row["per_s"] == pytest.approx(23.4)  # medians over the rounds
@@ -298,9 +356,10 @@ def test_bench_rounds_interleave_and_take_the_median_ratio_within_rounds(monkeyp
 def test_the_bench_says_when_a_mode_names_cuda_only_flags_off_a_gpu(monkeypatch):
     """``graphs`` and ``tf32`` change nothing on a CPU: rows that name them are the plain step, and the bench says so
     there (and not on a GPU, where they are what is measured)."""
+    from rich.console import Console
+
     import ddpmkit.benchmark.bench as bench
     import ddpmkit.commands.bench as command
-    from rich.console import Console
 
     monkeypatch.setattr(bench, "bench_tutorial_training", lambda *a, **k: 10.0)
     monkeypatch.setattr(bench, "measure_training", lambda *a, **k: (20.0, 1.0))
@@ -334,8 +393,15 @@ def test_a_mode_that_breaks_here_is_left_out_of_the_bench_and_named(monkeypatch)
     monkeypatch.setattr(bench, "bench_tutorial_training", lambda *a, **k: 10.0)
     monkeypatch.setattr(bench, "measure_training", measure)
     cfg = ddpmkit.load_config(REPO / "configs" / "smoke.toml")
-    result = bench.run_bench(cfg, torch.device("cpu"), modes=[parse_mode("fp32"), parse_mode("fp32+compile")],
-                             steps=1, warmup=1, sample=False, rounds=2)
+    result = bench.run_bench(
+        cfg,
+        torch.device("cpu"),
+        modes=[parse_mode("fp32"), parse_mode("fp32+compile")],
+        steps=1,
+        warmup=1,
+        sample=False,
+        rounds=2,
+    )
     assert tried == ["fp32", "fp32+compile", "fp32"]  # not retried in round 2
     assert [row["mode"] for row in result["training"]] == ["fp32", "fp32"]  # the tutorial, then ddpmkit's
     assert result["failed"] == {"fp32+compile": "RuntimeError: Triton kernel failed to launch"}

@@ -30,8 +30,9 @@ class ThrowawayVenv:
 
     def call(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
         """Run the venv's python with ``args`` in ``cwd``."""
-        return subprocess.run([self.python, *args], cwd=self.cwd, env=self.env, capture_output=True, text=True,
-                              timeout=timeout)
+        return subprocess.run(
+            [self.python, *args], cwd=self.cwd, env=self.env, capture_output=True, text=True, timeout=timeout
+        )
 
 
 def outer_site_dirs() -> list[str]:
@@ -42,7 +43,11 @@ def outer_site_dirs() -> list[str]:
 def outer_snapshot() -> set[str]:
     """The ddpmkit-related entries of the outer site-packages (a test checks they never change)."""
     return {
-        name for d in outer_site_dirs() if os.path.isdir(d) for name in os.listdir(d) if name.lower().startswith("ddpmkit")
+        name
+        for d in outer_site_dirs()
+        if os.path.isdir(d)
+        for name in os.listdir(d)
+        if name.lower().startswith("ddpmkit")
     }
 
 
@@ -50,11 +55,24 @@ def make_venv(where: Path, cwd: Path) -> ThrowawayVenv:
     root = (where / "venv").resolve()
     venv.create(root, with_pip=False, symlinks=os.name != "nt", clear=True)
     python = str(root / ("Scripts/python.exe" if os.name == "nt" else "bin/python"))
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "DDPMKIT_NO_THIRD_PARTY_PLUGINS")}
-    env.update(PIP_NO_INDEX="1", PIP_NO_CACHE_DIR="1", PIP_DISABLE_PIP_VERSION_CHECK="1", PYTHONNOUSERSITE="1",
-               NO_COLOR="1", COLUMNS="200")
-    probe = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                           capture_output=True, text=True, env=env, timeout=120)
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "DDPMKIT_NO_THIRD_PARTY_PLUGINS")
+    }
+    env.update(
+        PIP_NO_INDEX="1",
+        PIP_NO_CACHE_DIR="1",
+        PIP_DISABLE_PIP_VERSION_CHECK="1",
+        PYTHONNOUSERSITE="1",
+        NO_COLOR="1",
+        COLUMNS="200",
+    )
+    probe = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     site_dir = Path(probe.stdout.strip()).resolve()
     assert site_dir.is_dir() and root in site_dir.parents, site_dir
     lines = "".join(f"import site; site.addsitedir({d!r})\n" for d in outer_site_dirs())

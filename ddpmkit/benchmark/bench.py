@@ -4,19 +4,12 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from ddpmkit.run.config import RunConfig
-from ddpmkit.run.data import to_model_scale
-from ddpmkit.errors import ConfigError, attempt
-from ddpmkit.sampling.draw import generate
-from ddpmkit.runtime.speed import AUTO, PRECISIONS, SpeedModes, compile_unavailable, pytorch_default_precision
-from ddpmkit.training.autotune import (
-    candidates, compile_pays, cpu_flags, cpu_model, fresh_model, measure_training, synthetic_dataset,
-)
 from ddpmkit.benchmark.measure import (
     count_flops,
     matmul_peak,
@@ -25,6 +18,20 @@ from ddpmkit.benchmark.measure import (
     reset_peak_memory,
 )
 from ddpmkit.benchmark.tutorial import TutorialTrainer, tutorial_sample_one
+from ddpmkit.errors import ConfigError, attempt
+from ddpmkit.run.config import RunConfig
+from ddpmkit.run.data import to_model_scale
+from ddpmkit.runtime.speed import AUTO, PRECISIONS, SpeedModes, compile_unavailable, pytorch_default_precision
+from ddpmkit.sampling.draw import generate
+from ddpmkit.training.autotune import (
+    candidates,
+    compile_pays,
+    cpu_flags,
+    cpu_model,
+    fresh_model,
+    measure_training,
+    synthetic_dataset,
+)
 
 #: The CPU flags that decide which speed modes are fast (named in the results beside the CPU model).
 CPU_FEATURES = {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "avx512_fp16"}
@@ -66,8 +73,14 @@ def mode_name(modes: SpeedModes) -> str:
 def default_modes(device: torch.device) -> list[SpeedModes]:
     """Every speed mode ddpmkit offers on ``device``."""
     if device.type == "cuda":
-        names = ["fp32", "fp32+tf32", "bf16+cl+fused", "fp16+cl+fused", "bf16+cl+fused+compile",
-                 "bf16+cl+fused+compile+graphs"]
+        names = [
+            "fp32",
+            "fp32+tf32",
+            "bf16+cl+fused",
+            "fp16+cl+fused",
+            "bf16+cl+fused+compile",
+            "bf16+cl+fused+compile+graphs",
+        ]
         if not torch.cuda.is_bf16_supported():
             names = [n for n in names if not n.startswith("bf16")] + ["fp16+cl+fused+compile+graphs"]
     else:
@@ -97,8 +110,10 @@ def ceilings(peaks: dict[str, float], flops_per_image: float, tutorial_per_s: fl
     peak, and that as a multiple of the tutorial's: what no mode of the dtype can beat on this device without
     doing fewer FLOPs (on a Zen 4, whose bf16 peak is 2.2x its fp32 one, bf16 cannot reach 2.5x a tutorial that
     runs near the fp32 peak)."""
-    return {name: {"per_s": peak / flops_per_image, "ratio": peak / flops_per_image / tutorial_per_s}
-            for name, peak in peaks.items()}
+    return {
+        name: {"per_s": peak / flops_per_image, "ratio": peak / flops_per_image / tutorial_per_s}
+        for name, peak in peaks.items()
+    }
 
 
 def bench_tutorial_training(cfg: RunConfig, device: torch.device, *, warmup: int, steps: int) -> float:
@@ -133,8 +148,17 @@ def bench_ddpmkit_sampling(
 
         start = time.perf_counter()
         try:
-            generate(model, schedule, sampler, batch, batch_size=batch, seed=0, image_shape=cfg.image_shape,
-                     modes=modes, progress=progress)
+            generate(
+                model,
+                schedule,
+                sampler,
+                batch,
+                batch_size=batch,
+                seed=0,
+                image_shape=cfg.image_shape,
+                modes=modes,
+                progress=progress,
+            )
         except _Enough:
             pass
         return time.perf_counter() - start
@@ -148,8 +172,9 @@ def bench_tutorial_sampling(cfg: RunConfig, device: torch.device, *, steps: int)
     model, schedule, _ = fresh_model(cfg)
     model.to(device).eval()
     schedule.to(device)
-    seconds = median_seconds(lambda: tutorial_sample_one(model, schedule, cfg.image_shape, steps), device,
-                             warmup=1, repeats=3)
+    seconds = median_seconds(
+        lambda: tutorial_sample_one(model, schedule, cfg.image_shape, steps), device, warmup=1, repeats=3
+    )
     return steps / seconds
 
 
@@ -202,12 +227,26 @@ def run_bench(
             return peaks["tf32"] if m is not None and m.tf32 and "tf32" in peaks else peaks["fp32"]
         return peaks.get(m.precision)
 
-    def row(loop: str, m: SpeedModes | None, per_s: float, flops: float, ref: float | None, setup=None,
-            memory: int | None = None) -> Row:
+    def row(
+        loop: str,
+        m: SpeedModes | None,
+        per_s: float,
+        flops: float,
+        ref: float | None,
+        setup=None,
+        memory: int | None = None,
+    ) -> Row:
         peak = peak_for(m)
-        return Row(loop, mode_name(m) if m else "fp32", per_s, per_s / ref if ref else 1.0, per_s * flops,
-                   per_s * flops / peak if peak else None,
-                   peak_memory_bytes(device)[0] if memory is None else memory, setup)
+        return Row(
+            loop,
+            mode_name(m) if m else "fp32",
+            per_s,
+            per_s / ref if ref else 1.0,
+            per_s * flops,
+            per_s * flops / peak if peak else None,
+            peak_memory_bytes(device)[0] if memory is None else memory,
+            setup,
+        )
 
     batch = cfg.train.batch_size
     tutorial_rates: list[float] = []
@@ -237,8 +276,18 @@ def run_bench(
                 continue
             note(f"training: ddpmkit, {name}{of}")
             reset_peak_memory(device)
-            measured = tried(name, f"training: ddpmkit, {name}",
-                             lambda: measure_training(cfg, m, device, warmup=warmup, steps=steps, max_seconds=None))
+            measured = tried(
+                name,
+                f"training: ddpmkit, {name}",
+                lambda: measure_training(
+                    cfg,
+                    m,  # noqa: B023 (called at once)
+                    device,
+                    warmup=warmup,
+                    steps=steps,
+                    max_seconds=None,
+                ),
+            )
             if measured is None:
                 continue
             ips, setup = measured
@@ -252,10 +301,13 @@ def run_bench(
         if name in failed:
             continue
         ratios = [ips / t for ips, t in zip(rates[name], tutorial_rates)]
-        training.append(replace(
-            row("ddpmkit", m, statistics.median(rates[name]), train_flops, ref, setups[name], memory=memory[name]),
-            ratio=statistics.median(ratios), round_ratios=ratios if rounds > 1 else None,
-        ))
+        training.append(
+            replace(
+                row("ddpmkit", m, statistics.median(rates[name]), train_flops, ref, setups[name], memory=memory[name]),
+                ratio=statistics.median(ratios),
+                round_ratios=ratios if rounds > 1 else None,
+            )
+        )
 
     sampling: list[Row] = []
     sample_batch = cfg.sample.batch_size
@@ -272,12 +324,23 @@ def run_bench(
                 continue  # the optimizer does not sample
             note(f"sampling: ddpmkit {cfg.sampler.name}, batch {sample_batch}, {name}")
             reset_peak_memory(device)
-            measured = tried(f"{name} (sampling)", f"sampling: ddpmkit, {name}",
-                             lambda: bench_ddpmkit_sampling(cfg, m, device, steps=sample_steps, batch=sample_batch))
+            measured = tried(
+                f"{name} (sampling)",
+                f"sampling: ddpmkit, {name}",
+                lambda: bench_ddpmkit_sampling(
+                    cfg,
+                    m,  # noqa: B023 (called at once)
+                    device,
+                    steps=sample_steps,
+                    batch=sample_batch,
+                ),
+            )
             if measured is None:
                 continue
             per_s, setup = measured
-            sampling.append(row(f"ddpmkit {cfg.sampler.name}, batch {sample_batch}", m, per_s, forward_flops, ref_s, setup))
+            sampling.append(
+                row(f"ddpmkit {cfg.sampler.name}, batch {sample_batch}", m, per_s, forward_flops, ref_s, setup)
+            )
         best = max(sampling[1:], key=lambda r: r.per_s, default=None)
         for b in sample_batches:  # the batch size is a speed choice too: larger is not always faster on a CPU
             if best is None or b == sample_batch:
@@ -317,7 +380,8 @@ def run_bench(
 def auto_pick(cfg: RunConfig, device: torch.device, training: list[Row]) -> str | None:
     """Of the measured ddpmkit rows, the mode ``train.precision = channels_last = compile = "auto"`` would choose
     by the same rule as a run (:func:`ddpmkit.training.autotune.choose`): the fastest uncompiled candidate, or its
-    compiled twin when :func:`~ddpmkit.training.autotune.compile_pays`; None when none of its candidates was measured."""
+    compiled twin when :func:`~ddpmkit.training.autotune.compile_pays`; None when none of its candidates was
+    measured."""
     auto = {"precision": AUTO, "channels_last": AUTO, "compile": AUTO}
     probe = cfg.model_copy(update={"train": cfg.train.model_copy(update=auto)})
     by_name = {mode_name(m): m for m in candidates(probe, device)[0]}

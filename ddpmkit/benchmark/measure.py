@@ -6,7 +6,7 @@ import resource
 import statistics
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -44,7 +44,12 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, size: int | None = Non
     while True:
         a = torch.randn(n, n, device=device).to(dtype)
         b = torch.randn(n, n, device=device).to(dtype)
-        seconds = median_seconds(lambda: a @ b, device, warmup=1, repeats=1)
+        seconds = median_seconds(
+            lambda: a @ b,  # noqa: B023 (called at once)
+            device,
+            warmup=1,
+            repeats=1,
+        )
         if n >= largest or seconds >= MATMUL_SECONDS:
             break
         n = min(largest, n * 2)

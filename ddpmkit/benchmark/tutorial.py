@@ -36,7 +36,9 @@ class TutorialTrainer:
 
 
 @torch.no_grad()
-def tutorial_sample_one(model: Denoiser, schedule: NoiseSchedule, image_shape: tuple[int, int, int], steps: int) -> None:
+def tutorial_sample_one(
+    model: Denoiser, schedule: NoiseSchedule, image_shape: tuple[int, int, int], steps: int
+) -> None:
     """The first ``steps`` steps of the tutorial's inference loop for one image (batch 1, fp32)."""
     beta = schedule.betas.float()
     alpha = schedule.alphas_cumprod.float()

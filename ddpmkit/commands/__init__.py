@@ -7,10 +7,9 @@ torch and the plugins' heavy code are imported inside the commands that need the
 
 from __future__ import annotations
 
-from ddpmkit.commands.app import app
-
 # each module registers its commands, in the order `ddpmkit --help` lists them
-from ddpmkit.commands import run, sample, edit, validate, evaluate, ema, export, serve, bench, plugins  # noqa: E402, F401, I001
+from ddpmkit.commands import bench, edit, ema, evaluate, export, plugins, run, sample, serve, validate  # noqa: E402, F401, I001
+from ddpmkit.commands.app import app
 
 __all__ = ["app", "main"]
 

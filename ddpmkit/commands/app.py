@@ -7,8 +7,9 @@ import functools
 import sys
 import traceback
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import typer
 from rich.console import Console
@@ -48,8 +49,10 @@ class _Stdout:
             if self.failed:
                 raise
             self.failed = True
-            sys.stderr.write(f"warning: cannot write to standard output ({exc.strerror or exc}); "
-                             "writing to standard error from now on\n")
+            sys.stderr.write(
+                f"warning: cannot write to standard output ({exc.strerror or exc}); "
+                "writing to standard error from now on\n"
+            )
             return sys.stderr.write(text)
 
     def flush(self) -> None:
@@ -91,11 +94,17 @@ def print_table(table: Table) -> None:
     finally:
         console.width = fitted
 
+
 SetOption = typer.Option(
-    None, "--set", metavar="KEY.PATH=VALUE", help="Override a config value, e.g. --set train.batch_size=128 (repeatable)."
+    None,
+    "--set",
+    metavar="KEY.PATH=VALUE",
+    help="Override a config value, e.g. --set train.batch_size=128 (repeatable).",
 )
 DataRootOption = typer.Option(
-    None, "--data-root", help="The folder holding the dataset, e.g. MNIST/raw (overrides data.root and DDPMKIT_DATA_ROOT)."
+    None,
+    "--data-root",
+    help="The folder holding the dataset, e.g. MNIST/raw (overrides data.root and DDPMKIT_DATA_ROOT).",
 )
 DeviceOption = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps (overrides run.device).")
 JsonOption = typer.Option(False, "--json", help="Print only JSON on stdout.")
@@ -163,19 +172,24 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
-    debug: bool = typer.Option(False, "--debug", help=f"Show the full traceback behind an error (or set {DEBUG_ENV}=1)."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+    debug: bool = typer.Option(
+        False, "--debug", help=f"Show the full traceback behind an error (or set {DEBUG_ENV}=1)."
+    ),
 ) -> None:
     _flags["debug"] = debug
 
 
-def with_device(overrides: Optional[list[str]], device: Optional[str]) -> list[Any]:
+def with_device(overrides: list[str] | None, device: str | None) -> list[Any]:
     """The ``--set`` items, plus ``run.device`` from ``--device`` (errors name it as ``--device D``)."""
     return list(overrides or []) + ([(f"run.device={device}", f"--device {device}")] if device else [])
 
 
-def mnist_root(data_root: Optional[Path]) -> Path:
-    """Where eval and sweep read MNIST: --data-root, else $DDPMKIT_DATA_ROOT, else ./data (as a run config's default)."""
+def mnist_root(data_root: Path | None) -> Path:
+    """Where eval and sweep read MNIST: --data-root, else $DDPMKIT_DATA_ROOT, else ./data (as a run config's
+    default)."""
     from ddpmkit.run.config import DataSection
     from ddpmkit.run.data import resolve_root
 

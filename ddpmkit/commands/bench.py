@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 from rich.table import Table
 
 from ddpmkit.commands.app import (
-    DeviceOption, JsonOption, SetOption, app, console, err_console, print_table, user_errors, with_device,
+    DeviceOption,
+    JsonOption,
+    SetOption,
+    app,
+    console,
+    err_console,
+    print_table,
+    user_errors,
+    with_device,
 )
 from ddpmkit.errors import DdpmkitError
 
@@ -19,24 +26,28 @@ from ddpmkit.errors import DdpmkitError
 @user_errors
 def bench(
     config: Path = typer.Argument(..., help="The run's TOML config (its denoiser, batch sizes and sampler)."),
-    set_: Optional[List[str]] = SetOption,
+    set_: list[str] | None = SetOption,
     steps: int = typer.Option(10, "--steps", min=1, help="Timed training steps per mode (after the warm-up)."),
     warmup: int = typer.Option(3, "--warmup", min=1, help="Untimed training steps first (set-up, compilation)."),
     sample_steps: int = typer.Option(10, "--sample-steps", min=1, help="Timed sampler steps per mode."),
-    modes: Optional[str] = typer.Option(
-        None, "--modes", help="Comma-separated speed modes, e.g. fp32,bf16+cl,bf16+cl+compile (default: all for the device)."
+    modes: str | None = typer.Option(
+        None,
+        "--modes",
+        help="Comma-separated speed modes, e.g. fp32,bf16+cl,bf16+cl+compile (default: all for the device).",
     ),
     no_sample: bool = typer.Option(False, "--no-sample", help="Measure training only."),
     rounds: int = typer.Option(
-        1, "--rounds", min=1,
+        1,
+        "--rounds",
+        min=1,
         help="Measure training in this many interleaved rounds (tutorial, then each mode): medians, steadier ratios.",
     ),
     sample_batches: str = typer.Option(
         "", "--sample-batches", help="Also sample at these batch sizes in the fastest mode, e.g. 16,256."
     ),
-    device: Optional[str] = DeviceOption,
+    device: str | None = DeviceOption,
     as_json: bool = JsonOption,
-    out: Optional[Path] = typer.Option(None, "--out", help="Also write the JSON to this file."),
+    out: Path | None = typer.Option(None, "--out", help="Also write the JSON to this file."),
 ) -> None:
     """Training and sampling speed of ddpmkit in each speed mode beside the tutorial's own loops, in one process.
 
@@ -53,15 +64,26 @@ def bench(
     try:
         batches = tuple(int(b) for b in sample_batches.split(",") if b.strip())
     except ValueError:
-        raise DdpmkitError(f"--sample-batches {sample_batches}: expected comma-separated batch sizes, e.g. 16,256") from None
+        raise DdpmkitError(
+            f"--sample-batches {sample_batches}: expected comma-separated batch sizes, e.g. 16,256"
+        ) from None
     if any(b < 1 for b in batches):
         raise DdpmkitError(f"--sample-batches {sample_batches}: batch sizes must be at least 1")
     say = err_console if as_json else console
     # one line per measurement as it starts: an emulated mode can take minutes, and a status spinner shows
     # nothing when the output is not a terminal
-    result = run_bench(cfg, dev, modes=chosen, steps=steps, warmup=warmup, sample_steps=sample_steps,
-                       sample=not no_sample, sample_batches=batches, rounds=rounds,
-                       note=lambda text: say.print(f"measuring {text} ...", highlight=False))
+    result = run_bench(
+        cfg,
+        dev,
+        modes=chosen,
+        steps=steps,
+        warmup=warmup,
+        sample_steps=sample_steps,
+        sample=not no_sample,
+        sample_batches=batches,
+        rounds=rounds,
+        note=lambda text: say.print(f"measuring {text} ...", highlight=False),
+    )
     result["config"] = str(config)
     text = json.dumps(result, indent=2)
     if out is not None:
@@ -85,8 +107,12 @@ def _print_bench(r: dict) -> None:
         highlight=False,
     )
     for key, title, unit in (
-        ("training", f"training, batch {r['batch_size']}: median of {r['timed_steps']} steps after {r['warmup_steps']}"
-         + (f", median of {r['rounds']} interleaved rounds" if r.get("rounds", 1) > 1 else ""), "images/s"),
+        (
+            "training",
+            f"training, batch {r['batch_size']}: median of {r['timed_steps']} steps after {r['warmup_steps']}"
+            + (f", median of {r['rounds']} interleaved rounds" if r.get("rounds", 1) > 1 else ""),
+            "images/s",
+        ),
         ("sampling", f"sampling: {r['sample_steps']} steps", "image-steps/s"),
     ):
         if not r[key]:
@@ -97,14 +123,21 @@ def _print_bench(r: dict) -> None:
         for row in r[key]:
             auto = key == "training" and row["loop"] == "ddpmkit" and row["mode"] == r.get("auto")
             table.add_row(
-                row["loop"], row["mode"] + (" (auto)" if auto else ""), f"{row['per_s']:.1f}", _ratio(row),
-                f"{row['flop_per_s'] / 1e9:.1f}", f"{row['utilisation']:.0%}" if row["utilisation"] else "",
-                f"{row['peak_memory'] / 2**20:,.0f} MiB", f"{row['setup_s']:.1f}" if row["setup_s"] is not None else "",
+                row["loop"],
+                row["mode"] + (" (auto)" if auto else ""),
+                f"{row['per_s']:.1f}",
+                _ratio(row),
+                f"{row['flop_per_s'] / 1e9:.1f}",
+                f"{row['utilisation']:.0%}" if row["utilisation"] else "",
+                f"{row['peak_memory'] / 2**20:,.0f} MiB",
+                f"{row['setup_s']:.1f}" if row["setup_s"] is not None else "",
             )
         print_table(table)
         if key == "training" and r.get("ceiling"):
-            at_peak = ", ".join(f"{name} {c['per_s']:,.1f} images/s ({c['ratio']:.2f}x the tutorial)"
-                                for name, c in r["ceiling"].items())
+            at_peak = ", ".join(
+                f"{name} {c['per_s']:,.1f} images/s ({c['ratio']:.2f}x the tutorial)"
+                for name, c in r["ceiling"].items()
+            )
             console.print(f"  every FLOP of a step at the measured matmul peak: {at_peak}", highlight=False)
     for mode, error in r.get("failed", {}).items():
         console.print(f"  {mode} failed here, left out: {error}", highlight=False)
@@ -113,8 +146,11 @@ def _print_bench(r: dict) -> None:
     named = {flag for row in r["training"] + r["sampling"] for flag in row["mode"].split("+")}
     cuda_only = sorted(named & CUDA_ONLY_FLAGS)
     if cuda_only and not r["device"].startswith("cuda"):
-        console.print(f"  {', '.join(cuda_only)}: CUDA only; on {r['device']} a mode with "
-                      f"{'them' if len(cuda_only) > 1 else 'it'} trains the same step as without", highlight=False)
+        console.print(
+            f"  {', '.join(cuda_only)}: CUDA only; on {r['device']} a mode with "
+            f"{'them' if len(cuda_only) > 1 else 'it'} trains the same step as without",
+            highlight=False,
+        )
 
 
 def _ratio(row: dict) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
@@ -13,22 +12,48 @@ from ddpmkit.commands.app import DeviceOption, SeedOption, app, console, user_er
 @app.command()
 @user_errors
 def edit(
-    run: Path = typer.Argument(..., help="A run directory (its latest checkpoint), a checkpoint or a diffusers folder."),
+    run: Path = typer.Argument(
+        ..., help="A run directory (its latest checkpoint), a checkpoint or a diffusers folder."
+    ),
     input: Path = typer.Option(..., "--input", help="An image, or a folder of images (resized to the run's size)."),
-    mask: Optional[Path] = typer.Option(None, "--mask", help="Inpaint: a gray image of the run's size, white where pixels are generated (the rest is kept exactly)."),
-    strength: Optional[float] = typer.Option(None, "--strength", min=0.0, max=1.0, help="How far to noise the input: 0 keeps it, 1 draws afresh (default 0.5; with --mask, 1)."),
+    mask: Path | None = typer.Option(
+        None,
+        "--mask",
+        help="Inpaint: a gray image of the run's size, white where pixels are generated (the rest is kept exactly).",
+    ),
+    strength: float | None = typer.Option(
+        None,
+        "--strength",
+        min=0.0,
+        max=1.0,
+        help="How far to noise the input: 0 keeps it, 1 draws afresh (default 0.5; with --mask, 1).",
+    ),
     num: int = typer.Option(4, "--num", min=1, help="Results per input."),
-    jump_length: int = typer.Option(10, "--jump-length", min=1, help="Inpainting: RePaint's steps per resampled stretch."),
-    resample: int = typer.Option(1, "--resample", min=1, help="Inpainting: walks of each stretch (RePaint: 10; 1 is plain pasting)."),
-    sampler: Optional[str] = typer.Option(None, "--sampler", help="Another installed sampler than the config's (one that can start from an image)."),
-    set_: Optional[List[str]] = typer.Option(None, "--set", metavar="KEY.PATH=VALUE", help="A sampling override, e.g. --set sampler.options.steps=50."),
-    classes: Optional[str] = typer.Option(None, "--class", metavar="CLASSES", help="A conditional run's class for the results (default: the config's)."),
-    guidance: Optional[float] = typer.Option(None, "--guidance", metavar="W", help="Guidance weight w (1 = none)."),
+    jump_length: int = typer.Option(
+        10, "--jump-length", min=1, help="Inpainting: RePaint's steps per resampled stretch."
+    ),
+    resample: int = typer.Option(
+        1, "--resample", min=1, help="Inpainting: walks of each stretch (RePaint: 10; 1 is plain pasting)."
+    ),
+    sampler: str | None = typer.Option(
+        None, "--sampler", help="Another installed sampler than the config's (one that can start from an image)."
+    ),
+    set_: list[str] | None = typer.Option(
+        None, "--set", metavar="KEY.PATH=VALUE", help="A sampling override, e.g. --set sampler.options.steps=50."
+    ),
+    classes: str | None = typer.Option(
+        None, "--class", metavar="CLASSES", help="A conditional run's class for the results (default: the config's)."
+    ),
+    guidance: float | None = typer.Option(None, "--guidance", metavar="W", help="Guidance weight w (1 = none)."),
     batch_size: int = typer.Option(64, "--batch-size", min=1),
     seed: int = SeedOption,
-    out: Optional[Path] = typer.Option(None, "--out", help="The grid (.png); the results go beside it as .npz (default: INPUT-edited.png beside the input)."),
+    out: Path | None = typer.Option(
+        None,
+        "--out",
+        help="The grid (.png); the results go beside it as .npz (default: INPUT-edited.png beside the input).",
+    ),
     scale: int = typer.Option(1, "--scale", min=1, max=16, help="Upscale the grid PNG N times."),
-    device: Optional[str] = DeviceOption,
+    device: str | None = DeviceOption,
 ) -> None:
     """Edit images with a trained model: SDEdit (--strength) or inpainting (--mask), with any sampler that can
     start from an image, the run's guidance and classes."""
@@ -60,13 +85,29 @@ def edit(
     schedule = plan.components.schedule
     t0 = start_step(plan.sampler.timesteps(schedule), chosen, schedule.num_timesteps)
     steps = sum(1 for t in plan.sampler.timesteps(schedule) if t0 is not None and t <= t0)
-    console.print(f"editing {len(inputs)} image{'s' if len(inputs) > 1 else ''} from {input} with {loaded.source} "
-                  f"({plan.config.sampler.name}, {'inpainting, ' if generate_mask is not None else ''}strength {chosen:g}: "
-                  f"{steps} of its {len(plan.timesteps)} steps{f', resampled {resample}x' if generate_mask is not None and resample > 1 else ''}"
-                  f"), {num} result{'s' if num > 1 else ''} each", highlight=False)
-    with sampling_progress(console, max(1, len(many) * steps * (resample if generate_mask is not None else 1))) as advance:
-        results = loaded.edit(many, strength=chosen, mask=generate_mask, plan=plan, seed=seed, batch_size=batch_size,
-                              labels=labels, jump_length=jump_length, resample=resample, progress=advance)
+    console.print(
+        f"editing {len(inputs)} image{'s' if len(inputs) > 1 else ''} from {input} with {loaded.source} "
+        f"({plan.config.sampler.name}, {'inpainting, ' if generate_mask is not None else ''}strength {chosen:g}: "
+        f"{steps} of its {len(plan.timesteps)} "
+        f"steps{f', resampled {resample}x' if generate_mask is not None and resample > 1 else ''}"
+        f"), {num} result{'s' if num > 1 else ''} each",
+        highlight=False,
+    )
+    with sampling_progress(
+        console, max(1, len(many) * steps * (resample if generate_mask is not None else 1))
+    ) as advance:
+        results = loaded.edit(
+            many,
+            strength=chosen,
+            mask=generate_mask,
+            plan=plan,
+            seed=seed,
+            batch_size=batch_size,
+            labels=labels,
+            jump_length=jump_length,
+            resample=resample,
+            progress=advance,
+        )
     u8 = to_uint8(results)
     columns = [inputs]
     if generate_mask is not None:
@@ -74,6 +115,11 @@ def edit(
         columns.append((inputs.float() * keep + 128 * (1 - keep)).round().to(torch.uint8))  # gray where generated
     cells = torch.cat([torch.stack(columns, dim=1), u8.view(len(inputs), num, *shape)], dim=1)
     save_png(grid(cells.flatten(0, 1), nrow=cells.shape[1]), target, scale)
-    write_images(results, target.with_suffix(".npz"), labels=labels, classes=loaded.classes if labels is not None else None)
-    console.print(f"[green]wrote[/] {target} (rows: input, {'mask, ' if generate_mask is not None else ''}{num} results) "
-                  f"and {target.with_suffix('.npz')}", highlight=False)
+    write_images(
+        results, target.with_suffix(".npz"), labels=labels, classes=loaded.classes if labels is not None else None
+    )
+    console.print(
+        f"[green]wrote[/] {target} (rows: input, {'mask, ' if generate_mask is not None else ''}{num} results) "
+        f"and {target.with_suffix('.npz')}",
+        highlight=False,
+    )

@@ -1,9 +1,9 @@
-"""``ddpmkit list-plugins``, ``describe`` and ``check-plugins``: what is installed, what it takes, and whether it conforms."""
+"""``ddpmkit list-plugins``, ``describe`` and ``check-plugins``: what is installed, what it takes, and whether it
+conforms."""
 
 from __future__ import annotations
 
 import json
-from typing import List, Optional
 
 import typer
 from rich.markup import escape
@@ -24,11 +24,23 @@ def list_plugins_cmd(as_json: bool = JsonOption) -> None:
         print(json.dumps([{k: r[k] for k in keys} for r in rows], indent=2))
         return
     table = Table(title="ddpmkit plugins")
-    styles = {"ok": "green", "needs extra": "yellow", "clash": "yellow", "shadowed": "yellow", "error": "red", "incompatible": "red"}
+    styles = {
+        "ok": "green",
+        "needs extra": "yellow",
+        "clash": "yellow",
+        "shadowed": "yellow",
+        "error": "red",
+        "incompatible": "red",
+    }
     # the qualified name is DISTRIBUTION:NAME, so it also says where a component comes from
     cells = [
-        (r["kind"] or "-", r["name"] or "-",
-         r["qualified_name"] or f"{r['distribution'] or '?'} (plugin {r['plugin']})", r["version"] or "?", r["status"])
+        (
+            r["kind"] or "-",
+            r["name"] or "-",
+            r["qualified_name"] or f"{r['distribution'] or '?'} (plugin {r['plugin']})",
+            r["version"] or "?",
+            r["status"],
+        )
         for r in rows
     ]
     for col in ("kind", "name", "qualified name", "version", "status"):
@@ -42,28 +54,38 @@ def list_plugins_cmd(as_json: bool = JsonOption) -> None:
     for r in rows:
         if r["error"]:
             what = f"{r['kind']} '{r['name']}'" if r["name"] else f"plugin '{r['plugin']}'"
-            console.print(f"[{styles.get(r['status'], 'white')}]{escape(what)}:[/] {escape(r['error'])}", highlight=False)
+            console.print(
+                f"[{styles.get(r['status'], 'white')}]{escape(what)}:[/] {escape(r['error'])}", highlight=False
+            )
 
 
 @app.command("check-plugins")
 @user_errors
 def check_plugins(
-    names: Optional[List[str]] = typer.Argument(None, help="Components to check, plain or DISTRIBUTION:NAME (default: all)."),
-    set_: Optional[List[str]] = typer.Option(
-        None, "--set", metavar="KEY=VALUE", help="Check with this option set, e.g. --set steps=10 (one NAME only; repeatable)."
+    names: list[str] | None = typer.Argument(
+        None, help="Components to check, plain or DISTRIBUTION:NAME (default: all)."
     ),
-    timesteps: Optional[int] = typer.Option(None, "--timesteps", min=1, metavar="T",
-                                            help="T for every check (default 1000; a schedule's num_timesteps)."),
-    image_shape: Optional[str] = typer.Option(None, "--image-shape", metavar="C,H,W",
-                                              help="The images denoisers are checked on (default 1,32,32)."),
-    schedule: Optional[str] = typer.Option(None, "--schedule", metavar="NAME",
-                                           help="The installed schedule samplers are checked with (default linear)."),
+    set_: list[str] | None = typer.Option(
+        None,
+        "--set",
+        metavar="KEY=VALUE",
+        help="Check with this option set, e.g. --set steps=10 (one NAME only; repeatable).",
+    ),
+    timesteps: int | None = typer.Option(
+        None, "--timesteps", min=1, metavar="T", help="T for every check (default 1000; a schedule's num_timesteps)."
+    ),
+    image_shape: str | None = typer.Option(
+        None, "--image-shape", metavar="C,H,W", help="The images denoisers are checked on (default 1,32,32)."
+    ),
+    schedule: str | None = typer.Option(
+        None, "--schedule", metavar="NAME", help="The installed schedule samplers are checked with (default linear)."
+    ),
     as_json: bool = JsonOption,
     device: str = typer.Option("cpu", "--device", help="Device to run the checks on."),
 ) -> None:
     """Run the conformance checks on installed schedules, denoisers and samplers; exit 1 if any fails."""
-    from ddpmkit.run.config import parse_override
     from ddpmkit.errors import ConfigError
+    from ddpmkit.run.config import parse_override
     from ddpmkit.testing import check_component
 
     targets = _components_named(names or [])
@@ -110,7 +132,9 @@ def check_plugins(
         for col in ("kind", "name", "check", "result", "detail"):
             table.add_column(col, overflow="fold")
         for x in results:
-            table.add_row(x.kind, x.qualified_name, x.check, "[green]pass[/]" if x.passed else "[red]FAIL[/]", escape(x.detail))
+            table.add_row(
+                x.kind, x.qualified_name, x.check, "[green]pass[/]" if x.passed else "[red]FAIL[/]", escape(x.detail)
+            )
         print_table(table)
     failed = [x for x in results if not x.passed]
     if failed:
@@ -159,7 +183,9 @@ def _components_named(names: list[str]) -> list:
         try:  # an event plugin (checked by driving its hooks), named by its entry point
             found.append(find_plugin(name))
         except PluginError:
-            raise PluginError(f"no installed component or event plugin named {name}; see ddpmkit list-plugins") from None
+            raise PluginError(
+                f"no installed component or event plugin named {name}; see ddpmkit list-plugins"
+            ) from None
     return found
 
 
@@ -167,7 +193,7 @@ def _components_named(names: list[str]) -> list:
 @user_errors
 def describe(
     name: str = typer.Argument(..., help="A component or event plugin, plain or DISTRIBUTION:NAME, e.g. unet."),
-    kind: Optional[str] = typer.Option(
+    kind: str | None = typer.Option(
         None, "--kind", help="schedule, denoiser, sampler or events (when a name is used by several kinds)."
     ),
     as_json: bool = JsonOption,
@@ -176,7 +202,6 @@ def describe(
     from ddpmkit.errors import PluginError
     from ddpmkit.kinds import EVENTS, KINDS
     from ddpmkit.registry.discovery import event_plugins, find, find_plugin, load, registry
-
     from ddpmkit.run.data import DATASETS
 
     reg = registry()
@@ -184,7 +209,9 @@ def describe(
         raise PluginError(f"--kind must be one of {', '.join((*KINDS, EVENTS, 'dataset'))}")
     short = name.rpartition(":")[2]
     kinds = [k for k in KINDS if reg.named(k, short)]
-    if any(p.name == short for p, _ in event_plugins(reg)) or any(p.name == short and p.options_model for p in reg.plugins):
+    if any(p.name == short for p, _ in event_plugins(reg)) or any(
+        p.name == short and p.options_model for p in reg.plugins
+    ):
         kinds.append(EVENTS)
     if name in DATASETS:
         kinds.append("dataset")
@@ -205,7 +232,10 @@ def describe(
         return
     if kinds[0] == EVENTS:
         plugin = find_plugin(name)
-        model, title = plugin.options_model, f"event plugin [bold]{plugin.name}[/] ({plugin.distribution} {plugin.version})"
+        model, title = (
+            plugin.options_model,
+            f"event plugin [bold]{plugin.name}[/] ({plugin.distribution} {plugin.version})",
+        )
         title += escape(f", configured by [plugins.{plugin.name}]")
     else:
         comp = find(kinds[0], name)
@@ -237,7 +267,7 @@ def _describe_dataset(name: str, as_json: bool) -> None:
     if as_json:
         print(json.dumps(schema, indent=2))
         return
-    title = f"dataset [bold]{name}[/] ([data] dataset = \"{name}\"): {escape(info.summary)}"
+    title = f'dataset [bold]{name}[/] ([data] dataset = "{name}"): {escape(info.summary)}'
     if info.extra and is_missing(info.extra):
         title += f"\n[yellow]needs an extra that is not installed:[/] {install_hint(info.extra)}"
     console.print(title, highlight=False)
@@ -249,7 +279,12 @@ def _options_table(schema: dict) -> None:
     for col in ("option", "type", "default", "description"):
         table.add_column(col)
     for key, prop in schema.get("properties", {}).items():
-        table.add_row(key, escape(_schema_type(prop)), escape(json.dumps(prop.get("default"))), escape(prop.get("description", "")))
+        table.add_row(
+            key,
+            escape(_schema_type(prop)),
+            escape(json.dumps(prop.get("default"))),
+            escape(prop.get("description", "")),
+        )
     console.print(table)  # prose descriptions: wrapped at the width
 
 
@@ -260,4 +295,3 @@ def _schema_type(prop: dict) -> str:
     if "type" in prop:
         return str(prop["type"])
     return " | ".join(str(a.get("type", "?")) for a in prop.get("anyOf", [])) or "?"
-

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -13,8 +14,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 def sampling_progress(console: Console, total: int, description: str = "sampling") -> Iterator[Callable[[int], None]]:
     """A bar over image-steps; yields ``advance(n)``."""
     progress = Progress(
-        TextColumn(description), BarColumn(), MofNCompleteColumn(), TextColumn("image-steps"),
-        TimeRemainingColumn(), console=console,
+        TextColumn(description),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("image-steps"),
+        TimeRemainingColumn(),
+        console=console,
     )
     task = progress.add_task(description, total=total)
     with progress:
@@ -25,9 +30,13 @@ def sampling_progress(console: Console, total: int, description: str = "sampling
 def training_progress(console: Console, total: int, completed: int) -> Iterator[Callable[[dict[str, Any]], None]]:
     """A bar over training steps with the epoch, the smoothed loss and images/s; yields ``show(metrics)``."""
     progress = Progress(
-        TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[ips]:.1f} img/s"),
-        TimeRemainingColumn(), console=console,
+        TextColumn("epoch {task.fields[epoch]}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+        TextColumn("{task.fields[ips]:.1f} img/s"),
+        TimeRemainingColumn(),
+        console=console,
     )
     task = progress.add_task("train", total=total, completed=completed, epoch=1, loss=float("nan"), ips=0.0)
     smoothed: dict[str, float | None] = {"loss": None}

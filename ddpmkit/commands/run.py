@@ -6,11 +6,21 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
-from ddpmkit.commands.app import DataRootOption, DeviceOption, SetOption, app, console, debug, say, user_errors, warn, with_device
+from ddpmkit.commands.app import (
+    DataRootOption,
+    DeviceOption,
+    SetOption,
+    app,
+    console,
+    debug,
+    say,
+    user_errors,
+    warn,
+    with_device,
+)
 from ddpmkit.errors import ConfigError, DdpmkitError
 from ddpmkit.runtime.processes import sigterm_forwarded
 
@@ -22,12 +32,15 @@ RANK_STOPPED_HINT = "this one stopped too"
 @user_errors
 def run(
     config: Path = typer.Argument(..., help="The run's TOML config."),
-    set_: Optional[List[str]] = SetOption,
+    set_: list[str] | None = SetOption,
     fresh: bool = typer.Option(False, "--fresh", help="Delete the run's checkpoints and start over."),
-    data_root: Optional[Path] = DataRootOption,
-    device: Optional[str] = DeviceOption,
+    data_root: Path | None = DataRootOption,
+    device: str | None = DeviceOption,
     nproc: int = typer.Option(
-        1, "--nproc", min=1, help="Train with N processes on this machine (launches torchrun; DDP, gloo on CPU, NCCL on CUDA)."
+        1,
+        "--nproc",
+        min=1,
+        help="Train with N processes on this machine (launches torchrun; DDP, gloo on CPU, NCCL on CUDA).",
     ),
 ) -> None:
     """Train (or resume) the run a config describes, then sample from it."""
@@ -38,17 +51,21 @@ def run(
     from ddpmkit.training.runner import RunReport, run_config
 
     if nproc > 1:
-        raise typer.Exit(_launch_processes(config, list(set_ or []), nproc, fresh=fresh, data_root=data_root, device=device))
+        raise typer.Exit(
+            _launch_processes(config, list(set_ or []), nproc, fresh=fresh, data_root=data_root, device=device)
+        )
     cfg = load_config(config, with_device(set_, device))
-    report = RunReport(info=say, warn=warn, training=partial(training_progress, console),
-                       sampling=partial(sampling_progress, console))
+    report = RunReport(
+        info=say, warn=warn, training=partial(training_progress, console), sampling=partial(sampling_progress, console)
+    )
     code = run_config(cfg, report=report, fresh=fresh, data_root=data_root)
     if code:
         raise typer.Exit(code)
 
 
-def _launch_processes(config: Path, overrides: list[str], nproc: int, *, fresh: bool, data_root: Optional[Path],
-                      device: Optional[str]) -> int:
+def _launch_processes(
+    config: Path, overrides: list[str], nproc: int, *, fresh: bool, data_root: Path | None, device: str | None
+) -> int:
     """``ddpmkit run`` under torchrun with ``nproc`` processes, the cores shared out between them."""
     from ddpmkit.run.config import load_config
 
@@ -62,8 +79,17 @@ def _launch_processes(config: Path, overrides: list[str], nproc: int, *, fresh: 
     from ddpmkit.run.lock import check_free
 
     check_free(cfg.run_dir)  # likewise a run another process is writing
-    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            "-m", "ddpmkit", "run", str(config)]
+    args = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "ddpmkit",
+        "run",
+        str(config),
+    ]
     args += [a for item in overrides for a in ("--set", item)]
     args += (["--fresh"] if fresh else []) + (["--data-root", str(data_root)] if data_root else [])
     args += ["--device", device] if device else []
@@ -94,8 +120,10 @@ def _check_process_count(nproc: int, device: str) -> None:
         if nproc > gpus:
             raise ConfigError(f"--nproc {nproc}: this machine has {gpus} GPUs, and each process needs its own")
     if needed > free:
-        raise ConfigError(f"--nproc {nproc}: {nproc} processes would need about {format_bytes(needed)} before the "
-                          f"model and data, and {have}; at most --nproc {max(1, min(cores, free // PROCESS_BYTES))}")
+        raise ConfigError(
+            f"--nproc {nproc}: {nproc} processes would need about {format_bytes(needed)} before the "
+            f"model and data, and {have}; at most --nproc {max(1, min(cores, free // PROCESS_BYTES))}"
+        )
     if dev.type == "cpu" and nproc > cores:
         warn(f"--nproc {nproc}: {have}: the processes share the cores and train slower than --nproc {cores}")
 
@@ -114,8 +142,13 @@ def _launch(args: list[str], env: dict[str, str]) -> int:
     """Run torchrun; when a worker fails with ddpmkit's one-line error, show that line once (exit code 2)
     instead of torchrun's own traceback about a failed child. Anything else is shown whole. SIGTERM is passed
     on to torchrun, which stops its workers (each checkpoints), and waited for."""
-    proc = subprocess.Popen(args, env=env, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+    proc = subprocess.Popen(
+        args,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+    )
     with proc, sigterm_forwarded(proc):
         _, stderr = proc.communicate()
     lines = stderr.splitlines()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 from rich.markup import escape
@@ -15,16 +14,17 @@ from ddpmkit.commands.app import DataRootOption, SetOption, app, console, user_e
 @user_errors
 def validate(
     config: Path = typer.Argument(..., help="The run's TOML config."),
-    set_: Optional[List[str]] = SetOption,
-    data_root: Optional[Path] = DataRootOption,
-    timing: bool = typer.Option(True, "--timing/--no-timing", help="Time a few training steps to estimate the run's length."),
+    set_: list[str] | None = SetOption,
+    data_root: Path | None = DataRootOption,
+    timing: bool = typer.Option(
+        True, "--timing/--no-timing", help="Time a few training steps to estimate the run's length."
+    ),
 ) -> None:
     """Check a config, build what it names, and report on the run before it starts (no training)."""
+    from ddpmkit.run.components import build_checked
     from ddpmkit.run.config import load_config
     from ddpmkit.run.data import settle
-    from ddpmkit.training.preflight import preflight
-    from ddpmkit.run.components import build_checked
-    from ddpmkit.training.preflight import describe_config
+    from ddpmkit.training.preflight import describe_config, preflight
 
     cfg = load_config(config, set_)
     cfg.check_extras()
@@ -41,4 +41,3 @@ def validate(
         if f.warning:
             console.print(f"[yellow]warning:[/] {escape(f.warning)}", highlight=False)
     console.print(f"[green]ok:[/] {config} is valid")
-

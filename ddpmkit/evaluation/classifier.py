@@ -12,9 +12,10 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -73,9 +74,15 @@ class Classifier(nn.Module):
         w, side = spec.width, input_side(spec.channels) // 4
         self.channels = spec.channels
         self.body = nn.Sequential(
-            nn.Conv2d(spec.channels, w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(w, 2 * w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(2 * w * side * side, spec.features), nn.ReLU(),
+            nn.Conv2d(spec.channels, w, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(w, 2 * w, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(2 * w * side * side, spec.features),
+            nn.ReLU(),
         )
         self.head = nn.Linear(spec.features, spec.num_classes)
         self.num_features = spec.features  # what torchmetrics reads off a custom feature network
@@ -153,7 +160,7 @@ class LabelledData:
     def channels(self) -> int:
         return int(self.train_x.shape[1])
 
-    def spec(self, base: "ClassifierSpec") -> "ClassifierSpec":
+    def spec(self, base: ClassifierSpec) -> ClassifierSpec:
         """``base`` for this data."""
         from dataclasses import replace
 
@@ -171,7 +178,7 @@ def mnist_data(root: Path) -> LabelledData:
 HELD_OUT = 1 / 6
 
 
-def run_data(section: "DataSection", *, root_override: Path | None = None) -> LabelledData:
+def run_data(section: DataSection, *, root_override: Path | None = None) -> LabelledData:
     """The labelled data of a run's ``[data]`` section, at the run's size and channels: MNIST's own split, or
     the dataset with one image in six held out (seeded). A DataError for a dataset without labels."""
     from ddpmkit.run.data import load_dataset, resolve_root
@@ -181,14 +188,17 @@ def run_data(section: "DataSection", *, root_override: Path | None = None) -> La
     try:
         ds = load_dataset(section.model_copy(update={"download": False}), root_override=root_override, labelled=True)
     except MissingLabels:
-        raise DataError(f"data.dataset = {section.dataset!r} has no class labels, so no classifier can be trained "
-                        "on it to measure the samples with: eval measures labelled data only") from None
+        raise DataError(
+            f"data.dataset = {section.dataset!r} has no class labels, so no classifier can be trained "
+            "on it to measure the samples with: eval measures labelled data only"
+        ) from None
     held = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))
     cut = max(1, int(round(len(ds) * HELD_OUT)))
     test, train = held[:cut].sort().values, held[cut:].sort().values
     key = f"{section.dataset}:{ds.fingerprint(with_labels=True)[:16]}"
-    return LabelledData(ds.description, key, ds.images[train], ds.labels[train], ds.images[test], ds.labels[test],
-                        list(ds.classes))
+    return LabelledData(
+        ds.description, key, ds.images[train], ds.labels[train], ds.images[test], ds.labels[test], list(ds.classes)
+    )
 
 
 @torch.no_grad()
@@ -198,8 +208,9 @@ def accuracy(model: Classifier, images: torch.Tensor, labels: torch.Tensor) -> f
     return correct / len(labels)
 
 
-def train_classifier(spec: ClassifierSpec, data: "Path | LabelledData",
-                     log: Callable[[str], None] = lambda m: None) -> tuple[Classifier, dict]:
+def train_classifier(
+    spec: ClassifierSpec, data: Path | LabelledData, log: Callable[[str], None] = lambda m: None
+) -> tuple[Classifier, dict]:
     """Train a classifier as ``spec`` says on ``data`` (labelled data, or the folder holding MNIST), every draw
     seeded; returns it with its record (test accuracy, seconds)."""
     data = data if isinstance(data, LabelledData) else mnist_data(Path(data))
@@ -224,12 +235,18 @@ def train_classifier(spec: ClassifierSpec, data: "Path | LabelledData",
             opt.step()
             sched.step()
             if (i + 1) % quarter == 0 and i + 1 < len(batches):  # on a busy machine an epoch takes minutes
-                log(f"classifier epoch {epoch + 1}/{spec.epochs}: {(i + 1) / len(batches):.0%} "
-                    f"({time.perf_counter() - start:.0f} s)")
+                log(
+                    f"classifier epoch {epoch + 1}/{spec.epochs}: {(i + 1) / len(batches):.0%} "
+                    f"({time.perf_counter() - start:.0f} s)"
+                )
         log(f"classifier epoch {epoch + 1}/{spec.epochs}: loss {float(loss.detach()):.4f}")
     record = {
-        "key": spec.key(), "spec": asdict(spec), "architecture": ARCHITECTURE_VERSION, "data": data.name,
-        "test_accuracy": accuracy(model, test_x, test_y), "train_seconds": round(time.perf_counter() - start, 1),
+        "key": spec.key(),
+        "spec": asdict(spec),
+        "architecture": ARCHITECTURE_VERSION,
+        "data": data.name,
+        "test_accuracy": accuracy(model, test_x, test_y),
+        "train_seconds": round(time.perf_counter() - start, 1),
         "torch": torch.__version__,
     }
     return model.eval(), record

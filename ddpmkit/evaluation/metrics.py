@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ddpmkit.evaluation.classifier import FeatureNetwork, Classifier, to_classifier_input
+from ddpmkit.evaluation.classifier import Classifier, FeatureNetwork, to_classifier_input
 
 CONFIDENT = 0.9
 
@@ -21,7 +21,8 @@ def features(classifier: Classifier, images: torch.Tensor, batch: int = 1000) ->
 
 
 def distribution_distances(classifier: Classifier, fake: torch.Tensor, real: torch.Tensor) -> dict[str, float]:
-    """torchmetrics' FID, KID (mean over subsets) and MiFID between ``fake`` and ``real`` in the classifier's features."""
+    """torchmetrics' FID, KID (mean over subsets) and MiFID between ``fake`` and ``real`` in the classifier's
+    features."""
     import warnings
 
     from torchmetrics.image.fid import FrechetInceptionDistance

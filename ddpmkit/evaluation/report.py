@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,7 +39,10 @@ def read_images(path: Path) -> torch.Tensor:
             with np.load(path) as data:
                 key = next((k for k in ("images", "arr_0") if k in data.files), None)
                 if key is None:
-                    raise DataError(f"{path}: not a samples .npz: no 'images' or 'arr_0' array (it has {', '.join(data.files) or 'none'})")
+                    raise DataError(
+                        f"{path}: not a samples .npz: no 'images' or 'arr_0' array (it has "
+                        f"{', '.join(data.files) or 'none'})"
+                    )
                 array = data[key]
         except (OSError, ValueError, EOFError) as exc:
             why = "not a zip archive of arrays" if "pickled" in str(exc) else f"{type(exc).__name__}: {exc}"
@@ -79,13 +83,16 @@ def images_from_array(array: np.ndarray, where: str) -> torch.Tensor:
 #: FID below this many samples is dominated by its bias (Chong & Forsyth 2020): a number, but not a measurement.
 MIN_MEANINGFUL_FID_SAMPLES = 1000
 
+
 def check_feature_network(shape: tuple[int, ...], what: str = "these samples") -> None:
     """Samples whose training data is not known (a file, a folder, a pretrained model) are measured with the
     MNIST classifier: a DataError for colour ones, in one line, before anything is sampled or trained."""
     if len(shape) != 3 or shape[0] != 1:
-        raise DataError(f"{what} are {'x'.join(map(str, shape))} (C x H x W) and their training data is not known: "
-                        "eval then measures with an MNIST digit classifier, which reads grayscale images; eval the "
-                        "run itself (ddpmkit eval RUN) to measure with a classifier trained on its own data")
+        raise DataError(
+            f"{what} are {'x'.join(map(str, shape))} (C x H x W) and their training data is not known: "
+            "eval then measures with an MNIST digit classifier, which reads grayscale images; eval the "
+            "run itself (ddpmkit eval RUN) to measure with a classifier trained on its own data"
+        )
 
 
 def evaluation_data(loaded: Any, *, data_root: Path | None, mnist_root: Path) -> tuple[LabelledData, str | None]:
@@ -97,8 +104,10 @@ def evaluation_data(loaded: Any, *, data_root: Path | None, mnist_root: Path) ->
     if loaded.checkpoint is None:  # a diffusers folder: nothing says what it learned
         what = f"samples of {loaded.source}"
         check_feature_network(loaded.config.image_shape, what)
-        return mnist_data(mnist_root), (f"{what} are measured with an MNIST digit classifier's features (its "
-                                        "training data is not known): the figures mean something only for digits")
+        return mnist_data(mnist_root), (
+            f"{what} are measured with an MNIST digit classifier's features (its "
+            "training data is not known): the figures mean something only for digits"
+        )
     section = loaded.config.data
     if section.dataset == "mnist":
         return mnist_data(mnist_root), None
@@ -107,8 +116,10 @@ def evaluation_data(loaded: Any, *, data_root: Path | None, mnist_root: Path) ->
 
 def small_sample_warning(num: int) -> str | None:
     if num < MIN_MEANINGFUL_FID_SAMPLES:
-        return (f"{num:,} samples: FID and KID this small are dominated by their bias and noise; compare "
-                f"figures only at the same N, and use {MIN_MEANINGFUL_FID_SAMPLES:,} or more to report one")
+        return (
+            f"{num:,} samples: FID and KID this small are dominated by their bias and noise; compare "
+            f"figures only at the same N, and use {MIN_MEANINGFUL_FID_SAMPLES:,} or more to report one"
+        )
     return None
 
 
@@ -126,8 +137,10 @@ def read_labels(path: Path, classes: list[str] | None = None) -> torch.Tensor | 
         labels, named = data["labels"], list(data["classes"]) if "classes" in data else []
     expected = classes if classes is not None else [str(d) for d in range(10)]
     if named and [str(c) for c in named] != [str(c) for c in expected]:
-        raise DataError(f"{path}: its classes ({', '.join(map(str, named[:5]))}...) are not the classifier's "
-                        f"({', '.join(map(str, expected[:5]))}...); class accuracy needs the same classes")
+        raise DataError(
+            f"{path}: its classes ({', '.join(map(str, named[:5]))}...) are not the classifier's "
+            f"({', '.join(map(str, expected[:5]))}...); class accuracy needs the same classes"
+        )
     return torch.from_numpy(labels.astype(np.int64))
 
 
@@ -143,7 +156,9 @@ def _subset_index(total: int, n: int, seed: int) -> torch.Tensor:
     return torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n]
 
 
-def _statistics(classifier, images: torch.Tensor, reference: torch.Tensor, reference_features: torch.Tensor) -> dict[str, Any]:
+def _statistics(
+    classifier, images: torch.Tensor, reference: torch.Tensor, reference_features: torch.Tensor
+) -> dict[str, Any]:
     stats = distribution_distances(classifier, images, reference)
     stats.update(precision_recall(reference_features, features(classifier, images)))
     stats.update(confidence(classifier, images))
@@ -208,8 +223,10 @@ class Evaluator:
     def score(self, samples: torch.Tensor, pairs_png: Path | None = None) -> dict[str, Any]:
         """The statistics of ``samples`` (uint8 [N, C, H, W]) and their memorisation summary."""
         if samples.ndim != 4 or samples.shape[1] != self.data.channels:
-            raise DataError(f"the {self.data.name} classifier evaluates {self.data.channels}-channel images; got "
-                            f"{tuple(samples.shape[1:])} per image")
+            raise DataError(
+                f"the {self.data.name} classifier evaluates {self.data.channels}-channel images; got "
+                f"{tuple(samples.shape[1:])} per image"
+            )
         self.log(f"evaluating {len(samples):,} samples against {len(self.reference):,} reference images ...")
         stats = _statistics(self.classifier, samples, self.reference, self.reference_features)
         distance, index = self._nearest_training(samples)
@@ -225,7 +242,9 @@ class Evaluator:
         sweep scores every point against the same floor)."""
         if (c, n) not in self._class_floors:
             real = _subset(self.train_x[self.train_y == c], n, self.seed + 3 + c)
-            self._class_floors[(c, n)] = frechet_distance(self.classifier, real, self.reference[self.reference_labels == c])
+            self._class_floors[(c, n)] = frechet_distance(
+                self.classifier, real, self.reference[self.reference_labels == c]
+            )
         return self._class_floors[(c, n)]
 
     def score_classes(self, samples: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
@@ -240,7 +259,11 @@ class Evaluator:
         per_class = []
         for c in sorted(set(labels.tolist())):
             mine, ref = samples[labels == c], self.reference[self.reference_labels == c]
-            row: dict[str, Any] = {"class": c, "num": len(mine), "accuracy": float((predicted[labels == c] == c).double().mean())}
+            row: dict[str, Any] = {
+                "class": c,
+                "num": len(mine),
+                "accuracy": float((predicted[labels == c] == c).double().mean()),
+            }
             if len(mine) >= 10 and len(ref) >= 10:
                 row["fid"] = frechet_distance(self.classifier, mine, ref)
                 row["floor_fid"] = self._class_floor(c, len(mine))
@@ -272,16 +295,20 @@ def evaluate(
     """Statistics of ``samples`` (uint8 [N, 1, H, W]) against ``reference`` (default: N images of the MNIST
     test set), and of N real training images against the same reference (the floor); with ``labels`` (the
     digit each sample was drawn as), the conditional figures of :meth:`Evaluator.score_classes` too."""
-    ev = Evaluator(len(samples), data_root=data_root, reference=reference, spec=spec, cache=cache, seed=seed, log=log,
-                   data=data)
+    ev = Evaluator(
+        len(samples), data_root=data_root, reference=reference, spec=spec, cache=cache, seed=seed, log=log, data=data
+    )
     scored = ev.score(samples, pairs_png)
     conditional = {"conditional": ev.score_classes(samples, labels)} if labels is not None else {}
     return {
         **conditional,
         "num_samples": len(samples),
         "num_reference": len(ev.reference),
-        "classifier": {**{k: ev.record[k] for k in ("key", "test_accuracy", "cached", "path")}, "data": ev.data.name,
-                       "classes": ev.data.classes},
+        "classifier": {
+            **{k: ev.record[k] for k in ("key", "test_accuracy", "cached", "path")},
+            "data": ev.data.name,
+            "classes": ev.data.classes,
+        },
         "samples": scored["samples"],
         "floor": ev.floor,
         "memorisation": scored["memorisation"],
@@ -292,21 +319,28 @@ def evaluate(
 def inception_fid(samples: torch.Tensor, reference: torch.Tensor, weights: Path | None) -> dict[str, Any]:
     """FID with torchmetrics' Inception network when its weights are at hand; otherwise why not, in one line."""
     if weights is None:
-        return {"status": "skipped", "reason": "no --inception-weights given (ddpmkit never downloads them at eval time)"}
+        return {
+            "status": "skipped",
+            "reason": "no --inception-weights given (ddpmkit never downloads them at eval time)",
+        }
     if not Path(weights).is_file():
         raise ConfigError(f"--inception-weights {weights}: no such file")
     try:  # torch-fidelity unpickles the file in full; only a plain state dict gets that far
         torch.load(weights, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise DataError(f"--inception-weights {weights}: not a plain PyTorch state dict, refused unread "
-                        f"({type(exc).__name__})") from None
+        raise DataError(
+            f"--inception-weights {weights}: not a plain PyTorch state dict, refused unread ({type(exc).__name__})"
+        ) from None
     try:
         from torchmetrics.image.fid import FrechetInceptionDistance
 
         metric = FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=str(weights))
     except (ImportError, ModuleNotFoundError, RuntimeError) as exc:
-        return {"status": "skipped", "reason": f"Inception FID needs torch-fidelity: pip install 'ddpmkit[inception]' "
-                                               f"({type(exc).__name__}: {exc})"}
+        return {
+            "status": "skipped",
+            "reason": f"Inception FID needs torch-fidelity: pip install 'ddpmkit[inception]' "
+            f"({type(exc).__name__}: {exc})",
+        }
     for images, real in ((reference, True), (samples, False)):
         for x in images.split(100):
             metric.update(x.expand(-1, 3, -1, -1).contiguous(), real=real)
@@ -315,8 +349,8 @@ def inception_fid(samples: torch.Tensor, reference: torch.Tensor, weights: Path 
 
 def _write_pairs(samples: torch.Tensor, neighbours: torch.Tensor, path: Path) -> None:
     """A grid of (sample, its nearest training image) pairs, side by side, closest first."""
-    from ddpmkit.sampling.images import grid, save_png
     from ddpmkit.evaluation.classifier import to_classifier_input
+    from ddpmkit.sampling.images import grid, save_png
 
     a = (to_classifier_input(samples, samples.shape[1]) * 255).round().to(torch.uint8)
     b = (to_classifier_input(neighbours, neighbours.shape[1]) * 255).round().to(torch.uint8)

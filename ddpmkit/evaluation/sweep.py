@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from ddpmkit.errors import ConfigError
 from ddpmkit.evaluation.report import Evaluator
@@ -41,7 +42,8 @@ class Point:
     @property
     def _weight(self) -> str:
         return ("" if self.guidance is None else f" w={self.guidance:g}") + (
-            "" if self.ema is None else f" ema={self.ema:g}")
+            "" if self.ema is None else f" ema={self.ema:g}"
+        )
 
     @property
     def line(self) -> str:
@@ -75,7 +77,7 @@ def parse_plan(items: list[str], guidance: list[float] | None = None, ema: list[
 
 
 def sweep(
-    run: "LoadedRun",
+    run: LoadedRun,
     plan: list[Point],
     *,
     num: int,
@@ -83,7 +85,7 @@ def sweep(
     data_root: Path,
     out_dir: Path,
     batch_size: int = 250,
-    draw: Callable[["SamplingPlan", "torch.Tensor | None"], "torch.Tensor"] | None = None,
+    draw: Callable[[SamplingPlan, torch.Tensor | None], torch.Tensor] | None = None,
     evaluator: Evaluator | None = None,
     log: Callable[[str], None] | None = None,
     ema_weights: dict[float, Path] | None = None,
@@ -122,13 +124,34 @@ def sweep(
         if labels is not None:
             classes = ev.score_classes(images, labels)
             scored.update(class_accuracy=classes["class_accuracy"], mean_class_fid=classes["mean_class_fid"])
-        rows.append({**asdict(point), "label": point.label, "line": point.line,
-                     "denoiser_evaluations": sampling.evaluations, "seconds": seconds,
-                     **{k: scored[k] for k in ("fid", "kid", "precision", "recall", "confident_share", "classes_present",
-                                               "class_accuracy", "mean_class_fid") if k in scored}})
-        log(f"{point.label}: FID {scored['fid']:.2f}, {scored['confident_share']:.1%} confident"
+        rows.append(
+            {
+                **asdict(point),
+                "label": point.label,
+                "line": point.line,
+                "denoiser_evaluations": sampling.evaluations,
+                "seconds": seconds,
+                **{
+                    k: scored[k]
+                    for k in (
+                        "fid",
+                        "kid",
+                        "precision",
+                        "recall",
+                        "confident_share",
+                        "classes_present",
+                        "class_accuracy",
+                        "mean_class_fid",
+                    )
+                    if k in scored
+                },
+            }
+        )
+        log(
+            f"{point.label}: FID {scored['fid']:.2f}, {scored['confident_share']:.1%} confident"
             + (f", class accuracy {scored['class_accuracy']:.1%}" if "class_accuracy" in scored else "")
-            + f", {seconds:.1f} s")
+            + f", {seconds:.1f} s"
+        )
     if loaded_ema is not None:
         run.load_weights(trained)  # the run as it was given
     floor = {k: ev.floor[k] for k in ("fid", "kid", "precision", "recall", "confident_share")}
@@ -141,7 +164,8 @@ def sweep(
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    """Classifier FID against denoiser evaluations and against seconds, one line per sampler (and guidance weight), the floor dashed."""
+    """Classifier FID against denoiser evaluations and against seconds, one line per sampler (and guidance weight),
+    the floor dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -154,8 +178,10 @@ def plot(result: dict[str, Any], path: Path) -> None:
     by_sampler: dict[str, list[dict]] = {}
     for row in result["points"]:
         by_sampler.setdefault(row.get("line", row["sampler"]), []).append(row)
-    for ax, x_key, x_label in ((axes[0], "denoiser_evaluations", "denoiser evaluations per image"),
-                               (axes[1], "seconds", f"seconds for {result['num_samples']:,} images")):
+    for ax, x_key, x_label in (
+        (axes[0], "denoiser_evaluations", "denoiser evaluations per image"),
+        (axes[1], "seconds", f"seconds for {result['num_samples']:,} images"),
+    ):
         for name, rows in by_sampler.items():
             rows = sorted(rows, key=lambda r: r[x_key])
             ax.plot([r[x_key] for r in rows], [r["fid"] for r in rows], marker="o", label=name)
@@ -171,8 +197,13 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax.set_xlabel("class accuracy")
         ax.set_ylabel("classifier FID")
         twin = ax.twinx()
-        twin.plot([r["class_accuracy"] for r in rows], [r["recall"] for r in rows], marker="s", color="tab:orange",
-                  label="recall")
+        twin.plot(
+            [r["class_accuracy"] for r in rows],
+            [r["recall"] for r in rows],
+            marker="s",
+            color="tab:orange",
+            label="recall",
+        )
         twin.set_ylabel("recall (diversity)")
         for r in rows:
             ax.annotate(r["label"], (r["class_accuracy"], r["fid"]), fontsize=7)
@@ -186,8 +217,13 @@ def plot(result: dict[str, Any], path: Path) -> None:
         for i, (name, rows) in enumerate(by_point.items()):
             color = f"C{i}"
             rebuilt = sorted((r for r in rows if r.get("ema") is not None), key=lambda r: r["ema"])
-            ax.plot([r["ema"] for r in rebuilt], [r["fid"] for r in rebuilt], marker="o", color=color,
-                    label=f"{name}, post-hoc EMA")
+            ax.plot(
+                [r["ema"] for r in rebuilt],
+                [r["fid"] for r in rebuilt],
+                marker="o",
+                color=color,
+                label=f"{name}, post-hoc EMA",
+            )
             for r in rows:
                 if r.get("ema") is None:
                     ax.axhline(r["fid"], color=color, linestyle=":", label=f"{name}, the EMA it trained")

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 from ddpmkit.errors import DdpmkitError, PluginCodeError
 
@@ -20,7 +21,7 @@ def one_line(exc: BaseException) -> str:
 
 
 @contextmanager
-def blame(component: "Component", action: str) -> Iterator[None]:
+def blame(component: Component, action: str) -> Iterator[None]:
     """Re-raise any exception from the block as a one-line error naming ``component``.
 
     A ddpmkit error the plugin raised on purpose (say, a ConfigError for an image size it cannot

@@ -5,13 +5,14 @@ from its config by :mod:`ddpmkit.run.components`.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ValidationError
 
+from ddpmkit.errors import ConfigError, PluginCodeError
 from ddpmkit.registry import discovery as plugins
 from ddpmkit.registry.blame import blame
-from ddpmkit.errors import ConfigError, PluginCodeError
 from ddpmkit.validation import problems
 
 if TYPE_CHECKING:
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
     from ddpmkit.registry.discovery import Component
 
 
-def validate_options(component: "Component", options: Mapping[str, Any] | BaseModel, prefix: str = "") -> BaseModel:
+def validate_options(component: Component, options: Mapping[str, Any] | BaseModel, prefix: str = "") -> BaseModel:
     """Validate ``options`` with the Options model of ``component``; ConfigError names the key."""
     model = plugins.load(component).Options
     if isinstance(options, model):
@@ -31,7 +32,7 @@ def validate_options(component: "Component", options: Mapping[str, Any] | BaseMo
         raise ConfigError("; ".join(f"{key}: {msg}" for key, msg in problems(exc, model, where))) from None
 
 
-def construct(component: "Component", options: BaseModel, **context: Any) -> Any:
+def construct(component: Component, options: BaseModel, **context: Any) -> Any:
     """``cls(options, **context)`` for ``component``, with any failure reported as one line naming it."""
     cls = plugins.load(component)
     with blame(component, "to build"):
@@ -52,23 +53,25 @@ def construct(component: "Component", options: BaseModel, **context: Any) -> Any
     return built
 
 
-def create_schedule(name: str, **options: Any) -> "NoiseSchedule":
+def create_schedule(name: str, **options: Any) -> NoiseSchedule:
     """Build the noise schedule registered as ``name`` (or ``DISTRIBUTION:NAME``) with the given options."""
     comp = plugins.find("schedule", name)
     return construct(comp, validate_options(comp, options))
 
 
-def create_denoiser(name: str, *, image_shape: tuple[int, int, int], num_timesteps: int, num_classes: int = 0,
-                    **options: Any) -> "Denoiser":
+def create_denoiser(
+    name: str, *, image_shape: tuple[int, int, int], num_timesteps: int, num_classes: int = 0, **options: Any
+) -> Denoiser:
     """Build the denoiser registered as ``name`` for images of ``image_shape`` (C, H, W) and T steps; with
     ``num_classes``, class-conditional (for a denoiser that declares ``conditions = {"class"}``)."""
     comp = plugins.find("denoiser", name)
     extra = {"num_classes": num_classes} if num_classes else {}
-    return construct(comp, validate_options(comp, options), image_shape=tuple(image_shape), num_timesteps=num_timesteps,
-                     **extra)
+    return construct(
+        comp, validate_options(comp, options), image_shape=tuple(image_shape), num_timesteps=num_timesteps, **extra
+    )
 
 
-def create_sampler(name: str, **options: Any) -> "Sampler":
+def create_sampler(name: str, **options: Any) -> Sampler:
     """Build the sampler registered as ``name`` with the given options."""
     comp = plugins.find("sampler", name)
     return construct(comp, validate_options(comp, options))

@@ -24,8 +24,8 @@ from typing import Any
 import pluggy
 
 from ddpmkit import hookspecs
-from ddpmkit.extras import EXTRAS, NEEDED_BY, install_hint, is_missing
 from ddpmkit.errors import DdpmkitWarning, PluginError
+from ddpmkit.extras import EXTRAS, NEEDED_BY, install_hint, is_missing
 from ddpmkit.kinds import EVENTS, KINDS, REGISTER_HOOKS, base_class, check_kind
 
 ENTRY_POINT_GROUP = "ddpmkit"
@@ -200,9 +200,7 @@ def discover() -> Registry:
 
             def register(name: str, target: Any, _kind: str = kind, _plugin: Plugin = plugin) -> None:
                 if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
-                    raise TypeError(
-                        f"component name must be letters, digits, '.', '_' or '-' (no ':'), got {name!r}"
-                    )
+                    raise TypeError(f"component name must be letters, digits, '.', '_' or '-' (no ':'), got {name!r}")
                 if not (isinstance(target, type) or (isinstance(target, str) and ":" in target)):
                     raise TypeError(f"target for {name!r} must be a class or a 'module:attr' string")
                 components.append(Component(_kind, name, target, _plugin))
@@ -221,7 +219,9 @@ def _api_mismatch(module: Any) -> str | None:
     declared = getattr(module, "DDPMKIT_PLUGIN_API", None)
     if declared is None:
         return None
-    supported = {declared} if isinstance(declared, int) else set(declared) if isinstance(declared, (list, tuple, set)) else None
+    supported = (
+        {declared} if isinstance(declared, int) else set(declared) if isinstance(declared, (list, tuple, set)) else None
+    )
     if supported is None:
         return f"DDPMKIT_PLUGIN_API must be an int or a list of ints, got {declared!r}"
     if not supported & set(hookspecs.SUPPORTED_PLUGIN_APIS):
@@ -236,7 +236,9 @@ def _api_mismatch(module: Any) -> str | None:
 def _mark_clashes(components: list[Component]) -> None:
     for comp in components:
         comp.clashes_with = [
-            other.plugin for other in components if other is not comp and other.kind == comp.kind and other.name == comp.name
+            other.plugin
+            for other in components
+            if other is not comp and other.kind == comp.kind and other.name == comp.name
         ]
 
 
@@ -297,7 +299,9 @@ def find(kind: str, name: str) -> Component:
         raise PluginError(f"{kind} '{name}' is registered by several plugins of one distribution: {owners}")
     comp = found[0]
     if comp.plugin.status == "error":  # registered before one of the plugin's hooks raised
-        raise PluginError(f"{kind} '{name}' comes from plugin {comp.plugin.label}, which failed to load: {comp.plugin.error}")
+        raise PluginError(
+            f"{kind} '{name}' comes from plugin {comp.plugin.label}, which failed to load: {comp.plugin.error}"
+        )
     return comp
 
 
@@ -329,7 +333,8 @@ def find_plugin(name: str) -> Plugin:
     reg = registry()
     dist, qualified, short = name.rpartition(":")
     found = [
-        p for p in reg.plugins
+        p
+        for p in reg.plugins
         if p.name == short and (not qualified or normalize(p.distribution or p.name) == normalize(dist))
     ]
     if not found:
@@ -354,11 +359,24 @@ def event_plugins(reg: Registry) -> list[tuple[Plugin, list[str]]]:
     return [(by_name[name], hooks) for name, hooks in found.items() if name in by_name]
 
 
-def _row(kind: str | None, name: str | None, qualified: str | None, plugin: Plugin, status: str,
-         error: str | None, target: str) -> dict[str, Any]:
+def _row(
+    kind: str | None,
+    name: str | None,
+    qualified: str | None,
+    plugin: Plugin,
+    status: str,
+    error: str | None,
+    target: str,
+) -> dict[str, Any]:
     return {
-        "kind": kind, "name": name, "qualified_name": qualified, "plugin": plugin.name,
-        "distribution": plugin.distribution, "version": plugin.version, "status": status, "error": error,
+        "kind": kind,
+        "name": name,
+        "qualified_name": qualified,
+        "plugin": plugin.name,
+        "distribution": plugin.distribution,
+        "version": plugin.version,
+        "status": status,
+        "error": error,
         "target": target,
     }
 
@@ -380,8 +398,17 @@ def list_plugins() -> list[dict[str, Any]]:
                 status, error = "clash", f"also registered by {others}; use {comp.qualified}"
         rows.append(_row(comp.kind, comp.name, comp.qualified, comp.plugin, status, error, comp.target_path))
     for plugin, hooks in event_plugins(reg):
-        rows.append(_row(EVENTS, plugin.name, plugin.qualified, plugin, plugin.status, None,
-                         plugin.module + " (" + ", ".join(hooks) + ")"))
+        rows.append(
+            _row(
+                EVENTS,
+                plugin.name,
+                plugin.qualified,
+                plugin,
+                plugin.status,
+                None,
+                plugin.module + " (" + ", ".join(hooks) + ")",
+            )
+        )
     for plugin in reg.broken():
         if any(c.plugin is plugin for c in reg.components):
             continue

@@ -20,13 +20,14 @@ import hashlib
 import io
 import json
 import os
-import re
 import platform
+import re
 import shutil
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -38,8 +39,8 @@ from ddpmkit.errors import CheckpointError, DdpmkitWarning
 from ddpmkit.kinds import KINDS
 
 if TYPE_CHECKING:
-    from ddpmkit.run.config import RunConfig
     from ddpmkit.run.components import Components
+    from ddpmkit.run.config import RunConfig
 
 FORMAT_VERSION = 1
 CHECKPOINTS_DIR = "checkpoints"
@@ -196,7 +197,9 @@ def save_checkpoint(
         return _save(run_dir, step, model_state, ema_state, optimizer_state, state, keep, extra)
     except OSError as exc:  # write_folder has removed its partial folder
         previous = [p.name for p in root.glob("step-*")] if root.is_dir() else []
-        kept = f"the last complete checkpoint, {max(previous)}, is intact" if previous else "no earlier checkpoint exists"
+        kept = (
+            f"the last complete checkpoint, {max(previous)}, is intact" if previous else "no earlier checkpoint exists"
+        )
         raise CheckpointError(
             f"could not write checkpoint step {step} in {root}: {exc.strerror or exc}; {kept}. "
             "Free space (or fix the folder) and run the same command again to resume"
@@ -204,15 +207,23 @@ def save_checkpoint(
 
 
 def _save(
-    run_dir: Path, step: int, model_state: dict[str, torch.Tensor], ema_state: dict[str, torch.Tensor],
-    optimizer_state: dict[str, Any], state: dict[str, Any], keep: int,
+    run_dir: Path,
+    step: int,
+    model_state: dict[str, torch.Tensor],
+    ema_state: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any],
+    state: dict[str, Any],
+    keep: int,
     extra: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> Path:
     root = checkpoints_dir(run_dir)
     buf = io.BytesIO()
     torch.save(optimizer_state, buf)
-    blobs = {MODEL_FILE: st_save(_contiguous(model_state)), EMA_FILE: st_save(_contiguous(ema_state)),
-             OPTIMIZER_FILE: buf.getvalue()}
+    blobs = {
+        MODEL_FILE: st_save(_contiguous(model_state)),
+        EMA_FILE: st_save(_contiguous(ema_state)),
+        OPTIMIZER_FILE: buf.getvalue(),
+    }
     blobs.update({name: st_save(_contiguous(tensors)) for name, tensors in (extra or {}).items()})
     final = write_folder(root / f"step-{step:08d}", blobs, {**state, "step": step})
     _VERIFIED.add(_verified_key(final))
@@ -272,8 +283,12 @@ def _rotate(run_dir: Path, keep: int) -> None:
             except CheckpointError as exc:
                 if path not in _REPORTED:
                     _REPORTED.add(path)
-                    warnings.warn(f"{exc}: not counted as one of the {keep} checkpoints kept, and left in place "
-                                  "(delete it or move it away)", DdpmkitWarning, stacklevel=3)
+                    warnings.warn(
+                        f"{exc}: not counted as one of the {keep} checkpoints kept, and left in place "
+                        "(delete it or move it away)",
+                        DdpmkitWarning,
+                        stacklevel=3,
+                    )
                 continue
         good += 1
         if good > keep:
@@ -360,8 +375,9 @@ def rebuilt_dir(run_dir: Path, sigma_rel: float) -> Path:
     return Path(run_dir) / POSTHOC_DIR / profile_file(sigma_rel).removesuffix(".safetensors")
 
 
-def save_snapshot(run_dir: Path, step: int, profiles: dict[float, dict[str, torch.Tensor]],
-                  gammas: dict[float, float]) -> Path:
+def save_snapshot(
+    run_dir: Path, step: int, profiles: dict[float, dict[str, torch.Tensor]], gammas: dict[float, float]
+) -> Path:
     """Write the snapshot of every tracked profile (sigma_rel -> state dict) at ``step``, atomically; a snapshot
     of the same step (a resumed run replaying it) is replaced by the identical one."""
     blobs = {profile_file(s): st_save(_contiguous(w)) for s, w in profiles.items()}
@@ -369,36 +385,50 @@ def save_snapshot(run_dir: Path, step: int, profiles: dict[float, dict[str, torc
     try:
         return write_folder(snapshots_dir(run_dir) / f"step-{step:08d}", blobs, {"step": step, "posthoc_ema": info})
     except OSError as exc:
-        raise CheckpointError(f"could not write the post-hoc EMA snapshot of step {step} in {snapshots_dir(run_dir)}: "
-                              f"{exc.strerror or exc}. Free space and run the same command again to resume") from None
+        raise CheckpointError(
+            f"could not write the post-hoc EMA snapshot of step {step} in {snapshots_dir(run_dir)}: "
+            f"{exc.strerror or exc}. Free space and run the same command again to resume"
+        ) from None
 
 
 def load_snapshots(run_dir: Path, up_to: int | None = None) -> list[Checkpoint]:
     """The run's post-hoc EMA snapshots (each verified), oldest first; only those of steps <= ``up_to``."""
     root = snapshots_dir(run_dir)
-    found = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name))) if root.is_dir() else []
+    found = (
+        sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name))) if root.is_dir() else []
+    )
     return [load_checkpoint(p) for step, p in found if up_to is None or step <= up_to]
 
 
-def save_rebuilt(run_dir: Path, sigma_rel: float, weights: dict[str, torch.Tensor], source: Checkpoint,
-                 info: dict[str, Any]) -> Path:
+def save_rebuilt(
+    run_dir: Path, sigma_rel: float, weights: dict[str, torch.Tensor], source: Checkpoint, info: dict[str, Any]
+) -> Path:
     """Write a rebuilt EMA as a checkpoint folder: ``source``'s state (config, components, classes) with these
     weights as its EMA and ``info`` (how it was rebuilt) under ``posthoc_ema``."""
     state = {k: v for k, v in source.state.items() if k not in ("files", "format", "grad_scaler")}
-    return write_folder(rebuilt_dir(run_dir, sigma_rel), {EMA_FILE: st_save(_contiguous(weights))},
-                        {**state, "step": info["step"], "posthoc_ema": info})
+    return write_folder(
+        rebuilt_dir(run_dir, sigma_rel),
+        {EMA_FILE: st_save(_contiguous(weights))},
+        {**state, "step": info["step"], "posthoc_ema": info},
+    )
 
 
 # --- what a checkpoint says about its run ----------------------------------------------------------------
 
 
-def describe_run(cfg: "RunConfig", built: "Components", fingerprint: str, version: str,
-                 classes: list[str] | None = None) -> dict[str, Any]:
+def describe_run(
+    cfg: RunConfig, built: Components, fingerprint: str, version: str, classes: list[str] | None = None
+) -> dict[str, Any]:
     """The part of ``state.json`` that is the same for every checkpoint of a run (all but step and files);
     ``classes``: a conditional run's class names."""
     identity = cfg.identity()
     used = {
-        kind: {"name": c.name, "plugin": c.plugin.name, "distribution": c.plugin.distribution, "version": c.plugin.version}
+        kind: {
+            "name": c.name,
+            "plugin": c.plugin.name,
+            "distribution": c.plugin.distribution,
+            "version": c.plugin.version,
+        }
         for kind, c in built.refs.items()
     }
     return {
@@ -424,7 +454,7 @@ def describe_run(cfg: "RunConfig", built: "Components", fingerprint: str, versio
 _MISSING = object()
 
 
-def _option_default(cfg: "RunConfig", key: str) -> Any:
+def _option_default(cfg: RunConfig, key: str) -> Any:
     """The default of a component option named by a flattened identity key (``denoiser.options.prediction``)."""
     kind, _, rest = key.partition(".options.")
     if not rest or kind not in KINDS:
@@ -433,8 +463,7 @@ def _option_default(cfg: "RunConfig", key: str) -> Any:
     return _MISSING if field is None or "." in rest else field.get_default(call_default_factory=True)
 
 
-
-def check_compatible(ckpt: Checkpoint, cfg: "RunConfig", fingerprint: str) -> None:
+def check_compatible(ckpt: Checkpoint, cfg: RunConfig, fingerprint: str) -> None:
     """Refuse to resume from a checkpoint whose model, process or data differ from ``cfg``.
 
     Names are compared qualified (a checkpoint from before qualified names counts as the plugin its
@@ -447,7 +476,8 @@ def check_compatible(ckpt: Checkpoint, cfg: "RunConfig", fingerprint: str) -> No
             saved[key] = qualified
     now = cfg.identity()
     keys = sorted(
-        k for k in set(saved) | set(now)
+        k
+        for k in set(saved) | set(now)
         if saved.get(k, _MISSING) != now.get(k, _MISSING)
         and not (k not in saved and now.get(k) == _option_default(cfg, k))
     )
@@ -457,6 +487,7 @@ def check_compatible(ckpt: Checkpoint, cfg: "RunConfig", fingerprint: str) -> No
         details.append("the training data (its fingerprint differs)")
     if details:
         raise CheckpointError(
-            f"cannot resume {ckpt.path}: the config differs in " + "; ".join(details)
+            f"cannot resume {ckpt.path}: the config differs in "
+            + "; ".join(details)
             + " — use --fresh to start over, or another run.name"
         )

@@ -24,10 +24,10 @@ if TYPE_CHECKING:
 class Components:
     """What a run config builds, with the registry entry each came from."""
 
-    schedule: "NoiseSchedule"
-    denoiser: "Denoiser"
-    sampler: "Sampler"
-    refs: dict[str, "Component"]
+    schedule: NoiseSchedule
+    denoiser: Denoiser
+    sampler: Sampler
+    refs: dict[str, Component]
 
     def timesteps(self) -> list[int]:
         """The t the sampler visits under this schedule, checked to lie in [0, T)."""
@@ -40,7 +40,7 @@ class Components:
         return steps
 
 
-def build_components(cfg: "RunConfig", classes: list[str] | None = None) -> Components:
+def build_components(cfg: RunConfig, classes: list[str] | None = None) -> Components:
     """The schedule, denoiser (freshly initialised, on the CPU) and sampler a validated run config names.
 
     A class-conditional run's denoiser is built for ``classes`` (the dataset's, or a checkpoint's; by
@@ -48,21 +48,27 @@ def build_components(cfg: "RunConfig", classes: list[str] | None = None) -> Comp
     """
     refs = {kind: cfg.component(kind) for kind in KINDS}
     # the schedule's derived tables: about 16 float64 arrays of length T
-    check_fits(cfg.num_timesteps * 16 * 8, f"schedule.options.num_timesteps = {cfg.num_timesteps:,}",
-               "DDPMs use about 1,000 steps")
+    check_fits(
+        cfg.num_timesteps * 16 * 8,
+        f"schedule.options.num_timesteps = {cfg.num_timesteps:,}",
+        "DDPMs use about 1,000 steps",
+    )
     c, h, w = cfg.image_shape  # a forward pass holds many activations the size of the image: 64 is a floor
     check_fits(c * h * w * 4 * 64, f"data.image_size = {cfg.data.image_size}", "choose a smaller data.image_size")
     schedule = construct(refs["schedule"], cfg.component_options("schedule"))
     conditional = {"num_classes": _num_classes(cfg, refs["denoiser"], classes)} if cfg.conditioning.enabled else {}
     denoiser = construct(
-        refs["denoiser"], cfg.component_options("denoiser"), image_shape=cfg.image_shape,
-        num_timesteps=cfg.num_timesteps, **conditional,
+        refs["denoiser"],
+        cfg.component_options("denoiser"),
+        image_shape=cfg.image_shape,
+        num_timesteps=cfg.num_timesteps,
+        **conditional,
     )
     sampler = construct(refs["sampler"], cfg.component_options("sampler"))
     return Components(schedule, denoiser, sampler, refs)
 
 
-def _num_classes(cfg: "RunConfig", component: "Component", classes: list[str] | None) -> int:
+def _num_classes(cfg: RunConfig, component: Component, classes: list[str] | None) -> int:
     """How many classes a conditional run's denoiser is built for; ConfigError when it cannot condition, or
     the data has fewer than two classes."""
     from ddpmkit.registry import discovery
@@ -72,19 +78,21 @@ def _num_classes(cfg: "RunConfig", component: "Component", classes: list[str] | 
         raise ConfigError(
             f'conditioning.kind = "{cfg.conditioning.kind}": denoiser {component.label} cannot be conditioned on '
             f"{cfg.conditioning.kind} labels (it declares conditions = {set(takes) or '{}'}); choose one that "
-            "declares them, such as unet, or conditioning.kind = \"none\""
+            'declares them, such as unet, or conditioning.kind = "none"'
         )
     if classes is None:
         from ddpmkit.run.data import dataset_classes
 
         classes = dataset_classes(cfg.data)
     if len(classes) < 2:
-        raise ConfigError(f'conditioning.kind = "class": {cfg.data.dataset} data under {cfg.data.root} has '
-                          f"{len(classes)} classes; class conditioning needs at least two (one sub-folder per class)")
+        raise ConfigError(
+            f'conditioning.kind = "class": {cfg.data.dataset} data under {cfg.data.root} has '
+            f"{len(classes)} classes; class conditioning needs at least two (one sub-folder per class)"
+        )
     return len(classes)
 
 
-def build_checked(cfg: "RunConfig", classes: list[str] | None = None) -> Components:
+def build_checked(cfg: RunConfig, classes: list[str] | None = None) -> Components:
     """Build every component (the denoiser initialised from ``run.seed``) and run :func:`smoke_test`, so that
     errors in a plugin's code surface as one line naming it, before any training."""
     import torch
@@ -111,10 +119,13 @@ def smoke_test(built: Components, image_shape: tuple[int, int, int]) -> None:
     denoiser.eval()
     try:
         with torch.no_grad(), blame(comp, "a forward pass"):
-            cond = {"class": torch.tensor([0, NULL_CLASS], device=denoiser.device)} if getattr(denoiser, "num_classes", 0) else None
+            cond = (
+                {"class": torch.tensor([0, NULL_CLASS], device=denoiser.device)}
+                if getattr(denoiser, "num_classes", 0)
+                else None
+            )
             out = denoise(denoiser, x.to(denoiser.device), t.to(denoiser.device), cond)
             if not torch.isfinite(out).all():
                 raise ValueError("forward returned non-finite values for finite input")
     finally:
         denoiser.train(was_training)
-

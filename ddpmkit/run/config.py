@@ -12,7 +12,7 @@ import re
 import tomllib
 import warnings
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
@@ -59,29 +59,47 @@ NATIVE_SHAPES = {"mnist": (1, 32), "fashion-mnist": (1, 32), "cifar10": (3, 32),
 
 class DataSection(Section):
     dataset: Literal["mnist", "fashion-mnist", "cifar10", "image-folder", "hf", "synthetic"] = "mnist"
-    root: str = Field("data", description="where the dataset lives: the folder holding MNIST/raw, FashionMNIST/raw "
-                      "or cifar-10-batches-bin, or the image folder itself")
-    download: bool = Field(True, description="download MNIST, FashionMNIST, CIFAR-10 or a Hub dataset when it is not there")
-    image_size: Union[int, Literal["auto"]] = Field(
-        "auto", description="side of the square images the model sees; auto: 32 for MNIST, FashionMNIST (28 zero-padded "
+    root: str = Field(
+        "data",
+        description="where the dataset lives: the folder holding MNIST/raw, FashionMNIST/raw "
+        "or cifar-10-batches-bin, or the image folder itself",
+    )
+    download: bool = Field(
+        True, description="download MNIST, FashionMNIST, CIFAR-10 or a Hub dataset when it is not there"
+    )
+    image_size: int | Literal["auto"] = Field(
+        "auto",
+        description="side of the square images the model sees; auto: 32 for MNIST, FashionMNIST (28 zero-padded "
         "to 32, as in the tutorial) and CIFAR-10, 32 for synthetic, the files' own size for an image folder or hf "
-        "dataset (which must then all be the same square size)")
-    channels: Union[int, str] = Field(
-        "auto", description="1 (grayscale) or 3 (RGB); auto: the dataset's own (an image folder or hf dataset: 3 when "
-        "any image is in colour)")
+        "dataset (which must then all be the same square size)",
+    )
+    channels: int | str = Field(
+        "auto",
+        description="1 (grayscale) or 3 (RGB); auto: the dataset's own (an image folder or hf dataset: 3 when "
+        "any image is in colour)",
+    )
     crop: Literal["center", "none"] = Field(
-        "center", description="an image that is not image_size square: resize its shorter side to image_size and "
-        "keep the centre square (center), or resize it to the square whatever its aspect ratio (none)")
-    hflip: bool = Field(False, description="flip each training image left-right with probability 1/2 (augmentation; "
-                        "right for CIFAR-10 and photos, wrong for digits)")
+        "center",
+        description="an image that is not image_size square: resize its shorter side to image_size and "
+        "keep the centre square (center), or resize it to the square whatever its aspect ratio (none)",
+    )
+    hflip: bool = Field(
+        False,
+        description="flip each training image left-right with probability 1/2 (augmentation; "
+        "right for CIFAR-10 and photos, wrong for digits)",
+    )
     num_samples: int = Field(256, ge=1, description="synthetic dataset only: number of images")
     limit: int | None = Field(None, ge=1, description="use only the first N training images")
-    path: str | None = Field(None, description="hf only: a HuggingFace dataset's name on the Hub, a folder written "
-                             "by save_to_disk, or a folder of images (loaded as datasets' imagefolder)")
+    path: str | None = Field(
+        None,
+        description="hf only: a HuggingFace dataset's name on the Hub, a folder written "
+        "by save_to_disk, or a folder of images (loaded as datasets' imagefolder)",
+    )
     split: str = Field("train", description="hf only: the split to train on")
     image_column: str = Field("image", description="hf only: the column holding the images")
-    label_column: str | None = Field(None, description="hf only: the column of class labels (unset: 'label' when "
-                                     "the dataset has one)")
+    label_column: str | None = Field(
+        None, description="hf only: the column of class labels (unset: 'label' when the dataset has one)"
+    )
 
     @field_validator("image_size", mode="before")
     @classmethod
@@ -98,10 +116,12 @@ class DataSection(Section):
         raise ValueError(f'must be 1 (grayscale), 3 (RGB) or "auto"; got {v!r}')
 
     @model_validator(mode="after")
-    def _hf_needs_path(self) -> "DataSection":
+    def _hf_needs_path(self) -> DataSection:
         if self.dataset == "hf" and not self.path:
-            raise ValueError("dataset = \"hf\" needs data.path: a dataset's name on the Hub, a save_to_disk folder "
-                             "or a folder of images")
+            raise ValueError(
+                'dataset = "hf" needs data.path: a dataset\'s name on the Hub, a save_to_disk folder '
+                "or a folder of images"
+            )
         return self
 
     @property
@@ -110,13 +130,17 @@ class DataSection(Section):
         :func:`ddpmkit.run.data.settle`)."""
         return self.image_size != AUTO and self.channels != AUTO
 
-    def with_native_shape(self) -> "DataSection":
+    def with_native_shape(self) -> DataSection:
         """This section with ``auto`` replaced where the dataset's shape is known without its files."""
         if self.settled or self.dataset not in NATIVE_SHAPES:
             return self
         channels, size = NATIVE_SHAPES[self.dataset]
-        return self.model_copy(update={"channels": channels if self.channels == AUTO else self.channels,
-                                       "image_size": size if self.image_size == AUTO else self.image_size})
+        return self.model_copy(
+            update={
+                "channels": channels if self.channels == AUTO else self.channels,
+                "image_size": size if self.image_size == AUTO else self.image_size,
+            }
+        )
 
 
 class ComponentSection(Section):
@@ -137,19 +161,26 @@ class PosthocEmaSection(Section):
 
     enabled: bool = Field(False, description="track the profiles and store their snapshots")
     sigma_rels: list[float] = Field(
-        [0.05, 0.10], min_length=1, max_length=8,
+        [0.05, 0.10],
+        min_length=1,
+        max_length=8,
         description="the relative widths (sigma_rel) of the profiles tracked; two are enough to rebuild others",
     )
-    every: int | None = Field(None, ge=1, description="steps between snapshots (unset: train.checkpoint_every); "
-                              "one is always taken at the last step")
+    every: int | None = Field(
+        None,
+        ge=1,
+        description="steps between snapshots (unset: train.checkpoint_every); one is always taken at the last step",
+    )
 
     @field_validator("sigma_rels")
     @classmethod
     def _widths(cls, v: list[float]) -> list[float]:
         for s in v:
             if not 0 < s <= MAX_SIGMA_REL:
-                raise ValueError(f"sigma_rel {s:g}: expected a width above 0 and at most {MAX_SIGMA_REL} "
-                                 "(the widest power-function profile)")
+                raise ValueError(
+                    f"sigma_rel {s:g}: expected a width above 0 and at most {MAX_SIGMA_REL} "
+                    "(the widest power-function profile)"
+                )
         if len(set(v)) != len(v):
             raise ValueError(f"{v}: each profile once")
         return v
@@ -165,18 +196,29 @@ class SmallerModel(Section):
         default_factory=dict, description="over [guidance] denoiser_options, for the guide of this model"
     )
     max_steps: int | None = Field(
-        None, ge=1, le=MAX_STEPS, description="over train.max_steps: a faster model may need a higher cap to fill "
-        "the budget"
+        None,
+        ge=1,
+        le=MAX_STEPS,
+        description="over train.max_steps: a faster model may need a higher cap to fill the budget",
     )
 
 
 class TrainSection(Section):
-    epochs: int = Field(75, ge=1, le=MAX_EPOCHS, description="passes over the dataset (at least one: an untrained network has nothing to sample)")
+    epochs: int = Field(
+        75,
+        ge=1,
+        le=MAX_EPOCHS,
+        description="passes over the dataset (at least one: an untrained network has nothing to sample)",
+    )
     max_steps: int | None = Field(None, ge=1, le=MAX_STEPS, description="stop after this many optimizer steps in all")
     batch_size: int = Field(64, ge=1)
     lr: float = Field(2e-5, gt=0, allow_inf_nan=False, description="peak learning rate (Adam)")
-    lr_warmup_steps: int = Field(0, ge=0, description="ramp the learning rate linearly from lr / N up to lr over N steps")
-    lr_decay: Literal["none", "cosine"] = Field("none", description="after warm-up: keep lr, or a cosine decay to lr_min at the last step")
+    lr_warmup_steps: int = Field(
+        0, ge=0, description="ramp the learning rate linearly from lr / N up to lr over N steps"
+    )
+    lr_decay: Literal["none", "cosine"] = Field(
+        "none", description="after warm-up: keep lr, or a cosine decay to lr_min at the last step"
+    )
     lr_min: float = Field(0.0, ge=0, allow_inf_nan=False, description="the learning rate a cosine decay ends at")
     loss_weighting: Literal["uniform", "min_snr"] = Field(
         "uniform", description="uniform over t (Ho et al. 2020, eq. 14) or min-SNR-gamma (Hang et al. 2023)"
@@ -186,45 +228,58 @@ class TrainSection(Section):
     ema_warmup: bool = Field(False, description="ramp the EMA decay up from 0 (timm's warm-up), for short runs")
     grad_clip: float | None = Field(None, gt=0, description="clip the gradient norm to this value")
     nonfinite: Literal["halt", "skip"] = Field(
-        "halt", description="a step whose loss or gradients are not finite: halt before it updates the weights, "
-        "or skip it (at most max_nonfinite_skips in a row)"
+        "halt",
+        description="a step whose loss or gradients are not finite: halt before it updates the weights, "
+        "or skip it (at most max_nonfinite_skips in a row)",
     )
     max_nonfinite_skips: int = Field(10, ge=1, description="with nonfinite = 'skip': halt after this many in a row")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="auto (the fastest of fp32 and, where it is native, bf16, measured for this model "
+        "auto",
+        description="auto (the fastest of fp32 and, where it is native, bf16, measured for this model "
         "before training), fp32, bf16 (fast where native: AVX-512 BF16/AMX CPUs, recent GPUs) or fp16 with a "
-        "loss scaler (GPUs without bf16)"
+        "loss scaler (GPUs without bf16)",
     )
-    channels_last: Union[bool, Literal["auto"]] = Field(
+    channels_last: bool | Literal["auto"] = Field(
         "auto", description="channels-last memory format (faster convolutions on some CPUs); auto: measured"
     )
-    compile: Union[bool, Literal["auto"]] = Field(
-        False, description="torch.compile the denoiser for training and sampling (a minute of set-up); auto: "
-        "measured on the fastest uncompiled mode, taken when at least 5 % faster"
+    compile: bool | Literal["auto"] = Field(
+        False,
+        description="torch.compile the denoiser for training and sampling (a minute of set-up); auto: "
+        "measured on the fastest uncompiled mode, taken when at least 5 % faster",
     )
     cuda_graphs: bool = Field(
-        False, description="on a CUDA GPU, when the denoiser is compiled (compile = true, or chosen by auto): "
+        False,
+        description="on a CUDA GPU, when the denoiser is compiled (compile = true, or chosen by auto): "
         "capture its training step's forward and backward in CUDA graphs (torch.compile's reduce-overhead mode), "
-        "for small batches bound by launching kernels; single-process runs only, sampling unaffected"
+        "for small batches bound by launching kernels; single-process runs only, sampling unaffected",
     )
     fused_adam: bool | None = Field(None, description="fused Adam; unset: on where it measured faster (CUDA)")
     tf32: bool = Field(True, description="TF32 matmuls and convolutions on CUDA GPUs (no effect elsewhere)")
     time_budget: float | None = Field(
-        None, gt=0, le=366 * 86400, description='train for this long, e.g. "15m", "1h30m", "900s" or seconds: '
+        None,
+        gt=0,
+        le=366 * 86400,
+        description='train for this long, e.g. "15m", "1h30m", "900s" or seconds: '
         "max_steps is planned from the images/s measured before training (the guide's time included, sampling "
         "not), fixed at the first start and kept on resume; max_steps, if set, stays an upper bound; "
-        '"off": no budget (epochs and max_steps say how long)'
+        '"off": no budget (epochs and max_steps say how long)',
     )
     budget_min_steps: int | None = Field(
-        None, ge=1, le=MAX_STEPS, description="with a time budget and smaller_models: where the budget buys fewer "
+        None,
+        ge=1,
+        le=MAX_STEPS,
+        description="with a time budget and smaller_models: where the budget buys fewer "
         "steps than this of the configured model, the first of smaller_models that it buys this many steps of is "
-        "trained instead (the last if none); chosen at the first start from the measured images/s, kept on resume"
+        "trained instead (the last if none); chosen at the first start from the measured images/s, kept on resume",
     )
     smaller_models: list[SmallerModel] = Field(
-        default_factory=list, max_length=8, description="[[train.smaller_models]]: the fallbacks of budget_min_steps, "
-        "largest first"
+        default_factory=list,
+        max_length=8,
+        description="[[train.smaller_models]]: the fallbacks of budget_min_steps, largest first",
     )
-    checkpoint_every: int = Field(1000, ge=1, description="steps between checkpoints (one is always written at the end)")
+    checkpoint_every: int = Field(
+        1000, ge=1, description="steps between checkpoints (one is always written at the end)"
+    )
 
     @field_validator("channels_last", "compile", mode="before")
     @classmethod
@@ -244,7 +299,7 @@ class TrainSection(Section):
     posthoc_ema: PosthocEmaSection = Field(default_factory=PosthocEmaSection)
 
     @model_validator(mode="after")
-    def _graphs_need_compile(self) -> "TrainSection":
+    def _graphs_need_compile(self) -> TrainSection:
         if self.cuda_graphs and self.compile is False:
             raise ValueError('cuda_graphs = true replays the compiled step: set compile = true (or "auto")')
         return self
@@ -278,8 +333,9 @@ ALL_CLASSES = "all"
 
 class SampleSection(Section):
     num_images: int = Field(64, ge=0, description="images written to samples.png/.npz after training")
-    classes: Union[Literal["all"], list[int]] = Field(
-        ALL_CLASSES, description="a conditional run's classes to draw: \"all\" (as many of each, a row per class) "
+    classes: Literal["all"] | list[int] = Field(
+        ALL_CLASSES,
+        description='a conditional run\'s classes to draw: "all" (as many of each, a row per class) '
         "or a list of class indices (drawn in turn)",
     )
     batch_size: int = Field(64, ge=1)
@@ -299,7 +355,7 @@ class SampleSection(Section):
     @classmethod
     def _classes(cls, v: Any) -> Any:
         if isinstance(v, list) and (not v or any(c < 0 for c in v)):
-            raise ValueError("must be \"all\" or a non-empty list of class indices (0, 1, ...)")
+            raise ValueError('must be "all" or a non-empty list of class indices (0, 1, ...)')
         return v
 
 
@@ -307,11 +363,15 @@ class ConditioningSection(Section):
     """What the denoiser is trained on besides the images: the dataset's class labels, or nothing."""
 
     kind: Literal["none", "class"] = Field(
-        "none", description="class: condition on the dataset's class labels (classifier-free guidance then applies); "
+        "none",
+        description="class: condition on the dataset's class labels (classifier-free guidance then applies); "
         "none: unconditional",
     )
     label_dropout: float = Field(
-        0.1, ge=0, lt=1, allow_inf_nan=False,
+        0.1,
+        ge=0,
+        lt=1,
+        allow_inf_nan=False,
         description="share of training labels replaced by the null class, so the network also learns the "
         "unconditional model classifier-free guidance needs (Ho & Salimans 2022: 0.1-0.2)",
     )
@@ -331,19 +391,23 @@ class GuidanceSection(Section):
     the same run, conditional when the run is)."""
 
     weight: float = Field(
-        1.0, allow_inf_nan=False,
+        1.0,
+        allow_inf_nan=False,
         description="w in D_0 + w (D - D_0): 1 is off (no guide is trained), above 1 guides",
     )
     method: Literal["auto", "classifier-free", "autoguidance"] = Field(
-        "auto", description="auto: classifier-free for a class-conditional run, else autoguidance",
+        "auto",
+        description="auto: classifier-free for a class-conditional run, else autoguidance",
     )
     interval: list[int] | None = Field(
-        None, description="[t_low, t_high]: guide only at steps t_low <= t <= t_high, elsewhere w = 1 "
+        None,
+        description="[t_low, t_high]: guide only at steps t_low <= t <= t_high, elsewhere w = 1 "
         "(Kynkäänniemi et al. 2024: guiding only the middle noise levels keeps diversity); unset: every step",
     )
     steps: int = Field(400, ge=1, description="training steps of the guide (trained before the main network)")
     denoiser_options: dict[str, Any] = Field(
-        default_factory=dict, description="the guide's [denoiser.options], over the main network's (e.g. fewer channels)"
+        default_factory=dict,
+        description="the guide's [denoiser.options], over the main network's (e.g. fewer channels)",
     )
 
     @field_validator("weight")
@@ -351,8 +415,10 @@ class GuidanceSection(Section):
     def _at_least_one(cls, v: float) -> float:
         # w < 1 interpolates towards the guide (w = 0 samples from the guide alone, the worst network of the run)
         if v < 1:
-            raise ValueError(f"must be at least 1, got {v:g}: 1 turns guidance off, above 1 guides "
-                             "(below 1 would move towards the small guide network, 0 samples from it alone)")
+            raise ValueError(
+                f"must be at least 1, got {v:g}: 1 turns guidance off, above 1 guides "
+                "(below 1 would move towards the small guide network, 0 samples from it alone)"
+            )
         return v
 
     @field_validator("interval")
@@ -452,15 +518,17 @@ class RunConfig(Section):
         """(C, H, W) of the images; the config's data section must be settled (:func:`ddpmkit.run.data.settle`)."""
         data = self.data.with_native_shape()
         if not data.settled:
-            raise ValueError("data.image_size / data.channels are still auto: settle the config with "
-                             "ddpmkit.run.data.settle(cfg) first")
+            raise ValueError(
+                "data.image_size / data.channels are still auto: settle the config with "
+                "ddpmkit.run.data.settle(cfg) first"
+            )
         return (int(data.channels), int(data.image_size), int(data.image_size))
 
     @property
     def run_dir(self) -> Path:
         return Path(self.run.dir) / self.run.name
 
-    def with_smaller_model(self, index: int) -> "RunConfig":
+    def with_smaller_model(self, index: int) -> RunConfig:
         """This run training ``train.smaller_models[index - 1]`` in place of its own model (``index`` 0: this
         run), with no fallbacks of its own (a time budget chose it: :func:`ddpmkit.training.budget.choose_model`)."""
         if index == 0:
@@ -491,16 +559,21 @@ class RunConfig(Section):
         keep = {
             "schedule": d["schedule"],
             "denoiser": d["denoiser"],
-            "data": {k: d["data"][k] for k in ("dataset", "image_size", "channels", "num_samples", "limit")
-                     + (("hflip",) if self.data.hflip else ())},
+            "data": {
+                k: d["data"][k]
+                for k in ("dataset", "image_size", "channels", "num_samples", "limit")
+                + (("hflip",) if self.data.hflip else ())
+            },
             "train": {k: d["train"][k] for k in ("batch_size", "precision")},
             "run": {"seed": d["run"]["seed"]},
         }
         if self.conditioning.enabled:  # only then: unconditional checkpoints from before 0.6 keep matching
             keep["conditioning"] = {"kind": d["conditioning"]["kind"]}
         if self.train.posthoc_ema.enabled:  # the profiles a checkpoint's tracked EMAs follow
-            keep["train"]["posthoc_ema"] = {"sigma_rels": d["train"]["posthoc_ema"]["sigma_rels"],
-                                            "every": self.train.snapshot_every}
+            keep["train"]["posthoc_ema"] = {
+                "sigma_rels": d["train"]["posthoc_ema"]["sigma_rels"],
+                "every": self.train.snapshot_every,
+            }
         return flatten(keep)
 
 
@@ -585,7 +658,7 @@ def parse_override(item: str) -> tuple[str, Any, str]:
 
 
 #: ``"key.path=value"`` as given with --set, or (``"key.path=value"``, how the user gave it: ``"--device cuda:1"``)
-Override = Union[str, tuple[str, str]]
+Override = str | tuple[str, str]
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[Override]) -> dict[str, str]:
@@ -760,12 +833,16 @@ def _validate_cross(cfg: RunConfig, source: _Source) -> None:
         raise ConfigError(f"{source.where(key)}: {key}: steps {bad} are not below T = {T}")
     if cfg.guidance.method == "classifier-free" and not cfg.conditioning.enabled:
         key = "guidance.method"
-        raise ConfigError(f"{source.where(key)}: {key}: classifier-free guidance needs a conditional run "
-                          "(conditioning.kind = \"class\"); an unconditional run is guided by autoguidance")
+        raise ConfigError(
+            f"{source.where(key)}: {key}: classifier-free guidance needs a conditional run "
+            '(conditioning.kind = "class"); an unconditional run is guided by autoguidance'
+        )
     if cfg.train.smaller_models and cfg.train.budget_min_steps is None:
         key = "train.smaller_models"
-        raise ConfigError(f"{source.where(key)}: {key}: needs train.budget_min_steps, the steps below which a "
-                          "time budget takes a smaller model")
+        raise ConfigError(
+            f"{source.where(key)}: {key}: needs train.budget_min_steps, the steps below which a "
+            "time budget takes a smaller model"
+        )
     for index in range(1, len(cfg.train.smaller_models) + 1):
         try:
             cfg.with_smaller_model(index)  # each fallback builds a valid run: said when the config loads
@@ -773,6 +850,6 @@ def _validate_cross(cfg: RunConfig, source: _Source) -> None:
             raise ConfigError(f"{source.where('train.smaller_models')}: {exc}") from None
     if cfg.guidance.interval is not None and cfg.guidance.interval[1] >= T:
         key = "guidance.interval"
-        raise ConfigError(f"{source.where(key)}: {key}: {cfg.guidance.interval} reaches beyond the last step "
-                          f"(T - 1 = {T - 1})")
-
+        raise ConfigError(
+            f"{source.where(key)}: {key}: {cfg.guidance.interval} reaches beyond the last step (T - 1 = {T - 1})"
+        )

@@ -8,17 +8,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Iterator
+from typing import TYPE_CHECKING, BinaryIO
 
 import torch
 import torch.nn.functional as F
 
+from ddpmkit.errors import DataError, DataNotFound, MissingLabels
 from ddpmkit.run.config import NATIVE_SHAPES, DataSection
 from ddpmkit.runtime.limits import check_fits
-from ddpmkit.errors import DataError, DataNotFound, MissingLabels
 
 if TYPE_CHECKING:
     import PIL.Image
@@ -31,8 +32,18 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif"}
 
 #: The classes of the datasets whose classes are known without reading them.
 MNIST_CLASSES = [str(d) for d in range(10)]
-FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-                         "Ankle boot"]
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 SYNTHETIC_CLASSES = ["top-left", "top-right", "bottom-left", "bottom-right"]  # where the rectangle's centre lies
 
@@ -55,22 +66,48 @@ class DatasetInfo:
 
 
 _COMMON = ("image_size", "channels", "crop", "hflip", "limit")
-DATASETS: dict[str, DatasetInfo] = {info.name: info for info in (
-    DatasetInfo("mnist", "MNIST's 60,000 training digits (28x28 grayscale, 10 classes), torchvision's IDX files "
-                "under ROOT/MNIST/raw", ("root", "download", *_COMMON)),
-    DatasetInfo("fashion-mnist", "FashionMNIST's 60,000 training images of clothing (28x28 grayscale, 10 classes), "
-                "IDX files under ROOT/FashionMNIST/raw", ("root", "download", *_COMMON)),
-    DatasetInfo("cifar10", "CIFAR-10's 50,000 training images (32x32 RGB, 10 classes) from the official binary "
-                f"distribution under ROOT/{CIFAR10_DIR} (checksummed when downloaded; nothing is unpickled)",
-                ("root", "download", *_COMMON)),
-    DatasetInfo("image-folder", "every image under ROOT (png, jpg, bmp, webp, gif; any depth), labelled by its "
-                "sub-folder when every image lies in one (torchvision's ImageFolder convention)", ("root", *_COMMON)),
-    DatasetInfo("hf", "a HuggingFace datasets dataset: its name on the Hub, a save_to_disk folder or a folder of "
-                "images (datasets' imagefolder)", ("path", "split", "image_column", "label_column", "download",
-                                                   *_COMMON), extra="hf"),
-    DatasetInfo("synthetic", "bright rectangles on black, labelled by the quadrant of their centre: quick to learn, "
-                "for tests and smoke runs", ("num_samples", *_COMMON)),
-)}
+DATASETS: dict[str, DatasetInfo] = {
+    info.name: info
+    for info in (
+        DatasetInfo(
+            "mnist",
+            "MNIST's 60,000 training digits (28x28 grayscale, 10 classes), torchvision's IDX files "
+            "under ROOT/MNIST/raw",
+            ("root", "download", *_COMMON),
+        ),
+        DatasetInfo(
+            "fashion-mnist",
+            "FashionMNIST's 60,000 training images of clothing (28x28 grayscale, 10 classes), "
+            "IDX files under ROOT/FashionMNIST/raw",
+            ("root", "download", *_COMMON),
+        ),
+        DatasetInfo(
+            "cifar10",
+            "CIFAR-10's 50,000 training images (32x32 RGB, 10 classes) from the official binary "
+            f"distribution under ROOT/{CIFAR10_DIR} (checksummed when downloaded; nothing is unpickled)",
+            ("root", "download", *_COMMON),
+        ),
+        DatasetInfo(
+            "image-folder",
+            "every image under ROOT (png, jpg, bmp, webp, gif; any depth), labelled by its "
+            "sub-folder when every image lies in one (torchvision's ImageFolder convention)",
+            ("root", *_COMMON),
+        ),
+        DatasetInfo(
+            "hf",
+            "a HuggingFace datasets dataset: its name on the Hub, a save_to_disk folder or a folder of "
+            "images (datasets' imagefolder)",
+            ("path", "split", "image_column", "label_column", "download", *_COMMON),
+            extra="hf",
+        ),
+        DatasetInfo(
+            "synthetic",
+            "bright rectangles on black, labelled by the quadrant of their centre: quick to learn, "
+            "for tests and smoke runs",
+            ("num_samples", *_COMMON),
+        ),
+    )
+}
 
 
 @dataclass
@@ -114,6 +151,7 @@ def resolve_root(section: DataSection, override: str | Path | None = None) -> Pa
 
 # --- auto image_size and channels ------------------------------------------------------------------
 
+
 def settle_section(section: DataSection, *, root_override: str | Path | None = None) -> DataSection:
     """``section`` with ``image_size`` and ``channels`` made numbers: ``auto`` is the dataset's own, read from the
     files' headers for an image folder or hf dataset (DataError when those differ in size and no size is set)."""
@@ -122,15 +160,18 @@ def settle_section(section: DataSection, *, root_override: str | Path | None = N
     if section.dataset in NATIVE_SHAPES:
         return section.with_native_shape()
     else:
-        channels, size = _scan_shape(_sources(section, root_override), _where(section, root_override),
-                                     need_size=section.image_size == "auto")
-    return section.model_copy(update={
-        "channels": channels if section.channels == "auto" else section.channels,
-        "image_size": size if section.image_size == "auto" else section.image_size,
-    })
+        channels, size = _scan_shape(
+            _sources(section, root_override), _where(section, root_override), need_size=section.image_size == "auto"
+        )
+    return section.model_copy(
+        update={
+            "channels": channels if section.channels == "auto" else section.channels,
+            "image_size": size if section.image_size == "auto" else section.image_size,
+        }
+    )
 
 
-def settle(cfg: "RunConfig", *, data_root: str | Path | None = None) -> "RunConfig":
+def settle(cfg: RunConfig, *, data_root: str | Path | None = None) -> RunConfig:
     """``cfg`` with its data section settled (see :func:`settle_section`); ``cfg`` itself when it already is."""
     if cfg.data.settled:
         return cfg
@@ -146,7 +187,7 @@ def _where(section: DataSection, root_override: str | Path | None) -> str:
 _GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
 
 
-def _scan_shape(sources: list["_Source"], where: str, *, need_size: bool) -> tuple[int, int | None]:
+def _scan_shape(sources: list[_Source], where: str, *, need_size: bool) -> tuple[int, int | None]:
     """(3 if any image is in colour else 1, the images' common side) from the headers alone."""
     sizes: dict[tuple[int, int], str] = {}
     colour = False
@@ -158,27 +199,38 @@ def _scan_shape(sources: list["_Source"], where: str, *, need_size: bool) -> tup
         return (3 if colour else 1), None
     if len(sizes) > 1:
         shown = ", ".join(f"{w}x{h} ({name})" for (w, h), name in list(sizes.items())[:3])
-        raise DataError(f"{where}: the images differ in size ({shown}{', ...' if len(sizes) > 3 else ''}); set "
-                        "data.image_size to resize them all to one square (data.crop says how)")
+        raise DataError(
+            f"{where}: the images differ in size ({shown}{', ...' if len(sizes) > 3 else ''}); set "
+            "data.image_size to resize them all to one square (data.crop says how)"
+        )
     ((w, h),) = sizes
     if w != h:
-        raise DataError(f"{where}: the images are {w}x{h}, not square; set data.image_size to resize them "
-                        "(data.crop = \"center\" keeps the centre square)")
+        raise DataError(
+            f"{where}: the images are {w}x{h}, not square; set data.image_size to resize them "
+            '(data.crop = "center" keeps the centre square)'
+        )
     return (3 if colour else 1), w
 
 
 # --- loading --------------------------------------------------------------------------------------
 
-def load_dataset(section: DataSection, *, root_override: str | Path | None = None, seed: int = 0,
-                 labelled: bool = False) -> Dataset:
+
+def load_dataset(
+    section: DataSection, *, root_override: str | Path | None = None, seed: int = 0, labelled: bool = False
+) -> Dataset:
     """Load the configured dataset at the configured size and channel count (``auto`` settled from the data);
     ``labelled``: with its class labels, a DataError if it has none."""
     section = settle_section(section, root_override=root_override)
     size, channels = int(section.image_size), int(section.channels)
-    count = {"mnist": 60_000, "fashion-mnist": 60_000, "cifar10": 50_000, "synthetic": section.num_samples}.get(section.dataset)
+    count = {"mnist": 60_000, "fashion-mnist": 60_000, "cifar10": 50_000, "synthetic": section.num_samples}.get(
+        section.dataset
+    )
     if count is not None:  # uint8 images, plus a float32 copy while resizing
-        check_fits(min(count, section.limit or count) * channels * size**2 * 5,
-                   f"data.image_size = {size}", "choose a smaller data.image_size (or data.limit)")
+        check_fits(
+            min(count, section.limit or count) * channels * size**2 * 5,
+            f"data.image_size = {size}",
+            "choose a smaller data.image_size (or data.limit)",
+        )
     root = resolve_root(section, root_override)
     if section.dataset in ("mnist", "fashion-mnist"):
         ds = _idx(section.dataset, root, section.download)
@@ -195,9 +247,11 @@ def load_dataset(section: DataSection, *, root_override: str | Path | None = Non
     if len(ds) == 0:
         raise DataError(f"{ds.description}: no images")
     if labelled and ds.labels is None:
-        raise MissingLabels(f"{ds.description}: conditioning.kind = \"class\" needs class labels, and these images have "
-                        "none (an image folder is labelled by one sub-folder per class; an hf dataset by "
-                        "data.label_column)")
+        raise MissingLabels(
+            f'{ds.description}: conditioning.kind = "class" needs class labels, and these images have '
+            "none (an image folder is labelled by one sub-folder per class; an hf dataset by "
+            "data.label_column)"
+        )
     if not labelled:
         ds.labels, ds.classes = None, []
     return ds
@@ -206,8 +260,12 @@ def load_dataset(section: DataSection, *, root_override: str | Path | None = Non
 def dataset_classes(section: DataSection, *, root_override: str | Path | None = None) -> list[str]:
     """The class names of the configured dataset, without loading its images (an image folder: its
     sub-folders that hold images, sorted)."""
-    known = {"mnist": MNIST_CLASSES, "fashion-mnist": FASHION_MNIST_CLASSES, "cifar10": CIFAR10_CLASSES,
-             "synthetic": SYNTHETIC_CLASSES}
+    known = {
+        "mnist": MNIST_CLASSES,
+        "fashion-mnist": FASHION_MNIST_CLASSES,
+        "cifar10": CIFAR10_CLASSES,
+        "synthetic": SYNTHETIC_CLASSES,
+    }
     if section.dataset in known:
         return list(known[section.dataset])
     if section.dataset == "hf":
@@ -283,8 +341,10 @@ def _idx(name: str, root: Path, download: bool) -> Dataset:
             raise _download_failed(title, raw, exc) from None
     images = data.data.unsqueeze(1)  # uint8 [60000, 1, 28, 28]
     if images.dtype != torch.uint8 or tuple(images.shape[2:]) != (28, 28) or len(data.targets) != len(images):
-        raise DataError(f"{raw}: the {title} files are there but damaged (images {tuple(images.shape)} "
-                        f"{images.dtype}, {len(data.targets)} labels; expected uint8 28x28 and a label each)")
+        raise DataError(
+            f"{raw}: the {title} files are there but damaged (images {tuple(images.shape)} "
+            f"{images.dtype}, {len(data.targets)} labels; expected uint8 28x28 and a label each)"
+        )
     labels = data.targets.to(torch.int64)
     if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= 10):
         raise DataError(f"{raw}: the {title} labels are damaged (values outside 0..9)")
@@ -297,8 +357,10 @@ def _cifar10(root: Path, download: bool) -> Dataset:
     folder = root / CIFAR10_DIR
     if not all((folder / name).is_file() for name in CIFAR10_TRAIN):
         if not download:
-            raise DataNotFound(f"CIFAR-10 not found under {folder} ({', '.join(CIFAR10_TRAIN)}) and data.download is "
-                            f"false; point at existing files with --data-root PATH or {DATA_ROOT_ENV}=PATH")
+            raise DataNotFound(
+                f"CIFAR-10 not found under {folder} ({', '.join(CIFAR10_TRAIN)}) and data.download is "
+                f"false; point at existing files with --data-root PATH or {DATA_ROOT_ENV}=PATH"
+            )
         try:
             _download_cifar10(root)
         except DataError:
@@ -310,12 +372,16 @@ def _cifar10(root: Path, download: bool) -> Dataset:
         path = folder / name
         raw = path.read_bytes()
         if not raw or len(raw) % CIFAR10_RECORD:
-            raise DataError(f"{path}: not a CIFAR-10 binary batch ({len(raw):,} bytes is not a whole number of "
-                            f"{CIFAR10_RECORD}-byte records); replace it with a good copy (or delete it to download again)")
+            raise DataError(
+                f"{path}: not a CIFAR-10 binary batch ({len(raw):,} bytes is not a whole number of "
+                f"{CIFAR10_RECORD}-byte records); replace it with a good copy (or delete it to download again)"
+            )
         records = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(-1, CIFAR10_RECORD)
         if int(records[:, 0].max()) >= len(CIFAR10_CLASSES):
-            raise DataError(f"{path}: not a CIFAR-10 binary batch (a label byte is {int(records[:, 0].max())}, "
-                            "above 9); replace it with a good copy")
+            raise DataError(
+                f"{path}: not a CIFAR-10 binary batch (a label byte is {int(records[:, 0].max())}, "
+                "above 9); replace it with a good copy"
+            )
         labels.append(records[:, 0].to(torch.int64))
         images.append(records[:, 1:].reshape(-1, 3, 32, 32))
     classes = list(CIFAR10_CLASSES)
@@ -350,6 +416,7 @@ def _download_cifar10(root: Path) -> None:
 
 
 # --- images decoded one by one: image folders and hf datasets ------------------------------------------
+
 
 @dataclass(frozen=True)
 class _Source:
@@ -389,8 +456,11 @@ def _decoded(section: DataSection, root_override: str | Path | None, size: int, 
     described += f" in {len(classes)} classes)" if labels is not None else ")"
     if section.limit is not None:  # only the images used are decoded
         sources, labels = sources[: section.limit], labels[: section.limit] if labels is not None else None
-    check_fits(len(sources) * channels * size**2 * 2, f"data.image_size = {size}",
-               "choose a smaller data.image_size (or data.limit)")
+    check_fits(
+        len(sources) * channels * size**2 * 2,
+        f"data.image_size = {size}",
+        "choose a smaller data.image_size (or data.limit)",
+    )
     mode = "L" if channels == 1 else "RGB"
     out = torch.empty((len(sources), channels, size, size), dtype=torch.uint8)
     for i, src in enumerate(sources):
@@ -412,7 +482,7 @@ def _decoded(section: DataSection, root_override: str | Path | None, size: int, 
 
 
 @contextmanager
-def open_image(path: "Path | BinaryIO", name: str | None = None) -> Iterator["PIL.Image.Image"]:
+def open_image(path: Path | BinaryIO, name: str | None = None) -> Iterator[PIL.Image.Image]:
     """``PIL.Image.open(path)`` (a file, or a binary stream called ``name``), with a file that is not an
     image, or that claims more pixels than Pillow allows (a decompression bomb), turned into one DataError."""
     from PIL import Image
@@ -424,8 +494,10 @@ def open_image(path: "Path | BinaryIO", name: str | None = None) -> Iterator["PI
     except OSError as exc:  # PIL.UnidentifiedImageError is one
         raise DataError(f"{called}: not an image ({exc})") from None
     except Image.DecompressionBombError:
-        raise DataError(f"{called}: refused: its header claims more pixels than Pillow allows "
-                        f"({Image.MAX_IMAGE_PIXELS:,}; a decompression bomb?)") from None
+        raise DataError(
+            f"{called}: refused: its header claims more pixels than Pillow allows "
+            f"({Image.MAX_IMAGE_PIXELS:,}; a decompression bomb?)"
+        ) from None
 
 
 def _is_image(path: Path) -> bool:
@@ -433,9 +505,11 @@ def _is_image(path: Path) -> bool:
 
 
 def _class_folders(root: Path) -> list[Path]:
-    """The sub-folders of ``root`` that hold images (at any depth), sorted by name: torchvision's ImageFolder classes."""
-    return sorted((d for d in root.iterdir() if d.is_dir() and any(_is_image(p) for p in d.rglob("*"))),
-                  key=lambda d: d.name)
+    """The sub-folders of ``root`` that hold images (at any depth), sorted by name: torchvision's ImageFolder
+    classes."""
+    return sorted(
+        (d for d in root.iterdir() if d.is_dir() and any(_is_image(p) for p in d.rglob("*"))), key=lambda d: d.name
+    )
 
 
 def _folder_files(root: Path) -> list[Path]:
@@ -468,8 +542,11 @@ def _hf_dataset(section: DataSection):
     object again while the folder's entries are unchanged."""
     path = Path(str(section.path)).expanduser()
     try:
-        state = tuple(sorted((e.name, e.stat().st_mtime_ns, e.stat().st_size) for e in path.iterdir())) \
-            if path.is_dir() else None
+        state = (
+            tuple(sorted((e.name, e.stat().st_mtime_ns, e.stat().st_size) for e in path.iterdir()))
+            if path.is_dir()
+            else None
+        )
     except OSError:
         state = None
     key = (str(section.path), section.split, section.image_column, section.label_column, section.download, state)
@@ -490,7 +567,9 @@ def _open_hf(section: DataSection):
     path = Path(str(section.path)).expanduser()
     where = f"hf dataset {section.path}"
     try:
-        if path.is_dir() and any((path / f).is_file() for f in ("dataset_info.json", "state.json", "dataset_dict.json")):
+        if path.is_dir() and any(
+            (path / f).is_file() for f in ("dataset_info.json", "state.json", "dataset_dict.json")
+        ):
             ds = datasets.load_from_disk(str(path))  # a save_to_disk folder
         elif path.is_dir():
             ds = datasets.load_dataset("imagefolder", data_dir=str(path), split=section.split)
@@ -503,18 +582,23 @@ def _open_hf(section: DataSection):
         raise
     except Exception as exc:  # datasets raises many types (FileNotFoundError, DatasetNotFoundError, ValueError...)
         hint = "" if section.download else " (data.download is false: only a cached copy is used)"
-        raise (DataError if path.is_dir() else DataNotFound)(f"{where}: could not be loaded ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0] if str(exc) else ''}){hint}") from None
+        raise (DataError if path.is_dir() else DataNotFound)(
+            f"{where}: could not be loaded ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}){hint}"
+        ) from None
     if isinstance(ds, datasets.DatasetDict):
         if section.split not in ds:
             raise DataError(f"{where}: no split {section.split!r}; it has {', '.join(ds)} (set data.split)")
         ds = ds[section.split]
     if section.image_column not in ds.column_names:
-        raise DataError(f"{where}: no column {section.image_column!r}; its columns are {', '.join(ds.column_names)} "
-                        "(set data.image_column)")
+        raise DataError(
+            f"{where}: no column {section.image_column!r}; its columns are {', '.join(ds.column_names)} "
+            "(set data.image_column)"
+        )
     if section.label_column is not None and section.label_column not in ds.column_names:
-        raise DataError(f"{where}: no column {section.label_column!r}; its columns are {', '.join(ds.column_names)} "
-                        "(set data.label_column)")
+        raise DataError(
+            f"{where}: no column {section.label_column!r}; its columns are {', '.join(ds.column_names)} "
+            "(set data.label_column)"
+        )
     if len(ds) == 0:
         raise DataError(f"{where}: split {section.split!r} holds no rows")
     return ds

@@ -6,10 +6,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ddpmkit.errors import DdpmkitError, HookFailed
 from ddpmkit.registry import discovery as plugins
 from ddpmkit.registry.blame import one_line
 from ddpmkit.run.config import RunConfig
-from ddpmkit.errors import DdpmkitError, HookFailed
 
 
 @dataclass

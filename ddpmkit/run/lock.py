@@ -11,9 +11,9 @@ import json
 import os
 import socket
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from ddpmkit.errors import DdpmkitError
 
@@ -61,7 +61,7 @@ def acquire(run_dir: Path) -> Path:
             elif holder.get("host") != me["host"] or _alive(holder["pid"]):
                 if holder["pid"] == me["pid"] and holder.get("host") == me["host"]:
                     return path  # this process already holds it
-                raise _refusal(run_dir, path, holder)
+                raise _refusal(run_dir, path, holder) from None
             path.unlink(missing_ok=True)  # stale: its process is gone
             continue
         with os.fdopen(fd, "w") as f:

@@ -21,4 +21,3 @@ def pick_device(spec: str = "auto") -> torch.device:
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ConfigError(f"run.device = '{spec}' but MPS is not available on this machine (use 'auto' or 'cpu')")
     return device
-

@@ -7,8 +7,9 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any
 
 
 def signal_on_parent_death(signum: int) -> None:
@@ -34,8 +35,9 @@ def _raise_terminated(signum: int, frame: object) -> None:
 
 
 @contextmanager
-def signals_handled(handler: Callable[[int, Any], None],
-                    signums: tuple[int, ...] = (signal.SIGTERM,)) -> Iterator[dict[int, Any] | None]:
+def signals_handled(
+    handler: Callable[[int, Any], None], signums: tuple[int, ...] = (signal.SIGTERM,)
+) -> Iterator[dict[int, Any] | None]:
     """Within: ``handler`` for each of ``signums``; the previous handlers are restored after, and yielded (None off
     the main thread, where Python cannot set handlers and nothing is installed)."""
     if threading.current_thread() is not threading.main_thread():

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import functools
 import sys
+from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import torch
 
@@ -47,7 +48,7 @@ class SpeedModes:
     cuda_graphs: bool = False
 
     @classmethod
-    def for_run(cls, train: Any, device: torch.device) -> "SpeedModes":
+    def for_run(cls, train: Any, device: torch.device) -> SpeedModes:
         """The modes ``train`` (a config's [train] table) asks for on ``device``; a setting left ``"auto"`` (not
         yet measured: ``ddpmkit.training.autotune`` resolves it before a run trains) is its plain default."""
         fused = train.fused_adam if train.fused_adam is not None else default_fused_adam(device)
@@ -62,8 +63,14 @@ class SpeedModes:
 
     def train_settings(self) -> dict[str, Any]:
         """The ``[train]`` keys that ask for these modes."""
-        return {"precision": self.precision, "channels_last": self.channels_last, "compile": self.compile,
-                "fused_adam": self.fused_adam, "tf32": self.tf32, "cuda_graphs": self.cuda_graphs}
+        return {
+            "precision": self.precision,
+            "channels_last": self.channels_last,
+            "compile": self.compile,
+            "fused_adam": self.fused_adam,
+            "tf32": self.tf32,
+            "cuda_graphs": self.cuda_graphs,
+        }
 
     def overrides(self) -> list[str]:
         """The same as ``--set`` arguments (``train.precision=bf16`` ...); TF32 and CUDA graphs only when on, so
@@ -78,9 +85,17 @@ class SpeedModes:
 
     def describe(self) -> str:
         parts = [self.precision]
-        parts += [name for name, on in (("channels-last", self.channels_last), ("compiled", self.compile),
-                                        ("CUDA graphs", self.graphed),
-                                        ("fused Adam", self.fused_adam), ("TF32", self.tf32)) if on]
+        parts += [
+            name
+            for name, on in (
+                ("channels-last", self.channels_last),
+                ("compiled", self.compile),
+                ("CUDA graphs", self.graphed),
+                ("fused Adam", self.fused_adam),
+                ("TF32", self.tf32),
+            )
+            if on
+        ]
         return ", ".join(parts)
 
 
@@ -101,7 +116,7 @@ def make_optimizer(params: Iterable[torch.nn.Parameter], lr: float, modes: Speed
     return torch.optim.Adam(params, lr=lr)
 
 
-def grad_scaler(device: torch.device, modes: SpeedModes) -> "torch.amp.GradScaler | None":
+def grad_scaler(device: torch.device, modes: SpeedModes) -> torch.amp.GradScaler | None:
     """A dynamic loss scaler for fp16 (whose range underflows small gradients); None otherwise."""
     if modes.precision != "fp16":
         return None
@@ -152,7 +167,7 @@ def compile_unavailable(device: torch.device) -> str | None:
     return _compile_unavailable(device.type)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compile_unavailable(device_type: str) -> str | None:
     try:  # torch's own checks (private helpers): a torch without them lets torch.compile say it
         from torch._dynamo import is_dynamo_supported
@@ -184,11 +199,15 @@ def require_compile(device: torch.device, *, kept: bool = False) -> None:
     if not why:
         return
     if kept:
-        raise ConfigError(f"this run started compiled, and a resume keeps its speed modes, but torch.compile cannot "
-                          f"run here: {why}; or resume uncompiled with --set train.compile=false (exact up to the "
-                          "compiled graph's own rounding and dropout masks)")
-    raise ConfigError(f"train.compile is on, but torch.compile cannot run here: {why}; or set train.compile "
-                      '= false (or "auto", which measures without it)')
+        raise ConfigError(
+            f"this run started compiled, and a resume keeps its speed modes, but torch.compile cannot "
+            f"run here: {why}; or resume uncompiled with --set train.compile=false (exact up to the "
+            "compiled graph's own rounding and dropout masks)"
+        )
+    raise ConfigError(
+        f"train.compile is on, but torch.compile cannot run here: {why}; or set train.compile "
+        '= false (or "auto", which measures without it)'
+    )
 
 
 def maybe_compiled(module: torch.nn.Module, modes: SpeedModes, forward: Any = None, *, graphs: bool = False) -> Any:

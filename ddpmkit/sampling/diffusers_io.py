@@ -10,9 +10,10 @@ denoiser diffusers cannot build (ddpmkit's own UNet) it writes the scheduler and
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -42,6 +43,7 @@ def is_diffusers_folder(path: Path) -> bool:
 
 # --- out ----------------------------------------------------------------------------------------
 
+
 @dataclass
 class Exported:
     """What :func:`export_diffusers` wrote: the folder, the pipeline class that loads it (None: diffusers
@@ -58,23 +60,42 @@ def scheduler_for(loaded: Any) -> tuple[Any, str, str | None]:
     import diffusers
 
     cfg, schedule = loaded.config, loaded.components.schedule
-    common = dict(num_train_timesteps=schedule.num_timesteps, trained_betas=schedule.betas.double().cpu().tolist(),
-                  prediction_type=PREDICTION_TYPES[loaded.denoiser.prediction])
+    common = dict(
+        num_train_timesteps=schedule.num_timesteps,
+        trained_betas=schedule.betas.double().cpu().tolist(),
+        prediction_type=PREDICTION_TYPES[loaded.denoiser.prediction],
+    )
     name, options = cfg.component("sampler").qualified, cfg.component_options("sampler")
     clip = bool(getattr(options, "clip_denoised", False))
     if name == "ddpmkit:ddim":
-        return diffusers.DDIMScheduler(**common, clip_sample=clip, set_alpha_to_one=True, steps_offset=0,
-                                       timestep_spacing=options.spacing), "DDIMPipeline", None
+        return (
+            diffusers.DDIMScheduler(
+                **common, clip_sample=clip, set_alpha_to_one=True, steps_offset=0, timestep_spacing=options.spacing
+            ),
+            "DDIMPipeline",
+            None,
+        )
     variance = getattr(options, "variance", "beta") if name == "ddpmkit:ddpm" else "beta"
-    note = None if name == "ddpmkit:ddpm" else (
-        f"the run samples with {cfg.sampler.name}, which has no diffusers scheduler of its own: the export's "
-        "scheduler is DDPM's ancestral sampler over the same betas")
-    return diffusers.DDPMScheduler(**common, clip_sample=clip,
-                                   variance_type="fixed_large" if variance == "beta" else "fixed_small"), "DDPMPipeline", note
+    note = (
+        None
+        if name == "ddpmkit:ddpm"
+        else (
+            f"the run samples with {cfg.sampler.name}, which has no diffusers scheduler of its own: the export's "
+            "scheduler is DDPM's ancestral sampler over the same betas"
+        )
+    )
+    return (
+        diffusers.DDPMScheduler(
+            **common, clip_sample=clip, variance_type="fixed_large" if variance == "beta" else "fixed_small"
+        ),
+        "DDPMPipeline",
+        note,
+    )
 
 
-def export_diffusers(loaded: Any, out: Path, *, license: str = "other",
-                     log: Callable[[str], None] = lambda m: None) -> Exported:
+def export_diffusers(
+    loaded: Any, out: Path, *, license: str = "other", log: Callable[[str], None] = lambda m: None
+) -> Exported:
     """Write ``loaded`` (a :class:`~ddpmkit.sampling.loaded.LoadedRun`, its EMA or raw weights as loaded) to the
     new or empty folder ``out`` for diffusers, with a model card (``README.md``)."""
     require("diffusers", "ddpmkit export --format diffusers")
@@ -97,15 +118,26 @@ def export_diffusers(loaded: Any, out: Path, *, license: str = "other",
         scheduler.save_pretrained(str(out / "scheduler"))
         state = {k: v.detach().to("cpu").contiguous() for k, v in denoiser.state_dict().items()}
         save_file(state, str(out / "ddpmkit-denoiser.safetensors"))
-        (out / "ddpmkit-denoiser.json").write_text(json.dumps({
-            "component": loaded.config.component("denoiser").qualified, "options": loaded.config.denoiser.options,
-            "image_shape": list(denoiser.image_shape), "num_timesteps": denoiser.num_timesteps,
-            "prediction": denoiser.prediction, "classes": loaded.classes, "ddpmkit": __version__,
-        }, indent=2) + "\n")
+        (out / "ddpmkit-denoiser.json").write_text(
+            json.dumps(
+                {
+                    "component": loaded.config.component("denoiser").qualified,
+                    "options": loaded.config.denoiser.options,
+                    "image_shape": list(denoiser.image_shape),
+                    "num_timesteps": denoiser.num_timesteps,
+                    "prediction": denoiser.prediction,
+                    "classes": loaded.classes,
+                    "ddpmkit": __version__,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
         note = ((note + "; ") if note else "") + (
             f"diffusers cannot build ddpmkit's {loaded.config.denoiser.name} architecture: the folder holds the "
             "scheduler and the network's safetensors state dict with its config, which ddpmkit loads "
-            "(`ddpmkit.load_run` on the run) and diffusers does not")
+            "(`ddpmkit.load_run` on the run) and diffusers does not"
+        )
     card = out / "README.md"
     card.write_text(model_card(loaded, pipeline=pipeline, license=license, note=note))
     files = sorted(p for p in out.rglob("*") if p.is_file())
@@ -113,7 +145,8 @@ def export_diffusers(loaded: Any, out: Path, *, license: str = "other",
 
 
 def model_card(loaded: Any, *, pipeline: str | None, license: str, note: str | None) -> str:
-    """A model card in the Hub's format: YAML metadata, then what was trained, on what, how it samples and how it scored."""
+    """A model card in the Hub's format: YAML metadata, then what was trained, on what, how it samples and how it
+    scored."""
     cfg, denoiser = loaded.config, loaded.denoiser
     c, h, w = denoiser.image_shape
     T = denoiser.num_timesteps
@@ -123,47 +156,70 @@ def model_card(loaded: Any, *, pipeline: str | None, license: str, note: str | N
         f"license: {license}",
         *(["library_name: diffusers"] if pipeline else []),
         "pipeline_tag: unconditional-image-generation",
-        "tags:", *[f"- {t}" for t in tags],
+        "tags:",
+        *[f"- {t}" for t in tags],
         "---",
     ]
     fingerprint = loaded.manifest.get("data_fingerprint") or loaded.manifest.get("dataset_fingerprint")
     lines = [
-        f"# {cfg.run.name}", "",
+        f"# {cfg.run.name}",
+        "",
         f"A denoising diffusion model (Ho et al. 2020) trained with [ddpmkit](https://pypi.org/project/ddpmkit/) "
         f"{loaded.manifest.get('ddpmkit', __version__)}: {c}x{h}x{w} images, T = {T} steps, predicting "
-        f"{denoiser.prediction}.", "",
-        "## Training", "",
+        f"{denoiser.prediction}.",
+        "",
+        "## Training",
+        "",
         f"- data: `{cfg.data.dataset}` ({c} channel{'s' if c > 1 else ''}, {h}x{w})"
         + (f", {len(loaded.classes)} classes: {', '.join(loaded.classes)}" if loaded.classes else ""),
         *([f"- data fingerprint (sha256 of the images): `{fingerprint}`"] if fingerprint else []),
         f"- schedule: `{cfg.schedule.name}` {json.dumps(cfg.schedule.options)}",
         f"- denoiser: `{cfg.denoiser.name}`, {denoiser.num_parameters():,} parameters",
         f"- {loaded.step:,} optimizer steps of batch {cfg.train.batch_size}, Adam at lr {cfg.train.lr:g}, "
-        f"EMA decay {cfg.train.ema_decay:g}; the weights here are the {'EMA' if loaded.weights == 'ema' else 'raw'} weights",
-        f"- conditioning: {cfg.conditioning.kind}", "",
-        "## Sampling", "",
+        f"EMA decay {cfg.train.ema_decay:g}; the weights here are the {'EMA' if loaded.weights == 'ema' else 'raw'} "
+        "weights",
+        f"- conditioning: {cfg.conditioning.kind}",
+        "",
+        "## Sampling",
+        "",
         f"ddpmkit samples it with `{cfg.sampler.name}` {json.dumps(cfg.sampler.options)}"
-        + (f", guidance weight {cfg.guidance.weight:g} ({cfg.guidance_method})" if cfg.guidance.enabled else "") + ".",
+        + (f", guidance weight {cfg.guidance.weight:g} ({cfg.guidance_method})" if cfg.guidance.enabled else "")
+        + ".",
     ]
     if pipeline:
         steps = {"DDPMPipeline": T}.get(pipeline, getattr(cfg.component_options("sampler"), "steps", 50))
-        lines += ["", "```python", f"from diffusers import {pipeline}", "",
-                  f'pipe = {pipeline}.from_pretrained("PATH/OR/HUB-ID")',
-                  f"images = pipe(batch_size=16, num_inference_steps={steps}).images  # PIL images", "```", "",
-                  "The scheduler holds the run's betas (`trained_betas`) and prediction target, so it samples the "
-                  "process the network was trained on."]
+        lines += [
+            "",
+            "```python",
+            f"from diffusers import {pipeline}",
+            "",
+            f'pipe = {pipeline}.from_pretrained("PATH/OR/HUB-ID")',
+            f"images = pipe(batch_size=16, num_inference_steps={steps}).images  # PIL images",
+            "```",
+            "",
+            "The scheduler holds the run's betas (`trained_betas`) and prediction target, so it samples the "
+            "process the network was trained on.",
+        ]
         if cfg.conditioning.enabled:
-            lines += ["The network is class-conditional (`num_class_embeds`: one row per class and a last one for "
-                      "no class); diffusers' pipeline does not pass class labels, so it samples the null class: "
-                      "call the UNet with `class_labels` for a class."]
+            lines += [
+                "The network is class-conditional (`num_class_embeds`: one row per class and a last one for "
+                "no class); diffusers' pipeline does not pass class labels, so it samples the null class: "
+                "call the UNet with `class_labels` for a class."
+            ]
         if cfg.guidance.enabled:
             lines += ["diffusers' pipeline does not guide: ddpmkit's guided samples are better than its own."]
     if note:
         lines += ["", f"Note: {note}."]
     lines += ["", "## Evaluation", ""]
     lines += _evaluation_lines(loaded.run_dir)
-    lines += ["", "## Upload", "", "With the Hub's own CLI (huggingface_hub): `hf upload USER/NAME THIS-FOLDER` "
-              "(older versions: `huggingface-cli upload USER/NAME THIS-FOLDER`).", ""]
+    lines += [
+        "",
+        "## Upload",
+        "",
+        "With the Hub's own CLI (huggingface_hub): `hf upload USER/NAME THIS-FOLDER` "
+        "(older versions: `huggingface-cli upload USER/NAME THIS-FOLDER`).",
+        "",
+    ]
     return "\n".join(meta + [""] + lines)
 
 
@@ -173,17 +229,25 @@ def _evaluation_lines(run_dir: Path) -> list[str]:
     try:
         r = json.loads(path.read_text())
         s, f = r["samples"], r["floor"]
-        return [f"`ddpmkit eval` on {r['num_samples']:,} samples (MNIST-classifier features; the floor is real "
-                "training images):", "",
-                "| statistic | samples | floor |", "| --- | --- | --- |",
-                f"| classifier FID | {s['fid']:.2f} | {f['fid']:.2f} |",
-                f"| precision / recall | {s['precision']:.3f} / {s['recall']:.3f} | {f['precision']:.3f} / {f['recall']:.3f} |",
-                f"| confidence > 0.9 | {s['confident_share']:.1%} | {f['confident_share']:.1%} |"]
+        return [
+            f"`ddpmkit eval` on {r['num_samples']:,} samples (MNIST-classifier features; the floor is real "
+            "training images):",
+            "",
+            "| statistic | samples | floor |",
+            "| --- | --- | --- |",
+            f"| classifier FID | {s['fid']:.2f} | {f['fid']:.2f} |",
+            f"| precision / recall | {s['precision']:.3f} / {s['recall']:.3f} | {f['precision']:.3f} / "
+            f"{f['recall']:.3f} |",
+            f"| confidence > 0.9 | {s['confident_share']:.1%} | {f['confident_share']:.1%} |",
+        ]
     except (OSError, ValueError, KeyError, TypeError):
-        return ["Not evaluated: `ddpmkit eval RUN` writes `RUN/eval.json`, and an export after it shows the figures here."]
+        return [
+            "Not evaluated: `ddpmkit eval RUN` writes `RUN/eval.json`, and an export after it shows the figures here."
+        ]
 
 
 # --- in -----------------------------------------------------------------------------------------
+
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
@@ -204,35 +268,60 @@ def pretrained_config(folder: Path) -> tuple[dict[str, Any], list[str]]:
     sched = _read_json(sched_path) if sched_path.is_file() else {}  # a bare UNet: the DDPM paper's process
     T = int(sched.get("num_train_timesteps", 1000))
     if sched.get("trained_betas") is not None:
-        schedule = {"name": "betas", "options": {"num_timesteps": T, "betas": [float(b) for b in sched["trained_betas"]]}}
+        schedule = {
+            "name": "betas",
+            "options": {"num_timesteps": T, "betas": [float(b) for b in sched["trained_betas"]]},
+        }
     elif sched.get("beta_schedule", "linear") == "linear":
-        schedule = {"name": "linear", "options": {"num_timesteps": T, "beta_start": float(sched.get("beta_start", 1e-4)),
-                                                   "beta_end": float(sched.get("beta_end", 0.02))}}
+        schedule = {
+            "name": "linear",
+            "options": {
+                "num_timesteps": T,
+                "beta_start": float(sched.get("beta_start", 1e-4)),
+                "beta_end": float(sched.get("beta_end", 0.02)),
+            },
+        }
     elif sched.get("beta_schedule") == "squaredcos_cap_v2":
         schedule = {"name": "cosine", "options": {"num_timesteps": T}}
     else:
-        raise ConfigError(f"{sched_path}: beta_schedule {sched.get('beta_schedule')!r} has no ddpmkit schedule "
-                          "(linear, squaredcos_cap_v2 and trained_betas do)")
+        raise ConfigError(
+            f"{sched_path}: beta_schedule {sched.get('beta_schedule')!r} has no ddpmkit schedule "
+            "(linear, squaredcos_cap_v2 and trained_betas do)"
+        )
     prediction = FROM_PREDICTION_TYPES.get(sched.get("prediction_type", "epsilon"))
     if prediction is None:
-        raise ConfigError(f"{sched_path}: prediction_type {sched.get('prediction_type')!r}: ddpmkit knows "
-                          f"{', '.join(PREDICTION_TYPES.values())}")
+        raise ConfigError(
+            f"{sched_path}: prediction_type {sched.get('prediction_type')!r}: ddpmkit knows "
+            f"{', '.join(PREDICTION_TYPES.values())}"
+        )
     clip = bool(sched.get("clip_sample", False))
     if sched.get("_class_name") == "DDIMScheduler":
         spacing = sched.get("timestep_spacing", "leading")
-        sampler = {"name": "ddim", "options": {"steps": min(50, T), "clip_denoised": clip,
-                                               "spacing": spacing if spacing in ("linspace", "leading", "trailing") else "leading"}}
+        sampler = {
+            "name": "ddim",
+            "options": {
+                "steps": min(50, T),
+                "clip_denoised": clip,
+                "spacing": spacing if spacing in ("linspace", "leading", "trailing") else "leading",
+            },
+        }
     else:
         variance = "posterior" if sched.get("variance_type", "fixed_small") == "fixed_small" else "beta"
         sampler = {"name": "ddpm", "options": {"variance": variance, "clip_denoised": clip}}
     size = unet.get("sample_size", 32)
     size = int(size if isinstance(size, int) else size[0])
     embeds = int(unet.get("num_class_embeds") or 0)
-    classes = [str(i) for i in range(embeds - 1)] if embeds > 1 else []  # ddpmkit's convention: the last row is no class
+    classes = (
+        [str(i) for i in range(embeds - 1)] if embeds > 1 else []
+    )  # ddpmkit's convention: the last row is no class
     config = {
         "run": {"name": folder.resolve().name or "pretrained", "dir": str(folder.resolve().parent)},
-        "data": {"dataset": "image-folder", "root": str(folder), "channels": int(unet.get("in_channels", 3)),
-                 "image_size": size},
+        "data": {
+            "dataset": "image-folder",
+            "root": str(folder),
+            "channels": int(unet.get("in_channels", 3)),
+            "image_size": size,
+        },
         "schedule": schedule,
         "denoiser": {"name": "diffusers-unet", "options": {"pretrained": str(unet_dir), "prediction": prediction}},
         "sampler": sampler,
@@ -241,8 +330,9 @@ def pretrained_config(folder: Path) -> tuple[dict[str, Any], list[str]]:
     return config, classes
 
 
-def load_pretrained(folder: Path, *, device: str | None = None, sampler: str | None = None,
-                    overrides: list[str] | None = None) -> tuple[Any, Any, list[str]]:
+def load_pretrained(
+    folder: Path, *, device: str | None = None, sampler: str | None = None, overrides: list[str] | None = None
+) -> tuple[Any, Any, list[str]]:
     """A diffusers folder's config, components (its UNet's weights loaded, in eval mode on ``device``) and
     classes, for :func:`ddpmkit.sampling.loaded.load_run` to hold as a run (step 0: the folder says nothing
     of its training)."""

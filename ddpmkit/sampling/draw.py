@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from contextlib import nullcontext
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -54,10 +55,10 @@ def generate(
     modes: SpeedModes | None = None,
     capture_steps: list[int] | None = None,
     progress: ProgressFn | None = None,
-    sampler_component: "Component | None" = None,
+    sampler_component: Component | None = None,
     labels: torch.Tensor | None = None,
     conditioned: Conditioner | None = None,
-    edit: "Edit | None" = None,
+    edit: Edit | None = None,
 ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """Draw ``num_images`` images in [-1, 1] (on the CPU); optionally the intermediate x at ``capture_steps``.
 
@@ -88,14 +89,19 @@ def generate(
                 if t in wanted:
                     captured[t].append(x.float().cpu())
                 if progress is not None:
-                    progress(n)
+                    progress(n)  # noqa: B023 (the callback of this batch only)
 
             guard = blame(sampler_component, "while sampling") if sampler_component else nullcontext()
             batch_network = conditioned(network, labels[start : start + n]) if labels is not None else network
             with guard, torch.inference_mode(), autocast(device, modes.precision):
-                extra = edit.sampler_arguments(sampler, schedule, slice(start, start + n), generator, device) if edit else {}
-                x = sampler.sample(batch_network, schedule, (n, *image_shape), generator=generator, callback=callback,
-                                   **extra)
+                extra = (
+                    edit.sampler_arguments(sampler, schedule, slice(start, start + n), generator, device)
+                    if edit
+                    else {}
+                )
+                x = sampler.sample(
+                    batch_network, schedule, (n, *image_shape), generator=generator, callback=callback, **extra
+                )
                 if not isinstance(x, torch.Tensor) or tuple(x.shape) != (n, *image_shape):
                     got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
                     raise ValueError(f"sample returned {got}, expected shape {(n, *image_shape)}")
@@ -111,7 +117,7 @@ def generate(
     return images, {t: torch.cat(v) for t, v in captured.items() if v}
 
 
-def _check_range(images: torch.Tensor, component: "Component | None") -> None:
+def _check_range(images: torch.Tensor, component: Component | None) -> None:
     who = component.label if component is not None else "the sampler"
     if images.numel() == 0:
         return

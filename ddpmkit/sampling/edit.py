@@ -32,8 +32,9 @@ class Edit:
     jump_length: int = 10
     resample: int = 1
 
-    def sampler_arguments(self, sampler: Sampler, schedule: NoiseSchedule, rows: slice,
-                          generator: torch.Generator, device: torch.device) -> dict[str, Any]:
+    def sampler_arguments(
+        self, sampler: Sampler, schedule: NoiseSchedule, rows: slice, generator: torch.Generator, device: torch.device
+    ) -> dict[str, Any]:
         """``start``, ``hook``, ``jump_length`` and ``resample`` of :meth:`Sampler.sample` for the images ``rows``;
         every draw from ``generator``."""
         x0 = self.images[rows].to(device)
@@ -64,11 +65,15 @@ def check_sampler(sampler: Sampler, name: str, resample: int = 1) -> None:
     import inspect
 
     if not getattr(type(sampler), "supports_start", False):
-        raise ConfigError(f"sampler {name} cannot start from an image (its supports_start is False), so it cannot "
-                          "edit; ddpm, ddim and any sampler built on ReverseStepSampler can")
+        raise ConfigError(
+            f"sampler {name} cannot start from an image (its supports_start is False), so it cannot "
+            "edit; ddpm, ddim and any sampler built on ReverseStepSampler can"
+        )
     if resample > 1 and "resample" not in inspect.signature(sampler.sample).parameters:
-        raise ConfigError(f"sampler {name} does not take RePaint's resampling (resample, jump_length); use ddpm or "
-                          "ddim for --resample above 1")
+        raise ConfigError(
+            f"sampler {name} does not take RePaint's resampling (resample, jump_length); use ddpm or "
+            "ddim for --resample above 1"
+        )
 
 
 def as_model_scale(images: torch.Tensor, shape: tuple[int, int, int], what: str = "the inputs") -> torch.Tensor:
@@ -77,8 +82,10 @@ def as_model_scale(images: torch.Tensor, shape: tuple[int, int, int], what: str 
     if images.ndim == 3:
         images = images.unsqueeze(0)
     if images.ndim != 4 or tuple(images.shape[1:]) != tuple(shape):
-        raise ConfigError(f"{what} are {tuple(images.shape)}; the run's images are {'x'.join(map(str, shape))} "
-                          "(C x H x W): give images of that shape")
+        raise ConfigError(
+            f"{what} are {tuple(images.shape)}; the run's images are {'x'.join(map(str, shape))} "
+            "(C x H x W): give images of that shape"
+        )
     if images.dtype == torch.uint8:
         return images.float() / 127.5 - 1.0
     x = images.float()
@@ -95,8 +102,10 @@ def as_keep_mask(mask: torch.Tensor, num: int, shape: tuple[int, int, int], what
     while m.ndim < 4:
         m = m.unsqueeze(0)
     if m.ndim != 4 or m.shape[1] != 1 or tuple(m.shape[-2:]) != (h, w) or m.shape[0] not in (1, num):
-        raise ConfigError(f"{what} is {tuple(mask.shape)}; it must be one channel of the run's {h}x{w} images "
-                          f"([H, W], [1, H, W] or [N, 1, H, W] with N = 1 or {num}): white where pixels are generated")
+        raise ConfigError(
+            f"{what} is {tuple(mask.shape)}; it must be one channel of the run's {h}x{w} images "
+            f"([H, W], [1, H, W] or [N, 1, H, W] with N = 1 or {num}): white where pixels are generated"
+        )
     generate = (m.float() > (127.5 if m.dtype == torch.uint8 else 0.5)).float()
     return (1.0 - generate).expand(num, 1, h, w).contiguous()
 

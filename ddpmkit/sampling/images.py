@@ -31,7 +31,9 @@ def save_png(array: np.ndarray, path: Path, scale: int = 1) -> None:
 
 
 #: What ``--out`` can name: a grid, an array, or a folder (one PNG per image, beside both).
-OUTPUT_FORMS = ".png (a grid), .npz (uint8 NHWC 'images') or a folder DIR (one PNG per image, with DIR.npz and DIR.png beside it)"
+OUTPUT_FORMS = (
+    ".png (a grid), .npz (uint8 NHWC 'images') or a folder DIR (one PNG per image, with DIR.npz and DIR.png beside it)"
+)
 
 
 def is_folder_output(path: Path) -> bool:
@@ -43,8 +45,14 @@ def _is_sample_file(path: Path) -> bool:
     return bool(re.fullmatch(r"\d{6}\.png", path.name))
 
 
-def write_images(images: torch.Tensor, path: Path, *, labels: torch.Tensor | None = None,
-                 classes: list[str] | None = None, scale: int = 1) -> None:
+def write_images(
+    images: torch.Tensor,
+    path: Path,
+    *,
+    labels: torch.Tensor | None = None,
+    classes: list[str] | None = None,
+    scale: int = 1,
+) -> None:
     """Write model-scale images as a grid (``.png``, upscaled ``scale`` times), as uint8 NHWC under ``images``
     (``.npz``), or into a folder DIR: ``000000.png``... one per image at its own size and nothing else (what
     clean-fid, torch-fidelity and pytorch-fid read), with ``DIR.npz`` and the grid ``DIR.png`` beside it.
@@ -73,8 +81,13 @@ def write_images(images: torch.Tensor, path: Path, *, labels: torch.Tensor | Non
                 extra = {"labels": labels.to(torch.int64).numpy(), "classes": np.array(classes or [], dtype=str)}
             np.savez_compressed(path, images=u8.permute(0, 2, 3, 1).numpy(), **extra)
         else:
-            save_png(class_rows(u8, labels, classes or []) if labels is not None
-                     else grid(u8, nrow=int(np.ceil(np.sqrt(len(u8))))), path, scale)
+            save_png(
+                class_rows(u8, labels, classes or [])
+                if labels is not None
+                else grid(u8, nrow=int(np.ceil(np.sqrt(len(u8))))),
+                path,
+                scale,
+            )
     except OSError as exc:
         raise DdpmkitError(f"{path}: cannot write ({exc.strerror or exc})") from None
 
@@ -148,8 +161,10 @@ def check_output_path(path: Path) -> None:
     if folder and path.exists() and not path.is_dir():
         raise ConfigError(f"--out {path}: is a file; name {OUTPUT_FORMS}")
     if folder and path.is_dir() and any(not _is_sample_file(p) for p in path.iterdir()):
-        raise ConfigError(f"--out {path}: the folder holds other files than samples; name a new or empty folder "
-                          "(its PNGs would be read as samples)")
+        raise ConfigError(
+            f"--out {path}: the folder holds other files than samples; name a new or empty folder "
+            "(its PNGs would be read as samples)"
+        )
     for parent in path.parents:
         if parent.exists():
             if not parent.is_dir():

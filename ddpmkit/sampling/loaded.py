@@ -9,14 +9,15 @@ over ten samplers verifies and builds its checkpoint once::
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence, Union
+from typing import Any, Literal
 
 import torch
 
-from ddpmkit.sampling.diffusers_io import is_diffusers_folder, load_pretrained
 from ddpmkit.errors import ConfigError, DdpmkitError
+from ddpmkit.guidance import ClassConditioned, GuidedDenoiser, guided_at
 from ddpmkit.interfaces import Denoiser, Sampler
 from ddpmkit.registry import discovery
 from ddpmkit.registry.blame import blame
@@ -25,11 +26,11 @@ from ddpmkit.run.checkpoint import Checkpoint, find_checkpoint, latest_checkpoin
 from ddpmkit.run.components import Components, build_components
 from ddpmkit.run.config import ALL_CLASSES, RunConfig, config_from_dict
 from ddpmkit.run.data import to_uint8
-from ddpmkit.guidance import ClassConditioned, GuidedDenoiser, guided_at
 from ddpmkit.run.guide import guide_dir
 from ddpmkit.runtime.device import pick_device
 from ddpmkit.runtime.limits import check_fits
 from ddpmkit.runtime.speed import SpeedModes
+from ddpmkit.sampling.diffusers_io import is_diffusers_folder, load_pretrained
 from ddpmkit.sampling.draw import ProgressFn, generate
 
 #: The [train] keys that also decide how sampling runs, and so may change when sampling from a checkpoint.
@@ -38,7 +39,7 @@ SAMPLING_SPEED_KEYS = ("train.precision", "train.channels_last", "train.compile"
 SAMPLING_KEYS = (*SAMPLING_SPEED_KEYS, "guidance.weight", "guidance.interval", "guidance.method")
 Weights = Literal["ema", "model"]
 #: Which classes to draw: "all", one class, or several (each an index or a class name); None: the config's.
-Classes = Union[str, int, Sequence[Union[int, str]], None]
+Classes = str | int | Sequence[int | str] | None
 
 
 @dataclass(frozen=True)
@@ -74,9 +75,17 @@ class LoadedRun:
     at the end of ``ddpmkit run``), ``classes`` the class names of a class-conditional run (empty otherwise).
     """
 
-    def __init__(self, config: RunConfig, components: Components, *, run_dir: Path, step: int,
-                 weights: Weights = "ema", checkpoint: Checkpoint | None = None,
-                 classes: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        config: RunConfig,
+        components: Components,
+        *,
+        run_dir: Path,
+        step: int,
+        weights: Weights = "ema",
+        checkpoint: Checkpoint | None = None,
+        classes: list[str] | None = None,
+    ) -> None:
         self.config, self.components = config, components
         self.run_dir, self.step, self.weights, self.checkpoint = Path(run_dir), step, weights, checkpoint
         self.classes = list(classes or [])
@@ -93,8 +102,11 @@ class LoadedRun:
         unconditional run or a class it does not have."""
         self._refuse_unless_conditional()
         wanted = self.config.sample.classes if classes is None else classes
-        indices = list(range(len(self.classes))) if wanted == ALL_CLASSES else [
-            self._class_index(c) for c in (wanted if isinstance(wanted, (list, tuple)) else [wanted])]
+        indices = (
+            list(range(len(self.classes)))
+            if wanted == ALL_CLASSES
+            else [self._class_index(c) for c in (wanted if isinstance(wanted, (list, tuple)) else [wanted])]
+        )
         if not indices:
             raise ConfigError("no classes asked for")
         per, extra = divmod(num, len(indices))
@@ -103,8 +115,10 @@ class LoadedRun:
 
     def _refuse_unless_conditional(self) -> None:
         if not self.conditional:
-            raise ConfigError(f"{self.source} was trained without class labels: it cannot be asked for a class "
-                              '(conditioning.kind = "class" trains a run that can)')
+            raise ConfigError(
+                f"{self.source} was trained without class labels: it cannot be asked for a class "
+                '(conditioning.kind = "class" trains a run that can)'
+            )
 
     def _class_index(self, c: int | str) -> int:
         names = ", ".join(f"{i} ({name})" if name != str(i) else name for i, name in enumerate(self.classes))
@@ -129,8 +143,10 @@ class LoadedRun:
         ckpt = find_checkpoint(Path(source))
         mine = self.checkpoint.schema.identity_sha256 if self.checkpoint is not None else None
         if mine is not None and ckpt.schema.identity_sha256 != mine:
-            raise ConfigError(f"{ckpt.path} is a checkpoint of another run than {self.source} (its model, process "
-                              "or data differ): load it with ddpmkit.load_run")
+            raise ConfigError(
+                f"{ckpt.path} is a checkpoint of another run than {self.source} (its model, process "
+                "or data differ): load it with ddpmkit.load_run"
+            )
         with blame(self.components.refs["denoiser"], "to load the checkpoint's weights"):
             self.denoiser.load_state_dict(ckpt.weights("ema"))
         self.checkpoint, self.step, self.weights = ckpt, ckpt.step, "ema"
@@ -149,8 +165,14 @@ class LoadedRun:
         """The checkpoint folder the weights came from, or the run folder."""
         return self.checkpoint.path if self.checkpoint is not None else self.run_dir
 
-    def plan(self, *, sampler: str | None = None, steps: int | None = None,
-             options: dict[str, Any] | None = None, guidance: float | None = None) -> SamplingPlan:
+    def plan(
+        self,
+        *,
+        sampler: str | None = None,
+        steps: int | None = None,
+        options: dict[str, Any] | None = None,
+        guidance: float | None = None,
+    ) -> SamplingPlan:
         """The run's own sampling, or another sampler, step count (``sampler.options.steps``), sampler options
         or guidance weight, validated as a config would be."""
         cfg, built = self.config, self.components
@@ -165,24 +187,48 @@ class LoadedRun:
                 data["guidance"]["weight"] = guidance
             cfg = config_from_dict(data)
             comp = cfg.component("sampler")
-            built = Components(built.schedule, built.denoiser, construct(comp, cfg.component_options("sampler")),
-                               {**built.refs, "sampler": comp})
+            built = Components(
+                built.schedule,
+                built.denoiser,
+                construct(comp, cfg.component_options("sampler")),
+                {**built.refs, "sampler": comp},
+            )
         return SamplingPlan(cfg, built.sampler, built, built.timesteps())
 
-    def draw(self, num: int, *, plan: SamplingPlan | None = None, seed: int = 0, batch_size: int = 64,
-             progress: ProgressFn | None = None, capture_steps: list[int] | None = None,
-             labels: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    def draw(
+        self,
+        num: int,
+        *,
+        plan: SamplingPlan | None = None,
+        seed: int = 0,
+        batch_size: int = 64,
+        progress: ProgressFn | None = None,
+        capture_steps: list[int] | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """``num`` images in [-1, 1] (float, NCHW, on the CPU) and the states at ``capture_steps``; a conditional
         run draws image i as class ``labels[i]`` (default: :meth:`labels` of ``sample.classes``)."""
         plan = plan or self.plan()
         c, h, w = plan.config.image_shape
         check_fits(num * c * h * w * 5, f"--num {num:,}", "ask for fewer images, or sample several times with --seed")
-        return self._generate(num, plan, seed=seed, batch_size=batch_size, progress=progress,
-                              capture_steps=capture_steps, labels=labels)
+        return self._generate(
+            num, plan, seed=seed, batch_size=batch_size, progress=progress, capture_steps=capture_steps, labels=labels
+        )
 
-    def edit(self, images: torch.Tensor, *, strength: float | None = None, mask: torch.Tensor | None = None,
-             plan: SamplingPlan | None = None, seed: int = 0, batch_size: int = 64, labels: torch.Tensor | None = None,
-             jump_length: int = 10, resample: int = 1, progress: ProgressFn | None = None) -> torch.Tensor:
+    def edit(
+        self,
+        images: torch.Tensor,
+        *,
+        strength: float | None = None,
+        mask: torch.Tensor | None = None,
+        plan: SamplingPlan | None = None,
+        seed: int = 0,
+        batch_size: int = 64,
+        labels: torch.Tensor | None = None,
+        jump_length: int = 10,
+        resample: int = 1,
+        progress: ProgressFn | None = None,
+    ) -> torch.Tensor:
         """``images`` (uint8 [N, C, H, W] or float in [-1, 1]) edited, as float NCHW in [-1, 1] on the CPU: SDEdit
         noises them to ``strength`` x T and samples back (default 0.5; 0 returns them); with a ``mask`` (white /
         True where pixels are generated; default strength 1) the other pixels are kept exactly (RePaint, with
@@ -202,12 +248,28 @@ class LoadedRun:
         schedule = plan.components.schedule
         if start_step(plan.sampler.timesteps(schedule), strength, schedule.num_timesteps) is None:
             return x.clone()  # strength 0 (or below the sampler's first step): the input is the answer
-        return self._generate(len(x), plan, seed=seed, batch_size=batch_size, progress=progress, labels=labels,
-                              edit=Edit(x.cpu(), strength, keep, jump_length, resample))[0]
+        return self._generate(
+            len(x),
+            plan,
+            seed=seed,
+            batch_size=batch_size,
+            progress=progress,
+            labels=labels,
+            edit=Edit(x.cpu(), strength, keep, jump_length, resample),
+        )[0]
 
-    def _generate(self, num: int, plan: SamplingPlan, *, seed: int, batch_size: int, progress: ProgressFn | None,
-                  labels: torch.Tensor | None, capture_steps: list[int] | None = None,
-                  edit: Any = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    def _generate(
+        self,
+        num: int,
+        plan: SamplingPlan,
+        *,
+        seed: int,
+        batch_size: int,
+        progress: ProgressFn | None,
+        labels: torch.Tensor | None,
+        capture_steps: list[int] | None = None,
+        edit: Any = None,
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """:func:`generate` with the plan's network (guided as it says) and the class of each image."""
         if labels is not None and len(labels) != num:
             raise ConfigError(f"{len(labels)} labels for {num} images")
@@ -223,16 +285,36 @@ class LoadedRun:
             return ClassConditioned(net, batch_labels, cfg_weight, g.interval)
 
         return generate(
-            network, plan.components.schedule, plan.sampler, num, batch_size=batch_size, seed=seed,
-            image_shape=plan.config.image_shape, modes=SpeedModes.for_run(plan.config.train, self.device),
-            capture_steps=capture_steps, progress=progress, sampler_component=plan.components.refs["sampler"],
-            labels=labels, conditioned=conditioned if labels is not None else None, edit=edit,
+            network,
+            plan.components.schedule,
+            plan.sampler,
+            num,
+            batch_size=batch_size,
+            seed=seed,
+            image_shape=plan.config.image_shape,
+            modes=SpeedModes.for_run(plan.config.train, self.device),
+            capture_steps=capture_steps,
+            progress=progress,
+            sampler_component=plan.components.refs["sampler"],
+            labels=labels,
+            conditioned=conditioned if labels is not None else None,
+            edit=edit,
         )
 
-    def sample(self, num: int, *, sampler: str | None = None, steps: int | None = None,
-               options: dict[str, Any] | None = None, guidance: float | None = None, classes: Classes = None,
-               seed: int = 0, batch_size: int = 64, output: Literal["uint8", "float"] = "uint8",
-               progress: ProgressFn | None = None) -> torch.Tensor:
+    def sample(
+        self,
+        num: int,
+        *,
+        sampler: str | None = None,
+        steps: int | None = None,
+        options: dict[str, Any] | None = None,
+        guidance: float | None = None,
+        classes: Classes = None,
+        seed: int = 0,
+        batch_size: int = 64,
+        output: Literal["uint8", "float"] = "uint8",
+        progress: ProgressFn | None = None,
+    ) -> torch.Tensor:
         """``num`` images: uint8 NHWC (``output="uint8"``, as files hold them) or float NCHW in [-1, 1]; a
         conditional run draws ``classes`` ("all", a class or a list: see :meth:`labels`)."""
         if output not in ("uint8", "float"):
@@ -248,13 +330,24 @@ class LoadedRun:
             return self.denoiser
         if self._guide is None:  # loaded once, for every weight
             self._guide = _load_guide(self.run_dir, plan.config.guidance.weight, self.weights, self.device)
-        return GuidedDenoiser(self.denoiser, self._guide, plan.config.guidance.weight, plan.components.schedule,
-                              plan.config.guidance.interval)
+        return GuidedDenoiser(
+            self.denoiser,
+            self._guide,
+            plan.config.guidance.weight,
+            plan.components.schedule,
+            plan.config.guidance.interval,
+        )
 
 
-def load_run(source: str | Path, *, weights: Weights = "ema", device: str | None = None,
-             sampler: str | None = None, overrides: list[str] | None = None,
-             warn: Callable[[str], None] | None = None) -> LoadedRun:
+def load_run(
+    source: str | Path,
+    *,
+    weights: Weights = "ema",
+    device: str | None = None,
+    sampler: str | None = None,
+    overrides: list[str] | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> LoadedRun:
     """Verify and load a run's latest checkpoint (or the checkpoint folder ``source``, or a diffusers folder:
     see :func:`ddpmkit.sampling.diffusers_io.load_pretrained`) once.
 
@@ -284,8 +377,9 @@ def load_run(source: str | Path, *, weights: Weights = "ema", device: str | None
     with blame(built.refs["denoiser"], "to load the checkpoint's weights"):
         built.denoiser.load_state_dict(ckpt.weights(weights))
     built.denoiser.to(dev).eval()
-    return LoadedRun(cfg, built, run_dir=ckpt.path.parent.parent, step=ckpt.step, weights=weights, checkpoint=ckpt,
-                     classes=classes)
+    return LoadedRun(
+        cfg, built, run_dir=ckpt.path.parent.parent, step=ckpt.step, weights=weights, checkpoint=ckpt, classes=classes
+    )
 
 
 def _load_guide(run_dir: Path, weight: float, weights: Weights, device: torch.device) -> Denoiser:
@@ -314,7 +408,8 @@ def _refuse_process_changes(overrides: list[str]) -> None:
         if key.split(".")[0] not in ("sampler", "sample", "run") and key not in SAMPLING_KEYS:
             raise ConfigError(
                 f"--set {item}: the weights were trained with the checkpoint's {key.split('.')[0]}; sampling may "
-                "change only [sampler], [sample], [run], guidance.weight/method/interval and train.precision/channels_last/compile"
+                "change only [sampler], [sample], [run], guidance.weight/method/interval and "
+                "train.precision/channels_last/compile"
             )
 
 

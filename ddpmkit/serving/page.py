@@ -52,7 +52,7 @@ def enlarge(image: np.ndarray, cell: int) -> np.ndarray:
 class Studio:
     """A trained run and what the page does with it; one request at a time uses the network."""
 
-    def __init__(self, run: "LoadedRun") -> None:
+    def __init__(self, run: LoadedRun) -> None:
         self.run = run
         self._lock = threading.Lock()
 
@@ -74,16 +74,19 @@ class Studio:
     def samplers(self) -> list[str]:
         """The installed samplers, the run's own first."""
         own = self.run.components.refs["sampler"].name
-        usable = sorted({row["name"] for row in discovery.list_plugins()
-                         if row["kind"] == "sampler" and row["status"] == "ok"})
+        usable = sorted(
+            {row["name"] for row in discovery.list_plugins() if row["kind"] == "sampler" and row["status"] == "ok"}
+        )
         return [own, *[n for n in usable if n != own]]
 
     def describe(self) -> str:
         """A line naming the run, its step, size and (conditional) classes."""
         c, h, w = self.run.config.image_shape
         kind = f"{len(self.run.classes)} classes" if self.run.conditional else "unconditional"
-        return (f"{self.run.source} — step {self.run.step:,}, {c}x{h}x{w}, {kind}, "
-                f"sampler {self.samplers[0]} ({len(self.run.plan().timesteps)} steps)")
+        return (
+            f"{self.run.source} — step {self.run.step:,}, {c}x{h}x{w}, {kind}, "
+            f"sampler {self.samplers[0]} ({len(self.run.plan().timesteps)} steps)"
+        )
 
     def takes_steps(self, sampler: str) -> bool:
         """Whether ``sampler`` has a ``steps`` option (ddpm walks every step of the schedule)."""
@@ -95,8 +98,11 @@ class Studio:
     def _plan(self, sampler: str, steps: int | None, guidance: float | None):
         sampler = sampler or self.samplers[0]
         try:
-            return self.run.plan(sampler=sampler, steps=int(steps) if steps and self.takes_steps(sampler) else None,
-                                 guidance=float(guidance) if guidance is not None else None)
+            return self.run.plan(
+                sampler=sampler,
+                steps=int(steps) if steps and self.takes_steps(sampler) else None,
+                guidance=float(guidance) if guidance is not None else None,
+            )
         except DdpmkitError as exc:
             raise PageError(str(exc)) from None
 
@@ -108,8 +114,16 @@ class Studio:
         except DdpmkitError as exc:
             raise PageError(str(exc)) from None
 
-    def draw(self, *, klass: str | None = ALL, guidance: float | None = None, sampler: str = "",
-             steps: int | None = None, num: int = 16, seed: int = 0) -> Drawn:
+    def draw(
+        self,
+        *,
+        klass: str | None = ALL,
+        guidance: float | None = None,
+        sampler: str = "",
+        steps: int | None = None,
+        num: int = 16,
+        seed: int = 0,
+    ) -> Drawn:
         """``num`` images and the denoising strip of the first few, from the same seed."""
         num = int(num)
         if not 1 <= num <= MAX_IMAGES:
@@ -127,25 +141,42 @@ class Studio:
 
         u8 = to_uint8(images)
         cell = u8.shape[-1] + 2
-        body = class_rows(u8, labels, self.run.classes) if labels is not None else grid(u8, nrow=int(np.ceil(np.sqrt(num))))
+        body = (
+            class_rows(u8, labels, self.run.classes)
+            if labels is not None
+            else grid(u8, nrow=int(np.ceil(np.sqrt(num))))
+        )
         rows = min(4, num)
         strip = trajectory_strip({t: x[:rows] for t, x in captured.items()}) if captured else None
-        words = (f"{num} images, {plan.components.refs['sampler'].name}, {len(plan.timesteps)} steps, seed {int(seed)}"
-                 + (f", guidance {plan.config.guidance.weight:g}" if plan.guided else "")
-                 + (f", class {klass}" if labels is not None and klass not in (None, "", ALL) else ""))
+        words = (
+            f"{num} images, {plan.components.refs['sampler'].name}, {len(plan.timesteps)} steps, seed {int(seed)}"
+            + (f", guidance {plan.config.guidance.weight:g}" if plan.guided else "")
+            + (f", class {klass}" if labels is not None and klass not in (None, "", ALL) else "")
+        )
         return Drawn(enlarge(body, cell), enlarge(strip, cell) if strip is not None else None, words)
 
-    def edit(self, image: np.ndarray | None, mask: np.ndarray | None, *, strength: float = 0.5,
-             klass: str | None = ALL, guidance: float | None = None, sampler: str = "", steps: int | None = None,
-             num: int = 4, seed: int = 0) -> Drawn:
+    def edit(
+        self,
+        image: np.ndarray | None,
+        mask: np.ndarray | None,
+        *,
+        strength: float = 0.5,
+        klass: str | None = ALL,
+        guidance: float | None = None,
+        sampler: str = "",
+        steps: int | None = None,
+        num: int = 4,
+        seed: int = 0,
+    ) -> Drawn:
         """``num`` edits of an uploaded ``image`` (any size, gray or colour, HxW[xC] uint8): SDEdit at
         ``strength``, or inpainting where ``mask`` (HxW, nonzero = generate) is set."""
         num = int(num)
         if image is None or not isinstance(image, np.ndarray) or image.size == 0:
             raise PageError("upload an image first (PNG or JPEG)")
         if image.ndim not in (2, 3) or max(image.shape[:2]) > MAX_UPLOAD_SIDE:
-            raise PageError(f"an image of shape {image.shape} is not one this page can edit "
-                            f"(at most {MAX_UPLOAD_SIDE} px a side)")
+            raise PageError(
+                f"an image of shape {image.shape} is not one this page can edit (at most {MAX_UPLOAD_SIDE} px a side)"
+            )
         if not 1 <= num <= 16:
             raise PageError(f"{num} results: the page makes 1 to 16 per image")
         plan = self._plan(sampler, steps, guidance)
@@ -157,8 +188,14 @@ class Studio:
         labels = self._labels(klass, num)
         with self._lock:
             try:
-                edited = self.run.edit(x.repeat(num, 1, 1, 1), strength=float(strength) if generate is None else None,
-                                       mask=generate, plan=plan, seed=int(seed), labels=labels)
+                edited = self.run.edit(
+                    x.repeat(num, 1, 1, 1),
+                    strength=float(strength) if generate is None else None,
+                    mask=generate,
+                    plan=plan,
+                    seed=int(seed),
+                    labels=labels,
+                )
             except DdpmkitError as exc:
                 raise PageError(str(exc)) from None
         from ddpmkit.run.data import to_uint8
@@ -169,9 +206,12 @@ class Studio:
             cells.append(gray)
         cells.append(to_uint8(edited))
         u8 = torch.cat(cells)
-        words = (f"{'inpainting' if generate is not None else f'SDEdit at strength {float(strength):g}'}, "
-                 f"{plan.components.refs['sampler'].name}, {num} results, seed {int(seed)} (first: the input"
-                 + (", then the mask in gray" if generate is not None else "") + ")")
+        words = (
+            f"{'inpainting' if generate is not None else f'SDEdit at strength {float(strength):g}'}, "
+            f"{plan.components.refs['sampler'].name}, {num} results, seed {int(seed)} (first: the input"
+            + (", then the mask in gray" if generate is not None else "")
+            + ")"
+        )
         return Drawn(enlarge(grid(u8, nrow=len(u8)), u8.shape[-1] + 2), None, words)
 
 
@@ -204,6 +244,7 @@ def build_page(studio: Studio) -> Any:
                 return fn(*args)
             except PageError as exc:  # one line on the page; the server goes on
                 raise gr.Error(str(exc)) from None
+
         return run
 
     def draw(klass, guidance, sampler, steps, num, seed):
@@ -212,19 +253,39 @@ def build_page(studio: Studio) -> Any:
 
     def edit(editor, strength, klass, guidance, sampler, steps, num, seed):
         image, mask = _from_editor(editor)
-        d = studio.edit(image, mask, strength=strength, klass=klass, guidance=guidance, sampler=sampler,
-                        steps=steps, num=num, seed=seed)
+        d = studio.edit(
+            image,
+            mask,
+            strength=strength,
+            klass=klass,
+            guidance=guidance,
+            sampler=sampler,
+            steps=steps,
+            num=num,
+            seed=seed,
+        )
         return d.grid, d.caption
 
     def controls(most: int, default: int, what: str) -> list[Any]:
         """The class, guidance, sampler, steps, how many and seed widgets, in the order draw and edit take them."""
         return [
             gr.Dropdown(studio.classes or [ALL], value=ALL, label="class", visible=bool(studio.classes)),
-            gr.Slider(1.0, 8.0, value=float(studio.run.config.guidance.weight), step=0.25,
-                      label="guidance weight (1 = off)", visible=studio.guidable),
+            gr.Slider(
+                1.0,
+                8.0,
+                value=float(studio.run.config.guidance.weight),
+                step=0.25,
+                label="guidance weight (1 = off)",
+                visible=studio.guidable,
+            ),
             gr.Dropdown(studio.samplers, value=studio.samplers[0], label="sampler"),
-            gr.Slider(1, studio.run.config.num_timesteps, value=len(studio.run.plan().timesteps), step=1,
-                      label="steps (samplers that take a step count)"),
+            gr.Slider(
+                1,
+                studio.run.config.num_timesteps,
+                value=len(studio.run.plan().timesteps),
+                step=1,
+                label="steps (samplers that take a step count)",
+            ),
             gr.Slider(1, most, value=default, step=1, label=what),
             gr.Number(0, precision=0, minimum=0, label="seed"),
         ]
@@ -245,8 +306,11 @@ def build_page(studio: Studio) -> Any:
         with gr.Tab("Edit"):
             with gr.Row():
                 with gr.Column(scale=1):
-                    editor = gr.ImageEditor(label="image: upload, then brush where to generate (no brush: SDEdit)",
-                                            type="numpy", brush=gr.Brush(colors=["#ff0000"]))
+                    editor = gr.ImageEditor(
+                        label="image: upload, then brush where to generate (no brush: SDEdit)",
+                        type="numpy",
+                        brush=gr.Brush(colors=["#ff0000"]),
+                    )
                     editor.preprocess = _read_upload(editor.preprocess, gr.Error)
                     strength = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="SDEdit strength (0 keeps the image)")
                     editing = controls(16, 4, "results")
@@ -262,12 +326,15 @@ def build_page(studio: Studio) -> Any:
 def _read_upload(preprocess: Any, error: type) -> Any:
     """gradio's decoding of an upload, with a file it cannot read as an image turned into one line on the page
     (gradio's own message is a paragraph naming its internals)."""
+
     def read(payload: Any) -> Any:
         try:
             return preprocess(payload)
         except Exception as exc:
-            raise error(f"the upload is not an image this page can read ({type(exc).__name__}): use a PNG or "
-                        "JPEG file") from None
+            raise error(
+                f"the upload is not an image this page can read ({type(exc).__name__}): use a PNG or JPEG file"
+            ) from None
+
     return read
 
 

@@ -21,10 +21,11 @@ import platform
 import statistics
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -123,9 +124,14 @@ def machine_key(device: torch.device, flags: set[str] | None = None) -> dict[str
     """What a measurement depends on besides the model: the device, its model and flags, torch, and ddpmkit
     itself (whose own code, its compiled dropout say, can change which mode is fastest)."""
     flags = cpu_flags() if flags is None else flags
-    key: dict[str, Any] = {"device": device.type, "torch": torch.__version__, "ddpmkit": __version__,
-                           "threads": torch.get_num_threads(),
-                           "cpu": cpu_model(), "flags": sorted(f for f in flags if f.startswith(("avx", "amx", "fma")))}
+    key: dict[str, Any] = {
+        "device": device.type,
+        "torch": torch.__version__,
+        "ddpmkit": __version__,
+        "threads": torch.get_num_threads(),
+        "cpu": cpu_model(),
+        "flags": sorted(f for f in flags if f.startswith(("avx", "amx", "fma"))),
+    }
     if device.type == "cuda":
         key["gpu"] = torch.cuda.get_device_name(device)
     return key
@@ -146,7 +152,9 @@ class Choice:
         """One line: what was chosen, the figures, and what was left out."""
         chosen = mode_label(self.modes)
         shown = ", ".join(f"{name} {ips:,.0f}" for name, ips in sorted(self.figures.items(), key=lambda kv: -kv[1]))
-        text = f"speed modes: {chosen}" + (f" (measured images/s: {shown}{'; cached' if self.cached else ''})" if shown else "")
+        text = f"speed modes: {chosen}" + (
+            f" (measured images/s: {shown}{'; cached' if self.cached else ''})" if shown else ""
+        )
         if self.pruned:
             text += "; " + "; ".join(f"{name} not tried: {why}" for name, why in self.pruned.items())
         if self.failed:
@@ -158,8 +166,12 @@ class Choice:
 
 
 def mode_label(modes: SpeedModes) -> str:
-    return (modes.precision + ("+channels-last" if modes.channels_last else "") + ("+compiled" if modes.compile else "")
-            + ("+cuda-graphs" if modes.graphed else ""))
+    return (
+        modes.precision
+        + ("+channels-last" if modes.channels_last else "")
+        + ("+compiled" if modes.compile else "")
+        + ("+cuda-graphs" if modes.graphed else "")
+    )
 
 
 def is_auto(train_section: Any) -> bool:
@@ -175,7 +187,9 @@ def emulated_bf16(cfg: RunConfig, device: torch.device, flags: set[str] | None =
 EMULATED_BF16 = "bf16 is emulated on this CPU, and each bf16 mode measured here costs a minute or more"
 
 
-def candidates(cfg: RunConfig, device: torch.device, flags: set[str] | None = None) -> tuple[list[SpeedModes], dict[str, str]]:
+def candidates(
+    cfg: RunConfig, device: torch.device, flags: set[str] | None = None
+) -> tuple[list[SpeedModes], dict[str, str]]:
     """The exact modes ``auto`` measures for this config on ``device``, and those pruned with the reason."""
     tc = cfg.train
     pruned: dict[str, str] = {}
@@ -184,8 +198,11 @@ def candidates(cfg: RunConfig, device: torch.device, flags: set[str] | None = No
         if native_bf16(device, flags):
             precisions.append("bf16")
         else:
-            pruned["bf16"] = ("no native bf16 on this CPU (no AVX-512 BF16 or AMX): it is emulated, about 14x slower"
-                              if device.type == "cpu" else f"no native bf16 on {device.type}")
+            pruned["bf16"] = (
+                "no native bf16 on this CPU (no AVX-512 BF16 or AMX): it is emulated, about 14x slower"
+                if device.type == "cpu"
+                else f"no native bf16 on {device.type}"
+            )
     else:
         precisions = [tc.precision]
     layouts = [False, True] if tc.channels_last == AUTO else [bool(tc.channels_last)]
@@ -198,13 +215,30 @@ def candidates(cfg: RunConfig, device: torch.device, flags: set[str] | None = No
         pruned["compile"] = why
     base = SpeedModes.for_run(tc, device)
     compiled = tc.compile is True  # "auto": tried afterwards, on the fastest of these (see choose)
-    return [SpeedModes(p, channels_last=cl, compile=compiled, fused_adam=base.fused_adam, tf32=base.tf32,
-                       cuda_graphs=base.cuda_graphs) for p in precisions for cl in layouts], pruned
+    return [
+        SpeedModes(
+            p,
+            channels_last=cl,
+            compile=compiled,
+            fused_adam=base.fused_adam,
+            tf32=base.tf32,
+            cuda_graphs=base.cuda_graphs,
+        )
+        for p in precisions
+        for cl in layouts
+    ], pruned
 
 
-def measure_training(cfg: RunConfig, modes: SpeedModes, device: torch.device, *, warmup: int = MEASURE_WARMUP,
-                     steps: int = MEASURE_STEPS, mean: bool = False,
-                     max_seconds: float | None = MEASURE_SECONDS) -> tuple[float, float]:
+def measure_training(
+    cfg: RunConfig,
+    modes: SpeedModes,
+    device: torch.device,
+    *,
+    warmup: int = MEASURE_WARMUP,
+    steps: int = MEASURE_STEPS,
+    mean: bool = False,
+    max_seconds: float | None = MEASURE_SECONDS,
+) -> tuple[float, float]:
     """(images/s from the median step after ``warmup``, or from their mean with ``mean``, and seconds of the
     first step) of ddpmkit's own training loop (EMA, bookkeeping and all) for ``cfg``'s model and batch in
     ``modes``, on random images. Without ``mean``, the steps end early once those after the first took
@@ -223,15 +257,23 @@ def measure_training(cfg: RunConfig, modes: SpeedModes, device: torch.device, *,
     with tempfile.TemporaryDirectory(prefix="ddpmkit-measure-") as tmp:
         try:
             result = train(
-                run_cfg, model=model, schedule=schedule, dataset=synthetic_dataset(run_cfg, batch * 4),
-                device=device, run_dir=Path(tmp), checkpoint_state={}, events=TrainEvents(on_step=on_step),
+                run_cfg,
+                model=model,
+                schedule=schedule,
+                dataset=synthetic_dataset(run_cfg, batch * 4),
+                device=device,
+                run_dir=Path(tmp),
+                checkpoint_state={},
+                events=TrainEvents(on_step=on_step),
             )
         except _Measured:
             pass
         else:
             if result.interrupted:  # Ctrl-C or SIGTERM: the command stops, with no partial figure cached
-                raise MeasurementInterrupted(f"interrupted while measuring the speed of {mode_label(modes)} for "
-                                             f"{cfg.run.name}: nothing was trained, and no figure of it was cached")
+                raise MeasurementInterrupted(
+                    f"interrupted while measuring the speed of {mode_label(modes)} for "
+                    f"{cfg.run.name}: nothing was trained, and no figure of it was cached"
+                )
     times = [b - a for a, b in zip(stamps, stamps[1:])]
     times = times[min(warmup - 1, len(times) - 1) :]
     step_s = statistics.fmean(times) if mean else statistics.median(times)
@@ -255,16 +297,23 @@ def _steady_rate(cfg: RunConfig, modes: SpeedModes, device: torch.device, expect
     return measure_training(cfg, modes, device, steps=steps, mean=True)
 
 
-def steady_rate(cfg: RunConfig, device: torch.device, *, timer: Timer | None = None,
-                rate_timer: RateTimer | None = None) -> tuple[float, float]:
+def steady_rate(
+    cfg: RunConfig, device: torch.device, *, timer: Timer | None = None, rate_timer: RateTimer | None = None
+) -> tuple[float, float]:
     """(images/s, seconds of set-up) of ``cfg`` in the modes it will train in, measured now over about
     ``RATE_SECONDS`` of steady training (the mean step, so stalls count); never cached."""
     modes, expected = measured_rate(cfg, device, timer=timer)
-    _tell(f"  measuring {mode_label(modes)} for {cfg.run.name} over about {RATE_SECONDS:.0f} s of training, to plan its steps ...")
+    _tell(
+        f"  measuring {mode_label(modes)} for {cfg.run.name} over about {RATE_SECONDS:.0f} s of training, to plan "
+        "its steps ..."
+    )
     ips, setup = (rate_timer or _steady_rate)(cfg, modes, device, expected)
     if max(ips / expected, expected / ips) >= STALE_RATIO and forget(cfg, device):
-        _tell(f"  the speed figures measured before ({expected:,.1f} images/s in {mode_label(modes)}) were {max(ips / expected, expected / ips):.1f}x "
-              f"off the {ips:,.1f} measured now: forgotten, measured again by the next run")
+        _tell(
+            f"  the speed figures measured before ({expected:,.1f} images/s in {mode_label(modes)}) were "
+            f"{max(ips / expected, expected / ips):.1f}x "
+            f"off the {ips:,.1f} measured now: forgotten, measured again by the next run"
+        )
     return ips, setup
 
 
@@ -297,12 +346,23 @@ def model_key(cfg: RunConfig) -> dict[str, Any]:
     """The model and the step being timed: the identity's model keys, the batch and the image shape."""
     identity = {k: v for k, v in cfg.identity().items() if k.startswith(("denoiser.", "schedule.", "conditioning."))}
     graphs = {"cuda_graphs": True} if cfg.train.cuda_graphs else {}  # keys measured before it existed still match
-    return {**identity, "batch": cfg.train.batch_size, "shape": list(cfg.image_shape), "compile": cfg.train.compile,
-            **graphs}
+    return {
+        **identity,
+        "batch": cfg.train.batch_size,
+        "shape": list(cfg.image_shape),
+        "compile": cfg.train.compile,
+        **graphs,
+    }
 
 
-def choose(cfg: RunConfig, device: torch.device, *, timer: Timer | None = None, flags: set[str] | None = None,
-           cache: Path | None = None) -> Choice:
+def choose(
+    cfg: RunConfig,
+    device: torch.device,
+    *,
+    timer: Timer | None = None,
+    flags: set[str] | None = None,
+    cache: Path | None = None,
+) -> Choice:
     """The fastest exact candidate mode for ``cfg`` on ``device`` (measured with ``timer``, or cached)."""
     modes, pruned = candidates(cfg, device, flags)
     figures: dict[str, float] = {}
@@ -333,8 +393,14 @@ def compile_pays(plain: float, compiled: float) -> bool:
     return compiled >= COMPILE_GAIN * plain
 
 
-def measured_rate(cfg: RunConfig, device: torch.device, *, timer: Timer | None = None,
-                  flags: set[str] | None = None, cache: Path | None = None) -> tuple[SpeedModes, float]:
+def measured_rate(
+    cfg: RunConfig,
+    device: torch.device,
+    *,
+    timer: Timer | None = None,
+    flags: set[str] | None = None,
+    cache: Path | None = None,
+) -> tuple[SpeedModes, float]:
     """The modes ``cfg`` will train in on ``device`` (``auto`` resolved) and their images/s, measured for
     this model at its batch (cached like the choice)."""
     if is_auto(cfg.train):
@@ -348,8 +414,14 @@ def measured_rate(cfg: RunConfig, device: torch.device, *, timer: Timer | None =
     return modes, figures[mode_label(modes)]
 
 
-def slow_mode_warning(cfg: RunConfig, device: torch.device, *, timer: Timer | None = None,
-                      flags: set[str] | None = None, cache: Path | None = None) -> str | None:
+def slow_mode_warning(
+    cfg: RunConfig,
+    device: torch.device,
+    *,
+    timer: Timer | None = None,
+    flags: set[str] | None = None,
+    cache: Path | None = None,
+) -> str | None:
     """The warning for an explicit ``train.precision = "bf16"`` (whatever the other modes) on a CPU without native
     bf16, with fp32's and bf16's measured images/s when bf16 is SLOW_RATIO or more times slower; None otherwise.
 
@@ -363,33 +435,53 @@ def slow_mode_warning(cfg: RunConfig, device: torch.device, *, timer: Timer | No
     fp32, bf16 = (figures[mode_label(m)] for m in modes)
     if fp32 < SLOW_RATIO * bf16:
         return None
-    return (f"train.precision = bf16 is {fp32 / bf16:.1f}x slower than fp32 here ({bf16:,.1f} against {fp32:,.1f} "
-            "images/s measured for this model, uncompiled): this CPU has no native bf16 (no AVX-512 BF16 or AMX), "
-            'so it is emulated; set train.precision = "auto" (or "fp32")')
+    return (
+        f"train.precision = bf16 is {fp32 / bf16:.1f}x slower than fp32 here ({bf16:,.1f} against {fp32:,.1f} "
+        "images/s measured for this model, uncompiled): this CPU has no native bf16 (no AVX-512 BF16 or AMX), "
+        'so it is emulated; set train.precision = "auto" (or "fp32")'
+    )
 
 
-def _figures(cfg: RunConfig, device: torch.device, modes: list[SpeedModes], *, timer: Timer | None,
-             flags: set[str] | None, cache: Path | None) -> tuple[dict[str, float], bool]:
+def _figures(
+    cfg: RunConfig,
+    device: torch.device,
+    modes: list[SpeedModes],
+    *,
+    timer: Timer | None,
+    flags: set[str] | None,
+    cache: Path | None,
+) -> tuple[dict[str, float], bool]:
     """Images/s of each of ``modes`` for ``cfg``'s model on ``device``, and whether all were cached: each mode's
     figure from the cache, or measured and cached (one entry per mode, so a figure measured for one purpose, the
     bf16 warning say, serves the others)."""
     cache = cache or default_cache_file()
     machine, model = machine_key(device, flags), json.loads(json.dumps(model_key(cfg), default=str))
-    keys = {mode_label(m): hashlib.sha256(json.dumps([machine, model, asdict(m)], sort_keys=True).encode()).hexdigest()
-            for m in modes}
+    keys = {
+        mode_label(m): hashlib.sha256(json.dumps([machine, model, asdict(m)], sort_keys=True).encode()).hexdigest()
+        for m in modes
+    }
     stored = _read_cache(cache)
-    figures = {label: stored[key]["images_per_s"] for label, key in keys.items()
-               if isinstance(stored.get(key), dict) and isinstance(stored[key].get("images_per_s"), (int, float))}
+    figures = {
+        label: stored[key]["images_per_s"]
+        for label, key in keys.items()
+        if isinstance(stored.get(key), dict) and isinstance(stored[key].get("images_per_s"), (int, float))
+    }
     missing = [m for m in modes if mode_label(m) not in figures]
     if not missing:
         return figures, True
-    _tell(f"  measuring {', '.join(mode_label(m) for m in missing)} for {cfg.run.name} ({_size(cfg)}) on this {device.type} "
-          f"(up to {MEASURE_WARMUP + MEASURE_STEPS} steps each; cached for later runs) ...")
+    _tell(
+        f"  measuring {', '.join(mode_label(m) for m in missing)} for {cfg.run.name} ({_size(cfg)}) on this "
+        f"{device.type} "
+        f"(up to {MEASURE_WARMUP + MEASURE_STEPS} steps each; cached for later runs) ..."
+    )
     timer = timer or _measured_rate
     for m in missing:
         figures[mode_label(m)] = ips = float(timer(cfg, m, device))
-        _write_cache(cache, keys[mode_label(m)], {"images_per_s": ips, "mode": mode_label(m), "machine": machine,
-                                                  "model": model, "time": time.time()})
+        _write_cache(
+            cache,
+            keys[mode_label(m)],
+            {"images_per_s": ips, "mode": mode_label(m), "machine": machine, "model": model, "time": time.time()},
+        )
     return {mode_label(m): figures[mode_label(m)] for m in modes}, False
 
 

@@ -74,31 +74,48 @@ class TimePlan:
         at = checkpoint if checkpoint - start_step <= 2 * window else start_step + window
         return at if at < self.steps else None
 
-    def replanned(self, step: int, images_per_s: float, spent_s: float, batch: int, cap: int | None) -> "TimePlan":
+    def replanned(self, step: int, images_per_s: float, spent_s: float, batch: int, cap: int | None) -> TimePlan:
         """The plan from ``step`` on, at the loop's own ``images_per_s`` with ``spent_s`` of the budget used by
         the main network so far (at most ``cap`` steps, at least ``step``)."""
         left = max(0.0, self.budget_s * REPLANNED_SHARE - self.guide_s - spent_s)
         steps = step + int(left * images_per_s / batch)
         if cap is not None:
             steps = min(steps, cap)
-        return replace(self, steps=max(step, steps), replanned_at=step, first_steps=self.steps,
-                       loop_images_per_s=images_per_s, spent_s=spent_s)
+        return replace(
+            self,
+            steps=max(step, steps),
+            replanned_at=step,
+            first_steps=self.steps,
+            loop_images_per_s=images_per_s,
+            spent_s=spent_s,
+        )
 
     def describe(self) -> str:
         took = "took" if self.guide_trained else "about"
         guide = f"the guide {took} {format_duration(self.guide_s)}, then " if self.guide_s else ""
         setup = f" after {self.setup_s:.0f} s of set-up" if self.setup_s >= 1 else ""
         first = self.steps if self.first_steps is None else self.first_steps
-        said = (f"time budget {format_duration(self.budget_s)}: {guide}{first:,} steps at the "
-                f"{self.images_per_s:,.1f} images/s measured here{setup}")
+        said = (
+            f"time budget {format_duration(self.budget_s)}: {guide}{first:,} steps at the "
+            f"{self.images_per_s:,.1f} images/s measured here{setup}"
+        )
         if self.replanned_at is None:
             return said
-        return (f"{said}; re-planned at step {self.replanned_at:,} from the loop's own {self.loop_images_per_s or 0:,.1f} "
-                f"images/s: {self.steps:,} steps")
+        return (
+            f"{said}; re-planned at step {self.replanned_at:,} from the loop's own {self.loop_images_per_s or 0:,.1f} "
+            f"images/s: {self.steps:,} steps"
+        )
 
 
-def plan(cfg: RunConfig, device: torch.device, *, timer: Timer | None = None, final: bool = False,
-         guide_took: float | None = None, rate_timer: RateTimer | None = None) -> TimePlan:
+def plan(
+    cfg: RunConfig,
+    device: torch.device,
+    *,
+    timer: Timer | None = None,
+    final: bool = False,
+    guide_took: float | None = None,
+    rate_timer: RateTimer | None = None,
+) -> TimePlan:
     """How many steps of ``cfg`` fit its ``train.time_budget`` on ``device`` (at most ``train.max_steps``).
 
     An estimate from the speed modes' (cached) figures; ``final``: the plan the run keeps, from steady training
@@ -142,13 +159,17 @@ class ModelChoice:
 
     def describe(self, cfg: RunConfig) -> str:
         if self.index == 0:
-            return (f"the configured one, {self.steps[0]:,} steps in the budget (at least "
-                    f"train.budget_min_steps = {self.min_steps:,})")
+            return (
+                f"the configured one, {self.steps[0]:,} steps in the budget (at least "
+                f"train.budget_min_steps = {self.min_steps:,})"
+            )
         tried = ", ".join(f"{n:,} steps of {model_label(cfg, i)}" for i, n in enumerate(self.steps[:-1]))
         reaches = self.steps[self.index] >= self.min_steps
-        return (f"{model_label(cfg, self.index)}: the budget buys about {tried}, fewer than train.budget_min_steps = "
-                f"{self.min_steps:,}, and about {self.steps[self.index]:,} of this one"
-                + ("" if reaches else f" (the last offered: none reaches {self.min_steps:,})"))
+        return (
+            f"{model_label(cfg, self.index)}: the budget buys about {tried}, fewer than train.budget_min_steps = "
+            f"{self.min_steps:,}, and about {self.steps[self.index]:,} of this one"
+            + ("" if reaches else f" (the last offered: none reaches {self.min_steps:,})")
+        )
 
 
 def model_label(cfg: RunConfig, index: int) -> str:

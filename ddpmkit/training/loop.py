@@ -11,18 +11,24 @@ import hashlib
 import math
 import signal
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
 from timm.utils import ModelEmaV3
 
+from ddpmkit.diffusion import NULL_CLASS, Cond, draw_training_batch_noise, training_loss
+from ddpmkit.errors import DdpmkitError, HookFailed, TrainingDiverged
+from ddpmkit.interfaces import Denoiser, NoiseSchedule
 from ddpmkit.registry.blame import blame
 from ddpmkit.run.checkpoint import TRACKED_FILE, Checkpoint, save_checkpoint, save_snapshot
 from ddpmkit.run.config import RunConfig
 from ddpmkit.run.data import Dataset, to_model_scale
+from ddpmkit.runtime.distributed import World, check_batch
+from ddpmkit.runtime.processes import signals_handled
 from ddpmkit.runtime.speed import (
     SpeedModes,
     autocast,
@@ -32,12 +38,7 @@ from ddpmkit.runtime.speed import (
     memory_format,
     set_matmul_precision,
 )
-from ddpmkit.diffusion import NULL_CLASS, Cond, draw_training_batch_noise, training_loss
-from ddpmkit.runtime.distributed import World, check_batch
-from ddpmkit.runtime.processes import signals_handled
-from ddpmkit.errors import DdpmkitError, HookFailed, TrainingDiverged
 from ddpmkit.training.posthoc_ema import TrackedEmas
-from ddpmkit.interfaces import Denoiser, NoiseSchedule
 
 if TYPE_CHECKING:
     from ddpmkit.registry.discovery import Component
@@ -157,7 +158,7 @@ class StopRequest:
         self.signal: int | None = None
 
     @contextmanager
-    def installed(self) -> Iterator["StopRequest"]:
+    def installed(self) -> Iterator[StopRequest]:
         previous: dict[int, Any] = {}
 
         def handler(signum, frame):
@@ -209,8 +210,16 @@ class _Update:
 class _Trainer:
     """The state of a training run (model, optimizer, loss scaler, EMA, step) and its named steps."""
 
-    def __init__(self, cfg: RunConfig, model: Denoiser, schedule: NoiseSchedule, device: torch.device,
-                 world: World, resume: Checkpoint | None, denoiser_component: "Component | None") -> None:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        model: Denoiser,
+        schedule: NoiseSchedule,
+        device: torch.device,
+        world: World,
+        resume: Checkpoint | None,
+        denoiser_component: Component | None,
+    ) -> None:
         self.cfg, self.tc, self.world, self.device = cfg, cfg.train, world, device
         self.modes = SpeedModes.for_run(self.tc, device)
         set_matmul_precision(device, self.modes)
@@ -279,8 +288,9 @@ class _Trainer:
         flip = (torch.rand(batch, generator=g) < 0.5)[mine].to(x0.device).view(-1, 1, 1, 1)
         return torch.where(flip, x0.flip(-1), x0)
 
-    def update(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, lr: float,
-               cond: Cond | None = None) -> _Update:
+    def update(
+        self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, lr: float, cond: Cond | None = None
+    ) -> _Update:
         """Forward, backward and (unless the loss or gradients are non-finite on any rank) the optimizer step
         and the EMA update."""
         tc, scaler = self.tc, self.scaler
@@ -288,8 +298,16 @@ class _Trainer:
         if self.graphs:
             torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are no longer read
         with guard, autocast(self.device, self.modes.precision):
-            loss = training_loss(self.forward, self.schedule, x0, t, noise, weighting=tc.loss_weighting,
-                                 gamma=tc.min_snr_gamma, cond=cond)
+            loss = training_loss(
+                self.forward,
+                self.schedule,
+                x0,
+                t,
+                noise,
+                weighting=tc.loss_weighting,
+                gamma=tc.min_snr_gamma,
+                cond=cond,
+            )
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
@@ -324,10 +342,14 @@ class _Trainer:
         """The non-finite policy: halt, or skip up to ``train.max_nonfinite_skips`` steps in a row."""
         self.skipped_in_a_row += 1
         if self.tc.nonfinite == "halt" or self.skipped_in_a_row > self.tc.max_nonfinite_skips:
-            happened = (f"the loss became {loss_value}" if not math.isfinite(loss_value)
-                        else "the loss or gradients became non-finite")
-            raise TrainingDiverged(_divergence_advice(self.cfg, happened, self.step + 1, self.last_good,
-                                                      self.skipped_in_a_row - 1))
+            happened = (
+                f"the loss became {loss_value}"
+                if not math.isfinite(loss_value)
+                else "the loss or gradients became non-finite"
+            )
+            raise TrainingDiverged(
+                _divergence_advice(self.cfg, happened, self.step + 1, self.last_good, self.skipped_in_a_row - 1)
+            )
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.update()  # closes the step it unscaled (and lowers the scale)
@@ -338,14 +360,20 @@ class _Trainer:
             return None
         if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
             # finite gradients can still overflow the weights (a huge learning rate): never save those
-            raise TrainingDiverged(_divergence_advice(self.cfg, "the weights became non-finite", self.step,
-                                                      self.last_good))
+            raise TrainingDiverged(
+                _divergence_advice(self.cfg, "the weights became non-finite", self.step, self.last_good)
+            )
         state = {**checkpoint_state, "step": self.step, "epoch": self.step / per_epoch}
         if self.scaler is not None:
             state["grad_scaler"] = self.scaler.state_dict()
         path = save_checkpoint(
-            run_dir, self.step, model_state=self.model.state_dict(), ema_state=self.ema.module.state_dict(),
-            optimizer_state=self.optimizer.state_dict(), state=state, keep=self.tc.keep_checkpoints,
+            run_dir,
+            self.step,
+            model_state=self.model.state_dict(),
+            ema_state=self.ema.module.state_dict(),
+            optimizer_state=self.optimizer.state_dict(),
+            state=state,
+            keep=self.tc.keep_checkpoints,
             extra={TRACKED_FILE: self.tracked.state_dict()} if self.tracked is not None else None,
         )
         self.last_good = path
@@ -381,7 +409,7 @@ def train(
     checkpoint_state: dict[str, Any],
     resume: Checkpoint | None = None,
     events: TrainEvents | None = None,
-    denoiser_component: "Component | None" = None,
+    denoiser_component: Component | None = None,
     world: World | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``dataset`` as ``cfg.train`` says, checkpointing into ``run_dir``.
@@ -428,8 +456,15 @@ def train(
             step = trainer.step
 
             rate, elapsed = meter.tick(step)
-            metrics = {"step": step, "epoch": epoch, "loss": done.loss, "lr": lr, "images_per_s": rate,
-                       "time": time.time(), "elapsed_s": elapsed}
+            metrics = {
+                "step": step,
+                "epoch": epoch,
+                "loss": done.loss,
+                "lr": lr,
+                "images_per_s": rate,
+                "time": time.time(),
+                "elapsed_s": elapsed,
+            }
             if events.replan is not None and step == events.replan.at:
                 last_step, recorded = _replanned(world, events.replan, step, rate)
                 decay_end = last_step  # the cosine decay is laid over the new plan from here on
@@ -466,6 +501,8 @@ def train(
                     if failure is None:
                         events.on_checkpoint(path, trainer.step)
     if failure is not None:
-        result.failure = HookFailed(f"{failure}; training stopped at step {trainer.step}, checkpoint {result.last_checkpoint}")
+        result.failure = HookFailed(
+            f"{failure}; training stopped at step {trainer.step}, checkpoint {result.last_checkpoint}"
+        )
         result.failure.__cause__ = failure
     return result

@@ -60,8 +60,14 @@ def profile_inner(t_a: float, gamma_a: float, t_b: float, gamma_b: float) -> flo
     m = min(t_a, t_b)
     g = gamma_a + gamma_b + 1
     # in logarithms: steps in the millions to powers in the tens overflow a float
-    log = (np.log(gamma_a + 1) + np.log(gamma_b + 1) + g * np.log(m) - np.log(g)
-           - (gamma_a + 1) * np.log(t_a) - (gamma_b + 1) * np.log(t_b))
+    log = (
+        np.log(gamma_a + 1)
+        + np.log(gamma_b + 1)
+        + g * np.log(m)
+        - np.log(g)
+        - (gamma_a + 1) * np.log(t_a)
+        - (gamma_b + 1) * np.log(t_b)
+    )
     return float(np.exp(log))
 
 
@@ -78,8 +84,9 @@ def step_weights(t: int, gamma: float, horizon: int) -> np.ndarray:
     return (np.minimum(tau, t) / t) ** (gamma + 1) - (np.minimum(tau - 1, t) / t) ** (gamma + 1)
 
 
-def _gram(snapshots: list[tuple[float, float]], targets: list[tuple[float, float]],
-          discrete: bool) -> tuple[np.ndarray, list[np.ndarray], list[float]]:
+def _gram(
+    snapshots: list[tuple[float, float]], targets: list[tuple[float, float]], discrete: bool
+) -> tuple[np.ndarray, list[np.ndarray], list[float]]:
     """(A, [b], [c]): the inner products of the snapshots' profiles with each other (once), with each target's,
     and each target's with itself; over the per-step weights (``discrete``) or the densities (:func:`profile_inner`)."""
     if discrete:
@@ -92,8 +99,9 @@ def _gram(snapshots: list[tuple[float, float]], targets: list[tuple[float, float
     return a, bs, [profile_inner(*target, *target) for target in targets]
 
 
-def fit(snapshots: list[tuple[float, float]], targets: list[tuple[float, float]], *,
-        discrete: bool = False) -> list[tuple[np.ndarray, float]]:
+def fit(
+    snapshots: list[tuple[float, float]], targets: list[tuple[float, float]], *, discrete: bool = False
+) -> list[tuple[np.ndarray, float]]:
     """For each target: (:func:`solve_coefficients`, :func:`fit_error`), the snapshots' inner products computed once."""
     if not snapshots:
         raise ValueError("no snapshots to reconstruct from")
@@ -110,17 +118,20 @@ def fit(snapshots: list[tuple[float, float]], targets: list[tuple[float, float]]
     return out
 
 
-def solve_coefficients(snapshots: list[tuple[float, float]], target: tuple[float, float], *,
-                       discrete: bool = False) -> np.ndarray:
+def solve_coefficients(
+    snapshots: list[tuple[float, float]], target: tuple[float, float], *, discrete: bool = False
+) -> np.ndarray:
     """The coefficients x with sum_i x_i snapshot_i closest (in L2) to the EMA of profile ``target`` = (t, gamma),
     given ``snapshots`` = [(t_i, gamma_i), ...]: the solution of A x = b with A_ij = <p_i, p_j> and
-    b_i = <p_i, p_target> (least squares, for an A that is near singular) with sum_i x_i = 1; the profiles as densities (appendix
+    b_i = <p_i, p_target> (least squares, for an A that is near singular) with sum_i x_i = 1; the profiles as
+    densities (appendix
     C.2) or, ``discrete``, as the per-step weights of :func:`step_weights`."""
     return fit(snapshots, [target], discrete=discrete)[0][0]
 
 
-def fit_error(snapshots: list[tuple[float, float]], target: tuple[float, float], x: np.ndarray, *,
-              discrete: bool = False) -> float:
+def fit_error(
+    snapshots: list[tuple[float, float]], target: tuple[float, float], x: np.ndarray, *, discrete: bool = False
+) -> float:
     """The relative L2 distance between the profile the coefficients ``x`` combine and the target's:
     ||sum_i x_i p_i - p_target|| / ||p_target|| (0: rebuilt exactly; the profiles' own shapes, not the weights)."""
     a, (b,), (c,) = _gram(snapshots, [target], discrete)
@@ -174,12 +185,19 @@ class Rebuilt:
     fit_error: float
 
     def info(self) -> dict[str, Any]:
-        return {"sigma_rel": self.sigma_rel, "gamma": self.gamma, "step": self.step, "snapshots": self.snapshots,
-                "fit_error": self.fit_error, "coefficients": self.coefficients}
+        return {
+            "sigma_rel": self.sigma_rel,
+            "gamma": self.gamma,
+            "step": self.step,
+            "snapshots": self.snapshots,
+            "fit_error": self.fit_error,
+            "coefficients": self.coefficients,
+        }
 
 
-def rebuild(snapshots: "list[Checkpoint]", sigma_rels: list[float], *,
-            profiles: list[float] | None = None) -> list[Rebuilt]:
+def rebuild(
+    snapshots: list[Checkpoint], sigma_rels: list[float], *, profiles: list[float] | None = None
+) -> list[Rebuilt]:
     """The EMA of each of ``sigma_rels`` at the last snapshot's step, as the least-squares combination of the
     ``snapshots`` (their profiles, or only ``profiles`` of them), summed in float64."""
     from ddpmkit.errors import ConfigError
@@ -187,25 +205,39 @@ def rebuild(snapshots: "list[Checkpoint]", sigma_rels: list[float], *,
 
     if not snapshots:
         raise ConfigError("no post-hoc EMA snapshots: train with [train.posthoc_ema] enabled = true first")
-    stored = [(ckpt, s, g) for ckpt in snapshots
-              for s, g in zip(ckpt.state["posthoc_ema"]["sigma_rels"], ckpt.state["posthoc_ema"]["gammas"])
-              if profiles is None or s in profiles]
+    stored = [
+        (ckpt, s, g)
+        for ckpt in snapshots
+        for s, g in zip(ckpt.state["posthoc_ema"]["sigma_rels"], ckpt.state["posthoc_ema"]["gammas"])
+        if profiles is None or s in profiles
+    ]
     pairs = [(float(ckpt.step), float(g)) for ckpt, _, g in stored]
     last = snapshots[-1].step
     template = stored[-1][0].weights(profile_file(stored[-1][1]))  # keys; non-float entries
     gammas = [sigma_rel_to_gamma(s) for s in sigma_rels]
     fits = fit(pairs, [(float(last), g) for g in gammas], discrete=last <= DISCRETE_MAX_STEPS)
     xs = [x for x, _ in fits]
-    totals = [{k: torch.zeros_like(v, dtype=torch.float64) for k, v in template.items() if v.is_floating_point()}
-              for _ in sigma_rels]
+    totals = [
+        {k: torch.zeros_like(v, dtype=torch.float64) for k, v in template.items() if v.is_floating_point()}
+        for _ in sigma_rels
+    ]
     for i, (ckpt, s, _) in enumerate(stored):  # each snapshot read once, into every target
         for k, v in ckpt.weights(profile_file(s)).items():
             for x, total in zip(xs, totals):
                 if k in total:
                     total[k].add_(v.double(), alpha=float(x[i]))
-    return [Rebuilt(sigma_rel, gamma, last, {k: total[k].to(v.dtype) if k in total else v for k, v in template.items()},
-                    [float(c) for c in x], len(snapshots), error)
-            for sigma_rel, gamma, (x, error), total in zip(sigma_rels, gammas, fits, totals)]
+    return [
+        Rebuilt(
+            sigma_rel,
+            gamma,
+            last,
+            {k: total[k].to(v.dtype) if k in total else v for k, v in template.items()},
+            [float(c) for c in x],
+            len(snapshots),
+            error,
+        )
+        for sigma_rel, gamma, (x, error), total in zip(sigma_rels, gammas, fits, totals)
+    ]
 
 
 def parse_sigma_rels(text: str, what: str = "--sigma-rel") -> list[float]:
@@ -219,13 +251,16 @@ def parse_sigma_rels(text: str, what: str = "--sigma-rel") -> list[float]:
         raise ConfigError(f"{what} {text}: expected widths such as 0.02,0.05,0.1") from None
     bad = [v for v in values if not 0 < v <= MAX_SIGMA_REL]
     if not values or bad:
-        raise ConfigError(f"{what} {text}: each sigma_rel must be above 0 and at most {MAX_SIGMA_REL} "
-                          "(the widest power-function profile); e.g. 0.02,0.05,0.1")
+        raise ConfigError(
+            f"{what} {text}: each sigma_rel must be above 0 and at most {MAX_SIGMA_REL} "
+            "(the widest power-function profile); e.g. 0.02,0.05,0.1"
+        )
     return list(dict.fromkeys(values))
 
 
-def rebuild_run(run_dir: Path, sigma_rels: list[float], *, profiles: list[float] | None = None
-                ) -> list[tuple[Rebuilt, Path]]:
+def rebuild_run(
+    run_dir: Path, sigma_rels: list[float], *, profiles: list[float] | None = None
+) -> list[tuple[Rebuilt, Path]]:
     """Rebuild the EMA of each of ``sigma_rels`` from the snapshots of the run in ``run_dir`` (those up to its
     latest checkpoint) and write each as a checkpoint folder ``RUN/posthoc-ema/sigma-<S>`` that ``sample``,
     ``eval`` and ``ddpmkit.load_run`` read; returns each with its folder."""
@@ -237,7 +272,9 @@ def rebuild_run(run_dir: Path, sigma_rels: list[float], *, profiles: list[float]
     if ckpt.path.parent.parent.resolve() != run_dir.resolve():
         raise ConfigError(f"{run_dir}: give the run folder (its snapshots are in RUN/posthoc-ema), not a checkpoint")
     if not ckpt.schema.config.get("train", {}).get("posthoc_ema", {}).get("enabled"):
-        raise ConfigError(f"{run_dir} was trained without post-hoc EMA: train with [train.posthoc_ema] "
-                          "enabled = true (a new run: the tracked profiles are part of the run) to rebuild EMA lengths")
+        raise ConfigError(
+            f"{run_dir} was trained without post-hoc EMA: train with [train.posthoc_ema] "
+            "enabled = true (a new run: the tracked profiles are part of the run) to rebuild EMA lengths"
+        )
     rebuilt = rebuild(load_snapshots(run_dir, up_to=ckpt.step), sigma_rels, profiles=profiles)
     return [(r, save_rebuilt(run_dir, r.sigma_rel, r.weights, ckpt, r.info())) for r in rebuilt]

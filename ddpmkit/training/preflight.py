@@ -4,15 +4,15 @@ looks wrong before it starts."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from ddpmkit.run.config import RunConfig
 from ddpmkit.diffusion import MAX_FINAL_SNR
 from ddpmkit.errors import DataNotFound
 from ddpmkit.run.components import Components
+from ddpmkit.run.config import RunConfig
 from ddpmkit.runtime.units import format_bytes, format_duration
 
 if TYPE_CHECKING:
@@ -71,8 +71,11 @@ def snr_finding(built: Components) -> Finding:
             f"x_T still holds signal (SNR {snr:.3g} >= {MAX_FINAL_SNR}): sampling starts from pure noise, "
             "which the model never saw at t = T-1; raise beta_end or num_timesteps"
         )
-    return Finding("schedule", f"terminal signal-to-noise ratio {snr:.3g} (abar_T = {float(built.schedule.alphas_cumprod[-1]):.3g})",
-                   warning)
+    return Finding(
+        "schedule",
+        f"terminal signal-to-noise ratio {snr:.3g} (abar_T = {float(built.schedule.alphas_cumprod[-1]):.3g})",
+        warning,
+    )
 
 
 def data_finding(cfg: RunConfig, data_root: Path | None) -> tuple[Finding, int | None]:
@@ -110,8 +113,10 @@ def disk_estimate(cfg: RunConfig, built: Components, steps: int) -> tuple[int, s
         return tc.keep_checkpoints * checkpoint, text
     snapshots = steps // tc.snapshot_every + (1 if steps % tc.snapshot_every else 0)
     snapshot = profiles * one + STATE_JSON
-    return (tc.keep_checkpoints * checkpoint + snapshots * snapshot,
-            text + f" and {snapshots:,} post-hoc EMA snapshots of {format_bytes(snapshot)}")
+    return (
+        tc.keep_checkpoints * checkpoint + snapshots * snapshot,
+        text + f" and {snapshots:,} post-hoc EMA snapshots of {format_bytes(snapshot)}",
+    )
 
 
 def disk_finding(cfg: RunConfig, built: Components, steps: int) -> Finding:
@@ -124,16 +129,25 @@ def disk_finding(cfg: RunConfig, built: Components, steps: int) -> Finding:
     free = shutil.disk_usage(folder).free
     warning = None
     if total > free:
-        warning = (f"the run needs about {format_bytes(total)} but {folder} has {format_bytes(free)} free: free "
-                   "space, lower train.keep_checkpoints" + (" or raise train.posthoc_ema.every"
-                                                             if cfg.train.posthoc_ema.enabled else ""))
-    return Finding("disk", f"at most about {format_bytes(total)} in {cfg.run_dir}: {what} "
-                           f"({format_bytes(free)} free)", warning)
+        warning = (
+            f"the run needs about {format_bytes(total)} but {folder} has {format_bytes(free)} free: free "
+            "space, lower train.keep_checkpoints"
+            + (" or raise train.posthoc_ema.every" if cfg.train.posthoc_ema.enabled else "")
+        )
+    return Finding(
+        "disk", f"at most about {format_bytes(total)} in {cfg.run_dir}: {what} ({format_bytes(free)} free)", warning
+    )
 
 
 def time_finding(
-    cfg: RunConfig, built: Components, steps: int, device: torch.device, *, label: str = "time",
-    what: str = "of training", timer: "Timer | None" = None,
+    cfg: RunConfig,
+    built: Components,
+    steps: int,
+    device: torch.device,
+    *,
+    label: str = "time",
+    what: str = "of training",
+    timer: Timer | None = None,
 ) -> Finding:
     """The training time, from images/s measured at the run's own batch in the speed mode that will run
     (``auto`` resolved as the run will resolve it, and cached for it)."""
@@ -141,12 +155,15 @@ def time_finding(
 
     modes, ips = measured_rate(cfg, device, timer=timer)
     total = cfg.train.batch_size * steps / ips
-    return Finding(label, f"about {format_duration(total)} {what} on {device} in {modes.describe()}: {ips:,.1f} "
-                          f"images/s measured at the run's batch of {cfg.train.batch_size} (the median of up to "
-                          f"{MEASURE_STEPS} steps; a busy machine can take up to twice as long)")
+    return Finding(
+        label,
+        f"about {format_duration(total)} {what} on {device} in {modes.describe()}: {ips:,.1f} "
+        f"images/s measured at the run's batch of {cfg.train.batch_size} (the median of up to "
+        f"{MEASURE_STEPS} steps; a busy machine can take up to twice as long)",
+    )
 
 
-def speed_finding(cfg: RunConfig, device: torch.device, *, timer: "Timer | None" = None) -> Finding | None:
+def speed_finding(cfg: RunConfig, device: torch.device, *, timer: Timer | None = None) -> Finding | None:
     """The warning for a mode the config names that is measured several times slower than fp32 here (bf16 on a
     CPU that emulates it); None when there is none. Measured before anything else, so it is said first."""
     from ddpmkit.training.autotune import slow_mode_warning
@@ -155,7 +172,9 @@ def speed_finding(cfg: RunConfig, device: torch.device, *, timer: "Timer | None"
     return Finding("speed", "train.precision = bf16 is emulated on this CPU", warning) if warning else None
 
 
-def preflight(cfg: RunConfig, built: Components, *, data_root: Path | None = None, timing: bool = True) -> list[Finding]:
+def preflight(
+    cfg: RunConfig, built: Components, *, data_root: Path | None = None, timing: bool = True
+) -> list[Finding]:
     """The report: data, planned steps, EMA horizon, terminal SNR and (with ``timing``) the training time."""
     from ddpmkit.runtime.device import pick_device
     from ddpmkit.training.loop import total_steps
@@ -190,8 +209,16 @@ def preflight(cfg: RunConfig, built: Components, *, data_root: Path | None = Non
             from ddpmkit.run.guide import build_guide
 
             guide, guide_built = build_guide(guided)
-            findings.append(time_finding(guide, guide_built, total_steps(guide, num_images), device,
-                                         label="guide", what="of training first (autoguidance)"))
+            findings.append(
+                time_finding(
+                    guide,
+                    guide_built,
+                    total_steps(guide, num_images),
+                    device,
+                    label="guide",
+                    what="of training first (autoguidance)",
+                )
+            )
     return findings
 
 
@@ -216,21 +243,27 @@ def describe_config(cfg: RunConfig, built: Components) -> str:
         + (f", a time budget of {format_duration(t.time_budget)}" if t.time_budget is not None else ""),
     ]
     if t.posthoc_ema.enabled:
-        lines.append(f"post-hoc   EMA profiles sigma_rel {', '.join(f'{x:g}' for x in t.posthoc_ema.sigma_rels)} "
-                     f"tracked, a snapshot every {t.snapshot_every:,} steps (`ddpmkit ema` rebuilds other lengths)")
+        lines.append(
+            f"post-hoc   EMA profiles sigma_rel {', '.join(f'{x:g}' for x in t.posthoc_ema.sigma_rels)} "
+            f"tracked, a snapshot every {t.snapshot_every:,} steps (`ddpmkit ema` rebuilds other lengths)"
+        )
     if cfg.conditioning.enabled:
         g = cfg.guidance
-        lines.append(f"condition  class labels ({built.denoiser.num_classes} classes), label dropout "
-                     f"{cfg.conditioning.label_dropout:g}; sampling draws classes {cfg.sample.classes}"
-                     + (f", classifier-free guidance weight {g.weight:g}" if g.enabled and not cfg.trains_guide else "")
-                     + (f" at steps {g.interval[0]}..{g.interval[1]}" if g.enabled and g.interval else ""))
+        lines.append(
+            f"condition  class labels ({built.denoiser.num_classes} classes), label dropout "
+            f"{cfg.conditioning.label_dropout:g}; sampling draws classes {cfg.sample.classes}"
+            + (f", classifier-free guidance weight {g.weight:g}" if g.enabled and not cfg.trains_guide else "")
+            + (f" at steps {g.interval[0]}..{g.interval[1]}" if g.enabled and g.interval else "")
+        )
     if cfg.trains_guide:
         from ddpmkit.run.guide import build_guide
 
         guide, guide_built = build_guide(cfg)
         n = guide_built.denoiser.num_parameters()
-        lines.append(f"guidance   weight {cfg.guidance.weight:g} (autoguidance): a guide of {n:,} parameters "
-                     f"({n / 1e6:.1f} M), trained {guide.train.max_steps:,} steps first, in {guide.run_dir}")
+        lines.append(
+            f"guidance   weight {cfg.guidance.weight:g} (autoguidance): a guide of {n:,} parameters "
+            f"({n / 1e6:.1f} M), trained {guide.train.max_steps:,} steps first, in {guide.run_dir}"
+        )
     if cfg.plugins:
         lines.append("plugins    " + "; ".join(f"{name} {opts}" for name, opts in sorted(cfg.plugins.items())))
     return "\n".join(lines)

@@ -7,15 +7,23 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 
 from ddpmkit.errors import EXIT_INTERRUPTED, DdpmkitError, HookFailed
-from ddpmkit.run.checkpoint import Checkpoint, check_compatible, checkpoints_dir, describe_run, latest_checkpoint, step_dirs
+from ddpmkit.run.checkpoint import (
+    Checkpoint,
+    check_compatible,
+    checkpoints_dir,
+    describe_run,
+    latest_checkpoint,
+    step_dirs,
+)
 from ddpmkit.run.components import Components, build_checked
 from ddpmkit.run.config import RunConfig
 from ddpmkit.run.data import Dataset, load_dataset, settle
@@ -33,8 +41,18 @@ from ddpmkit.sampling.loaded import LoadedRun
 from ddpmkit.training.autotune import announced, candidates, choose, is_auto, slow_mode_warning
 from ddpmkit.training.budget import ModelChoice, TimePlan, choose_model, with_steps
 from ddpmkit.training.budget import plan as budget_plan
+from ddpmkit.training.loop import (
+    CPU_WARN_SECONDS,
+    RankStopped,
+    Replan,
+    TrainEvents,
+    TrainResult,
+    lr_decay_end,
+    steps_per_epoch,
+    total_steps,
+    train,
+)
 from ddpmkit.training.preflight import snr_finding
-from ddpmkit.training.loop import CPU_WARN_SECONDS, lr_decay_end, RankStopped, Replan, TrainEvents, TrainResult, steps_per_epoch, total_steps, train
 from ddpmkit.version import __version__
 
 OUTPUT_FILES = ("samples.png", "samples.npz", "trajectory.png")
@@ -64,8 +82,9 @@ class RunReport:
     sampling: Callable[[int], AbstractContextManager[AdvanceFn]] = field(default=_no_progress)
 
 
-def run_config(cfg: RunConfig, *, report: RunReport | None = None, fresh: bool = False,
-               data_root: Path | None = None) -> int:
+def run_config(
+    cfg: RunConfig, *, report: RunReport | None = None, fresh: bool = False, data_root: Path | None = None
+) -> int:
     """Train (or resume) and sample; returns the process exit code (0, or 130 when interrupted).
 
     The run directory is locked for the duration: a second process on the same run refuses to start.
@@ -80,8 +99,14 @@ def run_config(cfg: RunConfig, *, report: RunReport | None = None, fresh: bool =
         try:
             _ensure_writable(cfg.run_dir)
             with locked(cfg.run_dir):
-                return _run(cfg, report=report, fresh=fresh, data_root=data_root, world=world,
-                            device=pick_device(cfg.run.device))
+                return _run(
+                    cfg,
+                    report=report,
+                    fresh=fresh,
+                    data_root=data_root,
+                    world=world,
+                    device=pick_device(cfg.run.device),
+                )
         except DdpmkitError:
             _remove_empty(created)  # a refusal before training leaves no empty run folder behind
             raise
@@ -95,10 +120,20 @@ def run_config(cfg: RunConfig, *, report: RunReport | None = None, fresh: bool =
             except DdpmkitError as exc:
                 error = exc
         if world.any(error is not None):  # every rank learns whether rank 0 could start
-            raise error if error is not None else RankStopped("the first process could not start the run; this one stopped too")
+            raise (
+                error
+                if error is not None
+                else RankStopped("the first process could not start the run; this one stopped too")
+            )
         try:
-            return _run(cfg, report=report if world.is_main else RunReport(), fresh=fresh, data_root=data_root,
-                        world=world, device=device)
+            return _run(
+                cfg,
+                report=report if world.is_main else RunReport(),
+                fresh=fresh,
+                data_root=data_root,
+                world=world,
+                device=device,
+            )
         finally:
             if lock is not None:
                 release(lock)
@@ -116,8 +151,10 @@ def _ensure_writable(run_dir: Path) -> None:
         raise DdpmkitError(f"cannot write the run directory {run_dir}: {exc.strerror or exc}") from None
     folder = checkpoints_dir(run_dir)
     if os.path.lexists(folder) and not folder.is_dir():  # found now, not at the first checkpoint
-        raise DdpmkitError(f"{folder} exists but is not a folder (a file, a broken link or a link loop): "
-                           "move it away, or point run.dir elsewhere")
+        raise DdpmkitError(
+            f"{folder} exists but is not a folder (a file, a broken link or a link loop): "
+            "move it away, or point run.dir elsewhere"
+        )
 
 
 def _remove_empty(created: list[Path]) -> None:
@@ -151,8 +188,9 @@ class _Prepared:
     record: dict[str, Any] = field(default_factory=dict)
 
 
-def _run(cfg: RunConfig, *, report: RunReport, fresh: bool, data_root: Path | None, world: World,
-         device: torch.device) -> int:
+def _run(
+    cfg: RunConfig, *, report: RunReport, fresh: bool, data_root: Path | None, world: World, device: torch.device
+) -> int:
     record: dict[str, Any] = {}
     budget = cfg.train.time_budget
     plan: TimePlan | None = None  # a resumed run's recorded plan, else made when the main network starts
@@ -166,8 +204,9 @@ def _run(cfg: RunConfig, *, report: RunReport, fresh: bool, data_root: Path | No
     guide_took: float | None = None
     if cfg.trains_guide:  # autoguidance: the guide trains first, as a run of its own in RUN/guide
         guide = guide_config(cfg)
-        report.info(f"guide for autoguidance (weight {cfg.guidance.weight:g}): "
-                    f"{guide.train.max_steps:,} steps, trained first")
+        report.info(
+            f"guide for autoguidance (weight {cfg.guidance.weight:g}): {guide.train.max_steps:,} steps, trained first"
+        )
         if world.is_main:
             _ensure_writable(guide.run_dir)
         from_scratch = fresh or latest_checkpoint(guide.run_dir) is None
@@ -199,19 +238,25 @@ def _run(cfg: RunConfig, *, report: RunReport, fresh: bool, data_root: Path | No
         used = took + (guide_took or 0.0)
         rate = (result.step - info.start_step) * cfg.train.batch_size / took if took > 0 else 0.0
         made = plans["made"]
-        report.info(f"time budget {format_duration(plan.budget_s)}: this start trained for {format_duration(used)} "
-                    f"({used / plan.budget_s:.0%} of the budget); the main network at {rate:,.1f} images/s, "
-                    f"planned at {plan.images_per_s:,.1f}"
-                    + (f", re-planned at step {made.replanned_at:,} at {made.loop_images_per_s or 0:,.1f}"
-                       if made.replanned_at is not None else ""))
+        report.info(
+            f"time budget {format_duration(plan.budget_s)}: this start trained for {format_duration(used)} "
+            f"({used / plan.budget_s:.0%} of the budget); the main network at {rate:,.1f} images/s, "
+            f"planned at {plan.images_per_s:,.1f}"
+            + (
+                f", re-planned at step {made.replanned_at:,} at {made.loop_images_per_s or 0:,.1f}"
+                if made.replanned_at is not None
+                else ""
+            )
+        )
     if not world.is_main:
         return 0
     _write_samples(prepared, result, report=report, events=events)
     return 0
 
 
-def _replan(plans: dict[str, TimePlan], cfg: RunConfig, cap: int | None, started: float, start_step: int,
-            report: RunReport) -> Replan | None:
+def _replan(
+    plans: dict[str, TimePlan], cfg: RunConfig, cap: int | None, started: float, start_step: int, report: RunReport
+) -> Replan | None:
     """The loop's one re-plan of a time budget from its own images/s (None where the plan is kept as it is);
     the new plan goes into ``plans["made"]``."""
     made, batch = plans["made"], cfg.train.batch_size
@@ -223,14 +268,18 @@ def _replan(plans: dict[str, TimePlan], cfg: RunConfig, cap: int | None, started
         before = start_step * batch / images_per_s if images_per_s > 0 else 0.0  # an earlier start's steps
         new = made.replanned(step, images_per_s, time.perf_counter() - started + before, batch, cap)
         plans["made"] = new
-        report.info(f"  re-planned at step {step:,} from the loop's own {new.loop_images_per_s or 0:,.1f} images/s: "
-                    f"{new.steps:,} steps (planned {made.steps:,})")
+        report.info(
+            f"  re-planned at step {step:,} from the loop's own {new.loop_images_per_s or 0:,.1f} images/s: "
+            f"{new.steps:,} steps (planned {made.steps:,})"
+        )
         return new.steps, {"time_plan": new.record()}
 
     return Replan(at, steps)
 
 
-def _sized(cfg: RunConfig, *, report: RunReport, world: World, device: torch.device) -> tuple[RunConfig, dict[str, Any]]:
+def _sized(
+    cfg: RunConfig, *, report: RunReport, world: World, device: torch.device
+) -> tuple[RunConfig, dict[str, Any]]:
     """``cfg`` with the model its time budget trains: chosen at the run's first start (rank 0 measures, every
     rank takes its choice) and kept from RUN/budget-model.json after it, so a resumed run trains the same model."""
     path = cfg.run_dir / MODEL_CHOICE_FILE
@@ -239,9 +288,15 @@ def _sized(cfg: RunConfig, *, report: RunReport, world: World, device: torch.dev
         kept = json.loads(path.read_text())
     except (OSError, ValueError):
         kept = None
-    if isinstance(kept, dict) and kept.get("smaller_models") == models and kept.get("budget_s") == cfg.train.time_budget \
-            and kept.get("min_steps") == cfg.train.budget_min_steps and isinstance(kept.get("index"), int) \
-            and 0 <= kept["index"] < len(kept.get("steps") or []) and kept["index"] <= len(models):
+    if (
+        isinstance(kept, dict)
+        and kept.get("smaller_models") == models
+        and kept.get("budget_s") == cfg.train.time_budget
+        and kept.get("min_steps") == cfg.train.budget_min_steps
+        and isinstance(kept.get("index"), int)
+        and 0 <= kept["index"] < len(kept.get("steps") or [])
+        and kept["index"] <= len(models)
+    ):
         choice = ModelChoice(kept["index"], kept["steps"], kept["min_steps"])
         report.info(f"model: {choice.describe(cfg)}; kept from the run's first start")
         return cfg.with_smaller_model(choice.index), choice.record()
@@ -272,13 +327,17 @@ def _kept_plan(cfg: RunConfig, *, report: RunReport, world: World, device: torch
     if world.is_main:
         with announced(report.info):
             estimate = budget_plan(cfg, device)
-        report.info(f"{estimate.describe()} (an estimate: the steps are planned when "
-                    + ("the main network starts" if cfg.trains_guide else "training starts") + ")")
+        report.info(
+            f"{estimate.describe()} (an estimate: the steps are planned when "
+            + ("the main network starts" if cfg.trains_guide else "training starts")
+            + ")"
+        )
     return None
 
 
-def _final_plan(cfg: RunConfig, guide_took: float | None, *, report: RunReport, world: World,
-                device: torch.device) -> TimePlan:
+def _final_plan(
+    cfg: RunConfig, guide_took: float | None, *, report: RunReport, world: World, device: torch.device
+) -> TimePlan:
     """The steps the run keeps, planned on rank 0 from the guide's time and steady training measured now
     (every rank takes them)."""
     plan = None
@@ -300,8 +359,9 @@ def _remove_outputs(run_dir: Path) -> None:
         (run_dir / name).unlink(missing_ok=True)
 
 
-def _prepare(cfg: RunConfig, *, report: RunReport, data_root: Path | None, world: World,
-             device: torch.device) -> _Prepared:
+def _prepare(
+    cfg: RunConfig, *, report: RunReport, data_root: Path | None, world: World, device: torch.device
+) -> _Prepared:
     """Find the checkpoint to resume from, load the data, build and smoke-test the components, and say the plan."""
     resume = latest_checkpoint(cfg.run_dir, report.warn)
     conditional = cfg.conditioning.enabled
@@ -319,27 +379,34 @@ def _prepare(cfg: RunConfig, *, report: RunReport, data_root: Path | None, world
     steps = total_steps(cfg, len(dataset))
     end = lr_decay_end(cfg, resume, steps)
     if cfg.train.lr_decay == "cosine" and steps > end:
-        report.warn(f"the run's cosine learning-rate decay ended at step {end:,}, as first planned; the steps up to "
-                    f"{steps:,} train at train.lr_min = {cfg.train.lr_min:g} (--fresh starts a new schedule)")
+        report.warn(
+            f"the run's cosine learning-rate decay ended at step {end:,}, as first planned; the steps up to "
+            f"{steps:,} train at train.lr_min = {cfg.train.lr_min:g} (--fresh starts a new schedule)"
+        )
     if cfg.train.batch_size > len(dataset):
-        report.warn(f"train.batch_size = {cfg.train.batch_size:,} is larger than the dataset ({len(dataset):,} images): "
-                    f"every step trains on the whole dataset, a batch of {len(dataset):,}")
+        report.warn(
+            f"train.batch_size = {cfg.train.batch_size:,} is larger than the dataset ({len(dataset):,} images): "
+            f"every step trains on the whole dataset, a batch of {len(dataset):,}"
+        )
     model, tc = built.denoiser, cfg.train
     report.info(
         f"ddpmkit run {cfg.run_dir}: {dataset.description}, {len(dataset):,} images\n"
         f"  device {device}, {cfg.denoiser.name} {model.num_parameters():,} parameters predicting {model.prediction}, "
         f"{SpeedModes.for_run(tc, device).describe()}\n"
-        f"  {steps_per_epoch(len(dataset), tc.batch_size):,} steps of batch {min(tc.batch_size, len(dataset))} per epoch; "
+        f"  {steps_per_epoch(len(dataset), tc.batch_size):,} steps of batch {min(tc.batch_size, len(dataset))} per "
+        "epoch; "
         f"{steps:,} steps in all ("
         + ("train.max_steps" if tc.max_steps is not None and steps == tc.max_steps else f"{tc.epochs:,} epochs")
-        + (" planned by the time budget" if tc.time_budget is not None else "") + ")"
+        + (" planned by the time budget" if tc.time_budget is not None else "")
+        + ")"
         + (f"\n  resuming from {resume.path} (step {resume.step:,})" if resume is not None else "")
     )
     return _Prepared(cfg, dataset, built, resume, steps, fingerprint, {"speed": speed} if speed else {})
 
 
-def _resolve_speed(cfg: RunConfig, resume: Checkpoint | None, *, device: torch.device, world: World,
-                   report: RunReport) -> tuple[RunConfig, dict[str, Any] | None]:
+def _resolve_speed(
+    cfg: RunConfig, resume: Checkpoint | None, *, device: torch.device, world: World, report: RunReport
+) -> tuple[RunConfig, dict[str, Any] | None]:
     """``cfg`` with its ``auto`` speed modes made concrete: kept from the checkpoint when resuming (so resume
     stays exact), else measured (rank 0 measures; every rank takes its choice). An explicit mode measured to
     be much slower than another exact one is warned about; one that cannot run here is an error before anything."""
@@ -352,8 +419,10 @@ def _resolve_speed(cfg: RunConfig, resume: Checkpoint | None, *, device: torch.d
         return cfg, None
     if resume is not None:
         saved = resume.schema.config.get("train", {})
-        kept = {key: saved.get(key, default)
-                for key, default in (("precision", "fp32"), ("channels_last", False), ("compile", False))}
+        kept = {
+            key: saved.get(key, default)
+            for key, default in (("precision", "fp32"), ("channels_last", False), ("compile", False))
+        }
         cfg = _with_train(cfg, **{k: v for k, v in kept.items() if getattr(cfg.train, k) == AUTO})
         if cfg.train.compile is True:
             require_compile(device, kept=True)
@@ -378,8 +447,15 @@ def _with_train(cfg: RunConfig, **settings: Any) -> RunConfig:
     return cfg.model_copy(update={"train": cfg.train.model_copy(update=settings)})
 
 
-def _train(prepared: _Prepared, *, report: RunReport, events: Any, world: World,
-           device: torch.device, replan: Replan | None = None) -> TrainResult | None:
+def _train(
+    prepared: _Prepared,
+    *,
+    report: RunReport,
+    events: Any,
+    world: World,
+    device: torch.device,
+    replan: Replan | None = None,
+) -> TrainResult | None:
     """The training loop with its progress, events and the interrupt and failure policies; None when a
     second interrupt stopped it at once."""
     cfg, resume = prepared.cfg, prepared.resume
@@ -389,12 +465,15 @@ def _train(prepared: _Prepared, *, report: RunReport, events: Any, world: World,
     def on_measured(images_per_s: float, eta_s: float) -> None:
         report.info(f"  measured {images_per_s:.1f} images/s: about {format_duration(eta_s)} of training left")
         if device.type == "cpu" and eta_s > CPU_WARN_SECONDS:
-            report.warn(f"this run needs about {format_duration(eta_s)} on this CPU; "
-                        "configs/mnist-cpu.toml is sized for a CPU (about 15 minutes on 2 cores)")
+            report.warn(
+                f"this run needs about {format_duration(eta_s)} on this CPU; "
+                "configs/mnist-cpu.toml is sized for a CPU (about 15 minutes on 2 cores)"
+            )
 
     events.emit("train_start")
     try:
         with report.training(prepared.steps, reached["step"]) as show_step:
+
             def on_step(metrics: dict[str, Any]) -> None:
                 if prepared.record and reached.get("first", True):  # the first record of a start says its plan
                     metrics = {**metrics, **prepared.record}
@@ -404,13 +483,25 @@ def _train(prepared: _Prepared, *, report: RunReport, events: Any, world: World,
                 show_step(metrics)
 
             result = train(
-                cfg, model=prepared.built.denoiser, schedule=prepared.built.schedule, dataset=prepared.dataset,
-                device=device, run_dir=cfg.run_dir,
-                checkpoint_state={**describe_run(cfg, prepared.built, prepared.fingerprint, __version__,
-                                                 prepared.dataset.classes), **prepared.record},
-                resume=resume, denoiser_component=prepared.built.refs["denoiser"], world=world,
-                events=TrainEvents(on_step=on_step, on_measured=on_measured, replan=replan,
-                                   on_checkpoint=lambda path, step: events.emit("checkpoint_written", step=step, path=path)),
+                cfg,
+                model=prepared.built.denoiser,
+                schedule=prepared.built.schedule,
+                dataset=prepared.dataset,
+                device=device,
+                run_dir=cfg.run_dir,
+                checkpoint_state={
+                    **describe_run(cfg, prepared.built, prepared.fingerprint, __version__, prepared.dataset.classes),
+                    **prepared.record,
+                },
+                resume=resume,
+                denoiser_component=prepared.built.refs["denoiser"],
+                world=world,
+                events=TrainEvents(
+                    on_step=on_step,
+                    on_measured=on_measured,
+                    replan=replan,
+                    on_checkpoint=lambda path, step: events.emit("checkpoint_written", step=step, path=path),
+                ),
             )
     except BaseException as exc:
         try:  # let the plugins close their files; the original error is the one to report
@@ -420,9 +511,14 @@ def _train(prepared: _Prepared, *, report: RunReport, events: Any, world: World,
         if isinstance(exc, KeyboardInterrupt):  # a second Ctrl-C, or SIGTERM outside the loop: stopped at once
             done = step_dirs(cfg.run_dir)
             why = "SIGTERM" if isinstance(exc, Terminated) else "a second interrupt"
-            report.info(f"stopped at once ({why}) near step {reached['step']:,}; "
-                        + (f"the last complete checkpoint is {done[-1]}: run the same command again to resume from it."
-                           if done else "no checkpoint was written yet."))
+            report.info(
+                f"stopped at once ({why}) near step {reached['step']:,}; "
+                + (
+                    f"the last complete checkpoint is {done[-1]}: run the same command again to resume from it."
+                    if done
+                    else "no checkpoint was written yet."
+                )
+            )
             return None
         raise
     try:
@@ -433,11 +529,15 @@ def _train(prepared: _Prepared, *, report: RunReport, events: Any, world: World,
     if result.failure is not None:
         raise result.failure
     if result.interrupted:
-        report.info(f"interrupted at step {result.step:,}; checkpoint {result.last_checkpoint}. "
-                    "Run the same command again to resume.")
+        report.info(
+            f"interrupted at step {result.step:,}; checkpoint {result.last_checkpoint}. "
+            "Run the same command again to resume."
+        )
         return result
-    report.info(f"trained to step {result.step:,} in {format_duration(time.perf_counter() - started)}"
-                + (f" on {world.size} processes" if world.enabled else ""))
+    report.info(
+        f"trained to step {result.step:,} in {format_duration(time.perf_counter() - started)}"
+        + (f" on {world.size} processes" if world.enabled else "")
+    )
     return result
 
 
@@ -448,21 +548,29 @@ def _write_samples(prepared: _Prepared, result: TrainResult, *, report: RunRepor
     visited = prepared.built.timesteps()
     shown = nearest_visited(sc.trajectory_steps, visited) if sc.trajectory_images else []
     if shown and set(shown) != set(sc.trajectory_steps):
-        report.info(f"  trajectory.png: {cfg.sampler.name} visits {len(visited)} of {cfg.num_timesteps} steps; "
-                    f"showing the visited t nearest to those asked for: {', '.join(map(str, shown))}")
+        report.info(
+            f"  trajectory.png: {cfg.sampler.name} visits {len(visited)} of {cfg.num_timesteps} steps; "
+            f"showing the visited t nearest to those asked for: {', '.join(map(str, shown))}"
+        )
     if not count:  # nothing to draw (the guide's run, or num_images = 0)
         events.emit("samples_written", paths=[])
         return
     weights = "ema" if sc.use_ema else "model"
     built = prepared.built
-    trained = LoadedRun(cfg, Components(built.schedule, result.ema_model if sc.use_ema else result.model,
-                                        built.sampler, built.refs),
-                        run_dir=run_dir, step=result.step, weights=weights, classes=prepared.dataset.classes)
+    trained = LoadedRun(
+        cfg,
+        Components(built.schedule, result.ema_model if sc.use_ema else result.model, built.sampler, built.refs),
+        run_dir=run_dir,
+        step=result.step,
+        weights=weights,
+        classes=prepared.dataset.classes,
+    )
     labels = trained.labels(count) if trained.conditional else None
     started = time.perf_counter()
     with report.sampling(count * len(visited)) as advance:
-        images, captured = trained.draw(count, seed=sc.seed, batch_size=sc.batch_size, progress=advance,
-                                        capture_steps=shown or None, labels=labels)
+        images, captured = trained.draw(
+            count, seed=sc.seed, batch_size=sc.batch_size, progress=advance, capture_steps=shown or None, labels=labels
+        )
     if sc.num_images:
         shown_labels = labels[: sc.num_images] if labels is not None else None
         for name in ("samples.png", "samples.npz"):

@@ -52,14 +52,14 @@ class ResConv(Denoiser):
         num_groups: int = Field(8, ge=1, description="GroupNorm groups; channels must divide by it")
 
         @model_validator(mode="after")
-        def _groups(self) -> "ResConv.Options":
+        def _groups(self) -> ResConv.Options:
             if self.channels % self.num_groups:
                 raise ValueError(f"channels ({self.channels}) must be divisible by num_groups ({self.num_groups})")
             return self
 
     def __init__(
         self,
-        options: "ResConv.Options | None" = None,
+        options: ResConv.Options | None = None,
         *,
         image_shape: tuple[int, int, int],
         num_timesteps: int,

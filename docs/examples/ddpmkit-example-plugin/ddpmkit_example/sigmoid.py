@@ -56,7 +56,7 @@ class SigmoidSchedule(NoiseSchedule):
         tau: float = Field(1.0, gt=0, description="temperature: inputs are divided by it (larger is flatter)")
 
         @model_validator(mode="after")
-        def _range(self) -> "SigmoidSchedule.Options":
+        def _range(self) -> SigmoidSchedule.Options:
             if self.start >= self.end:
                 raise ValueError(f"start ({self.start}) must be less than end ({self.end})")
             if _sigmoid(self.end / self.tau) - _sigmoid(self.start / self.tau) <= 0:
