@@ -192,10 +192,11 @@ def losses(config: Path, steps: int, data_root: str | None) -> None:
                     f"train.max_steps={steps}",
                     "sample.num_images=16",
                     "sample.trajectory_images=0",
+                    *([f"data.root={json.dumps(data_root)}"] if data_root else []),
                 ],
             )
             cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"time_budget": None})})
-            run_config(cfg, data_root=Path(data_root) if data_root else None)
+            run_config(cfg)
             rows = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
             rows = [row for row in rows if "loss" in row]
             late = rows[len(rows) // 2 :]

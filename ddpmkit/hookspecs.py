@@ -15,6 +15,8 @@ PROJECT_NAME = "ddpmkit"
 #: The plugin API this ddpmkit speaks. A plugin module may declare ``DDPMKIT_PLUGIN_API = 3`` (or a
 #: list of versions); a plugin that declares none is assumed compatible.
 PLUGIN_API_VERSION = 3
+#: the file in the run folder the built-in metrics plugin writes, one JSON record a step (removed by --fresh)
+METRICS_FILE = "metrics.jsonl"
 #: Every plugin API this ddpmkit still loads: API 1 and 2 plugins keep working (API 2 and 3 only added:
 #: API 3 the ``cond`` argument and ``conditions`` of a denoiser, which an unconditional run never uses).
 SUPPORTED_PLUGIN_APIS = (1, 2, 3)

@@ -11,7 +11,7 @@ from typing import IO, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ddpmkit import hookimpl
+from ddpmkit import METRICS_FILE, hookimpl
 
 DDPMKIT_PLUGIN_API = [2]
 
@@ -23,7 +23,7 @@ class Options(BaseModel):
     enabled: bool = Field(True, description="write every step's metrics to metrics.jsonl in the run directory")
 
 
-FILE_NAME = "metrics.jsonl"
+FILE_NAME = METRICS_FILE
 _open: dict[Path, IO[str]] = {}
 
 

@@ -386,3 +386,56 @@ def test_the_loop_replans_once_from_its_own_rate_and_a_resume_keeps_it(tmp_path,
     a, b = (load_checkpoint(run / "checkpoints" / f"step-{new:08d}") for run in (whole, killed))
     for key, value in a.weights("model").items():
         assert torch.equal(value, b.weights("model")[key]), key
+
+
+def test_a_start_refused_before_anything_trained_leaves_no_record_of_its_choice(tmp_path, monkeypatch):
+    """The model choice is recorded before the guide trains (RUN/start.json); a start refused before anything
+    trained removes it, so the next start chooses again instead of keeping figures from the refused one."""
+    import ddpmkit.training.runner as runner
+    from ddpmkit.errors import DataError
+
+    monkeypatch.setenv("DDPMKIT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(autotune, "_measured_rate", _fake({8: 10.0, 4: 400.0, 2: 1e6}))
+    monkeypatch.setattr(autotune, "_steady_rate", _fake_steady(8.0))
+
+    def no_data(*args, **kwargs):
+        raise DataError("injected: the data is missing")
+
+    monkeypatch.setattr(runner, "load_dataset", no_data)
+    path = _sized_config(tmp_path, "r", 100, budget="20s", more=SMALLER)
+    with pytest.raises(DataError):
+        run_config(load_config(path))
+    run = tmp_path / "runs" / "r"
+    assert not (run / "start.json").exists() and not (run / "budget-model.json").exists()
+
+
+def test_the_first_start_records_its_decisions_once_and_a_resume_reads_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("DDPMKIT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(autotune, "_measured_rate", _fake({8: 10.0, 4: 400.0, 2: 1e6}))
+    monkeypatch.setattr(autotune, "_steady_rate", _fake_steady(8.0))
+    path = _sized_config(tmp_path, "w", 100, budget="20s", more=SMALLER)
+    assert run_config(load_config(path)) == 0
+    run = tmp_path / "runs" / "w"
+    record = json.loads((run / "start.json").read_text())
+    assert record["budget_model"]["index"] == 1 and record["time_plan"]["budget_s"] == 20.0
+    last = load_checkpoint(sorted((run / "checkpoints").iterdir())[-1])
+    assert last.start.budget_model == record["budget_model"] and last.start.time_plan["steps"] == last.step
+    assert last.start.lr_decay_end == last.step
+
+
+def test_a_run_of_0_12_with_budget_model_json_keeps_its_model(tmp_path, monkeypatch):
+    """Runs from 0.10 to 0.12 recorded the model choice in RUN/budget-model.json: it is still read."""
+    monkeypatch.setenv("DDPMKIT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(autotune, "_measured_rate", _fake({8: 1e5, 4: 1e6, 2: 1e6}))  # the configured one fits
+    monkeypatch.setattr(autotune, "_steady_rate", _fake_steady(8.0))
+    path = _sized_config(tmp_path, "old", 100, budget="20s", more=SMALLER)
+    cfg = load_config(path)
+    run = tmp_path / "runs" / "old"
+    run.mkdir(parents=True)
+    models = [m.model_dump(mode="json") for m in cfg.train.smaller_models]
+    legacy = {"index": 1, "steps": [40, 900], "min_steps": 100, "smaller_models": models, "budget_s": 20.0}
+    (run / "budget-model.json").write_text(json.dumps(legacy))
+    said: list[str] = []
+    assert run_config(cfg, report=RunReport(info=said.append)) == 0
+    assert any("kept from the run's first start" in s and "smaller_models[0]" in s for s in said), said
+    assert json.loads((run / "config.json").read_text())["denoiser"]["options"]["channels"] == [4, 8, 16, 16]

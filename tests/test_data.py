@@ -54,12 +54,28 @@ def test_mnist_download_failure(tmp_path, monkeypatch):
 
 
 def test_data_root_precedence(monkeypatch, tmp_path):
+    """--data-root, else what the config names, else $DDPMKIT_DATA_ROOT, else ./data: the variable is a default,
+    it never replaces a folder the config names (an image folder's own path, say)."""
     section = DataSection(root="from-config")
     monkeypatch.delenv("DDPMKIT_DATA_ROOT", raising=False)
-    assert str(resolve_root(section)) == "from-config"
+    assert str(resolve_root(section)) == "from-config" and str(resolve_root(DataSection())) == "data"
     monkeypatch.setenv("DDPMKIT_DATA_ROOT", str(tmp_path))
-    assert resolve_root(section) == tmp_path
+    assert str(resolve_root(section)) == "from-config" and resolve_root(DataSection()) == tmp_path
     assert str(resolve_root(section, "cli")) == "cli"
+
+
+def test_the_variable_fills_a_config_that_names_no_root_and_every_copy_keeps_it(monkeypatch, tmp_path):
+    from ddpmkit.run.config import config_from_dict
+    from ddpmkit.run.guide import guide_config
+
+    monkeypatch.setenv("DDPMKIT_DATA_ROOT", str(tmp_path))
+    cfg = config_from_dict({"guidance": {"weight": 2.0}})
+    assert cfg.data.root == str(tmp_path) and guide_config(cfg).data.root == str(tmp_path)
+    named = config_from_dict({"data": {"dataset": "image-folder", "root": "my-images"}})
+    assert named.data.root == "my-images"  # what the config names wins
+    given = config_from_dict({"data": {"root": "x"}}, overrides=[('data.root="cli"', "--data-root cli")])
+    assert given.data.root == "cli"
+    assert "root" not in config_from_dict({}).identity().get("data", {})  # not part of the run's identity
 
 
 def test_image_folder(tmp_path):

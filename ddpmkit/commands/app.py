@@ -4,6 +4,7 @@ the rule that a user's mistake is one line on stderr with exit code 2."""
 from __future__ import annotations
 
 import functools
+import json
 import sys
 import traceback
 import warnings
@@ -101,6 +102,15 @@ SetOption = typer.Option(
     metavar="KEY.PATH=VALUE",
     help="Override a config value, e.g. --set train.batch_size=128 (repeatable).",
 )
+SamplingSetOption = typer.Option(
+    None,
+    "--set",
+    metavar="KEY.PATH=VALUE",
+    help=(
+        "A sampling override: sampler.*, sample.*, guidance.* or the speed modes train.precision, "
+        "train.channels_last and train.compile, e.g. --set sampler.options.eta=0.5 (repeatable)."
+    ),
+)
 DataRootOption = typer.Option(
     None,
     "--data-root",
@@ -109,13 +119,29 @@ DataRootOption = typer.Option(
 DeviceOption = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps (overrides run.device).")
 JsonOption = typer.Option(False, "--json", help="Print only JSON on stdout.")
 SeedOption = typer.Option(0, "--seed", min=0, max=2**63 - 1, help="Seed of the sampling.")
+SamplerOption = typer.Option(None, "--sampler", help="Another installed sampler than the run's, e.g. ddim.")
+StepsOption = typer.Option(
+    None, "--steps", min=1, help="The sampler's number of steps (its steps option), e.g. --sampler ddim --steps 20."
+)
+GuidanceOption = typer.Option(
+    None,
+    "--guidance",
+    metavar="W",
+    help="Guidance weight w (1 = none): classifier-free for a conditional run, else autoguidance (the run's guide).",
+)
+NrowOption = typer.Option(None, "--nrow", min=1, help="Images per row of the grid PNG (default: a square grid).")
 
 _flags = {"debug": False}
 
 
-def warn(text: str) -> None:
-    """A warning line on stdout, with the run's other output."""
-    console.print(f"[yellow]warning:[/] {escape(text)}", highlight=False)
+def warn(text: str, *, out: Console | None = None) -> None:
+    """A warning line, on stdout with the run's other output unless ``out`` is another console (stderr)."""
+    (out or console).print(f"[yellow]warning:[/] {escape(text)}", highlight=False)
+
+
+def warner(out: Console) -> Callable[[str], None]:
+    """:func:`warn` onto ``out``, as a callback (``load_run``'s ``warn``)."""
+    return functools.partial(warn, out=out)
 
 
 def say(text: str) -> None:
@@ -130,7 +156,7 @@ def debug() -> bool:
 def _show_warning(message: Any, category: type, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
     """ddpmkit's warnings are one line on stderr; others keep Python's format."""
     if issubclass(category, DdpmkitWarning):
-        err_console.print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False)
+        warn(str(message), out=err_console)
     else:
         sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
@@ -182,15 +208,35 @@ def _root(
     _flags["debug"] = debug
 
 
+def sampling_overrides(
+    overrides: list[str] | None, *, guidance: float | None = None, steps: int | None = None
+) -> list[Any]:
+    """The ``--set`` items, plus ``guidance.weight`` from ``--guidance`` and ``sampler.options.steps`` from ``--steps``
+    (errors name them as the user gave them)."""
+    given = list(overrides or [])
+    if guidance is not None:
+        given.append((f"guidance.weight={guidance!r}", f"--guidance {guidance:g}"))
+    if steps is not None:
+        given.append((f"sampler.options.steps={steps}", f"--steps {steps}"))
+    return given
+
+
 def with_device(overrides: list[str] | None, device: str | None) -> list[Any]:
     """The ``--set`` items, plus ``run.device`` from ``--device`` (errors name it as ``--device D``)."""
     return list(overrides or []) + ([(f"run.device={device}", f"--device {device}")] if device else [])
 
 
+def with_data_root(overrides: list[Any], data_root: Path | None) -> list[Any]:
+    """The overrides, plus ``data.root`` from ``--data-root`` (errors name it as ``--data-root PATH``): folded into the
+    config once, like ``--device``; it is not part of the run's identity, so a run resumes from another folder."""
+    return list(overrides) + (
+        [(f"data.root={json.dumps(str(data_root))}", f"--data-root {data_root}")] if data_root else []
+    )
+
+
 def mnist_root(data_root: Path | None) -> Path:
     """Where eval and sweep read MNIST: --data-root, else $DDPMKIT_DATA_ROOT, else ./data (as a run config's
     default)."""
-    from ddpmkit.run.config import DataSection
-    from ddpmkit.run.data import resolve_root
+    from ddpmkit.run.data import default_root
 
-    return resolve_root(DataSection(), data_root)
+    return Path(data_root) if data_root is not None else default_root()

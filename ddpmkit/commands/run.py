@@ -19,6 +19,7 @@ from ddpmkit.commands.app import (
     say,
     user_errors,
     warn,
+    with_data_root,
     with_device,
 )
 from ddpmkit.errors import ConfigError, DdpmkitError
@@ -54,11 +55,11 @@ def run(
         raise typer.Exit(
             _launch_processes(config, list(set_ or []), nproc, fresh=fresh, data_root=data_root, device=device)
         )
-    cfg = load_config(config, with_device(set_, device))
+    cfg = load_config(config, with_data_root(with_device(set_, device), data_root))
     report = RunReport(
         info=say, warn=warn, training=partial(training_progress, console), sampling=partial(sampling_progress, console)
     )
-    code = run_config(cfg, report=report, fresh=fresh, data_root=data_root)
+    code = run_config(cfg, report=report, fresh=fresh)
     if code:
         raise typer.Exit(code)
 
@@ -71,7 +72,7 @@ def _launch_processes(
 
     if "WORLD_SIZE" in os.environ:
         raise DdpmkitError("--nproc inside torchrun: use one or the other")
-    cfg = load_config(config, overrides)  # a config mistake is one line here, not one per process
+    cfg = load_config(config, with_data_root(overrides, data_root))  # a mistake is one line here, not one per process
     _check_process_count(nproc, device or cfg.run.device)
     from ddpmkit.runtime.distributed import World, check_batch
 

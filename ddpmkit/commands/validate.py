@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
-from ddpmkit.commands.app import DataRootOption, SetOption, app, console, user_errors
+from ddpmkit.commands.app import DataRootOption, SetOption, app, console, user_errors, warn, with_data_root
 
 
 @app.command()
@@ -26,18 +26,18 @@ def validate(
     from ddpmkit.run.data import settle
     from ddpmkit.training.preflight import describe_config, preflight
 
-    cfg = load_config(config, set_)
+    cfg = load_config(config, with_data_root(list(set_ or []), data_root))
     cfg.check_extras()
-    cfg = settle(cfg, data_root=data_root)  # a missing or empty folder is one line here
+    cfg = settle(cfg)  # a missing or empty folder is one line here
     built = build_checked(cfg)
     console.print(describe_config(cfg, built))
     from ddpmkit.training.autotune import announced
 
     with announced(lambda line: console.print(escape(line.strip()), highlight=False)):
-        findings = preflight(cfg, built, data_root=data_root, timing=timing)
+        findings = preflight(cfg, built, timing=timing)
     for f in findings:
         console.print(f"{f.label:<10} {escape(f.text)}", highlight=False)
     for f in findings:
         if f.warning:
-            console.print(f"[yellow]warning:[/] {escape(f.warning)}", highlight=False)
+            warn(f.warning)
     console.print(f"[green]ok:[/] {config} is valid")

@@ -178,15 +178,15 @@ def mnist_data(root: Path) -> LabelledData:
 HELD_OUT = 1 / 6
 
 
-def run_data(section: DataSection, *, root_override: Path | None = None) -> LabelledData:
+def run_data(section: DataSection) -> LabelledData:
     """The labelled data of a run's ``[data]`` section, at the run's size and channels: MNIST's own split, or
     the dataset with one image in six held out (seeded). A DataError for a dataset without labels."""
     from ddpmkit.run.data import load_dataset, resolve_root
 
     if section.dataset == "mnist":
-        return mnist_data(resolve_root(section, root_override))
+        return mnist_data(resolve_root(section))
     try:
-        ds = load_dataset(section.model_copy(update={"download": False}), root_override=root_override, labelled=True)
+        ds = load_dataset(section.model_copy(update={"download": False}), labelled=True)
     except MissingLabels:
         raise DataError(
             f"data.dataset = {section.dataset!r} has no class labels, so no classifier can be trained "

@@ -111,7 +111,7 @@ def evaluation_data(loaded: Any, *, data_root: Path | None, mnist_root: Path) ->
     section = loaded.config.data
     if section.dataset == "mnist":
         return mnist_data(mnist_root), None
-    return run_data(section, root_override=data_root), None
+    return run_data(section.model_copy(update={"root": str(data_root)}) if data_root else section), None
 
 
 def small_sample_warning(num: int) -> str | None:

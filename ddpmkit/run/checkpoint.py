@@ -11,7 +11,8 @@ It is written under a temporary name and renamed only when complete, so a kill a
 leaves either the complete new checkpoint or none; the previous one is never touched before.
 This module owns the format: :func:`describe_run` assembles the state, :func:`save_checkpoint`
 writes it, :func:`load_checkpoint` reads and validates it, :func:`check_compatible` compares it
-with a config.
+with a config. What a run's first start decided (:class:`StartRecord`) is carried in every checkpoint and,
+until the first one, in ``<run>/start.json``: :func:`save_start` writes it, :func:`kept_start` reads it back.
 """
 
 from __future__ import annotations
@@ -49,6 +50,10 @@ MODEL_FILE = "model.safetensors"
 EMA_FILE = "ema.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+#: what a run's first start decided, before its first checkpoint carries it (see StartRecord)
+START_FILE = "start.json"
+#: the model choice of runs from ddpmkit 0.10 to 0.12 (read, never written)
+LEGACY_MODEL_FILE = "budget-model.json"
 #: Post-hoc EMA: ``<run>/posthoc-ema/snapshots/step-<N>/`` (one safetensors file per tracked profile) and the
 #: EMAs ``ddpmkit ema`` rebuilds, ``<run>/posthoc-ema/sigma-<S>/`` (checkpoint folders holding EMA weights only)
 POSTHOC_DIR = "posthoc-ema"
@@ -93,6 +98,30 @@ class CheckpointState(BaseModel):
         return None
 
 
+class StartRecord(BaseModel):
+    """What the first start of a run decided, so that a resume decides nothing again and stays exact.
+
+    Each field is the record of the part of ddpmkit that decides it (a dict, so this format owns no training
+    code); in ``state.json`` the fields stand at the top level, where they have stood since they were added.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: which of train.smaller_models a time budget trains (0: the configured model), with the steps estimated
+    #: for each model tried and what it was chosen for (smaller_models, budget_s, min_steps)
+    budget_model: dict[str, Any] | None = None
+    #: the speed modes ``auto`` chose and the figures it chose from
+    speed: dict[str, Any] | None = None
+    #: a time budget's plan: the steps, the rate they were planned at, and the one re-plan from the loop's rate
+    time_plan: dict[str, Any] | None = None
+    #: the step the cosine learning-rate decay ends at (the plan of the first start, or of its re-plan)
+    lr_decay_end: int | None = None
+
+    def decisions(self) -> dict[str, Any]:
+        """The decisions a start announces with its first metrics record (all but the decay's end)."""
+        return {k: v for k, v in self.model_dump(exclude={"lr_decay_end"}).items() if v is not None}
+
+
 @dataclass
 class Checkpoint:
     """A validated checkpoint directory."""
@@ -108,6 +137,17 @@ class Checkpoint:
     @property
     def step(self) -> int:
         return self.schema.step
+
+    @property
+    def start(self) -> StartRecord:
+        """What the run's first start decided, as this checkpoint carries it."""
+        state = self.schema.model_dump()
+        try:
+            return StartRecord.model_validate({k: state.get(k) for k in StartRecord.model_fields})
+        except ValidationError as exc:
+            raise CheckpointError(
+                f"{self.path / STATE_FILE}: invalid record of the run's start ({exc.errors()[0]['msg']})"
+            ) from None
 
     def config_for_sampling(self) -> dict[str, Any]:
         """The run's config with each component pinned to the qualified name that trained it, so that
@@ -411,6 +451,44 @@ def save_rebuilt(
         {EMA_FILE: st_save(_contiguous(weights))},
         {**state, "step": info["step"], "posthoc_ema": info},
     )
+
+
+# --- what a run's first start decided ---------------------------------------------------------------------
+
+
+def save_start(run_dir: Path, record: StartRecord) -> None:
+    """Write ``record`` as the run's ``start.json``, replaced whole (a kill leaves the previous record or none)."""
+    path = run_dir / START_FILE
+    tmp = path.with_name(f".{START_FILE}.tmp")
+    tmp.write_text(json.dumps(record.model_dump(mode="json", exclude_none=True), indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def kept_start(run_dir: Path, resume: Checkpoint | None) -> StartRecord:
+    """What the run's first start decided: as the checkpoint it resumes from carries it, with the model choice
+    of ``start.json`` (made before anything trained: the guide trains the chosen model too), or of the
+    ``budget-model.json`` of runs from ddpmkit 0.10 to 0.12. Nothing readable is an empty record."""
+    record = resume.start if resume is not None else StartRecord()
+    saved = _json_dict(run_dir / START_FILE)
+    if saved is None:
+        legacy = _json_dict(run_dir / LEGACY_MODEL_FILE)
+        saved = {"budget_model": legacy} if legacy is not None else {}
+    model = saved.get("budget_model")
+    return record.model_copy(update={"budget_model": model if isinstance(model, dict) else None})
+
+
+def forget_start(run_dir: Path) -> None:
+    """Remove the run's record of its first start (--fresh, or a start refused before anything trained)."""
+    for name in (START_FILE, LEGACY_MODEL_FILE):
+        (run_dir / name).unlink(missing_ok=True)
+
+
+def _json_dict(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 # --- what a checkpoint says about its run ----------------------------------------------------------------

@@ -8,6 +8,7 @@ denoiser's own rules).
 from __future__ import annotations
 
 import copy
+import os
 import re
 import tomllib
 import warnings
@@ -58,11 +59,14 @@ NATIVE_SHAPES = {"mnist": (1, 32), "fashion-mnist": (1, 32), "cifar10": (3, 32),
 
 
 class DataSection(Section):
-    dataset: Literal["mnist", "fashion-mnist", "cifar10", "image-folder", "hf", "synthetic"] = "mnist"
+    dataset: Literal["mnist", "fashion-mnist", "cifar10", "image-folder", "hf", "synthetic"] = Field(
+        "mnist", description="what to train on (`ddpmkit describe NAME` says what each reads and which keys apply)"
+    )
     root: str = Field(
         "data",
         description="where the dataset lives: the folder holding MNIST/raw, FashionMNIST/raw "
-        "or cifar-10-batches-bin, or the image folder itself",
+        "or cifar-10-batches-bin, or the image folder itself; --data-root sets it, and a config that names none "
+        "takes $DDPMKIT_DATA_ROOT (else ./data)",
     )
     download: bool = Field(
         True, description="download MNIST, FashionMNIST, CIFAR-10 or a Hub dataset when it is not there"
@@ -145,7 +149,9 @@ class DataSection(Section):
 
 class ComponentSection(Section):
     name: str = Field(description="the component's name, or DISTRIBUTION:NAME to pick one plugin's")
-    options: dict[str, Any] = Field(default_factory=dict)
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="the component's options, validated by its own model (ddpmkit describe NAME)"
+    )
     # filled in by validation: the registry entry the name resolved to and the validated options
     _component: Any = PrivateAttr(default=None)
     _options: Any = PrivateAttr(default=None)
@@ -722,10 +728,13 @@ def config_from_dict(
     """Validate a config given as a dict (plus overrides); ConfigError lists every problem."""
     data = copy.deepcopy(data)
     source = _Source(path, text, apply_overrides(data, overrides or []))
+    _default_data_root(data)
     try:
         cfg = RunConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError("\n".join(_messages(exc, RunConfig, (), source))) from None
+        # every mistake at once: the components' options are checked too, from the tables as written
+        problems = _messages(exc, RunConfig, (), source) + _component_problems(data, source)
+        raise ConfigError("\n".join(problems)) from None
     _validate_components(cfg, source)
     _move_log_switches(cfg, source)
     _validate_plugin_tables(cfg, source)
@@ -738,6 +747,39 @@ def load_config(path: str | Path, overrides: list[Override] | None = None) -> Ru
     path = Path(path)
     data, text = read_toml(path)
     return config_from_dict(data, path=path, text=text, overrides=overrides)
+
+
+def _default_data_root(data: dict[str, Any]) -> None:
+    """A config that names no ``data.root`` (neither in its file nor by --data-root) takes $DDPMKIT_DATA_ROOT, written
+    into it once so that every copy of the config (the guide's, a checkpoint's) reads the same folder; what a config
+    names explicitly wins over the variable."""
+    env = os.environ.get("DDPMKIT_DATA_ROOT")
+    table = data.get("data")
+    if env and (table is None or (isinstance(table, dict) and "root" not in table)):
+        data["data"] = {**(table or {}), "root": env}
+
+
+def _component_problems(data: dict[str, Any], source: _Source) -> list[str]:
+    """The mistakes in each component's name and options, from the config's tables as written (for a config whose
+    other sections did not validate: its mistakes are reported all at once)."""
+    from ddpmkit.registry import discovery as plugins
+
+    problems = []
+    for kind in KINDS:
+        table = data.get(kind, {})
+        default = RunConfig.model_fields[kind].get_default(call_default_factory=True)
+        name = table.get("name", default.name) if isinstance(table, dict) else None
+        options = table.get("options", {}) if isinstance(table, dict) else None
+        if not isinstance(name, str) or not isinstance(options, dict):
+            continue  # the section's own error says it
+        try:
+            model = plugins.load(plugins.find(kind, name)).Options
+            model.model_validate(options)
+        except PluginError as exc:
+            problems.append(f"{source.where(f'{kind}.name')}: {kind}.name: {exc}")
+        except ValidationError as exc:
+            problems.extend(_messages(exc, model, (kind, "options"), source))
+    return problems
 
 
 def _validate_components(cfg: RunConfig, source: _Source) -> None:

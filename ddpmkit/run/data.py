@@ -141,18 +141,23 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return ((images.float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
 
 
+def default_root() -> Path:
+    """Where a dataset is looked for when nothing names its root: $DDPMKIT_DATA_ROOT, else ./data."""
+    return Path(os.environ.get(DATA_ROOT_ENV) or "data")
+
+
 def resolve_root(section: DataSection, override: str | Path | None = None) -> Path:
-    """The data root: the command line's, else $DDPMKIT_DATA_ROOT, else the config's."""
+    """The data root: ``override`` (eval's --data-root for a run's data), else the config's ``data.root`` when it
+    names one (a run's --data-root is folded into it), else $DDPMKIT_DATA_ROOT, else ./data."""
     if override is not None:
         return Path(override)
-    env = os.environ.get(DATA_ROOT_ENV)
-    return Path(env) if env else Path(section.root)
+    return Path(section.root) if "root" in section.model_fields_set else default_root()
 
 
 # --- auto image_size and channels ------------------------------------------------------------------
 
 
-def settle_section(section: DataSection, *, root_override: str | Path | None = None) -> DataSection:
+def settle_section(section: DataSection) -> DataSection:
     """``section`` with ``image_size`` and ``channels`` made numbers: ``auto`` is the dataset's own, read from the
     files' headers for an image folder or hf dataset (DataError when those differ in size and no size is set)."""
     if section.settled:
@@ -160,9 +165,7 @@ def settle_section(section: DataSection, *, root_override: str | Path | None = N
     if section.dataset in NATIVE_SHAPES:
         return section.with_native_shape()
     else:
-        channels, size = _scan_shape(
-            _sources(section, root_override), _where(section, root_override), need_size=section.image_size == "auto"
-        )
+        channels, size = _scan_shape(_sources(section), _where(section), need_size=section.image_size == "auto")
     return section.model_copy(
         update={
             "channels": channels if section.channels == "auto" else section.channels,
@@ -171,17 +174,17 @@ def settle_section(section: DataSection, *, root_override: str | Path | None = N
     )
 
 
-def settle(cfg: RunConfig, *, data_root: str | Path | None = None) -> RunConfig:
+def settle(cfg: RunConfig) -> RunConfig:
     """``cfg`` with its data section settled (see :func:`settle_section`); ``cfg`` itself when it already is."""
     if cfg.data.settled:
         return cfg
-    return cfg.model_copy(update={"data": settle_section(cfg.data, root_override=data_root)})
+    return cfg.model_copy(update={"data": settle_section(cfg.data)})
 
 
-def _where(section: DataSection, root_override: str | Path | None) -> str:
+def _where(section: DataSection) -> str:
     if section.dataset == "hf":
         return f"hf dataset {section.path} (split {section.split})"
-    return f"image folder {resolve_root(section, root_override)}"
+    return f"image folder {resolve_root(section)}"
 
 
 _GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
@@ -215,12 +218,10 @@ def _scan_shape(sources: list[_Source], where: str, *, need_size: bool) -> tuple
 # --- loading --------------------------------------------------------------------------------------
 
 
-def load_dataset(
-    section: DataSection, *, root_override: str | Path | None = None, seed: int = 0, labelled: bool = False
-) -> Dataset:
+def load_dataset(section: DataSection, *, seed: int = 0, labelled: bool = False) -> Dataset:
     """Load the configured dataset at the configured size and channel count (``auto`` settled from the data);
     ``labelled``: with its class labels, a DataError if it has none."""
-    section = settle_section(section, root_override=root_override)
+    section = settle_section(section)
     size, channels = int(section.image_size), int(section.channels)
     count = {"mnist": 60_000, "fashion-mnist": 60_000, "cifar10": 50_000, "synthetic": section.num_samples}.get(
         section.dataset
@@ -231,13 +232,13 @@ def load_dataset(
             f"data.image_size = {size}",
             "choose a smaller data.image_size (or data.limit)",
         )
-    root = resolve_root(section, root_override)
+    root = resolve_root(section)
     if section.dataset in ("mnist", "fashion-mnist"):
         ds = _idx(section.dataset, root, section.download)
     elif section.dataset == "cifar10":
         ds = _cifar10(root, section.download)
     elif section.dataset in ("image-folder", "hf"):
-        ds = _decoded(section, root_override, size, channels)
+        ds = _decoded(section, size, channels)
     else:
         ds = _synthetic(section.num_samples, size, channels, seed=1234)
     if section.limit is not None:
@@ -257,7 +258,7 @@ def load_dataset(
     return ds
 
 
-def dataset_classes(section: DataSection, *, root_override: str | Path | None = None) -> list[str]:
+def dataset_classes(section: DataSection) -> list[str]:
     """The class names of the configured dataset, without loading its images (an image folder: its
     sub-folders that hold images, sorted)."""
     known = {
@@ -270,7 +271,7 @@ def dataset_classes(section: DataSection, *, root_override: str | Path | None = 
         return list(known[section.dataset])
     if section.dataset == "hf":
         return _hf_labels(_hf_dataset(section), section)[1]
-    root = resolve_root(section, root_override)
+    root = resolve_root(section)
     return [d.name for d in _class_folders(root)] if root.is_dir() else []
 
 
@@ -432,14 +433,14 @@ class _Source:
         return open_image(self.path if self.path is not None else io.BytesIO(self.data or b""), name=self.name)
 
 
-def _sources(section: DataSection, root_override: str | Path | None) -> list[_Source]:
+def _sources(section: DataSection) -> list[_Source]:
     if section.dataset == "hf":
         return _hf_sources(_hf_dataset(section), section)
-    root = resolve_root(section, root_override)
+    root = resolve_root(section)
     return [_Source(str(p), path=p) for p in _folder_files(root)]
 
 
-def _decoded(section: DataSection, root_override: str | Path | None, size: int, channels: int) -> Dataset:
+def _decoded(section: DataSection, size: int, channels: int) -> Dataset:
     from PIL import Image
 
     if section.dataset == "hf":
@@ -448,7 +449,7 @@ def _decoded(section: DataSection, root_override: str | Path | None, size: int, 
         labels, classes = _hf_labels(hf, section)
         described = f"hf dataset {section.path} (split {section.split}, {len(sources):,} images"
     else:
-        root = resolve_root(section, root_override)
+        root = resolve_root(section)
         files = _folder_files(root)
         sources = [_Source(str(p), path=p) for p in files]
         labels, classes = _folder_labels(root, files)

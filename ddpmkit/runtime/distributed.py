@@ -21,12 +21,15 @@ import datetime
 import os
 import signal
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
 from ddpmkit.errors import ConfigError
 from ddpmkit.runtime.processes import signal_on_parent_death
+
+T = TypeVar("T")
 
 #: How long a collective may wait before the process group gives up (a last resort: ranks agree
 #: to stop through their flags long before this).
@@ -65,6 +68,20 @@ class World:
             t = t.cuda()
         dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
         return t.cpu().tolist()
+
+    def from_main(self, value: T) -> T:
+        """Rank 0's ``value`` on every rank (what the other ranks pass is ignored): rank 0 decides, every rank
+        takes its decision. One process: ``value``."""
+        if not self.enabled:
+            return value
+        box = [value if self.is_main else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        """Wait until every rank has come here."""
+        if self.enabled:
+            dist.barrier()
 
     def any(self, flag: bool) -> bool:
         """Whether ``flag`` is true on any rank."""

@@ -89,8 +89,8 @@ def learning_rate(cfg: RunConfig, step: int, decay_end: int) -> float:
 def lr_decay_end(cfg: RunConfig, resume: Checkpoint | None, last_step: int) -> int:
     """The step a cosine decay ends at: the plan of the run's first start (as its checkpoints record it), so
     that extending a run continues at ``lr_min`` instead of restarting the decay; else ``last_step``."""
-    recorded = resume.state.get("lr_decay_end") if resume is not None else None
-    return recorded if isinstance(recorded, int) else last_step  # checkpoints before 0.5 record none
+    recorded = resume.start.lr_decay_end if resume is not None else None
+    return recorded if recorded is not None else last_step  # checkpoints before 0.5 record none
 
 
 def _divergence_advice(cfg: RunConfig, happened: str, step: int, last_good: Path | None, skipped: int = 0) -> str:
@@ -383,8 +383,7 @@ class _Trainer:
 def _replanned(world: World, replan: Replan, step: int, rate: float) -> tuple[int, dict[str, Any]]:
     """Rank 0's new last step (at least ``step``) and the state it records; every rank takes the steps."""
     steps, recorded = replan.steps(step, rate)
-    (agreed,) = world.all_reduce([float(max(step, steps)) if world.is_main else 0.0])
-    return int(agreed), recorded
+    return world.from_main(max(step, steps)), recorded
 
 
 def _agree(world: World, stop: bool, error: BaseException | None) -> bool:

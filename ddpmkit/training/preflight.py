@@ -4,7 +4,6 @@ looks wrong before it starts."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -78,13 +77,13 @@ def snr_finding(built: Components) -> Finding:
     )
 
 
-def data_finding(cfg: RunConfig, data_root: Path | None) -> tuple[Finding, int | None]:
+def data_finding(cfg: RunConfig) -> tuple[Finding, int | None]:
     """The dataset's size and the range of values the model will see; (finding, number of images or None)."""
     from ddpmkit.run.data import load_dataset, to_model_scale
 
     section = cfg.data.model_copy(update={"download": False})
     try:
-        ds = load_dataset(section, root_override=data_root, seed=cfg.run.seed)
+        ds = load_dataset(section, seed=cfg.run.seed)
     except DataNotFound as exc:  # anything else (a missing folder, a damaged file) stops validate
         return Finding("data", f"not checked: {exc} (validate never downloads)"), None
     lo, hi = (float(to_model_scale(v)) for v in (ds.images.min(), ds.images.max()))
@@ -172,14 +171,12 @@ def speed_finding(cfg: RunConfig, device: torch.device, *, timer: Timer | None =
     return Finding("speed", "train.precision = bf16 is emulated on this CPU", warning) if warning else None
 
 
-def preflight(
-    cfg: RunConfig, built: Components, *, data_root: Path | None = None, timing: bool = True
-) -> list[Finding]:
+def preflight(cfg: RunConfig, built: Components, *, timing: bool = True) -> list[Finding]:
     """The report: data, planned steps, EMA horizon, terminal SNR and (with ``timing``) the training time."""
     from ddpmkit.runtime.device import pick_device
     from ddpmkit.training.loop import total_steps
 
-    data, num_images = data_finding(cfg, data_root)
+    data, num_images = data_finding(cfg)
     findings = [data]
     guided = cfg
     speed = speed_finding(cfg, pick_device(cfg.run.device)) if timing else None
