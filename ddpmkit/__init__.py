@@ -1,6 +1,7 @@
 """ddpmkit: a plugin-based toolkit for Denoising Diffusion Probabilistic Models.
 
-The front door. Importing ddpmkit is cheap: torch is imported only when a component is built, a run is
+The front door: ``train`` a run, ``load_run`` a trained one and draw from it, ``save_images`` what it drew.
+Importing ddpmkit is cheap: torch is imported only when a component is built, a run is
 loaded or a run starts. For plugin authors: :mod:`ddpmkit.interfaces`, :mod:`ddpmkit.diffusion`,
 :mod:`ddpmkit.errors`, :mod:`ddpmkit.testing` and ``ddpmkit.hookimpl``; the map of the package is
 ``docs/architecture.md``.
@@ -19,7 +20,7 @@ from ddpmkit.errors import (
     PluginCodeError,
     PluginError,
 )
-from ddpmkit.hookspecs import PLUGIN_API_VERSION, Register, hookimpl
+from ddpmkit.hookspecs import METRICS_FILE, PLUGIN_API_VERSION, Register, hookimpl
 from ddpmkit.version import __version__
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "DdpmkitWarning",
     "Denoiser",
     "LoadedRun",
+    "METRICS_FILE",
     "NoiseSchedule",
     "PLUGIN_API_VERSION",
     "PluginCodeError",
@@ -45,6 +47,8 @@ __all__ = [
     "list_plugins",
     "load_config",
     "load_run",
+    "save_images",
+    "train",
 ]
 
 if TYPE_CHECKING:
@@ -52,7 +56,9 @@ if TYPE_CHECKING:
     from ddpmkit.registry.build import create_denoiser, create_sampler, create_schedule
     from ddpmkit.registry.discovery import list_plugins
     from ddpmkit.run.config import load_config
+    from ddpmkit.sampling.images import save_images
     from ddpmkit.sampling.loaded import LoadedRun, load_run
+    from ddpmkit.training.trainer import train
 
 #: name -> the module that defines it; imported on first use (most need torch)
 _LAZY = {
@@ -62,6 +68,8 @@ _LAZY = {
     "load_config": "ddpmkit.run.config",
     "load_run": "ddpmkit.sampling.loaded",
     "LoadedRun": "ddpmkit.sampling.loaded",
+    "save_images": "ddpmkit.sampling.images",
+    "train": "ddpmkit.training.trainer",
 }
 
 

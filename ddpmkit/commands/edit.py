@@ -6,7 +6,19 @@ from pathlib import Path
 
 import typer
 
-from ddpmkit.commands.app import DeviceOption, SeedOption, app, console, user_errors, warn
+from ddpmkit.commands.app import (
+    DeviceOption,
+    GuidanceOption,
+    SamplerOption,
+    SamplingSetOption,
+    SeedOption,
+    StepsOption,
+    app,
+    console,
+    sampling_overrides,
+    user_errors,
+    warn,
+)
 
 
 @app.command()
@@ -35,16 +47,13 @@ def edit(
     resample: int = typer.Option(
         1, "--resample", min=1, help="Inpainting: walks of each stretch (RePaint: 10; 1 is plain pasting)."
     ),
-    sampler: str | None = typer.Option(
-        None, "--sampler", help="Another installed sampler than the config's (one that can start from an image)."
-    ),
-    set_: list[str] | None = typer.Option(
-        None, "--set", metavar="KEY.PATH=VALUE", help="A sampling override, e.g. --set sampler.options.steps=50."
-    ),
+    sampler: str | None = SamplerOption,
+    steps: int | None = StepsOption,
+    set_: list[str] | None = SamplingSetOption,
     classes: str | None = typer.Option(
         None, "--class", metavar="CLASSES", help="A conditional run's class for the results (default: the config's)."
     ),
-    guidance: float | None = typer.Option(None, "--guidance", metavar="W", help="Guidance weight w (1 = none)."),
+    guidance: float | None = GuidanceOption,
     batch_size: int = typer.Option(64, "--batch-size", min=1),
     seed: int = SeedOption,
     out: Path | None = typer.Option(
@@ -72,7 +81,7 @@ def edit(
     if target.suffix.lower() != ".png":
         raise ConfigError(f"--out {target}: the grid is a .png")
     check_output_path(target)
-    overrides = list(set_ or []) + ([f"guidance.weight={guidance!r}"] if guidance is not None else [])
+    overrides = sampling_overrides(set_, guidance=guidance, steps=steps)
     loaded = load_run(run, device=device, sampler=sampler, overrides=overrides, warn=warn)
     plan = loaded.plan()
     check_sampler(plan.sampler, plan.config.sampler.name, resample if mask is not None else 1)

@@ -9,20 +9,23 @@ from collections.abc import Callable
 from pathlib import Path
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
 from ddpmkit.commands.app import (
     DataRootOption,
     JsonOption,
+    SamplerOption,
+    SamplingSetOption,
     SeedOption,
+    StepsOption,
     app,
     console,
     err_console,
     mnist_root,
     print_table,
+    sampling_overrides,
     user_errors,
+    warner,
 )
 
 
@@ -42,10 +45,9 @@ def eval_cmd(
     num: int | None = typer.Option(
         None, "--num", min=10, help="Use this many samples (run directory: draw this many; default 1000)."
     ),
-    sampler: str | None = typer.Option(None, "--sampler", help="Run directory only: sample with another sampler."),
-    set_: list[str] | None = typer.Option(
-        None, "--set", metavar="KEY.PATH=VALUE", help="Run directory only: sampling overrides."
-    ),
+    sampler: str | None = SamplerOption,
+    steps: int | None = StepsOption,
+    set_: list[str] | None = SamplingSetOption,
     batch_size: int = typer.Option(250, "--batch-size", min=1, help="Run directory only: sampling batch size."),
     seed: int = typer.Option(
         0, "--seed", min=0, max=2**63 - 1, help="Seed of the sampling and of the reference subsets."
@@ -78,7 +80,7 @@ def eval_cmd(
     if is_run or (samples / "state.json").is_file() or is_diffusers_folder(samples):  # a run, checkpoint or model
         from ddpmkit.sampling.loaded import load_run
 
-        loaded = load_run(samples, sampler=sampler, overrides=list(set_ or []), warn=_warner(out))
+        loaded = load_run(samples, sampler=sampler, overrides=sampling_overrides(set_, steps=steps), warn=warner(out))
         data, caveat = evaluation_data(loaded, data_root=data_root, mnist_root=root)  # before sampling
         labels = loaded.labels(num or 1000, "all") if loaded.conditional else None  # class-balanced
         images = to_uint8(
@@ -86,10 +88,10 @@ def eval_cmd(
         )
         pairs = pairs or samples / "eval-closest-pairs.png"
     else:
-        if sampler or set_:
+        if sampler or set_ or steps:
             from ddpmkit.errors import ConfigError
 
-            raise ConfigError("--sampler and --set apply when SAMPLES is a run directory")
+            raise ConfigError("--sampler, --steps and --set apply when SAMPLES is a run directory")
         images = read_images(samples)
         check_feature_network(tuple(images.shape[1:]))  # before the classifier is trained
         data, caveat = None, None
@@ -102,7 +104,7 @@ def eval_cmd(
         check_feature_network(tuple(ref.shape[1:]), "the reference images")
     for line in (caveat, small_sample_warning(len(images))):
         if line:
-            _warner(out)(line)
+            warner(out)(line)
     result = evaluate(
         images,
         data_root=root,
@@ -116,7 +118,7 @@ def eval_cmd(
     )
     if is_run:  # beside the run, for `ddpmkit export`'s model card, and to the run's event plugins (wandb)
         (samples / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
-        _tell_event_plugins(loaded, samples, result, _warner(out))
+        _tell_event_plugins(loaded, samples, result, warner(out))
     if as_json:
         print(json.dumps(result, indent=2))
         return
@@ -177,7 +179,7 @@ def sweep(
     if samplers:
         parse_plan(list(samplers))  # a mistake in the options is one line before anything loads
     root = mnist_root(data_root)
-    loaded = load_run(run, warn=_warner(shown))
+    loaded = load_run(run, warn=warner(shown))
     own = (
         [loaded.components.refs["sampler"].name] if lengths else None
     )  # EMA lengths compared on the run's own sampling
@@ -194,7 +196,7 @@ def sweep(
     data, caveat = evaluation_data(loaded, data_root=data_root, mnist_root=root)  # before sampling
     for line in (caveat, small_sample_warning(num)):
         if line:
-            _warner(shown)(line)
+            warner(shown)(line)
     evaluator = Evaluator(num, data_root=root, seed=seed, log=lambda m: shown.print(m, highlight=False), data=data)
 
     def draw(point_plan: SamplingPlan, labels: torch.Tensor | None) -> torch.Tensor:
@@ -350,7 +352,3 @@ def _tell_event_plugins(loaded, run_dir: Path, result: dict, warn: Callable[[str
     EventDispatcher(RunInfo(run_dir, cfg, str(loaded.device), loaded.step, loaded.step)).emit(
         "evaluated", result=result
     )
-
-
-def _warner(out: Console) -> Callable[[str], None]:
-    return lambda text: out.print(f"[yellow]warning:[/] {escape(text)}", highlight=False)

@@ -9,7 +9,20 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from ddpmkit.commands.app import DeviceOption, SeedOption, app, console, user_errors, warn
+from ddpmkit.commands.app import (
+    DeviceOption,
+    GuidanceOption,
+    NrowOption,
+    SamplerOption,
+    SamplingSetOption,
+    SeedOption,
+    StepsOption,
+    app,
+    console,
+    sampling_overrides,
+    user_errors,
+    warn,
+)
 from ddpmkit.errors import EXIT_INTERRUPTED, ConfigError
 
 if TYPE_CHECKING:
@@ -36,23 +49,18 @@ def sample(
     scale: int = typer.Option(
         1, "--scale", min=1, max=16, help="Upscale the grid PNG N times (nearest neighbour), e.g. 4 for MNIST."
     ),
+    nrow: int | None = NrowOption,
     raw: bool = typer.Option(False, "--raw", help="Use the raw weights instead of the EMA weights."),
-    sampler: str | None = typer.Option(None, "--sampler", help="Another installed sampler than the config's."),
-    set_: list[str] | None = typer.Option(
-        None,
-        "--set",
-        metavar="KEY.PATH=VALUE",
-        help="Override a config value, e.g. --set sampler.options.variance=posterior.",
-    ),
+    sampler: str | None = SamplerOption,
+    steps: int | None = StepsOption,
+    set_: list[str] | None = SamplingSetOption,
     classes: str | None = typer.Option(
         None,
         "--class",
         metavar="CLASSES",
         help="A conditional run's classes: 7, 0,3,7 (names work too) or all (a row per class); default: the config's.",
     ),
-    guidance: float | None = typer.Option(
-        None, "--guidance", metavar="W", help="Guidance weight w (1 = none): classifier-free for a conditional run."
-    ),
+    guidance: float | None = GuidanceOption,
     device: str | None = DeviceOption,
 ) -> None:
     """Draw images from a trained run's checkpoint."""
@@ -61,7 +69,7 @@ def sample(
     from ddpmkit.sampling.loaded import load_run
 
     check_output_path(out)
-    overrides = list(set_ or []) + ([f"guidance.weight={guidance!r}"] if guidance is not None else [])
+    overrides = sampling_overrides(set_, guidance=guidance, steps=steps)
     loaded = load_run(
         source, weights="model" if raw else "ema", device=device, sampler=sampler, overrides=overrides, warn=warn
     )
@@ -75,13 +83,14 @@ def sample(
             labels=labels[: len(stop.images)] if labels is not None else None,
             classes=loaded.classes,
             scale=scale,
+            nrow=nrow,
         )
         console.print(f"[yellow]interrupted[/] after {len(stop.images):,} of {num:,} images; wrote them to {out}")
         raise typer.Exit(EXIT_INTERRUPTED) from None
     except KeyboardInterrupt:
         console.print(f"[yellow]interrupted[/] before the first batch of {batch_size:,} finished; nothing written")
         raise typer.Exit(EXIT_INTERRUPTED) from None
-    write_images(images, out, labels=labels, classes=loaded.classes, scale=scale)
+    write_images(images, out, labels=labels, classes=loaded.classes, scale=scale, nrow=nrow)
     console.print(f"[green]wrote[/] {out}", highlight=False)
 
 

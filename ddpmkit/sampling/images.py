@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -52,8 +53,10 @@ def write_images(
     labels: torch.Tensor | None = None,
     classes: list[str] | None = None,
     scale: int = 1,
+    nrow: int | None = None,
 ) -> None:
-    """Write model-scale images as a grid (``.png``, upscaled ``scale`` times), as uint8 NHWC under ``images``
+    """Write model-scale images as a grid (``.png`` of ``nrow`` images a row, default a square; upscaled ``scale``
+    times), as uint8 NHWC under ``images``
     (``.npz``), or into a folder DIR: ``000000.png``... one per image at its own size and nothing else (what
     clean-fid, torch-fidelity and pytorch-fid read), with ``DIR.npz`` and the grid ``DIR.png`` beside it.
 
@@ -72,7 +75,9 @@ def write_images(
             for i, image in enumerate(hwc):
                 save_png(image[:, :, 0] if image.shape[-1] == 1 else image, path / f"{i:06d}.png")
             write_images(images, path.with_name(path.name + ".npz"), labels=labels, classes=classes)
-            write_images(images, path.with_name(path.name + ".png"), labels=labels, classes=classes, scale=scale)
+            write_images(
+                images, path.with_name(path.name + ".png"), labels=labels, classes=classes, scale=scale, nrow=nrow
+            )
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.suffix.lower() == ".npz":
@@ -82,9 +87,9 @@ def write_images(
             np.savez_compressed(path, images=u8.permute(0, 2, 3, 1).numpy(), **extra)
         else:
             save_png(
-                class_rows(u8, labels, classes or [])
+                class_rows(u8, labels, classes or [], nrow)
                 if labels is not None
-                else grid(u8, nrow=int(np.ceil(np.sqrt(len(u8))))),
+                else grid(u8, nrow=nrow or int(np.ceil(np.sqrt(len(u8))))),
                 path,
                 scale,
             )
@@ -92,11 +97,49 @@ def write_images(
         raise DdpmkitError(f"{path}: cannot write ({exc.strerror or exc})") from None
 
 
-def class_rows(u8: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> np.ndarray:
-    """A grid with one row per run of equal consecutive labels, each row named by its class at the left."""
+def save_images(
+    images: torch.Tensor | list[Any],
+    path: str | Path,
+    *,
+    nrow: int | None = None,
+    scale: int = 1,
+    labels: torch.Tensor | None = None,
+    classes: list[str] | None = None,
+) -> Path:
+    """Save what :meth:`~ddpmkit.sampling.loaded.LoadedRun.sample` returned (uint8 NHWC, float NCHW in [-1, 1], or
+    PIL images) as a grid (``.png``, ``nrow`` images a row), an ``.npz`` or a folder of PNGs; returns ``path``."""
+    path = Path(path)
+    check_output_path(path)
+    write_images(as_model_scale(images), path, labels=labels, classes=classes, scale=scale, nrow=nrow)
+    return path
+
+
+def as_model_scale(images: torch.Tensor | list[Any]) -> torch.Tensor:
+    """float NCHW in [-1, 1] from uint8 NHWC (as ``sample`` returns and files hold), float NCHW, or PIL images."""
+    if isinstance(images, list):
+        arrays = [np.asarray(image) for image in images]
+        images = torch.from_numpy(np.stack([a[:, :, None] if a.ndim == 2 else a for a in arrays]))
+    if not isinstance(images, torch.Tensor) or images.ndim != 4:
+        raise ConfigError("images: expected uint8 [N, H, W, C], float [N, C, H, W] in [-1, 1] or a list of PIL images")
+    if images.dtype == torch.uint8:
+        return images.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return images.float()
+
+
+def to_pil(images: torch.Tensor) -> list[Any]:
+    """uint8 NHWC images as PIL images (grayscale "L" or "RGB"), as diffusers pipelines hand them out."""
+    from PIL import Image
+
+    arrays = images.cpu().numpy()
+    return [Image.fromarray(a[:, :, 0] if a.shape[-1] == 1 else a) for a in arrays]
+
+
+def class_rows(u8: torch.Tensor, labels: torch.Tensor, classes: list[str], nrow: int | None = None) -> np.ndarray:
+    """A grid with one row per run of equal consecutive labels (of at most ``nrow`` images: a longer run goes on in
+    the next row), each row named by its class at the left."""
     runs: list[tuple[int, int, int]] = []  # (label, start, end)
     for i, label in enumerate(labels.tolist()):
-        if runs and runs[-1][0] == label:
+        if runs and runs[-1][0] == label and (nrow is None or runs[-1][2] - runs[-1][1] < nrow):
             runs[-1] = (label, runs[-1][1], i + 1)
         else:
             runs.append((label, i, i + 1))

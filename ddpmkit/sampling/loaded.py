@@ -24,7 +24,7 @@ from ddpmkit.registry.blame import blame
 from ddpmkit.registry.build import construct
 from ddpmkit.run.checkpoint import Checkpoint, find_checkpoint, latest_checkpoint
 from ddpmkit.run.components import Components, build_components
-from ddpmkit.run.config import ALL_CLASSES, RunConfig, config_from_dict
+from ddpmkit.run.config import ALL_CLASSES, Override, RunConfig, config_from_dict
 from ddpmkit.run.data import to_uint8
 from ddpmkit.run.guide import guide_dir
 from ddpmkit.runtime.device import pick_device
@@ -32,6 +32,7 @@ from ddpmkit.runtime.limits import check_fits
 from ddpmkit.runtime.speed import SpeedModes
 from ddpmkit.sampling.diffusers_io import is_diffusers_folder, load_pretrained
 from ddpmkit.sampling.draw import ProgressFn, generate
+from ddpmkit.sampling.images import to_pil
 
 #: The [train] keys that also decide how sampling runs, and so may change when sampling from a checkpoint.
 SAMPLING_SPEED_KEYS = ("train.precision", "train.channels_last", "train.compile")
@@ -50,6 +51,8 @@ class SamplingPlan:
     sampler: Sampler
     components: Components
     timesteps: list[int]
+    #: the images the draw is for, when the plan was asked for a count
+    images: int | None = None
 
     @property
     def guided(self) -> bool:
@@ -64,6 +67,11 @@ class SamplingPlan:
             return calls
         guided = guided_at(torch.tensor(self.timesteps), self.config.guidance.interval)
         return calls + round(calls * float(guided.double().mean()))
+
+    @property
+    def total_evaluations(self) -> int | None:
+        """Network evaluations of the whole draw (``images`` x ``evaluations``); None without a count."""
+        return None if self.images is None else self.images * self.evaluations
 
 
 class LoadedRun:
@@ -167,6 +175,7 @@ class LoadedRun:
 
     def plan(
         self,
+        num: int | None = None,
         *,
         sampler: str | None = None,
         steps: int | None = None,
@@ -174,7 +183,10 @@ class LoadedRun:
         guidance: float | None = None,
     ) -> SamplingPlan:
         """The run's own sampling, or another sampler, step count (``sampler.options.steps``), sampler options
-        or guidance weight, validated as a config would be."""
+        or guidance weight, validated as a config would be; ``num``: the images a draw is for (the plan then
+        counts the network evaluations of the whole draw, ``total_evaluations``)."""
+        if num is not None and (isinstance(num, bool) or not isinstance(num, int) or num < 1):
+            raise ConfigError(f"plan({num!r}): the number of images, a positive integer")
         cfg, built = self.config, self.components
         if sampler is not None or steps is not None or options or guidance is not None:
             data = cfg.model_dump(mode="json")
@@ -193,7 +205,7 @@ class LoadedRun:
                 construct(comp, cfg.component_options("sampler")),
                 {**built.refs, "sampler": comp},
             )
-        return SamplingPlan(cfg, built.sampler, built, built.timesteps())
+        return SamplingPlan(cfg, built.sampler, built, built.timesteps(), num)
 
     def draw(
         self,
@@ -312,17 +324,21 @@ class LoadedRun:
         classes: Classes = None,
         seed: int = 0,
         batch_size: int = 64,
-        output: Literal["uint8", "float"] = "uint8",
+        output: Literal["uint8", "float", "pil"] = "uint8",
         progress: ProgressFn | None = None,
-    ) -> torch.Tensor:
-        """``num`` images: uint8 NHWC (``output="uint8"``, as files hold them) or float NCHW in [-1, 1]; a
-        conditional run draws ``classes`` ("all", a class or a list: see :meth:`labels`)."""
-        if output not in ("uint8", "float"):
-            raise ConfigError(f"output = {output!r}: expected 'uint8' or 'float'")
+    ) -> Any:
+        """``num`` images: uint8 NHWC (``output="uint8"``, as files hold them), float NCHW in [-1, 1], or a list of
+        PIL images (``"pil"``); a conditional run draws ``classes`` ("all", a class or a list: see :meth:`labels`).
+        ``ddpmkit.save_images(images, "grid.png")`` writes any of them."""
+        if output not in ("uint8", "float", "pil"):
+            raise ConfigError(f"output = {output!r}: expected 'uint8', 'float' or 'pil'")
         labels = self.labels(num, classes) if classes is not None or self.conditional else None
         plan = self.plan(sampler=sampler, steps=steps, options=options, guidance=guidance)
         images, _ = self.draw(num, plan=plan, seed=seed, batch_size=batch_size, progress=progress, labels=labels)
-        return to_uint8(images).permute(0, 2, 3, 1).contiguous() if output == "uint8" else images
+        if output == "float":
+            return images
+        u8 = to_uint8(images).permute(0, 2, 3, 1).contiguous()
+        return to_pil(u8) if output == "pil" else u8
 
     def _network(self, plan: SamplingPlan) -> Denoiser:
         """The main network, or (autoguidance) the main network guided by the run's guide."""
@@ -345,7 +361,7 @@ def load_run(
     weights: Weights = "ema",
     device: str | None = None,
     sampler: str | None = None,
-    overrides: list[str] | None = None,
+    overrides: list[Override] | None = None,
     warn: Callable[[str], None] | None = None,
 ) -> LoadedRun:
     """Verify and load a run's latest checkpoint (or the checkpoint folder ``source``, or a diffusers folder:
@@ -401,9 +417,10 @@ def _same_component(kind: str, a: str, b: str) -> bool:
         return a == b
 
 
-def _refuse_process_changes(overrides: list[str]) -> None:
+def _refuse_process_changes(overrides: list[Override]) -> None:
     """Sampling with another process, model or data shape than the weights were trained with gives wrong images."""
-    for item in overrides:
+    for given in overrides:
+        item = given if isinstance(given, str) else given[0]
         key = item.partition("=")[0].strip()
         if key.split(".")[0] not in ("sampler", "sample", "run") and key not in SAMPLING_KEYS:
             raise ConfigError(
