@@ -29,6 +29,40 @@ import torch.nn.functional as F
 
 from ddpmkit.errors import ConfigError
 
+__all__ = [
+    "CONDITIONS",
+    "Cond",
+    "NULL_CLASS",
+    "Network",
+    "PREDICTIONS",
+    "ReverseStep",
+    "SamplerCallback",
+    "ScheduleTables",
+    "Start",
+    "Step",
+    "StepHook",
+    "alpha_bar",
+    "ancestral_steps",
+    "check_prediction",
+    "ddim_sigma",
+    "denoise",
+    "eps_from_x0",
+    "forward_jump",
+    "gaussian_reverse_moments",
+    "predict_x0_eps",
+    "q_posterior_mean_variance",
+    "q_sample",
+    "reverse_step",
+    "run_reverse_steps",
+    "split_prediction",
+    "start_step",
+    "takes_x0",
+    "training_target",
+    "v_from_x0_eps",
+    "x0_eps_from_v",
+    "x0_from_eps",
+]
+
 
 # The maths is written against what it reads, so that it sits below the interfaces that use it:
 # ddpmkit.interfaces.NoiseSchedule and Denoiser provide these members.

@@ -10,6 +10,22 @@ import os
 from collections.abc import Callable
 from typing import TypeVar
 
+__all__ = [
+    "EXIT_INTERRUPTED",
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "DataNotFound",
+    "DdpmkitError",
+    "DdpmkitWarning",
+    "HookFailed",
+    "MissingExtra",
+    "MissingLabels",
+    "PluginCodeError",
+    "PluginError",
+    "TrainingDiverged",
+]
+
 #: Set to 1 (or pass ``--debug``) to see the full traceback behind a one-line plugin error.
 DEBUG_ENV = "DDPMKIT_DEBUG"
 
@@ -90,9 +106,10 @@ def attempt(fn: Callable[[], _T]) -> tuple[_T | None, str | None]:
         return None, first_line(exc)
 
 
-def first_line(exc: BaseException, limit: int = 200) -> str:
-    """``TypeName: the first line of its message``, at most ``limit`` characters: an unexpected exception named in
-    one line by a report that goes on without what failed."""
+def first_line(exc: BaseException, limit: int | None = 200, *, more: str = "") -> str:
+    """``TypeName: the first line of its message``, at most ``limit`` characters, ``more`` added where the message
+    had more lines: an exception named in one line (a report that goes on without what failed, a plugin's error)."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    text += more if len(lines) > 1 else ""
+    return text if limit is None or len(text) <= limit else text[: limit - 3] + "..."

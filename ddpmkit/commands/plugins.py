@@ -80,6 +80,12 @@ def check_plugins(
     schedule: str | None = typer.Option(
         None, "--schedule", metavar="NAME", help="The installed schedule samplers are checked with (default linear)."
     ),
+    only: list[str] | None = typer.Option(
+        None,
+        "--only",
+        metavar="CHECK",
+        help="Run only this check of one NAME, as the table names it, e.g. --only 'seeds reproduce' (repeatable).",
+    ),
     as_json: bool = JsonOption,
     device: str = typer.Option("cpu", "--device", help="Device to run the checks on."),
 ) -> None:
@@ -89,6 +95,8 @@ def check_plugins(
     from ddpmkit.testing import check_component
 
     targets = _components_named(names or [])
+    if only and len(targets) != 1:
+        raise ConfigError("--only needs exactly one component NAME to apply to")
     options: dict = {}
     for item in set_ or []:
         if len(targets) != 1:
@@ -111,7 +119,7 @@ def check_plugins(
         if not hasattr(comp, "kind"):  # an event plugin
             from ddpmkit.testing import check_event_plugin
 
-            results.extend(check_event_plugin(comp.qualified, options or None))
+            results.extend(check_event_plugin(comp.qualified, options or None, only=only))
             continue
         extra: dict = {"device": device}
         own = dict(options)
@@ -124,7 +132,7 @@ def check_plugins(
             extra["image_shape"] = shape
         if schedule is not None and comp.kind == "sampler":
             extra["schedule"] = schedule
-        results.extend(check_component(comp.kind, comp.qualified, own or None, **extra))
+        results.extend(check_component(comp.kind, comp.qualified, own or None, only=only, **extra))
     if as_json:
         print(json.dumps([x.as_dict() for x in results], indent=2))
     else:
@@ -275,23 +283,16 @@ def _describe_dataset(name: str, as_json: bool) -> None:
 
 
 def _options_table(schema: dict) -> None:
+    from ddpmkit.run.reference import schema_type
+
     table = Table()
     for col in ("option", "type", "default", "description"):
         table.add_column(col)
     for key, prop in schema.get("properties", {}).items():
         table.add_row(
             key,
-            escape(_schema_type(prop)),
+            escape(schema_type(prop)),
             escape(json.dumps(prop.get("default"))),
             escape(prop.get("description", "")),
         )
     console.print(table)  # prose descriptions: wrapped at the width
-
-
-def _schema_type(prop: dict) -> str:
-    """A short type name for one property of a JSON schema."""
-    if "enum" in prop:
-        return "one of " + ", ".join(map(str, prop["enum"]))
-    if "type" in prop:
-        return str(prop["type"])
-    return " | ".join(str(a.get("type", "?")) for a in prop.get("anyOf", [])) or "?"

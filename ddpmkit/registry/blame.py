@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-from ddpmkit.errors import DdpmkitError, PluginCodeError
+from ddpmkit.errors import DdpmkitError, PluginCodeError, first_line
 
 if TYPE_CHECKING:
     from ddpmkit.registry.discovery import Component
@@ -14,10 +14,7 @@ if TYPE_CHECKING:
 
 def one_line(exc: BaseException) -> str:
     """``Type: first line of the message``, with a hint when the message had more lines."""
-    text = str(exc).strip()
-    first = text.splitlines()[0] if text else ""
-    more = " (…; --debug shows all)" if "\n" in text else ""
-    return f"{type(exc).__name__}: {first}{more}" if first else type(exc).__name__
+    return first_line(exc, limit=None, more=" (…; --debug shows all)")
 
 
 @contextmanager

@@ -15,6 +15,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+__all__ = [
+    "attention",
+    "dropout",
+]
+
 # The 32-bit finaliser of MurmurHash3 (Appleyard), in int32 arithmetic that wraps; torch's >> on int32 is an
 # arithmetic shift, so each shift is masked to make it the logical one of the finaliser.
 _GOLDEN = -1640531535  # 0x9E3779B1 as int32: consecutive indices land far apart before mixing

@@ -8,6 +8,11 @@ import os
 from ddpmkit.errors import ConfigError
 from ddpmkit.runtime.units import format_bytes
 
+__all__ = [
+    "available_memory",
+    "check_fits",
+]
+
 
 def available_memory() -> int:
     """Bytes of memory available to a new allocation now (Linux: MemAvailable; elsewhere: physical memory)."""

@@ -1,16 +1,19 @@
-"""What a plugin author's week turned up, fixed in plugin API 3: a sampler's cost is its denoiser calls, a
-sampler may state its exact Gaussian answer, check-plugins chooses T, the image shape and the schedule and
-checks event plugins, an error a --set caused points at the --set, and schedules offer float64 tables."""
+"""The conformance kit's checks: a sampler's cost is its denoiser calls, a sampler may state its exact Gaussian
+answer, check-plugins chooses T, the image shape and the schedule and checks event plugins, an error a --set caused
+points at the --set, schedules offer float64 tables, and each check runs alone (one class per kind, one method per
+check)."""
 
 from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from runconfigs import invoke, write_config
 
+from ddpmkit.errors import ConfigError
 from ddpmkit.registry.build import create_schedule
-from ddpmkit.testing import check_event_plugin, check_sampler
+from ddpmkit.testing import DenoiserChecks, SamplerChecks, assert_conforms, check_event_plugin, check_sampler
 
 SAMPLERS = '''
 import torch
@@ -165,3 +168,27 @@ def test_schedules_hand_out_their_float64_tables():
     sigma64 = ((1 - abar) / abar).sqrt()
     assert float(((sigma32 - sigma64).abs() / sigma64).max()) > 1e-4  # what float32 loses near sigma_min
     assert torch.equal(s.float64("betas"), s.make_betas().double())
+
+
+@pytest.mark.parametrize("check", SamplerChecks.names())
+def test_each_sampler_check_runs_alone(check):
+    """One class per kind, one method per check: any check runs alone (its state drawn on demand) and gives what
+    it gives in the whole run."""
+    whole = {r.check: r for r in check_sampler("ddim", num_timesteps=50, num_pixels=4096)}
+    alone = SamplerChecks("ddim", num_timesteps=50, num_pixels=4096).run(only=[check])
+    assert [r.check for r in alone] == ["builds", check]
+    assert alone[1].passed and alone[1].detail == whole[check].detail
+
+
+def test_checks_are_chosen_by_name_or_method_and_an_unknown_one_is_one_line():
+    assert [r.check for r in DenoiserChecks("unet").run(only=["predicts", "prediction target"])] == [
+        "builds",
+        "prediction target",
+    ]
+    assert_conforms("schedule", "cosine", only=["final SNR"])
+    with pytest.raises(ConfigError, match="no sampler check is named 'seeds'; the checks: matches the Gaussian"):
+        SamplerChecks("ddim").run(only=["seeds"])
+    r = invoke("check-plugins", "cosine", "--only", "final SNR", "--json")
+    assert r.exit_code == 0 and [x["check"] for x in json.loads(r.stdout)] == ["builds", "final SNR"], r.output
+    r = invoke("check-plugins", "cosine", "linear", "--only", "final SNR")
+    assert r.exit_code == 2 and "exactly one component" in r.output

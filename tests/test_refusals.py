@@ -1,4 +1,4 @@
-"""Hostile inputs, round 3 (issue 21): each case failed on 0.4.0 (a16c7cb) and is fixed here."""
+"""Refusals and warnings from the third round of hostile inputs (issue 21): each failed on 0.4.0 and is fixed."""
 
 from __future__ import annotations
 
