@@ -334,3 +334,43 @@ def test_a_compile_trial_that_fails_leaves_auto_uncompiled_and_says_why(tmp_path
         "fp32+compiled": "RuntimeError: CUDA graphs: operation not permitted when stream is capturing"
     }
     assert "fp32+compiled failed here, so not taken: RuntimeError: CUDA graphs" in choice.reason()
+
+
+@pytest.mark.parametrize("bad", [0.0, -5.0, float("nan"), "fast", True])
+def test_a_cached_figure_that_cannot_be_right_is_measured_again(bad, tmp_path):
+    """A speed-mode cache holding 0 (or a negative, NaN or non-number) ended validate and run in a
+    ZeroDivisionError: such an entry is ignored, said, and measured anew."""
+    cfg = _auto_config(tmp_path)
+    cache = tmp_path / "cache.json"
+    table = {"fp32": 70.0, "fp32+channels-last": 71.0}
+    autotune.choose(cfg, CPU, timer=FakeTimer(table), flags=AVX2, cache=cache)
+    data = json.loads(cache.read_text())
+    for entry in data.values():
+        entry["images_per_s"] = bad
+    cache.write_text(json.dumps(data))
+    said: list[str] = []
+    with autotune.announced(said.append):
+        timer = FakeTimer(table)
+        choice = autotune.choose(cfg, CPU, timer=timer, flags=AVX2, cache=cache)
+    assert sorted(timer.calls) == ["fp32", "fp32+channels-last"] and choice.figures["fp32"] == 70.0
+    assert any("cannot be right: measured again" in line for line in said), said
+
+
+def test_the_steady_measurement_is_held_to_its_time_whatever_the_cache_says(tmp_path, monkeypatch):
+    """A cached rate 1000x this machine's sized the 10-second measurement before training at millions of steps; it
+    stops after about twice its time instead (a fake clock: every reading is a second later)."""
+    cfg = _auto_config(tmp_path, precision="fp32", channels_last=False)
+    clock = iter(range(10**6))
+    monkeypatch.setattr(autotune.time, "perf_counter", lambda: float(next(clock)))
+    steps: list[int] = []
+    real_train = autotune.train
+
+    def counting(*args, events, **kwargs):
+        inner = events.on_step
+        events.on_step = lambda metrics: (steps.append(metrics["step"]), inner(metrics))
+        return real_train(*args, events=events, **kwargs)
+
+    monkeypatch.setattr(autotune, "train", counting)
+    modes = autotune.candidates(cfg, CPU)[0][0]
+    autotune._steady_rate(cfg, modes, CPU, expected_ips=1e6)  # asks for about 10 s x 1e6 images/s of steps
+    assert len(steps) <= 2 * autotune.RATE_SECONDS, len(steps)

@@ -439,3 +439,24 @@ def test_a_run_of_0_12_with_budget_model_json_keeps_its_model(tmp_path, monkeypa
     assert run_config(cfg, report=RunReport(info=said.append)) == 0
     assert any("kept from the run's first start" in s and "smaller_models[0]" in s for s in said), said
     assert json.loads((run / "config.json").read_text())["denoiser"]["options"]["channels"] == [4, 8, 16, 16]
+
+
+def test_on_a_loaded_machine_the_fallback_is_the_model_that_buys_the_most_steps(tmp_path, monkeypatch):
+    """Issue 42: "about 43 steps of the configured model ... and about 41 of this one": the smaller model was taken
+    although it bought fewer steps (its measurement ran beside other work). None reaching budget_min_steps, the one
+    that buys the most is trained."""
+    monkeypatch.setenv("DDPMKIT_CACHE_DIR", str(tmp_path / "cache"))
+    busy = (
+        SMALLER.replace("[4, 8, 16, 16]", "[X]")
+        .replace("[2, 4, 8, 8]", "[4, 8, 16, 16]")
+        .replace("[X]", "[2, 4, 8, 8]")
+    )
+    cfg = load_config(_sized_config(tmp_path, "busy", 10**5, more=busy))
+    # by the first channel count: the configured main network, both guides, and the smaller main network measured
+    # while the machine was busy (slower than the larger one)
+    rates = {8: 100.0, 4: 400.0, 2: 60.0}
+    choice = choose_model(
+        cfg, torch.device("cpu"), timer=lambda c, modes, device: rates[c.denoiser.options["channels"][0]]
+    )
+    assert choice.index == 0 and choice.steps[0] > choice.steps[1], choice
+    assert "(none reaches 100,000: this one buys the most)" in choice.describe(cfg)

@@ -198,3 +198,24 @@ def test_the_from_diffusers_page_runs_as_written(unet_run, tmp_path, monkeypatch
     for block in blocks:
         exec(compile(block, "docs/from-diffusers.md", "exec"), scope)
     assert len(scope["images"]) == 4 and (tmp_path / "exported" / "model_index.json").is_file()
+
+
+def test_an_export_that_cannot_be_written_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    """Issue 42: a full disk ended export in a SafetensorError traceback and left out/scheduler/ behind, so the retry
+    after freeing space refused ("exists and is not an empty folder")."""
+    import safetensors.torch
+
+    cfg = write_config(tmp_path, "full", epochs=1, num_images=0, trajectory_images=0)
+    assert invoke("run", str(cfg)).exit_code == 0
+    run, out = tmp_path / "runs" / "full", tmp_path / "out"
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    r = invoke("export", str(run), str(out))
+    assert r.exit_code == 2 and "No space left on device" in r.output and r.output.strip().count("\n") == 0, r.output
+    assert not out.exists() and not list(tmp_path.glob(".out.export-*"))
+    monkeypatch.undo()
+    r = invoke("export", str(run), str(out))  # space freed: the retry works
+    assert r.exit_code == 0 and (out / "ddpmkit-denoiser.safetensors").is_file(), r.output

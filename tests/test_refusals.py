@@ -8,7 +8,7 @@ import sys
 import time
 
 import pytest
-from runconfigs import cli_env, invoke, write_config
+from runconfigs import cli_env, invoke, trained_tiny, write_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -129,3 +129,93 @@ def test_an_empty_bench_mode_is_named_as_empty(tmp_path):
     cfg = write_config(tmp_path, "bm")
     r = invoke("bench", str(cfg), "--modes", "fp32,")
     assert r.exit_code == 2 and "--modes fp32,: an empty mode" in r.output, r.output
+
+
+def test_classifier_free_guidance_without_label_dropout_is_warned_about(tmp_path):
+    """Issue 42: label_dropout = 0 never trains the null class that classifier-free guidance mixes in; validate
+    and run said nothing and sampled with it."""
+    cfg = write_config(tmp_path, "cfg0", epochs=1, num_images=0, trajectory_images=0)
+    cfg.write_text(
+        cfg.read_text() + '\n[conditioning]\nkind = "class"\nlabel_dropout = 0.0\n\n[guidance]\nweight = 3.0\n'
+    )
+    for command in ("validate", "run"):
+        args = [command, str(cfg)] + (["--no-timing"] if command == "validate" else [])
+        r = invoke(*args)
+        assert r.exit_code == 0, r.output
+        assert "label_dropout = 0 never trains" in r.output, (command, r.output)
+    cfg.write_text(cfg.read_text().replace("label_dropout = 0.0", "label_dropout = 0.1"))
+    assert "never trains" not in invoke("validate", str(cfg), "--no-timing").output
+
+
+def test_sample_classes_beyond_the_data_are_refused_before_training(tmp_path):
+    """Issue 42: sample.classes = [7] on data of four classes passed validate, and run failed only after training."""
+    cfg = write_config(tmp_path, "cls7", epochs=1, num_images=4, trajectory_images=0)
+    cfg.write_text(
+        cfg.read_text().replace("[sample]", "[sample]\nclasses = [7]") + '\n[conditioning]\nkind = "class"\n'
+    )
+    for command in ("validate", "run"):
+        r = invoke(command, str(cfg))
+        assert r.exit_code == 2 and "sample.classes = [7]: the data has 4 classes" in r.output, (command, r.output)
+    assert not (tmp_path / "runs" / "cls7" / "checkpoints").exists()
+
+
+def test_a_guidance_weight_that_blows_up_the_draw_is_named(tmp_path):
+    """Issue 42: sample --guidance 1e308 blamed the built-in sampler for the non-finite images."""
+    run = trained_tiny(tmp_path, "gw", "--set", 'conditioning.kind="class"')
+    r = invoke("sample", str(run), "--num", "2", "--guidance", "1e308", "--out", str(tmp_path / "x.png"))
+    assert r.exit_code == 2 and "guidance.weight = 1e+308 drove the draw to non-finite values" in r.output, r.output
+
+
+def test_a_run_name_too_long_for_the_file_system_is_one_line(tmp_path):
+    """Issue 42 (a regression of round 3): the clean-up of the refused run failed on the same name, two tracebacks."""
+    cfg = write_config(tmp_path, "long", epochs=1, num_images=0, trajectory_images=0)
+    r = invoke("run", str(cfg), "--set", f'run.name="{"n" * 300}"')
+    assert r.exit_code == 2, r.output
+    assert r.output.strip().count("\n") == 0 and "cannot write the run directory" in r.output, r.output
+
+
+def test_bench_refuses_an_out_that_is_a_folder_before_measuring(tmp_path, monkeypatch):
+    """Issue 42: bench --out FOLDER measured for minutes, then lost the figures to an IsADirectoryError."""
+    import ddpmkit.benchmark.bench as bench
+
+    monkeypatch.setattr(bench, "run_bench", lambda *a, **k: pytest.fail("measured before checking --out"))
+    (tmp_path / "out.json").mkdir()
+    cfg = write_config(tmp_path, "b")
+    r = invoke("bench", str(cfg), "--out", str(tmp_path / "out.json"))
+    assert r.exit_code == 2 and "--out" in r.output and "is a folder" in r.output, r.output
+
+
+@pytest.mark.parametrize(
+    "widths, needle",
+    [
+        ("1e-300", "at least 0.001"),
+        ("1e-6", "at least 0.001"),
+        ("0.0501,0.0504", "both stored as sigma-0.050"),
+    ],
+)
+def test_ema_widths_that_cannot_be_told_apart_are_refused(widths, needle, tmp_path):
+    """Issue 42: 1e-300 overflowed, 1e-6 was written as sigma-0.000, and 0.0501 and 0.0504 replaced each other."""
+    r = invoke("ema", str(tmp_path / "no-run"), "--sigma-rel", widths)
+    assert r.exit_code == 2 and needle in r.output, r.output
+    cfg = write_config(tmp_path, "pe")
+    cfg.write_text(cfg.read_text() + f"\n[train.posthoc_ema]\nenabled = true\nsigma_rels = [{widths}]\n")
+    r = invoke("validate", str(cfg), "--no-timing")
+    assert r.exit_code == 2 and needle in r.output, r.output
+
+
+def test_epochs_that_end_before_max_steps_are_said(tmp_path):
+    """Issue 42: --set train.max_steps=400 on a 2-epoch config trained 8 steps without saying why."""
+    cfg = write_config(tmp_path, "cap", epochs=1, num_images=0, trajectory_images=0)
+    r = invoke("run", str(cfg), "--set", "train.max_steps=400")
+    assert r.exit_code == 0, r.output
+    assert "steps in all (1 epochs, which end before train.max_steps = 400" in r.output, r.output
+
+
+def test_validate_says_the_download_as_the_config_has_it(tmp_path):
+    """Issue 42: with data.download = true, validate said 'MNIST not found ... and data.download is false'."""
+    cfg = tmp_path / "dl.toml"
+    cfg.write_text(f'[run]\nname = "dl"\ndir = "{tmp_path / "runs"}"\n\n[data]\nroot = "{tmp_path / "none"}"\n')
+    r = invoke("validate", str(cfg), "--no-timing")
+    assert r.exit_code == 0, r.output
+    text = " ".join(r.output.split())
+    assert "downloads it (data.download)" in text and "download is false" not in text, r.output

@@ -234,6 +234,24 @@ def with_data_root(overrides: list[Any], data_root: Path | None) -> list[Any]:
     )
 
 
+def check_output_file(path: Path, option: str) -> None:
+    """Refuse, before any work, an output file that cannot be written (a folder, a read-only place): a command that
+    measures for minutes must not lose its figures at the end."""
+    from ddpmkit.errors import DdpmkitError
+
+    if path.is_dir():
+        raise DdpmkitError(f"{option} {path}: is a folder; name a file")
+    existed = path.exists()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a"):
+            pass
+    except OSError as exc:
+        raise DdpmkitError(f"{option} {path}: cannot write ({exc.strerror or exc})") from None
+    if not existed:
+        path.unlink(missing_ok=True)
+
+
 def mnist_root(data_root: Path | None) -> Path:
     """Where eval and sweep read MNIST: --data-root, else $DDPMKIT_DATA_ROOT, else ./data (as a run config's
     default)."""

@@ -13,6 +13,7 @@ from ddpmkit.commands.app import (
     JsonOption,
     SetOption,
     app,
+    check_output_file,
     console,
     err_console,
     print_table,
@@ -58,6 +59,8 @@ def bench(
     from ddpmkit.run.data import settle
     from ddpmkit.runtime.device import pick_device
 
+    if out is not None:
+        check_output_file(out, "--out")  # before the measurement, which takes minutes
     cfg = settle(load_config(config, with_device(set_, device)))
     dev = pick_device(cfg.run.device)
     chosen = parse_modes(modes) if modes else None

@@ -277,7 +277,7 @@ def write_folder(final: Path, blobs: dict[str, bytes], state: dict[str, Any]) ->
     existing ``final``). Checkpoints, post-hoc EMA snapshots and rebuilt EMAs are all such folders."""
     root = final.parent
     root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".tmp-*"):  # left by a process killed mid-write
+    for stale in [*root.glob(".tmp-*"), *root.glob(".old-*")]:  # left by a process killed mid-write
         shutil.rmtree(stale, ignore_errors=True)
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     tmp.mkdir()

@@ -89,6 +89,13 @@ def _num_classes(cfg: RunConfig, component: Component, classes: list[str] | None
             f'conditioning.kind = "class": {cfg.data.dataset} data under {cfg.data.root} has '
             f"{len(classes)} classes; class conditioning needs at least two (one sub-folder per class)"
         )
+    asked = cfg.sample.classes
+    missing = [c for c in asked if not 0 <= c < len(classes)] if asked != "all" else []
+    if missing:  # said before training, not after it when the samples are drawn
+        shown = ", ".join(f"{i} {name}" for i, name in enumerate(classes[:12])) + (", ..." if len(classes) > 12 else "")
+        raise ConfigError(
+            f"sample.classes = {asked}: the data has {len(classes)} classes ({shown}); {missing} are not among them"
+        )
     return len(classes)
 
 

@@ -159,6 +159,25 @@ class ComponentSection(Section):
 
 #: The widest power-function EMA profile (gamma = -0.38) has sigma_rel 0.3003 (Karras et al. 2024, eq. 3).
 MAX_SIGMA_REL = 0.3
+#: The narrowest width ddpmkit tracks or rebuilds: each profile is stored and named by its width to three decimals
+#: (``sigma-0.050``), so narrower ones (and two that round alike) could not be told apart.
+MIN_SIGMA_REL = 0.001
+
+
+def sigma_rel_problem(values: list[float]) -> str | None:
+    """What makes these EMA widths unusable (outside [MIN_SIGMA_REL, MAX_SIGMA_REL], or two of one name), or None."""
+    bad = [v for v in values if not MIN_SIGMA_REL <= v <= MAX_SIGMA_REL]
+    if bad:
+        return (
+            f"sigma_rel {', '.join(f'{v:g}' for v in bad)}: expected widths of at least {MIN_SIGMA_REL} (profiles "
+            f"are named to three decimals) and at most {MAX_SIGMA_REL} (the widest power-function profile)"
+        )
+    names: dict[str, float] = {}
+    for v in values:
+        if (name := f"{v:.3f}") in names and names[name] != v:
+            return f"sigma_rel {names[name]:g} and {v:g} are both stored as sigma-{name}: choose widths 0.001 apart"
+        names[name] = v
+    return None
 
 
 class PosthocEmaSection(Section):
@@ -181,12 +200,8 @@ class PosthocEmaSection(Section):
     @field_validator("sigma_rels")
     @classmethod
     def _widths(cls, v: list[float]) -> list[float]:
-        for s in v:
-            if not 0 < s <= MAX_SIGMA_REL:
-                raise ValueError(
-                    f"sigma_rel {s:g}: expected a width above 0 and at most {MAX_SIGMA_REL} "
-                    "(the widest power-function profile)"
-                )
+        if problem := sigma_rel_problem(v):
+            raise ValueError(problem)
         if len(set(v)) != len(v):
             raise ValueError(f"{v}: each profile once")
         return v

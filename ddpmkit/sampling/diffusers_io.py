@@ -10,6 +10,8 @@ denoiser diffusers cannot build (ddpmkit's own UNet) it writes the scheduler and
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ddpmkit.errors import ConfigError, DataError
+from ddpmkit.errors import ConfigError, DataError, DdpmkitError
 from ddpmkit.extras import require
 from ddpmkit.version import __version__
 
@@ -97,11 +99,33 @@ def export_diffusers(
     loaded: Any, out: Path, *, license: str = "other", log: Callable[[str], None] = lambda m: None
 ) -> Exported:
     """Write ``loaded`` (a :class:`~ddpmkit.sampling.loaded.LoadedRun`, its EMA or raw weights as loaded) to the
-    new or empty folder ``out`` for diffusers, with a model card (``README.md``)."""
+    new or empty folder ``out`` for diffusers, with a model card (``README.md``). Written beside ``out`` and renamed
+    when complete: a full disk or a kill leaves no half-written folder, and a retry finds ``out`` as it was."""
+    from safetensors import SafetensorError
+
     require("diffusers", "ddpmkit export --format diffusers")
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"{out}: exists and is not an empty folder; export into a new folder")
+    for stale in out.parent.glob(f".{out.name}.export-*") if out.parent.is_dir() else []:
+        shutil.rmtree(stale, ignore_errors=True)  # left by an export that was killed
+    tmp = out.with_name(f".{out.name}.export-{os.getpid()}")
+    try:
+        tmp.mkdir(parents=True)
+        pipeline = _write_export(loaded, tmp, license)
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except (OSError, SafetensorError) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        why = getattr(exc, "strerror", None) or exc
+        raise DdpmkitError(f"{out}: cannot write the export ({why}); nothing was left behind") from None
+    files = sorted(p for p in out.rglob("*") if p.is_file())
+    return Exported(out, pipeline, files)
+
+
+def _write_export(loaded: Any, out: Path, license: str) -> str | None:
+    """The export's files in the existing folder ``out``; the diffusers pipeline class that loads it, if any."""
     scheduler, pipeline, note = scheduler_for(loaded)
     denoiser = loaded.denoiser
     if loaded.config.component("denoiser").qualified == DIFFUSERS_UNET:
@@ -114,7 +138,6 @@ def export_diffusers(
         from safetensors.torch import save_file
 
         pipeline = None
-        out.mkdir(parents=True, exist_ok=True)
         scheduler.save_pretrained(str(out / "scheduler"))
         state = {k: v.detach().to("cpu").contiguous() for k, v in denoiser.state_dict().items()}
         save_file(state, str(out / "ddpmkit-denoiser.safetensors"))
@@ -138,10 +161,8 @@ def export_diffusers(
             "scheduler and the network's safetensors state dict with its config, which ddpmkit loads "
             "(`ddpmkit.load_run` on the run) and diffusers does not"
         )
-    card = out / "README.md"
-    card.write_text(model_card(loaded, pipeline=pipeline, license=license, note=note))
-    files = sorted(p for p in out.rglob("*") if p.is_file())
-    return Exported(out, pipeline, files)
+    (out / "README.md").write_text(model_card(loaded, pipeline=pipeline, license=license, note=note))
+    return pipeline
 
 
 def model_card(loaded: Any, *, pipeline: str | None, license: str, note: str | None) -> str:

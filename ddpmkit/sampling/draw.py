@@ -117,13 +117,17 @@ def generate(
     return images, {t: torch.cat(v) for t, v in captured.items() if v}
 
 
+class NonFiniteSamples(PluginCodeError):
+    """A draw gave NaN or infinite pixels."""
+
+
 def _check_range(images: torch.Tensor, component: Component | None) -> None:
     who = component.label if component is not None else "the sampler"
     if images.numel() == 0:
         return
     if not torch.isfinite(images).all():
         share = float((~torch.isfinite(images)).float().mean())
-        raise PluginCodeError(f"{who} returned non-finite values in {share:.1%} of the pixels")
+        raise NonFiniteSamples(f"{who} returned non-finite values in {share:.1%} of the pixels")
     outside = float((images.abs() > 1 + OUT_OF_RANGE_SLACK).float().mean())
     if outside > OUT_OF_RANGE_SHARE:
         warnings.warn(

@@ -31,7 +31,7 @@ from ddpmkit.runtime.device import pick_device
 from ddpmkit.runtime.limits import check_fits
 from ddpmkit.runtime.speed import SpeedModes
 from ddpmkit.sampling.diffusers_io import is_diffusers_folder, load_pretrained
-from ddpmkit.sampling.draw import ProgressFn, generate
+from ddpmkit.sampling.draw import NonFiniteSamples, ProgressFn, generate
 from ddpmkit.sampling.images import to_pil
 
 #: The [train] keys that also decide how sampling runs, and so may change when sampling from a checkpoint.
@@ -296,22 +296,30 @@ class LoadedRun:
         def conditioned(net: Denoiser, batch_labels: torch.Tensor) -> Denoiser:
             return ClassConditioned(net, batch_labels, cfg_weight, g.interval)
 
-        return generate(
-            network,
-            plan.components.schedule,
-            plan.sampler,
-            num,
-            batch_size=batch_size,
-            seed=seed,
-            image_shape=plan.config.image_shape,
-            modes=SpeedModes.for_run(plan.config.train, self.device),
-            capture_steps=capture_steps,
-            progress=progress,
-            sampler_component=plan.components.refs["sampler"],
-            labels=labels,
-            conditioned=conditioned if labels is not None else None,
-            edit=edit,
-        )
+        try:
+            return generate(
+                network,
+                plan.components.schedule,
+                plan.sampler,
+                num,
+                batch_size=batch_size,
+                seed=seed,
+                image_shape=plan.config.image_shape,
+                modes=SpeedModes.for_run(plan.config.train, self.device),
+                capture_steps=capture_steps,
+                progress=progress,
+                sampler_component=plan.components.refs["sampler"],
+                labels=labels,
+                conditioned=conditioned if labels is not None else None,
+                edit=edit,
+            )
+        except NonFiniteSamples as exc:
+            if not plan.guided:
+                raise
+            raise ConfigError(  # the weight, not the sampler, is what a user changes
+                f"guidance.weight = {g.weight:g} drove the draw to non-finite values ({exc}): guidance extrapolates "
+                "by w, and weights past about 10 rarely help"
+            ) from exc
 
     def sample(
         self,

@@ -241,8 +241,8 @@ def measure_training(
 ) -> tuple[float, float]:
     """(images/s from the median step after ``warmup``, or from their mean with ``mean``, and seconds of the
     first step) of ddpmkit's own training loop (EMA, bookkeeping and all) for ``cfg``'s model and batch in
-    ``modes``, on random images. Without ``mean``, the steps end early once those after the first took
-    ``max_seconds`` (and at least two were taken); the median is then of those after the second."""
+    ``modes``, on random images. The steps end early once those after the first took ``max_seconds`` (and at least
+    two were taken); the median or mean is then of those after the second."""
     batch = cfg.train.batch_size
     run_cfg = with_modes(cfg, modes, max_steps=warmup + steps, epochs=10**6, checkpoint_every=10**9, keep_checkpoints=1)
     model, schedule, _ = fresh_model(run_cfg)
@@ -251,7 +251,7 @@ def measure_training(
 
     def on_step(metrics: dict[str, Any]) -> None:
         stamps.append(time.perf_counter())
-        if not mean and max_seconds is not None and len(stamps) >= 3 and stamps[-1] - stamps[0] >= max_seconds:
+        if max_seconds is not None and len(stamps) >= 3 and stamps[-1] - stamps[0] >= max_seconds:
             raise _Measured
 
     with tempfile.TemporaryDirectory(prefix="ddpmkit-measure-") as tmp:
@@ -294,7 +294,9 @@ def _measured_rate(cfg: RunConfig, modes: SpeedModes, device: torch.device) -> f
 
 def _steady_rate(cfg: RunConfig, modes: SpeedModes, device: torch.device, expected_ips: float) -> tuple[float, float]:
     steps = max(RATE_MIN_STEPS, math.ceil(RATE_SECONDS * expected_ips / cfg.train.batch_size))
-    return measure_training(cfg, modes, device, steps=steps, mean=True)
+    # sized from the cached rate, and held to about that time whatever the cache says (a figure copied from a
+    # faster machine, or measured while this one was idle, asked for millions of steps)
+    return measure_training(cfg, modes, device, steps=steps, mean=True, max_seconds=2 * RATE_SECONDS)
 
 
 def steady_rate(
@@ -461,11 +463,14 @@ def _figures(
         for m in modes
     }
     stored = _read_cache(cache)
-    figures = {
-        label: stored[key]["images_per_s"]
-        for label, key in keys.items()
-        if isinstance(stored.get(key), dict) and isinstance(stored[key].get("images_per_s"), (int, float))
-    }
+    figures = {}
+    for label, key in keys.items():
+        entry = stored.get(key)
+        ips = entry.get("images_per_s") if isinstance(entry, dict) else None
+        if isinstance(ips, (int, float)) and not isinstance(ips, bool) and math.isfinite(ips) and ips > 0:
+            figures[label] = float(ips)
+        elif entry is not None:
+            _tell(f"  the cached speed figure of {label} ({ips!r} images/s) cannot be right: measured again")
     missing = [m for m in modes if mode_label(m) not in figures]
     if not missing:
         return figures, True

@@ -158,17 +158,21 @@ class ModelChoice:
         return asdict(self)
 
     def describe(self, cfg: RunConfig) -> str:
-        if self.index == 0:
+        chosen, n = self.index, self.steps[self.index]
+        if n >= self.min_steps and chosen == 0:
             return (
-                f"the configured one, {self.steps[0]:,} steps in the budget (at least "
-                f"train.budget_min_steps = {self.min_steps:,})"
+                f"the configured one, {n:,} steps in the budget (at least train.budget_min_steps = {self.min_steps:,})"
             )
-        tried = ", ".join(f"{n:,} steps of {model_label(cfg, i)}" for i, n in enumerate(self.steps[:-1]))
-        reaches = self.steps[self.index] >= self.min_steps
+        tried = ", ".join(f"{k:,} steps of {model_label(cfg, i)}" for i, k in enumerate(self.steps) if i != chosen)
+        if n >= self.min_steps:
+            why = ""
+        elif chosen == len(self.steps) - 1:
+            why = f" (the last offered: none reaches {self.min_steps:,})"
+        else:  # a loaded machine: a smaller model measured slower than a larger one
+            why = f" (none reaches {self.min_steps:,}: this one buys the most)"
         return (
-            f"{model_label(cfg, self.index)}: the budget buys about {tried}, fewer than train.budget_min_steps = "
-            f"{self.min_steps:,}, and about {self.steps[self.index]:,} of this one"
-            + ("" if reaches else f" (the last offered: none reaches {self.min_steps:,})")
+            f"{model_label(cfg, chosen)}: the budget buys about {tried}, fewer than train.budget_min_steps = "
+            f"{self.min_steps:,}, and about {n:,} of this one{why}"
         )
 
 
@@ -202,8 +206,9 @@ def choose_model(cfg: RunConfig, device: torch.device, *, timer: Timer | None = 
                 raise
             steps.append(0)
         if steps[-1] >= min_steps:
-            break
-    return ModelChoice(len(steps) - 1, steps, min_steps)
+            return ModelChoice(len(steps) - 1, steps, min_steps)
+    # none reaches min_steps: the one that buys the most steps (on a loaded machine a smaller model can buy fewer)
+    return ModelChoice(max(range(len(steps)), key=lambda i: (steps[i], -i)), steps, min_steps)
 
 
 def with_steps(cfg: RunConfig, steps: int) -> RunConfig:

@@ -242,20 +242,21 @@ def rebuild(
 
 def parse_sigma_rels(text: str, what: str = "--sigma-rel") -> list[float]:
     """``"0.02,0.05,0.1"`` -> [0.02, 0.05, 0.1]; ConfigError for anything that is not a usable width."""
+    import math
+
     from ddpmkit.errors import ConfigError
-    from ddpmkit.run.config import MAX_SIGMA_REL
+    from ddpmkit.run.config import sigma_rel_problem
 
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise ConfigError(f"{what} {text}: expected widths such as 0.02,0.05,0.1") from None
-    bad = [v for v in values if not 0 < v <= MAX_SIGMA_REL]
-    if not values or bad:
-        raise ConfigError(
-            f"{what} {text}: each sigma_rel must be above 0 and at most {MAX_SIGMA_REL} "
-            "(the widest power-function profile); e.g. 0.02,0.05,0.1"
-        )
-    return list(dict.fromkeys(values))
+    if not values or not all(map(math.isfinite, values)):
+        raise ConfigError(f"{what} {text}: expected widths such as 0.02,0.05,0.1")
+    values = list(dict.fromkeys(values))
+    if problem := sigma_rel_problem(values):
+        raise ConfigError(f"{what} {text}: {problem}")
+    return values
 
 
 def rebuild_run(

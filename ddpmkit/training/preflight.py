@@ -62,6 +62,16 @@ def ema_finding(cfg: RunConfig, steps: int) -> Finding:
     return Finding("EMA", text, warning)
 
 
+def guidance_warning(cfg: RunConfig) -> str | None:
+    """Classifier-free guidance mixes in the unconditional model, which ``label_dropout = 0`` never trains."""
+    if cfg.guidance.enabled and cfg.guidance_method == "classifier-free" and cfg.conditioning.label_dropout == 0:
+        return (
+            f"guidance.weight = {cfg.guidance.weight:g} guides classifier-free by the unconditional model, which "
+            "conditioning.label_dropout = 0 never trains: set label_dropout (0.1 is usual) or guidance.weight = 1"
+        )
+    return None
+
+
 def snr_finding(built: Components) -> Finding:
     snr = float(built.schedule.snr()[-1])
     warning = None
@@ -79,12 +89,16 @@ def snr_finding(built: Components) -> Finding:
 
 def data_finding(cfg: RunConfig) -> tuple[Finding, int | None]:
     """The dataset's size and the range of values the model will see; (finding, number of images or None)."""
-    from ddpmkit.run.data import load_dataset, to_model_scale
+    from ddpmkit.run.data import load_dataset, resolve_root, to_model_scale
 
     section = cfg.data.model_copy(update={"download": False})
     try:
         ds = load_dataset(section, seed=cfg.run.seed)
     except DataNotFound as exc:  # anything else (a missing folder, a damaged file) stops validate
+        if cfg.data.download:  # said as the config has it: the run downloads what validate does not
+            title = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "cifar10": "CIFAR-10"}.get(cfg.data.dataset)
+            text = f"not checked: {title or cfg.data.dataset} not found under {resolve_root(cfg.data)}"
+            return Finding("data", text + "; `ddpmkit run` downloads it (data.download), validate never does"), None
         return Finding("data", f"not checked: {exc} (validate never downloads)"), None
     lo, hi = (float(to_model_scale(v)) for v in (ds.images.min(), ds.images.max()))
     warning = None
@@ -195,6 +209,8 @@ def preflight(cfg: RunConfig, built: Components, *, timing: bool = True) -> list
         guided = cfg  # the guide trains its steps before the plan caps the main network's (see runner)
         cfg = with_steps(cfg, budget.steps)
         findings.append(Finding("budget", budget.describe()))
+    if warning := guidance_warning(cfg):
+        findings.append(Finding("guidance", "classifier-free, without an unconditional model", warning))
     if num_images is None:
         return findings + [snr_finding(built)]
     steps = total_steps(cfg, num_images)

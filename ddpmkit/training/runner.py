@@ -57,7 +57,7 @@ from ddpmkit.training.loop import (
     total_steps,
     train,
 )
-from ddpmkit.training.preflight import snr_finding
+from ddpmkit.training.preflight import guidance_warning, snr_finding
 from ddpmkit.version import __version__
 
 OUTPUT_FILES = ("samples.png", "samples.npz", "trajectory.png")
@@ -177,7 +177,7 @@ class RunJob:
 
     def _run_alone(self) -> int:
         run_dir = self.cfg.run_dir
-        created = [d for d in (run_dir, *run_dir.parents) if not d.exists()]
+        created = [d for d in (run_dir, *run_dir.parents) if not _exists(d)]
         try:
             _ensure_writable(run_dir)
             with locked(run_dir):
@@ -209,11 +209,17 @@ class RunJob:
                 release(lock)
 
     def _undo_refused_start(self, created: list[Path]) -> None:
-        """A refusal before anything trained leaves nothing behind: no empty run folder, no record of a start."""
-        trained = step_dirs(self.cfg.run_dir) or (self.cfg.trains_guide and step_dirs(guide_config(self.cfg).run_dir))
-        if self.wrote_start and not trained:
-            forget_start(self.cfg.run_dir)
-        _remove_empty(created)
+        """A refusal before anything trained leaves nothing behind: no empty run folder, no record of a start. Best
+        effort: the refusal is what the user sees (a run folder whose name is too long cannot be looked into)."""
+        try:
+            trained = step_dirs(self.cfg.run_dir) or (
+                self.cfg.trains_guide and step_dirs(guide_config(self.cfg).run_dir)
+            )
+            if self.wrote_start and not trained:
+                forget_start(self.cfg.run_dir)
+            _remove_empty(created)
+        except OSError:
+            pass
 
     # --- the phases -----------------------------------------------------------------------------------------
 
@@ -320,9 +326,9 @@ class RunJob:
         cfg = self.cfg
         if resume is not None:
             check_compatible(resume, cfg, fingerprint)
-        schedule_check = snr_finding(built)  # validate's warning, said again where the run starts
-        if schedule_check.warning:
-            report.warn(schedule_check.warning)
+        for warning in (snr_finding(built).warning, guidance_warning(cfg)):  # validate's, said again at the start
+            if warning:
+                report.warn(warning)
         if self.world.is_main:
             (cfg.run_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
             if resume is None and self.start.decisions():
@@ -550,6 +556,11 @@ def _plan_text(
         f"  {steps_per_epoch(len(dataset), tc.batch_size):,} steps of batch {min(tc.batch_size, len(dataset))} "
         f"per epoch; {steps:,} steps in all ("
         + ("train.max_steps" if tc.max_steps is not None and steps == tc.max_steps else f"{tc.epochs:,} epochs")
+        + (
+            f", which end before train.max_steps = {tc.max_steps:,}: the first reached stops the run"
+            if tc.max_steps is not None and steps < tc.max_steps and tc.time_budget is None
+            else ""
+        )
         + (" planned by the time budget" if tc.time_budget is not None else "")
         + ")"
         + (f"\n  resuming from {resume.path} (step {resume.step:,})" if resume is not None else "")
@@ -570,6 +581,14 @@ def _ensure_writable(run_dir: Path) -> None:
             f"{folder} exists but is not a folder (a file, a broken link or a link loop): "
             "move it away, or point run.dir elsewhere"
         )
+
+
+def _exists(path: Path) -> bool:
+    """Whether ``path`` exists; a name the file system refuses (too long) does not."""
+    try:
+        return path.exists()
+    except OSError:
+        return False
 
 
 def _remove_empty(created: list[Path]) -> None:
