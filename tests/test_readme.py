@@ -89,3 +89,13 @@ def test_the_readme_is_short_and_links_what_it_moved():
     assert len(README.encode()) <= 15_000
     for page in ("docs/config.md", "CONTRIBUTING.md", "CHANGELOG.md", "docs/results/README.md"):
         assert f"]({page}" in README and (REPO / page).is_file(), page
+
+
+def test_the_changelog_has_this_version_and_contributing_its_commands():
+    from ddpmkit.version import __version__
+
+    changelog = (REPO / "CHANGELOG.md").read_text()
+    assert f"## [{__version__}] - " in changelog, f"CHANGELOG.md has no section for {__version__}"
+    contributing = (REPO / "CONTRIBUTING.md").read_text()
+    for needed in ("python -m ddpmkit.run.reference > docs/config.md", "ruff check", "ruff format", "pytest -q"):
+        assert needed in contributing, needed
