@@ -300,3 +300,30 @@ def test_a_tiny_run_trains_and_samples_on_each_dataset(tmp_path, dataset, one_th
     assert saved["channels"] == channels
     with np.load(run / "samples.npz") as npz:
         assert npz["images"].shape == (2, 8, 8, channels)
+
+
+def _legacy_pickles(root: Path) -> Path:
+    """torchvision's legacy processed/training.pt and test.pt, here pickles of something no weights-only load takes."""
+    processed = root / "FashionMNIST" / "processed"
+    processed.mkdir(parents=True, exist_ok=True)
+    for name in ("training.pt", "test.pt"):
+        (processed / name).write_bytes(
+            b"\x80\x04\x95\x1d\x00\x00\x00\x00\x00\x00\x00\x8c\x02os\x94\x8c\x06getcwd\x94\x93\x94)R\x94."
+        )
+    return processed
+
+
+def test_legacy_pickles_beside_good_raw_files_are_ignored(tmp_path):
+    """Issue 42: torchvision prefers processed/training.pt to the raw files beside it, and the run ended in a
+    torch.load traceback advising weights_only=False. The raw IDX files are read; the pickles never."""
+    root, images, labels = fashion_root(tmp_path)
+    _legacy_pickles(root)
+    ds = load_dataset(DataSection(dataset="fashion-mnist", root=str(root), image_size=28), labelled=True)
+    assert torch.equal(ds.images[:, 0], torch.from_numpy(images)) and ds.labels.tolist() == labels.tolist()
+
+
+def test_legacy_pickles_alone_are_one_line_naming_them(tmp_path):
+    processed = _legacy_pickles(tmp_path)
+    with pytest.raises(DataError, match="torchvision's legacy pickle, which ddpmkit does not load") as caught:
+        load_dataset(DataSection(dataset="fashion-mnist", root=str(tmp_path), download=False))
+    assert str(processed / "training.pt") in str(caught.value)

@@ -8,10 +8,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, BinaryIO
 
 import torch
@@ -319,15 +321,26 @@ def _idx(name: str, root: Path, download: bool) -> Dataset:
 
     cls, title = (MNIST, "MNIST") if name == "mnist" else (FashionMNIST, "FashionMNIST")
     raw = root / cls.__name__ / "raw"
-    present = all((raw / name).is_file() for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"))
+    files = (raw / "train-images-idx3-ubyte", raw / "train-labels-idx1-ubyte")
     try:
-        data = cls(str(root), train=True, download=False)
-    except (AssertionError, ValueError, RuntimeError, EOFError, OSError, MemoryError) as exc:
-        if present:  # there, but not readable: saying "not found" would send the user the wrong way
-            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0]}" if str(exc) else type(exc).__name__
+        if all(f.is_file() for f in files):  # the raw IDX files, read as they are: never torchvision's legacy
+            from torchvision.datasets.mnist import read_image_file, read_label_file  # pickles beside them
+
+            data = SimpleNamespace(data=read_image_file(str(files[0])), targets=read_label_file(str(files[1])))
+        else:
+            data = cls(str(root), train=True, download=False)
+    except (AssertionError, ValueError, RuntimeError, EOFError, OSError, MemoryError, pickle.UnpicklingError) as exc:
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0]}" if str(exc) else type(exc).__name__
+        if all(f.is_file() for f in files):  # there, but not readable: "not found" would send the user the wrong way
             raise DataError(
                 f"{raw}: the {title} files are there but damaged ({reason}); replace them with good copies "
                 "(or delete them to download again)"
+            ) from None
+        legacy = root / cls.__name__ / "processed" / "training.pt"
+        if legacy.exists():
+            raise DataError(
+                f"{legacy}: torchvision's legacy pickle, which ddpmkit does not load (a pickle can run code); put the "
+                f"raw IDX files in {raw} (or delete {legacy.parent} to download them)"
             ) from None
         if not isinstance(exc, RuntimeError):
             raise
