@@ -322,6 +322,7 @@ def test_legacy_pickles_beside_good_raw_files_are_ignored(tmp_path):
     assert torch.equal(ds.images[:, 0], torch.from_numpy(images)) and ds.labels.tolist() == labels.tolist()
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch says so as it refuses the pickle
 def test_legacy_pickles_alone_are_one_line_naming_them(tmp_path):
     processed = _legacy_pickles(tmp_path)
     with pytest.raises(DataError, match="torchvision's legacy pickle, which ddpmkit does not load") as caught:
