@@ -4,7 +4,6 @@ the rule that a user's mistake is one line on stderr with exit code 2."""
 from __future__ import annotations
 
 import functools
-import json
 import sys
 import traceback
 import warnings
@@ -229,9 +228,9 @@ def with_device(overrides: list[str] | None, device: str | None) -> list[Any]:
 def with_data_root(overrides: list[Any], data_root: Path | None) -> list[Any]:
     """The overrides, plus ``data.root`` from ``--data-root`` (errors name it as ``--data-root PATH``): folded into the
     config once, like ``--device``; it is not part of the run's identity, so a run resumes from another folder."""
-    return list(overrides) + (
-        [(f"data.root={json.dumps(str(data_root))}", f"--data-root {data_root}")] if data_root else []
-    )
+    from ddpmkit.run.config import data_root_override
+
+    return list(overrides) + ([data_root_override(data_root, f"--data-root {data_root}")] if data_root else [])
 
 
 def check_output_file(path: Path, option: str) -> None:

@@ -8,6 +8,7 @@ denoiser's own rules).
 from __future__ import annotations
 
 import copy
+import json
 import os
 import re
 import tomllib
@@ -764,11 +765,20 @@ def load_config(path: str | Path, overrides: list[Override] | None = None) -> Ru
     return config_from_dict(data, path=path, text=text, overrides=overrides)
 
 
+#: the environment variable a config that names no data.root takes its root from
+DATA_ROOT_ENV = "DDPMKIT_DATA_ROOT"
+
+
+def data_root_override(root: str | Path, given_as: str) -> Override:
+    """``data.root`` set to ``root`` as an override, named in errors as the user gave it (``--data-root PATH``)."""
+    return (f"data.root={json.dumps(str(root))}", given_as)
+
+
 def _default_data_root(data: dict[str, Any]) -> None:
     """A config that names no ``data.root`` (neither in its file nor by --data-root) takes $DDPMKIT_DATA_ROOT, written
     into it once so that every copy of the config (the guide's, a checkpoint's) reads the same folder; what a config
     names explicitly wins over the variable."""
-    env = os.environ.get("DDPMKIT_DATA_ROOT")
+    env = os.environ.get(DATA_ROOT_ENV)
     table = data.get("data")
     if env and (table is None or (isinstance(table, dict) and "root" not in table)):
         data["data"] = {**(table or {}), "root": env}
@@ -777,46 +787,47 @@ def _default_data_root(data: dict[str, Any]) -> None:
 def _component_problems(data: dict[str, Any], source: _Source) -> list[str]:
     """The mistakes in each component's name and options, from the config's tables as written (for a config whose
     other sections did not validate: its mistakes are reported all at once)."""
-    from ddpmkit.registry import discovery as plugins
-
-    problems = []
+    problems: list[str] = []
     for kind in KINDS:
         table = data.get(kind, {})
         default = RunConfig.model_fields[kind].get_default(call_default_factory=True)
         name = table.get("name", default.name) if isinstance(table, dict) else None
         options = table.get("options", {}) if isinstance(table, dict) else None
-        if not isinstance(name, str) or not isinstance(options, dict):
-            continue  # the section's own error says it
-        try:
-            model = plugins.load(plugins.find(kind, name)).Options
-            model.model_validate(options)
-        except PluginError as exc:
-            problems.append(f"{source.where(f'{kind}.name')}: {kind}.name: {exc}")
-        except ValidationError as exc:
-            problems.extend(_messages(exc, model, (kind, "options"), source))
+        if isinstance(name, str) and isinstance(options, dict):  # else the section's own error says it
+            _check_component(kind, name, options, source, problems)
     return problems
 
 
-def _validate_components(cfg: RunConfig, source: _Source) -> None:
+def _check_component(
+    kind: str, name: str, options: dict[str, Any], source: _Source, problems: list[str]
+) -> tuple[Any, BaseModel] | None:
+    """(the registry entry, the validated options) of component ``name``; None, with what is wrong in ``problems``."""
     from ddpmkit.registry import discovery as plugins
 
-    problems = []
+    try:
+        component = plugins.find(kind, name)
+        model = plugins.load(component).Options
+    except PluginError as exc:
+        problems.append(f"{source.where(f'{kind}.name')}: {kind}.name: {exc}")
+        return None
+    try:
+        return component, model.model_validate(options)
+    except ValidationError as exc:
+        problems.extend(_messages(exc, model, (kind, "options"), source))
+        return None
+
+
+def _validate_components(cfg: RunConfig, source: _Source) -> None:
+    problems: list[str] = []
     for kind in KINDS:
         section: ComponentSection = getattr(cfg, kind)
-        try:
-            component = plugins.find(kind, section.name)
-            model = plugins.load(component).Options
-        except PluginError as exc:
-            problems.append(f"{source.where(f'{kind}.name')}: {kind}.name: {exc}")
+        checked = _check_component(kind, section.name, section.options, source, problems)
+        if checked is None:
             continue
-        try:
-            validated = model.model_validate(section.options)
-        except ValidationError as exc:
-            problems.extend(_messages(exc, model, (kind, "options"), source))
-            continue
-        section.options = validated.model_dump(mode="json")
-        section._component, section._options = component, validated
+        section._component, section._options = checked
+        section.options = section._options.model_dump(mode="json")
         if kind == "denoiser" and cfg.guidance.denoiser_options:
+            model = type(section._options)
             try:  # the guide is the same denoiser with these options over the main one's
                 model.model_validate({**section.options, **cfg.guidance.denoiser_options})
             except ValidationError as exc:

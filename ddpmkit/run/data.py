@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ddpmkit.errors import DataError, DataNotFound, MissingLabels
-from ddpmkit.run.config import NATIVE_SHAPES, DataSection
+from ddpmkit.run.config import DATA_ROOT_ENV, NATIVE_SHAPES, DataSection
 from ddpmkit.runtime.limits import check_fits
 
 if TYPE_CHECKING:
@@ -28,7 +28,6 @@ if TYPE_CHECKING:
 
     from ddpmkit.run.config import RunConfig
 
-DATA_ROOT_ENV = "DDPMKIT_DATA_ROOT"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif"}
 
 

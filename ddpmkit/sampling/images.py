@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ddpmkit.errors import ConfigError, DdpmkitError
-from ddpmkit.run.data import to_uint8
+from ddpmkit.run.data import to_model_scale, to_uint8
 
 
 def grid(images: torch.Tensor, nrow: int, padding: int = 2) -> np.ndarray:
@@ -110,19 +110,19 @@ def save_images(
     PIL images) as a grid (``.png``, ``nrow`` images a row), an ``.npz`` or a folder of PNGs; returns ``path``."""
     path = Path(path)
     check_output_path(path)
-    write_images(as_model_scale(images), path, labels=labels, classes=classes, scale=scale, nrow=nrow)
+    write_images(_sampled_to_model_scale(images), path, labels=labels, classes=classes, scale=scale, nrow=nrow)
     return path
 
 
-def as_model_scale(images: torch.Tensor | list[Any]) -> torch.Tensor:
-    """float NCHW in [-1, 1] from uint8 NHWC (as ``sample`` returns and files hold), float NCHW, or PIL images."""
+def _sampled_to_model_scale(images: torch.Tensor | list[Any]) -> torch.Tensor:
+    """float NCHW in [-1, 1] from any output of ``sample``: uint8 NHWC, float NCHW, or PIL images."""
     if isinstance(images, list):
         arrays = [np.asarray(image) for image in images]
         images = torch.from_numpy(np.stack([a[:, :, None] if a.ndim == 2 else a for a in arrays]))
     if not isinstance(images, torch.Tensor) or images.ndim != 4:
         raise ConfigError("images: expected uint8 [N, H, W, C], float [N, C, H, W] in [-1, 1] or a list of PIL images")
     if images.dtype == torch.uint8:
-        return images.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        return to_model_scale(images.permute(0, 3, 1, 2))
     return images.float()
 
 

@@ -521,7 +521,50 @@ class RunJob:
 
     def write_samples(self, prepared: _Prepared, result: TrainResult) -> None:
         """One pass draws ``sample.num_images`` images, the first few of which also give the denoising strip."""
-        _write_samples(prepared, result, report=self.report, events=self.events)
+        report, events = self.report, self.events
+        cfg, sc, run_dir = prepared.cfg, prepared.cfg.sample, prepared.cfg.run_dir
+        count = max(sc.num_images, sc.trajectory_images if sc.trajectory_steps else 0)
+        visited = prepared.built.timesteps()
+        shown = nearest_visited(sc.trajectory_steps, visited) if sc.trajectory_images else []
+        if shown and set(shown) != set(sc.trajectory_steps):
+            report.info(
+                f"  trajectory.png: {cfg.sampler.name} visits {len(visited)} of {cfg.num_timesteps} steps; "
+                f"showing the visited t nearest to those asked for: {', '.join(map(str, shown))}"
+            )
+        if not count:  # nothing to draw (the guide's run, or num_images = 0)
+            events.emit("samples_written", paths=[])
+            return
+        weights = "ema" if sc.use_ema else "model"
+        built = prepared.built
+        trained = LoadedRun(
+            cfg,
+            Components(built.schedule, result.ema_model if sc.use_ema else result.model, built.sampler, built.refs),
+            run_dir=run_dir,
+            step=result.step,
+            weights=weights,
+            classes=prepared.dataset.classes,
+        )
+        labels = trained.labels(count) if trained.conditional else None
+        started = time.perf_counter()
+        with report.sampling(count * len(visited)) as advance:
+            images, captured = trained.draw(
+                count,
+                seed=sc.seed,
+                batch_size=sc.batch_size,
+                progress=advance,
+                capture_steps=shown or None,
+                labels=labels,
+            )
+        if sc.num_images:
+            shown_labels = labels[: sc.num_images] if labels is not None else None
+            for name in ("samples.png", "samples.npz"):
+                write_images(images[: sc.num_images], run_dir / name, labels=shown_labels, classes=trained.classes)
+        if sc.trajectory_images and captured:
+            write_trajectory({t: x[: sc.trajectory_images] for t, x in captured.items()}, run_dir / "trajectory.png")
+        written = [run_dir / name for name in OUTPUT_FILES if (run_dir / name).exists()]
+        events.emit("samples_written", paths=written)
+        took = format_duration(time.perf_counter() - started)
+        report.info(f"sampled in {took}; wrote " + ", ".join(map(str, written)))
 
 
 @dataclass
@@ -629,44 +672,3 @@ def _remove_outputs(run_dir: Path) -> None:
 
 def _with_train(cfg: RunConfig, **settings: Any) -> RunConfig:
     return cfg.model_copy(update={"train": cfg.train.model_copy(update=settings)})
-
-
-def _write_samples(prepared: _Prepared, result: TrainResult, *, report: RunReport, events: Any) -> None:
-    """One pass draws ``sample.num_images`` images, the first few of which also give the denoising strip."""
-    cfg, sc, run_dir = prepared.cfg, prepared.cfg.sample, prepared.cfg.run_dir
-    count = max(sc.num_images, sc.trajectory_images if sc.trajectory_steps else 0)
-    visited = prepared.built.timesteps()
-    shown = nearest_visited(sc.trajectory_steps, visited) if sc.trajectory_images else []
-    if shown and set(shown) != set(sc.trajectory_steps):
-        report.info(
-            f"  trajectory.png: {cfg.sampler.name} visits {len(visited)} of {cfg.num_timesteps} steps; "
-            f"showing the visited t nearest to those asked for: {', '.join(map(str, shown))}"
-        )
-    if not count:  # nothing to draw (the guide's run, or num_images = 0)
-        events.emit("samples_written", paths=[])
-        return
-    weights = "ema" if sc.use_ema else "model"
-    built = prepared.built
-    trained = LoadedRun(
-        cfg,
-        Components(built.schedule, result.ema_model if sc.use_ema else result.model, built.sampler, built.refs),
-        run_dir=run_dir,
-        step=result.step,
-        weights=weights,
-        classes=prepared.dataset.classes,
-    )
-    labels = trained.labels(count) if trained.conditional else None
-    started = time.perf_counter()
-    with report.sampling(count * len(visited)) as advance:
-        images, captured = trained.draw(
-            count, seed=sc.seed, batch_size=sc.batch_size, progress=advance, capture_steps=shown or None, labels=labels
-        )
-    if sc.num_images:
-        shown_labels = labels[: sc.num_images] if labels is not None else None
-        for name in ("samples.png", "samples.npz"):
-            write_images(images[: sc.num_images], run_dir / name, labels=shown_labels, classes=trained.classes)
-    if sc.trajectory_images and captured:
-        write_trajectory({t: x[: sc.trajectory_images] for t, x in captured.items()}, run_dir / "trajectory.png")
-    written = [run_dir / name for name in OUTPUT_FILES if (run_dir / name).exists()]
-    events.emit("samples_written", paths=written)
-    report.info(f"sampled in {format_duration(time.perf_counter() - started)}; wrote " + ", ".join(map(str, written)))

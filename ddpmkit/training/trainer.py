@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ddpmkit.errors import EXIT_INTERRUPTED
-from ddpmkit.run.config import Override, RunConfig, config_from_dict, load_config
+from ddpmkit.run.config import Override, RunConfig, config_from_dict, data_root_override, load_config
 
 if TYPE_CHECKING:
     from ddpmkit.sampling.loaded import LoadedRun
@@ -31,9 +30,7 @@ def train(
     from ddpmkit.sampling.loaded import load_run
     from ddpmkit.training.runner import run_config
 
-    given = list(overrides or []) + (
-        [("data.root=" + json.dumps(str(data_root)), f"data_root={data_root}")] if data_root else []
-    )
+    given = list(overrides or []) + ([data_root_override(data_root, f"data_root={data_root}")] if data_root else [])
     if isinstance(config, RunConfig):
         cfg = config_from_dict(config.model_dump(mode="json"), overrides=given) if given else config
     else:
