@@ -33,6 +33,7 @@ __all__ = [
     "LoadedRun",
     "METRICS_FILE",
     "NoiseSchedule",
+    "Objective",
     "PLUGIN_API_VERSION",
     "PluginCodeError",
     "PluginError",
@@ -41,6 +42,7 @@ __all__ = [
     "Sampler",
     "__version__",
     "create_denoiser",
+    "create_objective",
     "create_sampler",
     "create_schedule",
     "hookimpl",
@@ -52,8 +54,8 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from ddpmkit.interfaces import Denoiser, NoiseSchedule, ReverseStepSampler, Sampler
-    from ddpmkit.registry.build import create_denoiser, create_sampler, create_schedule
+    from ddpmkit.interfaces import Denoiser, NoiseSchedule, Objective, ReverseStepSampler, Sampler
+    from ddpmkit.registry.build import create_denoiser, create_objective, create_sampler, create_schedule
     from ddpmkit.registry.discovery import list_plugins
     from ddpmkit.run.config import load_config
     from ddpmkit.sampling.images import save_images
@@ -62,8 +64,14 @@ if TYPE_CHECKING:
 
 #: name -> the module that defines it; imported on first use (most need torch)
 _LAZY = {
-    **{name: "ddpmkit.interfaces" for name in ("NoiseSchedule", "Denoiser", "Sampler", "ReverseStepSampler")},
-    **{name: "ddpmkit.registry.build" for name in ("create_schedule", "create_denoiser", "create_sampler")},
+    **{
+        name: "ddpmkit.interfaces"
+        for name in ("NoiseSchedule", "Denoiser", "Sampler", "ReverseStepSampler", "Objective")
+    },
+    **{
+        name: "ddpmkit.registry.build"
+        for name in ("create_schedule", "create_denoiser", "create_sampler", "create_objective")
+    },
     "list_plugins": "ddpmkit.registry.discovery",
     "load_config": "ddpmkit.run.config",
     "load_run": "ddpmkit.sampling.loaded",

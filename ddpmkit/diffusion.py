@@ -20,6 +20,7 @@ unconditional call is ``denoiser(x_t, t)``, as in API 2.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -46,9 +47,18 @@ __all__ = [
     "check_prediction",
     "ddim_sigma",
     "denoise",
+    "draw_training_batch_noise",
+    "edm_preconditioning",
+    "flow_split",
+    "karras_sigmas",
+    "karras_timesteps",
+    "loss_weight",
+    "vp_coefficients",
     "eps_from_x0",
     "forward_jump",
     "gaussian_reverse_moments",
+    "gaussian_solver_moments",
+    "ode_sigma",
     "predict_x0_eps",
     "q_posterior_mean_variance",
     "q_sample",
@@ -57,6 +67,7 @@ __all__ = [
     "split_prediction",
     "start_step",
     "takes_x0",
+    "training_loss",
     "training_target",
     "v_from_x0_eps",
     "x0_eps_from_v",
@@ -294,6 +305,42 @@ def draw_training_batch_noise(
     return t, noise
 
 
+# --- other forward processes: flow matching and EDM, and their variance-preserving view --------------------
+#
+# Any forward process x = a(tau) x_0 + b(tau) eps is the variance-preserving one of eq. 4 rescaled: x / s with
+# s = sqrt(a^2 + b^2) has abar = a^2 / s^2 (Kingma et al. 2021, "Variational Diffusion Models", appendix; Karras et
+# al. 2022, section 2 and eq. 4). So a sampler written for eq. 4 samples any of them on the abar of their levels,
+# with x scaled by s on the way into the network: DDIM is then exactly the Euler step of rectified flow and of EDM.
+
+
+def vp_coefficients(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sqrt(abar), sqrt(1 - abar)) of the variance-preserving process equal to x = a x_0 + b eps up to the scale
+    s = sqrt(a^2 + b^2): (a / s, b / s)."""
+    s = (a.square() + b.square()).sqrt()
+    return a / s, b / s
+
+
+def flow_split(x_t: torch.Tensor, t: torch.Tensor, velocity: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rectified flow (Liu et al. 2023; Lipman et al. 2023, eq. 23 with sigma_min = 0): x_t = (1 - t) x_0 + t eps and
+    the velocity v = eps - x_0 give x_0 = x_t - t v and eps = x_t + (1 - t) v."""
+    return x_t - t * velocity, x_t + (1 - t) * velocity
+
+
+def edm_preconditioning(sigma: torch.Tensor, sigma_data: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Karras et al. (2022), table 1: (c_skip, c_out, c_in) at noise level sigma, for D(x) = c_skip x + c_out
+    F(c_in x, c_noise), chosen so that F's input and its training target both have unit variance (eqs. 7-8)."""
+    total = sigma.square() + sigma_data**2
+    return sigma_data**2 / total, sigma * sigma_data / total.sqrt(), 1 / total.sqrt()
+
+
+def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
+    """Karras et al. (2022), eq. 5: n noise levels from sigma_min up to sigma_max (float64), spaced evenly in
+    sigma^(1/rho), so that steps are short near the data."""
+    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+    low, high = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (low + ramp * (high - low)) ** rho
+
+
 # --- reverse steps --------------------------------------------------------------------------------------
 
 
@@ -482,3 +529,84 @@ def gaussian_reverse_moments(
         B = ab_prev**0.5 * b0 + direction * b_eps
         mean, var = A * mean + B, A * A * var + step.sigma**2
     return mean, var**0.5
+
+
+# --- probability-flow ODE solvers on a schedule ------------------------------------------------------------------
+#
+# With sigma = sqrt((1 - abar) / abar) and y = x / sqrt(abar), eq. 4 is y = x_0 + sigma eps, and the probability-flow
+# ODE is dy / dsigma = eps (Karras et al. 2022, eq. 4 with s = 1 after the rescaling of their section 2); lambda =
+# -log(sigma) is the half log-SNR of DPM-Solver (Lu et al. 2022). The solvers below take steps between levels t of a
+# schedule; t = -1 is the data (sigma = 0).
+
+
+def ode_sigma(schedule: ScheduleTables, t: int) -> float:
+    """sigma_t = sqrt((1 - abar_t) / abar_t), with sigma_{-1} = 0 (the data)."""
+    ab = alpha_bar(schedule, t)
+    return ((1.0 - ab) / ab) ** 0.5
+
+
+def karras_timesteps(schedule: ScheduleTables, steps: int) -> list[int]:
+    """``steps`` levels of ``schedule``, noisiest first, whose sigma (:func:`ode_sigma`) lie nearest, in log sigma, to
+    Karras et al.'s (2022, eq. 5, rho = 7) from sigma_{T-1} down to sigma_0 (fewer when two round to one level)."""
+    abar = schedule.alphas_cumprod.double()
+    if steps == 1:
+        return [len(abar) - 1]
+    log_sigma = ((1 - abar) / abar).log() / 2
+    wanted = karras_sigmas(steps, float(log_sigma[0].exp()), float(log_sigma[-1].exp())).log()
+    nearest = (log_sigma[None, :] - wanted[:, None]).abs().argmin(dim=1)
+    return sorted({int(t) for t in nearest}, reverse=True)
+
+
+def gaussian_solver_moments(
+    schedule: ScheduleTables, timesteps: list[int], mu: float, s: float, solver: str
+) -> tuple[float, float]:
+    """The exact mean and std of ``solver`` (``"heun"``: Karras et al. 2022, Algorithm 1, deterministic;
+    ``"dpmpp-2m"``: Lu et al. 2022b, Algorithm 2) over ``timesteps`` (noisiest first, then the data) from x_T ~
+    N(0, 1), with the exact predictor of data N(mu, s^2), in float64, no clipping.
+
+    A deterministic solver with an affine predictor is affine in x_T: every state is c z + d for z = x_T, so its
+    answer is (d, |c|). This is written apart from the samplers' own loops, as the recursion the kit holds them to.
+    """
+    abar = schedule.alphas_cumprod.double()
+
+    def ab(t: int) -> float:
+        return 1.0 if t < 0 else float(abar[t])
+
+    def x0_of(c: float, d: float, t: int) -> tuple[float, float]:
+        gain, offset = _posterior_mean_coefficients(ab(t), mu, s)
+        return gain * c, gain * d + offset
+
+    c, d = 1.0, 0.0  # x = c z + d
+    previous: tuple[float, float] | None = None
+    ts = [*timesteps, -1]
+    for t, t_next in zip(ts, ts[1:]):
+        a_t, a_next = ab(t) ** 0.5, ab(t_next) ** 0.5
+        sig, sig_next = ((1 - ab(t)) / ab(t)) ** 0.5, ((1 - ab(t_next)) / ab(t_next)) ** 0.5
+        x0c, x0d = x0_of(c, d, t)
+        if solver == "heun":
+            # y = x / a; dy/dsigma = eps = (y - x0) / sigma
+            yc, yd = c / a_t, d / a_t
+            ec, ed = (yc - x0c) / sig, (yd - x0d) / sig
+            nyc, nyd = yc + (sig_next - sig) * ec, yd + (sig_next - sig) * ed
+            if t_next >= 0:
+                x1c, x1d = x0_of(nyc * a_next, nyd * a_next, t_next)
+                e1c, e1d = (nyc - x1c) / sig_next, (nyd - x1d) / sig_next
+                nyc, nyd = yc + (sig_next - sig) * (ec + e1c) / 2, yd + (sig_next - sig) * (ed + e1d) / 2
+            c, d = nyc * a_next, nyd * a_next
+        elif solver == "dpmpp-2m":
+            if t_next < 0:
+                c, d = x0c, x0d
+            else:
+                s_t, s_next = (1 - ab(t)) ** 0.5, (1 - ab(t_next)) ** 0.5
+                h = math.log(a_next / s_next) - math.log(a_t / s_t)
+                dc, dd = x0c, x0d
+                if previous is not None:
+                    r = previous[2] / h
+                    dc = (1 + 1 / (2 * r)) * x0c - previous[0] / (2 * r)
+                    dd = (1 + 1 / (2 * r)) * x0d - previous[1] / (2 * r)
+                factor = -a_next * math.expm1(-h)
+                c, d = s_next / s_t * c + factor * dc, s_next / s_t * d + factor * dd
+                previous = (x0c, x0d, h)
+        else:
+            raise ValueError(f"solver must be 'heun' or 'dpmpp-2m', got {solver!r}")
+    return d, abs(c)

@@ -14,12 +14,13 @@ import pluggy
 PROJECT_NAME = "ddpmkit"
 #: The plugin API this ddpmkit speaks. A plugin module may declare ``DDPMKIT_PLUGIN_API = 3`` (or a
 #: list of versions); a plugin that declares none is assumed compatible.
-PLUGIN_API_VERSION = 3
+PLUGIN_API_VERSION = 4
 #: the file in the run folder the built-in metrics plugin writes, one JSON record a step (removed by --fresh)
 METRICS_FILE = "metrics.jsonl"
 #: Every plugin API this ddpmkit still loads: API 1 and 2 plugins keep working (API 2 and 3 only added:
-#: API 3 the ``cond`` argument and ``conditions`` of a denoiser, which an unconditional run never uses).
-SUPPORTED_PLUGIN_APIS = (1, 2, 3)
+#: API 3 the ``cond`` argument and ``conditions`` of a denoiser, which an unconditional run never uses; API 4 the
+#: objective, a fourth kind, and a denoiser's ``continuous_time``, which a ``ddpm`` run never uses).
+SUPPORTED_PLUGIN_APIS = (1, 2, 3, 4)
 
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
@@ -41,6 +42,11 @@ def register_denoisers(register: Register) -> None:
 @hookspec
 def register_samplers(register: Register) -> None:
     """Register Sampler classes by name."""
+
+
+@hookspec
+def register_objectives(register: Register) -> None:
+    """Register Objective classes by name (plugin API 4)."""
 
 
 # --- training events: a plugin adds a logger or a callback without touching the loop -----------

@@ -1,4 +1,4 @@
-"""The three kinds of component: NoiseSchedule, Denoiser and Sampler.
+"""The four kinds of component: NoiseSchedule, Denoiser, Sampler and (plugin API 4) Objective.
 
 Each component declares its constructor options as a nested pydantic ``Options`` model
 (``extra="forbid"``); a plugin subclasses the model to add its own fields.
@@ -13,7 +13,17 @@ import torch
 from pydantic import ConfigDict, Field
 from torch import nn
 
-from ddpmkit.diffusion import CONDITIONS, Cond, ReverseStep, SamplerCallback, Start, StepHook, run_reverse_steps
+from ddpmkit.diffusion import (
+    CONDITIONS,
+    Cond,
+    ReverseStep,
+    SamplerCallback,
+    Start,
+    StepHook,
+    denoise,
+    run_reverse_steps,
+    vp_coefficients,
+)
 from ddpmkit.errors import ConfigError
 from ddpmkit.validation import StrictNumbers
 
@@ -22,7 +32,10 @@ __all__ = [
     "ComponentOptions",
     "Cond",
     "Denoiser",
+    "LevelsSchedule",
     "NoiseSchedule",
+    "Objective",
+    "ObjectiveNetwork",
     "ReverseStepSampler",
     "Sampler",
     "SamplerCallback",
@@ -138,6 +151,9 @@ class Denoiser(nn.Module, abc.ABC):
     prediction: str = "epsilon"
     #: The kinds of condition this class can be trained on (of ``ddpmkit.diffusion.CONDITIONS``).
     conditions: ClassVar[frozenset[str]] = frozenset()
+    #: Whether ``t`` may be a float tensor of times in [0, T) (plugin API 4): objectives other than ``ddpm``
+    #: (flow matching, EDM) call the network at continuous noise levels and need a denoiser that declares it.
+    continuous_time: ClassVar[bool] = False
 
     class Options(ComponentOptions):
         pass
@@ -198,6 +214,10 @@ class Sampler(abc.ABC):
     #: (replace part of the state after each step: inpainting) and ``jump_length`` / ``resample`` (RePaint's
     #: resampling); ``ddpmkit edit`` uses only samplers that do, and the kit checks them.
     supports_start: ClassVar[bool] = False
+    #: The order of accuracy of the solver (1: Euler and DDIM; 2: Heun, DPM-Solver++(2M)), or None. A sampler with a
+    #: ``steps`` option that declares it is checked by the kit: its error on Gaussian data must fall by about 2^order
+    #: when the steps double (plugin API 4).
+    order: ClassVar[int | None] = None
 
     class Options(ComponentOptions):
         pass
@@ -291,3 +311,199 @@ class ReverseStepSampler(Sampler):
             jump_length=jump_length,
             resample=resample,
         )
+
+
+#: The smallest abar a sampling schedule holds: the end of a flow (t = 1, no signal left) becomes abar = 2^-24,
+#: as diffusers' zero-terminal-SNR rescaling does, so that every sampler's x_0 = (x - sqrt(1 - abar) eps) / sqrt(abar)
+#: stays finite.
+MIN_ALPHA_BAR = 2.0**-24
+
+
+class LevelsSchedule(NoiseSchedule):
+    """A discrete variance-preserving schedule given by its abar_t (one per level, least noisy first): how samplers
+    see an objective's own noise levels (:meth:`Objective.sampling_schedule`)."""
+
+    def __init__(self, alphas_cumprod: torch.Tensor) -> None:
+        self._abar = alphas_cumprod.to(torch.float64).clamp(min=MIN_ALPHA_BAR)
+        super().__init__(NoiseSchedule.Options(num_timesteps=len(self._abar)))
+
+    def make_betas(self) -> torch.Tensor:
+        previous = torch.cat([self._abar.new_ones(1), self._abar[:-1]])
+        return 1.0 - self._abar / previous
+
+
+def _per_image(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """[B] values as float32 shaped to broadcast against ``like`` ([B, ...])."""
+    return values.to(device=like.device, dtype=torch.float32).view(-1, *([1] * (like.ndim - 1)))
+
+
+class Objective(abc.ABC):
+    """How a denoiser is trained and what its output means (plugin API 4): DDPM, flow matching, EDM, or a third
+    party's.
+
+    An objective has a noise variable tau of its own (an integer step for ``ddpm``, the time t in [0, 1] for
+    ``flow``, sigma for ``edm``) and owns:
+
+    - the forward corruption x = a(tau) x_0 + b(tau) eps (:meth:`coefficients`);
+    - how training draws tau (:meth:`draw_levels`) and what time the network is told (:meth:`network_time`);
+    - the parameterisation: the network sees ``input_scale(tau) * x`` and is trained towards :meth:`target`, with
+      per-image :meth:`weight`; :meth:`split` turns its output back into the estimates (x_0, eps);
+    - the noise levels samplers walk (:meth:`levels`), which they see as the variance-preserving schedule with the
+      same abar (:meth:`sampling_schedule`) and a network that predicts that schedule's v
+      (:meth:`sampling_network`). Every sampler, guidance, editing and evaluation then works unchanged.
+
+    The methods take tau as a tensor [B] and images [B, C, H, W]; return values broadcast against the images.
+    """
+
+    #: Whether the objective's noise levels come from the run's ``[schedule]`` (``ddpm``); others define their own.
+    uses_schedule: ClassVar[bool] = False
+    #: Whether the network is called with non-integer times (the denoiser must declare ``continuous_time``).
+    continuous_time: ClassVar[bool] = True
+
+    class Options(ComponentOptions):
+        num_levels: int = Field(
+            1000, ge=2, le=100_000, description="noise levels samplers choose their steps from (a schedule's T)"
+        )
+
+    def __init__(
+        self,
+        options: Objective.Options | None = None,
+        *,
+        schedule: NoiseSchedule | None = None,
+        prediction: str = "epsilon",
+    ) -> None:
+        self.options = options if options is not None else type(self).Options()
+        #: the run's schedule (read only by an objective that ``uses_schedule``)
+        self.schedule = schedule
+        #: the denoiser's declared target (read only by an objective that lets the denoiser choose it)
+        self.prediction = prediction
+        self._view: NoiseSchedule | None = None
+
+    @property
+    def num_levels(self) -> int:
+        """How many noise levels samplers choose from (the T of :meth:`sampling_schedule` and of the denoiser)."""
+        return int(getattr(self.options, "num_levels", 1000))
+
+    # --- what an objective defines ---------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def levels(self) -> torch.Tensor:
+        """The tau of each of :attr:`num_levels` noise levels, least noisy first (float64 or int64, on the CPU)."""
+
+    @abc.abstractmethod
+    def coefficients(self, tau: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(a, b) of x = a x_0 + b eps at each tau."""
+
+    @abc.abstractmethod
+    def draw_levels(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """n training noise levels tau, drawn from ``generator`` on its device."""
+
+    @abc.abstractmethod
+    def network_time(self, tau: torch.Tensor) -> torch.Tensor:
+        """The ``t`` the denoiser is called with at each tau: in [0, num_levels] for the levels themselves."""
+
+    @abc.abstractmethod
+    def split(self, x_t: torch.Tensor, tau: torch.Tensor, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The estimates (x_0, eps) that the network's ``output`` at (x_t, tau) stands for."""
+
+    @abc.abstractmethod
+    def target(self, x0: torch.Tensor, eps: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+        """What the network should output for x_t = a x_0 + b eps: :meth:`split` of it gives back (x_0, eps)."""
+
+    def input_scale(self, tau: torch.Tensor) -> torch.Tensor:
+        """The factor on x_t before the network sees it (EDM's c_in); 1 by default."""
+        return torch.ones(tau.shape, dtype=torch.float32, device=tau.device)
+
+    def weight(self, tau: torch.Tensor) -> torch.Tensor:
+        """Per-image weight of the squared error against :meth:`target`; 1 by default."""
+        return torch.ones(tau.shape, dtype=torch.float32, device=tau.device)
+
+    # --- what follows from it ----------------------------------------------------------------------------------
+
+    def corrupt(self, x0: torch.Tensor, eps: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+        """x = a(tau) x_0 + b(tau) eps."""
+        a, b = self.coefficients(tau)
+        return _per_image(a, x0) * x0 + _per_image(b, x0) * eps
+
+    def draw_training(
+        self, batch: int, shape: tuple[int, ...], generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One batch's noise levels and noise eps ~ N(0, I), in that order from ``generator``."""
+        tau = self.draw_levels(batch, generator)
+        noise = torch.randn((batch, *shape), generator=generator, device=generator.device)
+        return tau, noise
+
+    def output(
+        self, denoiser: nn.Module, x_t: torch.Tensor, tau: torch.Tensor, cond: Cond | None = None
+    ) -> torch.Tensor:
+        """The network's raw output at (x_t, tau), checked to be shaped like x_t, in float32."""
+        scaled = _per_image(self.input_scale(tau), x_t) * x_t
+        return denoise(denoiser, scaled, self.network_time(tau), cond).float()  # type: ignore[arg-type]
+
+    def training_loss(
+        self,
+        denoiser: nn.Module,
+        x0: torch.Tensor,
+        tau: torch.Tensor,
+        noise: torch.Tensor,
+        cond: Cond | None = None,
+    ) -> torch.Tensor:
+        """The batch's loss: the mean over images of weight(tau) times the mean squared error against the target."""
+        x_t = self.corrupt(x0, noise, tau)
+        error = (self.output(denoiser, x_t, tau, cond) - self.target(x0, noise, tau).float()).square()
+        return (self.weight(tau).to(error.device, torch.float32) * error.flatten(1).mean(dim=1)).mean()
+
+    def predict(
+        self, denoiser: nn.Module, x_t: torch.Tensor, tau: torch.Tensor, cond: Cond | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The denoiser's (x_0, eps) estimates at (x_t, tau)."""
+        return self.split(x_t.float(), tau, self.output(denoiser, x_t, tau, cond))
+
+    def sampling_schedule(self) -> NoiseSchedule:
+        """The variance-preserving schedule with this objective's levels' abar = a^2 / (a^2 + b^2): what samplers
+        take steps on."""
+        if self._view is None:
+            a, b = self.coefficients(self.levels())
+            sqrt_abar, _ = vp_coefficients(a.double(), b.double())
+            self._view = LevelsSchedule(sqrt_abar.square())
+        return self._view
+
+    def sampling_network(self, denoiser: Denoiser) -> Denoiser:
+        """``denoiser`` as samplers call it on :meth:`sampling_schedule`: at level index t, with x scaled to this
+        objective's x, predicting that schedule's v."""
+        return ObjectiveNetwork(self, denoiser)
+
+
+class ObjectiveNetwork(Denoiser):
+    """A denoiser trained under an objective, called as samplers call any denoiser: ``(x, t)`` with t the index of
+    one of the objective's levels and x on the variance-preserving scale of :meth:`Objective.sampling_schedule`.
+    It scales x up to the objective's (by s = sqrt(a^2 + b^2)), asks the network, and answers the schedule's
+    v = sqrt(abar) eps - sqrt(1 - abar) x_0, which every sampler converts back (the v target is finite where abar
+    is 0, at the end of a flow)."""
+
+    prediction = "v"
+    continuous_time = False
+
+    def __init__(self, objective: Objective, inner: Denoiser) -> None:
+        super().__init__(
+            image_shape=inner.image_shape,
+            num_timesteps=objective.num_levels,
+            num_classes=getattr(inner, "num_classes", 0),
+        )
+        self.objective, self.inner = objective, inner
+        self.conditions = getattr(inner, "conditions", frozenset())
+        levels = objective.levels()
+        a, b = objective.coefficients(levels)
+        view = objective.sampling_schedule()
+        # float32 tables, kept with the model (they follow .to(device)); tau kept in its own dtype
+        self.register_buffer("levels", levels, persistent=False)
+        self.register_buffer("scale", (a.double().square() + b.double().square()).sqrt().float(), persistent=False)
+        self.register_buffer("alpha", view.sqrt_alphas_cumprod.clone(), persistent=False)
+        self.register_buffer("sigma", view.sqrt_one_minus_alphas_cumprod.clone(), persistent=False)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond | None = None) -> torch.Tensor:
+        t = t.long()
+        tau = self.levels[t]
+        x = _per_image(self.scale[t], x_t) * x_t.float()
+        x0, eps = self.objective.predict(self.inner, x, tau, cond)
+        return _per_image(self.alpha[t], x_t) * eps - _per_image(self.sigma[t], x_t) * x0

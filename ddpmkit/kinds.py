@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-#: schedule, denoiser and sampler, in the order they are shown and built.
-KINDS: tuple[str, ...] = ("schedule", "denoiser", "sampler")
+#: schedule, denoiser, sampler and (plugin API 4) objective, in the order they are shown.
+KINDS: tuple[str, ...] = ("schedule", "denoiser", "sampler", "objective")
 
 #: The registration hook of each kind (``register_schedules`` ...), see :mod:`ddpmkit.hookspecs`.
 REGISTER_HOOKS: dict[str, str] = {kind: f"register_{kind}s" for kind in KINDS}
@@ -14,9 +14,9 @@ EVENTS = "events"
 
 def base_class(kind: str) -> type:
     """The abstract base class components of ``kind`` subclass (imports torch)."""
-    from ddpmkit.interfaces import Denoiser, NoiseSchedule, Sampler
+    from ddpmkit.interfaces import Denoiser, NoiseSchedule, Objective, Sampler
 
-    return {"schedule": NoiseSchedule, "denoiser": Denoiser, "sampler": Sampler}[kind]
+    return {"schedule": NoiseSchedule, "denoiser": Denoiser, "sampler": Sampler, "objective": Objective}[kind]
 
 
 def check_kind(kind: str) -> str:

@@ -33,12 +33,16 @@ __all__ = [
     "DenoiserChecks",
     "EventPluginChecks",
     "GaussianOracle",
+    "ObjectiveChecks",
+    "ObjectiveOracle",
     "SamplerChecks",
     "ScheduleChecks",
+    "Skip",
     "assert_conforms",
     "check_component",
     "check_denoiser",
     "check_event_plugin",
+    "check_objective",
     "check_sampler",
     "check_schedule",
 ]
@@ -55,9 +59,20 @@ class CheckResult:
     detail: str = ""
     #: DISTRIBUTION:NAME of the component checked
     qualified_name: str = ""
+    #: the check did not apply (``detail`` says why): neither a pass nor a failure
+    skipped: bool = False
+
+    @property
+    def verdict(self) -> str:
+        """``pass``, ``FAIL`` or ``skip``."""
+        return "skip" if self.skipped else "pass" if self.passed else "FAIL"
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+class Skip(Exception):  # noqa: N818 (a check's outcome, not an error)
+    """Raised by a check that does not apply to the component; its message says why."""
 
 
 class Checks:
@@ -118,6 +133,9 @@ class Checks:
         try:
             detail = fn() or ""
             self.results.append(CheckResult(self.kind, self.name, check, True, detail, self.qualified))
+            return True
+        except Skip as exc:
+            self.results.append(CheckResult(self.kind, self.name, check, True, str(exc), self.qualified, skipped=True))
             return True
         except Exception as exc:
             msg = str(exc) if isinstance(exc, AssertionError) else f"{type(exc).__name__}: {exc}"
@@ -376,7 +394,7 @@ class DenoiserChecks(Checks):
 
         declared = set(getattr(type(self.m), "conditions", frozenset()))
         if "class" not in declared:
-            return "declares no conditions: trained unconditionally only"
+            raise Skip("declares no conditions: trained unconditionally only")
         k, device = 3, self.device
         conditional = _nudged(self.make(0, num_classes=k)).eval()
         assert getattr(conditional, "num_classes", 0) == k, (
@@ -392,14 +410,16 @@ class DenoiserChecks(Checks):
         assert tuple(out.shape) == tuple(x.shape) and torch.isfinite(out).all(), (
             "bad output for labels 0, 1, 2 and null"
         )
-        assert not torch.allclose(out[0], out[1]), (
+        assert not torch.allclose(alone[0][0], alone[1][0]), (
             "the same image at class 0 and class 1 gives the same output: the label is ignored"
         )
-        assert not torch.allclose(out[0], out[3]), "class 0 and the null class give the same output"
+        assert not torch.allclose(alone[0][0], alone[3][0]), "class 0 and the null class give the same output"
         for i in range(4):
+            one_label = i and torch.allclose(out[i], alone[0][0], rtol=1e-4, atol=1e-5)
             assert torch.allclose(out[i], alone[i][0], rtol=1e-4, atol=1e-5), (
                 f"image {i} of a batch with labels {labels.tolist()} differs from the same image alone: the label "
                 "must be used per image"
+                + (" (it gets the first image's label: one label is used for the whole batch)" if one_label else "")
             )
         return f"{k} classes and the null class ({NULL_CLASS}), per image"
 
@@ -515,7 +535,14 @@ class SamplerChecks(Checks):
         ("each class of a conditional oracle", "classes"),
         ("classifier-free guidance (w = 2)", "guided_classes"),
         ("starts from an image (edit)", "starts"),
+        ("stated answer near the ideal", "stated"),
+        ("order as declared", "order"),
     )
+    #: How far a stated gaussian_answer may lie from N(mu, s^2) at :attr:`MANY_STEPS` steps (or T): any consistent
+    #: solver is far closer there (Heun 1e-4, DPM-Solver++(2M) 1e-4, DDIM 6e-3 at 200 steps of a linear schedule).
+    STATED_BOUND, MANY_STEPS = 0.02, 500
+    #: The steps of the order check: errors against the same sampler at 16x the steps, at n and 2n.
+    ORDER_STEPS = 32
     #: two classes either side of the unconditional N(0, S_CLASS^2), narrow enough that guiding them stays inside
     #: [-1, 1] (the samplers clip their output)
     MU_CLASS, S_CLASS = 0.0, 0.15
@@ -646,9 +673,14 @@ class SamplerChecks(Checks):
         counting = _Counting(self.oracles["epsilon"], calls)
         self.sampler.sample(counting, self.schedule, self.shape, generator=torch.Generator().manual_seed(0))
         declared = int(self.sampler.num_evaluations(self.schedule))
+        advice = (
+            "a sampler that calls it more than once per step says so in num_evaluations()"
+            if len(calls) > declared
+            else "num_evaluations() must count only the calls sample() makes"
+        )
         assert len(calls) == declared, (
             f"sample() called the denoiser {len(calls)} times for one batch, but num_evaluations() says {declared}; "
-            "a sampler that calls it more than once per step says so in num_evaluations()"
+            + advice
         )
         steps = len(self.sampler.timesteps(self.schedule))
         return f"{declared} denoiser calls per batch for {steps} steps"
@@ -685,13 +717,24 @@ class SamplerChecks(Checks):
 
     def _check_classes(self, weight: float) -> str:
         steps = self.sampler.reverse_steps(self.schedule)
-        if steps is None and weight != 1:
-            # guided, an SDE and an ODE sampler of the same model reach different answers: no ideal to hold it to
-            return "not of the reverse-step family: guidance is checked for those only"
-        if steps is None and self.no_ideal is not None:
-            return self.no_ideal
         mu_c, s_c = self.MU_CLASS, self.S_CLASS
         class_means = [mu_c - s_c, mu_c + s_c]
+        # The oracle's classes share one variance, so the guided predictor x0_0 + w (x0_k - x0_0) is the exact
+        # predictor of N(mu + w (mu_k - mu), s^2): a stated answer at that mean is the guided answer.
+        stated = (
+            [self.sampler.gaussian_answer(self.schedule, mu_c + weight * (m - mu_c), s_c) for m in class_means]
+            if steps is None
+            else None
+        )
+        if stated is not None and any(a is None for a in stated):
+            stated = None
+        if steps is None and stated is None and weight != 1:
+            # guided, an SDE and an ODE sampler of the same model reach different answers: no ideal to hold it to
+            raise Skip(
+                "neither of the reverse-step family nor stating its gaussian_answer: no closed form for guidance"
+            )
+        if steps is None and stated is None and self.no_ideal is not None:
+            raise Skip(self.no_ideal)
         got, shown = self._per_class(weight), []
         n = self.num_pixels // len(class_means)
         for k, (m_hat, s_hat) in enumerate(got):
@@ -699,6 +742,9 @@ class SamplerChecks(Checks):
                 target_mu, target_s = gaussian_reverse_moments(
                     self.schedule, steps, class_means[k], s_c, guided_by=(mu_c, s_c), weight=weight
                 )
+                bias = 1e-3
+            elif stated is not None:
+                target_mu, target_s = (float(v) for v in stated[k])
                 bias = 1e-3
             else:
                 target_mu, target_s, bias = class_means[k], s_c, float(self.sampler.oracle_tolerance)
@@ -712,6 +758,62 @@ class SamplerChecks(Checks):
             shown.append(f"class {k}: mean {m_hat:.4f} (expected {target_mu:.4f}), std {s_hat:.4f} ({target_s:.4f})")
         return "; ".join(shown)
 
+    def _with_steps(self, steps: int) -> Any:
+        """This sampler with ``steps`` steps, or None when it has no ``steps`` option."""
+        model = type(self.sampler).Options
+        if "steps" not in model.model_fields:
+            return None
+        return create_sampler(self.full_name, **{**self.options, "steps": steps})
+
+    def stated(self) -> str:
+        """A stated gaussian_answer, asked at many steps, lies near N(mu, s^2): it cannot be any answer at all."""
+        if self.sampler.reverse_steps(self.schedule) is not None:
+            raise Skip("of the reverse-step family: its answer is computed by ddpmkit, not stated")
+        if self.sampler.gaussian_answer(self.schedule, self.mu, self.s) is None:
+            raise Skip("states no gaussian_answer")
+        if self.no_ideal is not None:
+            raise Skip(self.no_ideal)
+        many = min(self.MANY_STEPS, self.num_timesteps)
+        sampler = self._with_steps(many)
+        if sampler is None:
+            raise Skip("has no steps option to ask the answer at many steps")
+        m, sd = (float(v) for v in sampler.gaussian_answer(self.schedule, self.mu, self.s))
+        gap = max(abs(m - self.mu), abs(sd - self.s))
+        assert gap < self.STATED_BOUND, (
+            f"at {many} steps gaussian_answer states mean {m:.4f}, std {sd:.4f}, but data N({self.mu}, {self.s}^2) is "
+            f"the limit of any consistent solver (allowed {self.STATED_BOUND}): the stated answer, or the solver it "
+            "describes, is wrong"
+        )
+        return f"at {many} steps: mean {m:.4f}, std {sd:.4f} (data N({self.mu}, {self.s}^2))"
+
+    def order(self) -> str:
+        """A declared order holds: with the same x_T, the error against 16x the steps falls by about 2^order from n
+        to 2n steps (a deterministic sampler with the Gaussian oracle: no sampling noise enters)."""
+        declared = getattr(type(self.sampler), "order", None)
+        if declared is None:
+            raise Skip("declares no order")
+        n = self.ORDER_STEPS
+        if 16 * n > self.num_timesteps:
+            raise Skip(f"T = {self.num_timesteps} is too few levels for {n}, {2 * n} and {16 * n} steps")
+        draws = []
+        for steps in (n, 2 * n, 16 * n):
+            sampler = self._with_steps(steps)
+            if sampler is None:
+                raise Skip("has no steps option to vary")
+            oracle = self.oracles["epsilon"]
+            draws.append(
+                sampler.sample(oracle, self.schedule, (4, 1, 32, 32), generator=torch.Generator().manual_seed(0))
+            )
+        reference = draws[2].double()
+        e1, e2 = (float((d.double() - reference).square().mean().sqrt()) for d in draws[:2])
+        assert e2 > 0, f"{2 * n} and {16 * n} steps gave identical images: the steps option changes nothing"
+        observed = math.log2(e1 / e2)
+        assert observed > declared - 0.5, (
+            f"declares order {declared}, but its error fell from {e1:.3g} at {n} steps to {e2:.3g} at {2 * n}: "
+            f"order {observed:.2f}"
+        )
+        return f"order {observed:.2f} (declared {declared}): error {e1:.3g} at {n} steps, {e2:.3g} at {2 * n}"
+
     def starts(self) -> str:
         """supports_start: a chain from a given image at a middle step visits only the steps at or below it,
         the hook's replacement of the state is honoured, and strength 1 (from the noised input) has the plain
@@ -720,7 +822,7 @@ class SamplerChecks(Checks):
 
         sampler, schedule, shape = self.sampler, self.schedule, self.shape
         if not getattr(type(sampler), "supports_start", False):
-            return "does not declare supports_start: not used by ddpmkit edit"
+            raise Skip("does not declare supports_start: not used by ddpmkit edit")
         listed = [int(t) for t in sampler.timesteps(schedule)]
         t0 = listed[len(listed) // 2]
         x0 = torch.full(shape, -0.5)
@@ -774,6 +876,256 @@ def check_sampler(
         name, options, device=device, num_pixels=num_pixels, mu=mu, s=s, num_timesteps=num_timesteps, schedule=schedule
     )
     return checks.run(only)
+
+
+# --- objectives -------------------------------------------------------------------------------------
+
+
+class ObjectiveOracle(Denoiser):
+    """The exact network for data x_0 ~ N(mu, s^2) per pixel under an objective: called as the objective calls a
+    network (x scaled by ``input_scale``, at ``network_time``), it answers the objective's :meth:`target` of the
+    posterior means E[x_0 | x] = mu + a s^2 (x - a mu) / (a^2 s^2 + b^2) and E[eps | x] = (x - a E[x_0 | x]) / b.
+    It knows the noise level from the network time of the nearest of the objective's levels."""
+
+    continuous_time = True
+
+    def __init__(self, objective: Any, mu: float, s: float, image_shape=(1, 8, 8)) -> None:
+        super().__init__(Denoiser.Options(), image_shape=image_shape, num_timesteps=objective.num_levels)
+        self.objective, self.mu, self.s = objective, mu, s
+        self.levels = objective.levels()
+        self.times = objective.network_time(self.levels).double().cpu()
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict | None = None) -> torch.Tensor:
+        o = self.objective
+        at = torch.searchsorted(self.times, t.double().cpu()).clamp(1, len(self.times) - 1)
+        nearer_low = (t.double().cpu() - self.times[at - 1]).abs() <= (self.times[at] - t.double().cpu()).abs()
+        tau = self.levels[torch.where(nearer_low, at - 1, at)].to(x_t.device)
+        column = (-1, *([1] * (x_t.ndim - 1)))
+        x = x_t.double() / o.input_scale(tau).double().view(column)
+        a, b = (c.double().view(column) for c in o.coefficients(tau))
+        x0 = self.mu + a * self.s**2 * (x - a * self.mu) / (a * a * self.s**2 + b * b)
+        eps = (x - a * x0) / b
+        return o.target(x0.float(), eps.float(), tau).to(x_t.dtype)
+
+
+class _Fixed(torch.nn.Module):
+    """A network that answers a fixed output whatever it is asked (to score a given prediction with a loss)."""
+
+    def __init__(self, output: torch.Tensor, prediction: str) -> None:
+        super().__init__()
+        self.output, self.prediction = output, prediction
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict | None = None) -> torch.Tensor:
+        return self.output
+
+
+class ObjectiveChecks(Checks):
+    """An objective's conversions against each other and against the closed form for Gaussian data N(mu, s^2):
+    its levels order the noise and its training levels stay among them; network times tell levels apart;
+    ``split`` inverts ``target``; the ideal predictor has a lower loss than a perturbed one; through
+    ``sampling_network`` the ideal network is the Gaussian oracle of ``sampling_schedule``; and samplers reach the
+    exact answer for their steps through it. Nothing is trained. An objective that reads a schedule is checked
+    with ``schedule`` (a name) for each prediction target."""
+
+    kind = "objective"
+    CHECKS = (
+        ("levels order the noise", "levels"),
+        ("training levels in range", "draws"),
+        ("network times tell levels apart", "times"),
+        ("split inverts target", "round_trip"),
+        ("the ideal predictor minimises the loss", "ideal_loss"),
+        ("agrees with the Gaussian oracle", "oracle"),
+        ("samplers reach the Gaussian answer", "samples"),
+    )
+
+    def __init__(
+        self,
+        name: str,
+        options: dict[str, Any] | None = None,
+        *,
+        device: str = "cpu",
+        num_pixels: int = 16384,
+        mu: float = 0.3,
+        s: float = 0.2,
+        num_timesteps: int = 1000,
+        schedule: str = "linear",
+    ) -> None:
+        super().__init__(name)
+        self.options, self.device = dict(options or {}), device
+        self.num_pixels, self.mu, self.s = num_pixels, mu, s
+        self.num_timesteps, self.schedule_name = num_timesteps, schedule
+
+    def build(self) -> str:
+        from ddpmkit.registry.build import construct, validate_options
+        from ddpmkit.registry.discovery import find
+
+        comp = find("objective", self.full_name)
+        options = validate_options(comp, self.options)
+        schedule = create_schedule(self.schedule_name, num_timesteps=self.num_timesteps)
+        predictions = PREDICTIONS if getattr(find_class(comp), "uses_schedule", False) else ("epsilon",)
+        self.objectives = {p: construct(comp, options, schedule=schedule, prediction=p) for p in predictions}
+        self.objective = self.objectives[predictions[0]]
+        return f"{self.objective.num_levels} levels" + (
+            f", on schedule {self.schedule_name}" if len(predictions) > 1 else ""
+        )
+
+    @property
+    def view(self) -> Any:
+        """The objective's sampling schedule (built by the first check that needs it)."""
+        return self.objective.sampling_schedule()
+
+    def coefficients(self, objective: Any, tau: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a, b = objective.coefficients(tau)
+        return torch.as_tensor(a).double().flatten(), torch.as_tensor(b).double().flatten()
+
+    def levels(self) -> str:
+        o = self.objective
+        levels = o.levels()
+        assert len(levels) == o.num_levels, f"levels() gave {len(levels)} levels for num_levels = {o.num_levels}"
+        a, b = self.coefficients(o, levels)
+        assert torch.isfinite(a).all() and torch.isfinite(b).all(), "non-finite coefficients at its levels"
+        assert (b > 0).all(), "a level without noise (b = 0): samplers end at x_0 themselves"
+        abar = a.square() / (a.square() + b.square())
+        assert (abar[1:] < abar[:-1]).all(), "abar = a^2 / (a^2 + b^2) does not fall strictly from level to level"
+        view = self.view
+        assert view.num_timesteps == o.num_levels, f"sampling_schedule has T = {view.num_timesteps}"
+        final = float(view.snr()[-1])
+        return f"abar from {float(abar[0]):.4g} down to {float(abar[-1]):.3g}; final SNR of the view {final:.3g}"
+
+    def draws(self) -> str:
+        o = self.objective
+        tau = o.draw_levels(4096, torch.Generator().manual_seed(0))
+        again = o.draw_levels(4096, torch.Generator().manual_seed(0))
+        assert tau.shape == (4096,), f"draw_levels(4096) gave shape {tuple(tau.shape)}"
+        assert torch.equal(tau, again), "draw_levels differs for one seed: it must draw from the generator only"
+        a, b = self.coefficients(o, tau)
+        assert torch.isfinite(a).all() and torch.isfinite(b).all(), "non-finite coefficients at training levels"
+        assert (b > 0).all() and (a >= 0).all(), "training levels with b <= 0 or a < 0"
+        abar = a.square() / (a.square() + b.square())
+        q = torch.quantile(abar.float(), torch.tensor([0.05, 0.5, 0.95]))
+        return f"abar of training levels: 5 % {q[0]:.3g}, median {q[1]:.3g}, 95 % {q[2]:.3g}"
+
+    def times(self) -> str:
+        o = self.objective
+        times = torch.as_tensor(o.network_time(o.levels())).double()
+        assert torch.isfinite(times).all(), "non-finite network times at its levels"
+        d = times[1:] - times[:-1]
+        assert (d > 0).all() or (d < 0).all(), "network_time is not strictly monotone over the levels"
+        low, high = float(times.min()), float(times.max())
+        assert low >= -1e-3 and high <= o.num_levels, (
+            f"network times in [{low:g}, {high:g}], not within [0, {o.num_levels}]"
+        )
+        return f"from {float(times[0]):.4g} to {float(times[-1]):.4g}"
+
+    def _batch(self, objective: Any, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Gaussian x_0, noise, and taus: half drawn for training, half among the levels."""
+        g = torch.Generator().manual_seed(seed)
+        n = 2048
+        x0 = self.mu + self.s * torch.randn((n, 1, 2, 2), generator=g)
+        eps = torch.randn((n, 1, 2, 2), generator=g)
+        levels = objective.levels()
+        picked = levels[torch.randint(0, len(levels), (n // 2,), generator=g)]
+        drawn = objective.draw_levels(n - n // 2, g).to(picked.dtype)
+        return x0, eps, torch.cat([picked, drawn])
+
+    def round_trip(self) -> str:
+        worst = 0.0
+        for p, o in self.objectives.items():
+            x0, eps, tau = self._batch(o)
+            x = o.corrupt(x0, eps, tau)
+            got_x0, got_eps = o.split(x, tau, o.target(x0, eps, tau))
+            err = max(float((got_x0 - x0).abs().max()), float((got_eps - eps).abs().max()))
+            assert err < 2e-3, f"split(x, tau, target(x0, eps, tau)) is off by {err:.3g}" + (
+                f" (prediction {p})" if len(self.objectives) > 1 else ""
+            )
+            worst = max(worst, err)
+        return f"largest error {worst:.2g}"
+
+    def ideal_loss(self) -> str:
+        shown = []
+        for p, o in self.objectives.items():
+            x0, eps, tau = self._batch(o, seed=1)
+            x = o.corrupt(x0, eps, tau)
+            a, b = self.coefficients(o, tau)
+            a, b = a.view(-1, 1, 1, 1), b.view(-1, 1, 1, 1)
+            ideal = self.mu + a * self.s**2 * (x.double() - a * self.mu) / (a * a * self.s**2 + b * b)
+
+            def loss(x0_hat: torch.Tensor, o=o, x=x, a=a, b=b, x0=x0, eps=eps, tau=tau) -> float:
+                eps_hat = (x.double() - a * x0_hat) / b
+                out = o.target(x0_hat.float(), eps_hat.float(), tau)
+                return float(o.training_loss(_Fixed(out, o.prediction), x0, tau, eps))
+
+            best = loss(ideal)
+            for shift in (-0.05, 0.05):
+                worse = loss(ideal + shift)
+                assert worse > best, (
+                    f"the loss at the ideal predictor ({best:.5g}) is not below the loss with x_0 off by {shift:+g} "
+                    f"({worse:.5g})" + (f" (prediction {p})" if len(self.objectives) > 1 else "")
+                )
+            shown.append(f"{best:.4g}")
+        return "loss at the ideal " + ", ".join(shown)
+
+    def oracle(self) -> str:
+        o = self.objective
+        network = o.sampling_network(ObjectiveOracle(o, self.mu, self.s))
+        truth = GaussianOracle(self.view, self.mu, self.s, image_shape=(1, 2, 2), prediction=network.prediction)
+        g = torch.Generator().manual_seed(2)
+        t = torch.randint(0, o.num_levels, (512,), generator=g)
+        t[:2] = torch.tensor([0, o.num_levels - 1])
+        x = torch.randn((512, 1, 2, 2), generator=g)
+        with torch.no_grad():
+            got, want = network(x, t).double(), truth(x, t).double()
+        err = float((got - want).abs().max())
+        assert err < 5e-3 * max(1.0, float(want.abs().max())), (
+            f"through sampling_network the ideal network predicts {network.prediction} off by {err:.3g} from the "
+            "Gaussian oracle of sampling_schedule: its levels, coefficients or conversions disagree"
+        )
+        return f"largest difference {err:.2g} ({network.prediction}, {len(t)} levels)"
+
+    def samples(self) -> str:
+        o = self.objective
+        side = int(math.isqrt(self.num_pixels // 16))
+        network = o.sampling_network(ObjectiveOracle(o, self.mu, self.s, image_shape=(1, side, side)))
+        shown = []
+        for name, options in (("ddim", {"steps": 50, "spacing": "trailing"}), ("ddpm", {})):
+            sampler = create_sampler(name, **options)
+            steps = sampler.reverse_steps(self.view)
+            if len(steps) > 100:
+                steps = None  # the ancestral chain at L levels: costly for a check; DDIM covers the conversion
+            if steps is None:
+                continue
+            x = sampler.sample(network, self.view, (16, 1, side, side), generator=torch.Generator().manual_seed(0))
+            want_mu, want_s = gaussian_reverse_moments(self.view, steps, self.mu, self.s)
+            n = x.numel()
+            m_hat, s_hat = float(x.double().mean()), float(x.double().std())
+            tol_mean = 4 * want_s / n**0.5 + 2e-3
+            tol_std = 4 * want_s / (2 * n) ** 0.5 + 2e-3
+            assert abs(m_hat - want_mu) < tol_mean, (
+                f"{name}: mean {m_hat:.4f}, expected {want_mu:.4f} +- {tol_mean:.4f}"
+            )
+            assert abs(s_hat - want_s) < tol_std, f"{name}: std {s_hat:.4f}, expected {want_s:.4f} +- {tol_std:.4f}"
+            shown.append(f"{name} {len(steps)} steps: mean {m_hat:.4f} ({want_mu:.4f}), std {s_hat:.4f} ({want_s:.4f})")
+        return "; ".join(shown)
+
+
+def find_class(component: Any) -> type:
+    """The class a registry entry names (imports it)."""
+    from ddpmkit.registry.discovery import load
+
+    return load(component)
+
+
+def check_objective(
+    name: str,
+    options: dict[str, Any] | None = None,
+    *,
+    device: str = "cpu",
+    num_timesteps: int = 1000,
+    schedule: str = "linear",
+    only: Collection[str] | None = None,
+) -> list[CheckResult]:
+    """The checks of :class:`ObjectiveChecks` on the objective ``name`` (see there)."""
+    return ObjectiveChecks(name, options, device=device, num_timesteps=num_timesteps, schedule=schedule).run(only)
 
 
 # --- event plugins ----------------------------------------------------------------------------------
@@ -913,12 +1265,18 @@ def check_event_plugin(
     return c.results
 
 
-CHECKS = {"schedule": check_schedule, "denoiser": check_denoiser, "sampler": check_sampler}
+CHECKS = {
+    "schedule": check_schedule,
+    "denoiser": check_denoiser,
+    "sampler": check_sampler,
+    "objective": check_objective,
+}
 #: the checks of each kind, as classes (one method per check)
 KITS: dict[str, type[Checks]] = {
     "schedule": ScheduleChecks,
     "denoiser": DenoiserChecks,
     "sampler": SamplerChecks,
+    "objective": ObjectiveChecks,
     "event plugin": EventPluginChecks,
 }
 

@@ -1,3 +1,3 @@
 """The version of ddpmkit (one place; the package and the checkpoints' manifest read it)."""
 
-__version__ = "0.13.0"
+__version__ = "0.14.0"

@@ -26,5 +26,14 @@ def register_denoisers(register):
 def register_samplers(register):
     register("ddpm", "ddpmkit_plugins.ddpm:DDPMSampler")
     register("ddim", "ddpmkit_plugins.ddim:DDIMSampler")
+    register("heun", "ddpmkit_plugins.solvers:HeunSampler")
+    register("dpmpp-2m", "ddpmkit_plugins.solvers:DPMSolverPP2M")
     # needs the optional extra ddpmkit[diffusers]; without it, naming it says which extra to install
     register("diffusers", "ddpmkit_plugins.diffusers_sampler:DiffusersSampler")
+
+
+@hookimpl
+def register_objectives(register):
+    register("ddpm", "ddpmkit_plugins.objectives:DDPMObjective")
+    register("flow", "ddpmkit_plugins.objectives:FlowObjective")
+    register("edm", "ddpmkit_plugins.objectives:EDMObjective")

@@ -61,6 +61,7 @@ class DiffusersUNet(Denoiser):
     """``diffusers.UNet2DModel`` predicting the run's target; ``forward(x_t, t, cond)`` returns its ``.sample``."""
 
     conditions = frozenset({"class"})
+    continuous_time = True  # UNet2DModel embeds float timesteps
 
     class Options(Denoiser.Options):
         prediction: Literal["epsilon", "x0", "v"] = Field(

@@ -31,7 +31,8 @@ from ddpmkit.runtime.limits import check_fits
 
 
 class SinusoidalEmbedding(nn.Module):
-    """The transformer's sinusoidal position table over t = 0..T-1, as [B, D, 1, 1]."""
+    """The transformer's sinusoidal position table over t = 0..T-1, as [B, D, 1, 1]; a float t (continuous time,
+    plugin API 4) gets the same sinusoid computed at t."""
 
     def __init__(self, num_timesteps: int, dim: int) -> None:
         super().__init__()
@@ -41,9 +42,13 @@ class SinusoidalEmbedding(nn.Module):
         table[:, 0::2] = torch.sin(position * div)
         table[:, 1::2] = torch.cos(position * div)
         self.register_buffer("table", table, persistent=False)
+        self.register_buffer("div", div, persistent=False)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.table[t][:, :, None, None]
+        if not t.is_floating_point():
+            return self.table[t][:, :, None, None]
+        angle = t.float()[:, None] * self.div
+        return torch.stack([angle.sin(), angle.cos()], dim=-1).flatten(1)[:, :, None, None]
 
 
 class TimeMLP(nn.Module):
@@ -134,6 +139,7 @@ class UNet(Denoiser):
     """The tutorial's UNet: ~35.2 M parameters with the default options at 1x32x32."""
 
     conditions = frozenset({"class"})
+    continuous_time = True
 
     class Options(Denoiser.Options):
         prediction: Literal["epsilon", "x0", "v"] = Field(

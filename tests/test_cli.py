@@ -198,8 +198,8 @@ def test_list_plugins_table():
     result = invoke("list-plugins")
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
-    for kind, name in [("schedule", "linear"), ("denoiser", "unet"), ("sampler", "ddpm")]:
-        (row,) = [line for line in lines if f" {name} " in line]
+    for kind, name in [("schedule", "linear"), ("denoiser", "unet"), ("sampler", "ddpm"), ("objective", "flow")]:
+        (row,) = [line for line in lines if f" {name} " in line and f" {kind} " in line]
         cells = [c.strip() for c in row.strip("│ ").split("│")]
         assert cells == [kind, name, f"ddpmkit:{name}", ddpmkit.__version__, "ok"], cells
 
@@ -228,6 +228,11 @@ def test_list_plugins_json():
             ("sampler", "ddim", "builtin"),
             ("sampler", "ddpm", "builtin"),
             ("sampler", "diffusers", "builtin"),
+            ("sampler", "dpmpp-2m", "builtin"),
+            ("sampler", "heun", "builtin"),
+            ("objective", "ddpm", "builtin"),
+            ("objective", "edm", "builtin"),
+            ("objective", "flow", "builtin"),
             ("events", "metrics", "metrics"),
             ("events", "tensorboard", "tensorboard"),
             ("events", "wandb", "wandb"),

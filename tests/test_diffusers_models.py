@@ -86,6 +86,31 @@ def test_a_ddim_export_is_a_ddim_pipeline_matching_ddpmkits_ddim(unet_run, tmp_p
     assert np.abs(theirs - ours).max() < 1e-4
 
 
+def test_a_flow_run_exports_to_a_flow_matching_pipeline_that_draws_the_same_images(tmp_path):
+    cfg = unet_config(tmp_path, "fl", epochs=1, num_images=0, trajectory_images=0)
+    cfg.write_text(cfg.read_text() + '\n[objective]\nname = "flow"\n\n[objective.options]\nnum_levels = 21\n')
+    assert invoke("run", str(cfg)).exit_code == 0
+    run = tmp_path / "runs" / "fl"
+    out = tmp_path / "flow-export"
+    r = invoke("export", str(run), str(out))
+    assert r.exit_code == 0 and "DDPMPipeline" in r.output, r.output
+    assert "FlowMatchEulerDiscreteScheduler" in (out / "README.md").read_text()
+    pipe = diffusers.DDPMPipeline.from_pretrained(str(out))
+    assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    theirs = pipe(batch_size=2, generator=torch.Generator().manual_seed(5), num_inference_steps=5, output_type="np")
+    ours = _ddpmkit_images(run, 2, seed=5, sampler="ddim", options={"steps": 5, "spacing": "linspace"})
+    # Euler in t there, DDIM on the flow's levels here: one process, float32 rounding apart (another seed: O(1))
+    assert np.abs(theirs.images - ours).max() < 5e-4
+    assert "- objective: `ddpmkit:flow`" in (out / "README.md").read_text()
+
+    edm = unet_config(tmp_path, "ed", epochs=1, num_images=0, trajectory_images=0)
+    edm.write_text(edm.read_text() + '\n[objective]\nname = "edm"\n\n[objective.options]\nnum_levels = 21\n')
+    assert invoke("run", str(edm)).exit_code == 0
+    r = invoke("export", str(tmp_path / "runs" / "ed"), str(tmp_path / "edm-export"))
+    assert r.exit_code == 2 and "c_noise" in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    assert not (tmp_path / "edm-export").exists()
+
+
 def test_the_ddpmkit_unet_exports_its_scheduler_and_weights_and_says_diffusers_cannot_load_it(tmp_path):
     cfg = write_config(tmp_path, "own", epochs=1, num_images=0, trajectory_images=0)
     assert invoke("run", str(cfg)).exit_code == 0

@@ -76,13 +76,17 @@ def test_the_guide_works_from_an_empty_folder(tmp_path):
         "ddpmkit-tutorial:scaled-linear",
         "ddpmkit-tutorial:tiny-v",
         "ddpmkit-tutorial:simple-ddim",
+        "ddpmkit-tutorial:trig-flow",
         "ddpmkit-tutorial:csvlog",
     ):
         assert name in listed, (name, listed)
     assert "width" in outputs["ddpmkit describe tiny-v"] and "eta" in outputs["ddpmkit describe simple-ddim"]
     assert "[plugins.csvlog]" in outputs["ddpmkit describe csvlog"] and "every" in outputs["ddpmkit describe csvlog"]
-    checked = outputs["ddpmkit check-plugins scaled-linear tiny-v simple-ddim"]
+    checked = outputs["ddpmkit check-plugins scaled-linear tiny-v simple-ddim trig-flow"]
     assert "final SNR" in checked and "uses t per image" in checked and "exact for its 50" in checked
+    assert "split inverts target" in checked and "samplers reach the Gaussian answer" in checked  # the objective
+    trig = work / "runs" / "tutorial-trigflow"
+    assert (trig / "samples.png").exists() and (work / "trig.png").exists()  # trained, and drawn by another sampler
     assert "exact for its 10" in outputs["ddpmkit check-plugins simple-ddim --set steps=10 --set eta=1.0"]
     assert "predicts v" in outputs["ddpmkit validate tutorial.toml"]
     run = work / "runs" / "tutorial-smoke"

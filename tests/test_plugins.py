@@ -144,7 +144,7 @@ def test_builtins_come_through_the_entry_point_group(site):
     ]
     rows = ddpmkit.list_plugins()
     assert_builtins_ok(rows)
-    targets = {r["name"]: r["target"] for r in rows if r["kind"] != "events"}
+    targets = {r["name"]: r["target"] for r in rows if r["kind"] not in ("events", "objective")}
     assert {r["name"] for r in rows if r["kind"] == "events"} == {"metrics", "tensorboard", "wandb"}
     assert targets == {
         "linear": "ddpmkit_plugins.linear:LinearSchedule",
@@ -155,6 +155,13 @@ def test_builtins_come_through_the_entry_point_group(site):
         "ddpm": "ddpmkit_plugins.ddpm:DDPMSampler",
         "ddim": "ddpmkit_plugins.ddim:DDIMSampler",
         "diffusers": "ddpmkit_plugins.diffusers_sampler:DiffusersSampler",
+        "heun": "ddpmkit_plugins.solvers:HeunSampler",
+        "dpmpp-2m": "ddpmkit_plugins.solvers:DPMSolverPP2M",
+    }
+    assert {r["name"]: r["target"] for r in rows if r["kind"] == "objective"} == {
+        "ddpm": "ddpmkit_plugins.objectives:DDPMObjective",
+        "flow": "ddpmkit_plugins.objectives:FlowObjective",
+        "edm": "ddpmkit_plugins.objectives:EDMObjective",
     }
 
 
@@ -429,7 +436,7 @@ def test_third_party_clashing_with_a_builtin(site):
         {"fake_shadow_hooks": hook_module("sampler", "ddpm", "fake_shadow_impl:Nothing")},
     )
     discovered()
-    rows = rows_named(ddpmkit.list_plugins(), name="ddpm")
+    rows = [r for r in rows_named(ddpmkit.list_plugins(), name="ddpm") if r["kind"] == "sampler"]
     assert sorted((r["distribution"], r["status"]) for r in rows) == [("ddpmkit", "ok"), ("ddpmkit-shadow", "shadowed")]
     assert "use ddpmkit-shadow:ddpm" in rows_named(rows, distribution="ddpmkit-shadow")[0]["error"]
     # the plain name stays ddpmkit's own, with a warning naming the shadowing plugin

@@ -39,7 +39,12 @@ def test_smoke_config_runs_from_the_cli(tmp_path):
     assert manifest["plugins"]["denoiser"]["distribution"] == "ddpmkit" and manifest["seed"] == 0
     assert {"ddpmkit", "torch", "python", "dataset_fingerprint"} <= set(manifest)
     assert state["identity"]["denoiser.name"] == "ddpmkit:unet" and len(state["identity_sha256"]) == 64
-    assert state["components"] == {"schedule": "ddpmkit:linear", "denoiser": "ddpmkit:unet", "sampler": "ddpmkit:ddpm"}
+    assert state["components"] == {
+        "schedule": "ddpmkit:linear",
+        "denoiser": "ddpmkit:unet",
+        "sampler": "ddpmkit:ddpm",
+        "objective": "ddpmkit:ddpm",
+    }
     assert state["prediction"] == "epsilon"
     assert "steps in all" in result.stdout and "parameters" in result.stdout
 

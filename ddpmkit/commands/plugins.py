@@ -95,6 +95,8 @@ def check_plugins(
     from ddpmkit.testing import check_component
 
     targets = _components_named(names or [])
+    if (only or set_) and len(targets) > 1 and names and len(names) == 1:
+        targets = _the_one_meant(targets, only or [], [item.partition("=")[0].strip() for item in set_ or []])
     if only and len(targets) != 1:
         raise ConfigError("--only needs exactly one component NAME to apply to")
     options: dict = {}
@@ -141,7 +143,11 @@ def check_plugins(
             table.add_column(col, overflow="fold")
         for x in results:
             table.add_row(
-                x.kind, x.qualified_name, x.check, "[green]pass[/]" if x.passed else "[red]FAIL[/]", escape(x.detail)
+                x.kind,
+                x.qualified_name,
+                x.check,
+                {"pass": "[green]pass[/]", "skip": "[yellow]skip[/]", "FAIL": "[red]FAIL[/]"}[x.verdict],
+                escape(x.detail),
             )
         print_table(table)
     failed = [x for x in results if not x.passed]
@@ -161,6 +167,27 @@ def _image_shape(text: str) -> tuple[int, int, int]:
     if len(shape) != 3 or min(shape) < 1:
         raise ConfigError(f"--image-shape {text}: expected C,H,W, three positive integers, e.g. 3,32,32")
     return shape  # type: ignore[return-value]
+
+
+def _the_one_meant(targets: list, only: list[str], keys: list[str]) -> list:
+    """Of the components one name means in several kinds (``ddpm``: a sampler and an objective), the one whose checks
+    include ``only`` and whose options include ``keys``, when exactly one does; else all of them."""
+    from ddpmkit.errors import ConfigError
+    from ddpmkit.registry.discovery import load
+    from ddpmkit.testing import KITS
+
+    def fits(comp) -> bool:
+        if not hasattr(comp, "kind"):
+            return False
+        try:
+            KITS[comp.kind].select(only)
+        except ConfigError:
+            return False
+        fields = getattr(load(comp).Options, "model_fields", {})
+        return all(key.split(".")[0] in fields for key in keys)
+
+    fitting = [c for c in targets if fits(c)]
+    return fitting if len(fitting) == 1 else targets
 
 
 def _components_named(names: list[str]) -> list:

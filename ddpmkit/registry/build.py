@@ -16,7 +16,7 @@ from ddpmkit.registry.blame import blame
 from ddpmkit.validation import problems
 
 if TYPE_CHECKING:
-    from ddpmkit.interfaces import Denoiser, NoiseSchedule, Sampler
+    from ddpmkit.interfaces import Denoiser, NoiseSchedule, Objective, Sampler
     from ddpmkit.registry.discovery import Component
 
 
@@ -75,3 +75,12 @@ def create_sampler(name: str, **options: Any) -> Sampler:
     """Build the sampler registered as ``name`` with the given options."""
     comp = plugins.find("sampler", name)
     return construct(comp, validate_options(comp, options))
+
+
+def create_objective(
+    name: str, *, schedule: NoiseSchedule | None = None, prediction: str = "epsilon", **options: Any
+) -> Objective:
+    """Build the objective registered as ``name`` with the given options; ``schedule`` and ``prediction`` are read
+    by an objective that takes them (``ddpm``: the run's schedule, the denoiser's target)."""
+    comp = plugins.find("objective", name)
+    return construct(comp, validate_options(comp, options), schedule=schedule, prediction=prediction)

@@ -1,4 +1,4 @@
-"""A run's components: the schedule, denoiser and sampler its config names, built once and smoke-tested.
+"""A run's components: the schedule, denoiser, sampler and objective its config names, built once and smoke-tested.
 
 :func:`build_components` is the one place a run, ``sample``, ``validate`` and ``bench`` get them from.
 """
@@ -15,19 +15,27 @@ from ddpmkit.registry.build import construct
 from ddpmkit.runtime.limits import check_fits
 
 if TYPE_CHECKING:
-    from ddpmkit.interfaces import Denoiser, NoiseSchedule, Sampler
+    from ddpmkit.interfaces import Denoiser, NoiseSchedule, Objective, Sampler
     from ddpmkit.registry.discovery import Component
     from ddpmkit.run.config import RunConfig
 
 
 @dataclass
 class Components:
-    """What a run config builds, with the registry entry each came from."""
+    """What a run config builds, with the registry entry each came from. ``schedule`` is what samplers step on: the
+    run's ``[schedule]`` under the ddpm objective, the objective's own levels as a schedule under another
+    (:meth:`ddpmkit.interfaces.Objective.sampling_schedule`); ``objective`` None means ddpm's."""
 
     schedule: NoiseSchedule
     denoiser: Denoiser
     sampler: Sampler
     refs: dict[str, Component]
+    objective: Objective | None = None
+
+    def network(self, denoiser: Denoiser | None = None) -> Denoiser:
+        """``denoiser`` (default: this run's) as samplers call it on :attr:`schedule` (itself under ddpm)."""
+        denoiser = self.denoiser if denoiser is None else denoiser
+        return denoiser if self.objective is None else self.objective.sampling_network(denoiser)
 
     def timesteps(self) -> list[int]:
         """The t the sampler visits under this schedule, checked to lie in [0, T)."""
@@ -65,7 +73,17 @@ def build_components(cfg: RunConfig, classes: list[str] | None = None) -> Compon
         **conditional,
     )
     sampler = construct(refs["sampler"], cfg.component_options("sampler"))
-    return Components(schedule, denoiser, sampler, refs)
+    objective = build_objective(cfg, schedule, denoiser.prediction)
+    with blame(refs["objective"], "to give its noise levels"):
+        sampling = objective.sampling_schedule()
+    return Components(sampling, denoiser, sampler, refs, objective)
+
+
+def build_objective(cfg: RunConfig, schedule: NoiseSchedule, prediction: str) -> Objective:
+    """The objective ``[objective]`` names, for the run's ``schedule`` and a denoiser predicting ``prediction``."""
+    return construct(
+        cfg.component("objective"), cfg.component_options("objective"), schedule=schedule, prediction=prediction
+    )
 
 
 def _num_classes(cfg: RunConfig, component: Component, classes: list[str] | None) -> int:
@@ -118,7 +136,7 @@ def smoke_test(built: Components, image_shape: tuple[int, int, int]) -> None:
     from ddpmkit.diffusion import NULL_CLASS, denoise
 
     built.timesteps()
-    denoiser, comp = built.denoiser, built.refs["denoiser"]
+    denoiser, comp = built.network(), built.refs["denoiser"]
     T = built.schedule.num_timesteps
     x = torch.randn((2, *image_shape), generator=torch.Generator().manual_seed(0))
     t = torch.tensor([T - 1, 0])

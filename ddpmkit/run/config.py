@@ -243,9 +243,13 @@ class TrainSection(Section):
     )
     lr_min: float = Field(0.0, ge=0, allow_inf_nan=False, description="the learning rate a cosine decay ends at")
     loss_weighting: Literal["uniform", "min_snr"] = Field(
-        "uniform", description="uniform over t (Ho et al. 2020, eq. 14) or min-SNR-gamma (Hang et al. 2023)"
+        "uniform",
+        description="the ddpm objective's weighting: uniform over t (Ho et al. 2020, eq. 14) or min-SNR-gamma "
+        "(Hang et al. 2023); other objectives weigh their own loss",
     )
-    min_snr_gamma: float = Field(5.0, gt=0, allow_inf_nan=False, description="gamma of min_snr weighting")
+    min_snr_gamma: float = Field(
+        5.0, gt=0, allow_inf_nan=False, description="gamma of min_snr weighting (the ddpm objective's)"
+    )
     ema_decay: float = Field(0.9999, ge=0, lt=1)
     ema_warmup: bool = Field(False, description="ramp the EMA decay up from 0 (timm's warm-up), for short runs")
     grad_clip: float | None = Field(None, gt=0, description="clip the gradient norm to this value")
@@ -468,6 +472,7 @@ class RunConfig(Section):
     schedule: ComponentSection = Field(default_factory=lambda: ComponentSection(name="linear"))
     denoiser: ComponentSection = Field(default_factory=lambda: ComponentSection(name="unet"))
     sampler: ComponentSection = Field(default_factory=lambda: ComponentSection(name="ddpm"))
+    objective: ComponentSection = Field(default_factory=lambda: ComponentSection(name="ddpm"))
     train: TrainSection = Field(default_factory=TrainSection)
     sample: SampleSection = Field(default_factory=SampleSection)
     conditioning: ConditioningSection = Field(default_factory=ConditioningSection)
@@ -479,8 +484,18 @@ class RunConfig(Section):
     _plugin_options: dict[str, Any] = PrivateAttr(default_factory=dict)
 
     @property
+    def uses_schedule(self) -> bool:
+        """Whether the objective's noise levels are the ``[schedule]``'s (``ddpm``); flow and EDM define their own."""
+        from ddpmkit.registry import discovery
+
+        return bool(getattr(discovery.load(self.component("objective")), "uses_schedule", False))
+
+    @property
     def num_timesteps(self) -> int:
-        return int(self.schedule.options.get("num_timesteps", 1000))
+        """T: the schedule's steps under the ddpm objective, the objective's own noise levels under another."""
+        if self.uses_schedule:
+            return int(self.schedule.options.get("num_timesteps", 1000))
+        return int(self.objective.options.get("num_levels", 1000))
 
     def component(self, kind: str):
         """The registry entry (:class:`ddpmkit.registry.discovery.Component`) that ``[kind] name`` resolved to."""
@@ -589,6 +604,8 @@ class RunConfig(Section):
             "train": {k: d["train"][k] for k in ("batch_size", "precision")},
             "run": {"seed": d["run"]["seed"]},
         }
+        if not self.uses_schedule:  # only then: checkpoints from before objectives (0.14) keep matching
+            keep["objective"] = {**d["objective"], "name": self.component("objective").qualified}
         if self.conditioning.enabled:  # only then: unconditional checkpoints from before 0.6 keep matching
             keep["conditioning"] = {"kind": d["conditioning"]["kind"]}
         if self.train.posthoc_ema.enabled:  # the profiles a checkpoint's tracked EMAs follow
@@ -817,8 +834,56 @@ def _check_component(
         return None
 
 
+#: The ``[train]`` keys that are the ddpm objective's options under their older names.
+DDPM_TRAIN_KEYS = ("loss_weighting", "min_snr_gamma")
+
+
+def _objective_problems(cfg: RunConfig, source: _Source) -> list[str]:
+    """Fold ``train.loss_weighting`` / ``min_snr_gamma`` into an objective that takes them (``ddpm``), and name
+    the settings another objective would silently ignore: those two, and a denoiser's own prediction target."""
+    from ddpmkit.registry import discovery as plugins
+
+    try:
+        objective = plugins.load(plugins.find("objective", cfg.objective.name))
+    except PluginError:
+        return []  # the objective's own check says it
+    fields = objective.Options.model_fields
+    for key in DDPM_TRAIN_KEYS:
+        if key in fields and key not in cfg.objective.options and key in cfg.train.model_fields_set:
+            cfg.objective.options = {**cfg.objective.options, key: getattr(cfg.train, key)}
+    problems = []
+    if "loss_weighting" not in fields and cfg.train.loss_weighting != "uniform":
+        problems.append(
+            f"{source.where('train.loss_weighting')}: train.loss_weighting = {cfg.train.loss_weighting!r}: the ddpm "
+            f"objective's weighting; objective {cfg.objective.name!r} weighs its own loss"
+        )
+    if not getattr(objective, "uses_schedule", False):
+        prediction = cfg.denoiser.options.get("prediction")
+        if prediction not in (None, "epsilon"):
+            problems.append(
+                f"{source.where('denoiser.options.prediction')}: denoiser.options.prediction = {prediction!r}: "
+                f"the ddpm objective's choice; objective {cfg.objective.name!r} sets what the network predicts"
+            )
+    return problems
+
+
+def _check_time(cfg: RunConfig, source: _Source) -> list[str]:
+    """An objective with continuous noise levels needs a denoiser that takes a float t."""
+    from ddpmkit.registry import discovery as plugins
+
+    objective = plugins.load(cfg.objective._component)
+    denoiser = plugins.load(cfg.denoiser._component)
+    if getattr(objective, "continuous_time", False) and not getattr(denoiser, "continuous_time", False):
+        return [
+            f"{source.where('objective.name')}: objective {cfg.objective.name!r} calls the network at continuous "
+            f"times, and denoiser {cfg.denoiser._component.label} declares no continuous_time (plugin API 4); choose "
+            'one that does, such as unet, or objective.name = "ddpm"'
+        ]
+    return []
+
+
 def _validate_components(cfg: RunConfig, source: _Source) -> None:
-    problems: list[str] = []
+    problems: list[str] = _objective_problems(cfg, source)
     for kind in KINDS:
         section: ComponentSection = getattr(cfg, kind)
         checked = _check_component(kind, section.name, section.options, source, problems)
@@ -832,6 +897,8 @@ def _validate_components(cfg: RunConfig, source: _Source) -> None:
                 model.model_validate({**section.options, **cfg.guidance.denoiser_options})
             except ValidationError as exc:
                 problems.extend(_messages(exc, model, ("guidance", "denoiser_options"), source))
+    if not problems:
+        problems = _check_time(cfg, source)
     if problems:
         raise ConfigError("\n".join(problems))
 

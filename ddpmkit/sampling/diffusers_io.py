@@ -62,6 +62,27 @@ def scheduler_for(loaded: Any) -> tuple[Any, str, str | None]:
     import diffusers
 
     cfg, schedule = loaded.config, loaded.components.schedule
+    objective = cfg.component("objective").qualified
+    if objective == "ddpmkit:flow":
+        # Euler steps evenly spaced in t from 1 down to 1/L, the network told t L: the flow objective's own levels
+        return (
+            diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=loaded.components.objective.num_levels),
+            "DDPMPipeline",
+            "a flow run: the pipeline drives diffusers' FlowMatchEulerDiscreteScheduler (Euler steps in t); ddpmkit's "
+            'ddim with spacing = "linspace" takes the same steps, and draws the same images, when the steps less one '
+            "divide the objective's num_levels less one",
+        )
+    if not cfg.uses_schedule:
+        raise ConfigError(
+            f"objective {cfg.objective.name}: no diffusers scheduler samples it as ddpmkit does"
+            + (
+                " (EDMEulerScheduler tells the network c_noise = ln(sigma) / 4, where ddpmkit's edm tells it ln sigma "
+                "mapped onto [0, L - 1], so an exported pipeline would call the network at the wrong times)"
+                if objective == "ddpmkit:edm"
+                else ""
+            )
+            + "; sample it with ddpmkit (load_run)"
+        )
     common = dict(
         num_train_timesteps=schedule.num_timesteps,
         trained_betas=schedule.betas.double().cpu().tolist(),
@@ -104,6 +125,7 @@ def export_diffusers(
     from safetensors import SafetensorError
 
     require("diffusers", "ddpmkit export --format diffusers")
+    scheduler_for(loaded)  # a run no diffusers scheduler samples is refused before anything is written
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"{out}: exists and is not an empty folder; export into a new folder")
@@ -194,7 +216,11 @@ def model_card(loaded: Any, *, pipeline: str | None, license: str, note: str | N
         f"- data: `{cfg.data.dataset}` ({c} channel{'s' if c > 1 else ''}, {h}x{w})"
         + (f", {len(loaded.classes)} classes: {', '.join(loaded.classes)}" if loaded.classes else ""),
         *([f"- data fingerprint (sha256 of the images): `{fingerprint}`"] if fingerprint else []),
-        f"- schedule: `{cfg.schedule.name}` {json.dumps(cfg.schedule.options)}",
+        (
+            f"- schedule: `{cfg.schedule.name}` {json.dumps(cfg.schedule.options)}"
+            if cfg.uses_schedule
+            else f"- objective: `{cfg.objective.name}` {json.dumps(cfg.objective.options)}"
+        ),
         f"- denoiser: `{cfg.denoiser.name}`, {denoiser.num_parameters():,} parameters",
         f"- {loaded.step:,} optimizer steps of batch {cfg.train.batch_size}, Adam at lr {cfg.train.lr:g}, "
         f"EMA decay {cfg.train.ema_decay:g}; the weights here are the {'EMA' if loaded.weights == 'ema' else 'raw'} "

@@ -71,8 +71,8 @@ def check_sampler(sampler: Sampler, name: str, resample: int = 1) -> None:
         )
     if resample > 1 and "resample" not in inspect.signature(sampler.sample).parameters:
         raise ConfigError(
-            f"sampler {name} does not take RePaint's resampling (resample, jump_length); use ddpm or "
-            "ddim for --resample above 1"
+            f"sampler {name} does not take RePaint's resampling (resample, jump_length); for --resample above 1 "
+            "use a sampler that does: ddpm, ddim, or any built on ReverseStepSampler"
         )
 
 

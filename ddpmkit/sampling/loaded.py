@@ -204,6 +204,7 @@ class LoadedRun:
                 built.denoiser,
                 construct(comp, cfg.component_options("sampler")),
                 {**built.refs, "sampler": comp},
+                built.objective,
             )
         return SamplingPlan(cfg, built.sampler, built, built.timesteps(), num)
 
@@ -349,14 +350,16 @@ class LoadedRun:
         return to_pil(u8) if output == "pil" else u8
 
     def _network(self, plan: SamplingPlan) -> Denoiser:
-        """The main network, or (autoguidance) the main network guided by the run's guide."""
+        """The main network, or (autoguidance) the main network guided by the run's guide, as samplers call them
+        (through the run's objective)."""
+        network = self.components.network
         if not plan.guided or plan.config.guidance_method != "autoguidance":
-            return self.denoiser
+            return network()
         if self._guide is None:  # loaded once, for every weight
             self._guide = _load_guide(self.run_dir, plan.config.guidance.weight, self.weights, self.device)
         return GuidedDenoiser(
-            self.denoiser,
-            self._guide,
+            network(),
+            network(self._guide),
             plan.config.guidance.weight,
             plan.components.schedule,
             plan.config.guidance.interval,

@@ -20,11 +20,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from timm.utils import ModelEmaV3
 
-from ddpmkit.diffusion import NULL_CLASS, Cond, draw_training_batch_noise, training_loss
+from ddpmkit.diffusion import NULL_CLASS, Cond
 from ddpmkit.errors import DdpmkitError, HookFailed, TrainingDiverged
-from ddpmkit.interfaces import Denoiser, NoiseSchedule
+from ddpmkit.interfaces import Denoiser, NoiseSchedule, Objective
 from ddpmkit.registry.blame import blame
 from ddpmkit.run.checkpoint import TRACKED_FILE, Checkpoint, save_checkpoint, save_snapshot
+from ddpmkit.run.components import build_objective
 from ddpmkit.run.config import RunConfig
 from ddpmkit.run.data import Dataset, to_model_scale
 from ddpmkit.runtime.distributed import World, check_batch
@@ -198,6 +199,18 @@ class _Throughput:
         return step - self.first_step == WARMUP_STEPS + MEASURE_AFTER_STEPS
 
 
+def training_loss(
+    objective: Objective,
+    model: torch.nn.Module,
+    x0: torch.Tensor,
+    t: torch.Tensor,
+    noise: torch.Tensor,
+    cond: Cond | None = None,
+) -> torch.Tensor:
+    """One batch's loss under the run's objective (a named step: tests wrap it to inject failures)."""
+    return objective.training_loss(model, x0, t, noise, cond)
+
+
 @dataclass
 class _Update:
     """What one optimizer step did: the loss (the mean over ranks), whether it was skipped as non-finite."""
@@ -225,6 +238,7 @@ class _Trainer:
         set_matmul_precision(device, self.modes)
         self.model = model.to(device, memory_format=memory_format(self.modes.channels_last))
         self.schedule = schedule.to(device)
+        self.objective = build_objective(cfg, self.schedule, model.prediction)
         self.optimizer = make_optimizer(model.parameters(), self.tc.lr, self.modes)
         self.scaler = grad_scaler(device, self.modes)
         self.ema = ModelEmaV3(model, decay=self.tc.ema_decay, use_warmup=self.tc.ema_warmup)
@@ -270,7 +284,7 @@ class _Trainer:
         global RNG seeded for this step's dropout."""
         seed, step = self.cfg.run.seed, self.step
         g = torch.Generator(self.device).manual_seed(derive_seed(seed, "noise", step))
-        t, noise = draw_training_batch_noise(batch, shape, self.schedule.num_timesteps, g)
+        t, noise = self.objective.draw_training(batch, shape, g)
         torch.manual_seed(derive_seed(seed, f"dropout:{self.world.rank}" if self.world.enabled else "dropout", step))
         return t[mine], noise[mine]
 
@@ -298,16 +312,7 @@ class _Trainer:
         if self.graphs:
             torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are no longer read
         with guard, autocast(self.device, self.modes.precision):
-            loss = training_loss(
-                self.forward,
-                self.schedule,
-                x0,
-                t,
-                noise,
-                weighting=tc.loss_weighting,
-                gamma=tc.min_snr_gamma,
-                cond=cond,
-            )
+            loss = training_loss(self.objective, self.forward, x0, t, noise, cond)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)

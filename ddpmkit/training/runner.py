@@ -538,7 +538,13 @@ class RunJob:
         built = prepared.built
         trained = LoadedRun(
             cfg,
-            Components(built.schedule, result.ema_model if sc.use_ema else result.model, built.sampler, built.refs),
+            Components(
+                built.schedule,
+                result.ema_model if sc.use_ema else result.model,
+                built.sampler,
+                built.refs,
+                built.objective,
+            ),
             run_dir=run_dir,
             step=result.step,
             weights=weights,
