@@ -86,4 +86,8 @@ def train_end(run: Any, step: int, interrupted: bool, options: Any) -> None:
 def evaluated(run: Any, result: dict[str, Any], options: Any) -> None:
     """``ddpmkit eval RUN`` scored samples of the trained run (``run.start_step`` is the step of its weights);
     ``result`` is what eval prints with --json and keeps in ``RUN/eval.json``: ``samples`` and ``floor`` hold
-    fid, kid, precision, recall, confident_share, ... (added in ddpmkit 0.7; older ddpmkit never calls it)."""
+    fid, kid, precision, recall, confident_share, ... (added in ddpmkit 0.7; older ddpmkit never calls it). For a
+    class-conditional run it also holds ``conditional``: ``class_accuracy``, ``classes_drawn``, ``mean_class_fid``,
+    ``mean_class_floor_fid`` (None where too few samples of a class were drawn) and ``per_class``, one dict per
+    class drawn with ``class``, ``num``, ``accuracy`` and, for classes of at least 10 samples, ``fid`` and
+    ``floor_fid``. An unconditional run's result has no ``conditional`` key."""

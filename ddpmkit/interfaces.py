@@ -418,6 +418,13 @@ class Objective(abc.ABC):
         """Per-image weight of the squared error against :meth:`target`; 1 by default."""
         return torch.ones(tau.shape, dtype=torch.float32, device=tau.device)
 
+    def couple(self, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """The noise each image of a training batch is paired with (default: as drawn, independently). An
+        objective may pair them, e.g. minibatch optimal-transport flow matching (Tong et al. 2024) reorders the
+        batch's noise to the nearest images; it must return ``noise`` reordered or transformed to the same shape,
+        deterministically (resumed runs repeat it). Under torchrun it sees this process's slice of the batch."""
+        return noise
+
     # --- what follows from it ----------------------------------------------------------------------------------
 
     def corrupt(self, x0: torch.Tensor, eps: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:

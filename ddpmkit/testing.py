@@ -1145,7 +1145,8 @@ METRIC_KEYS: dict[str, type] = {
 
 
 class EventPluginChecks(Checks):
-    """An event plugin driven through a pretend run: its options, then each hook it implements."""
+    """An event plugin driven through a real tiny class-conditional run: its options, then each hook it implements,
+    then ``evaluated`` with eval's own results (unconditional and conditional)."""
 
     kind = "event plugin"
     BUILD = "loads"
@@ -1153,21 +1154,76 @@ class EventPluginChecks(Checks):
         ("options validate", "options validate"),
         *((hook, hook) for hook in ("train_start", "step_end", "checkpoint_written", "samples_written", "train_end")),
         ("evaluated", "evaluated"),
+        ("evaluated (class-conditional)", "evaluated (class-conditional)"),
         ("files it wrote", "files it wrote"),
     )
+
+
+#: The tiny class-conditional run an event plugin is driven through (a few seconds on a CPU).
+PROBE_RUN: dict[str, Any] = {
+    "run": {"name": "probe", "device": "cpu", "seed": 0},
+    "data": {"dataset": "synthetic", "num_samples": 8, "image_size": 8},
+    "schedule": {"name": "linear", "options": {"num_timesteps": 20, "beta_start": 1e-3, "beta_end": 0.2}},
+    "denoiser": {
+        "name": "unet",
+        "options": {
+            "channels": [8, 16, 32, 32],
+            "attentions": [False, False, False, False],
+            "upscales": [False, False, True, True],
+            "num_groups": 4,
+            "num_heads": 2,
+        },
+    },
+    "sampler": {"name": "ddim", "options": {"steps": 4}},
+    "conditioning": {"kind": "class"},
+    "train": {
+        "batch_size": 4,
+        "lr": 1e-3,
+        "precision": "fp32",
+        "channels_last": False,
+        "compile": False,
+        "keep_checkpoints": 1,
+    },
+    "sample": {"num_images": 4, "batch_size": 4, "trajectory_images": 0},
+}
+
+
+def _evaluated_results(classes: list[str]) -> list[dict[str, Any]]:
+    """What ``ddpmkit eval`` hands the ``evaluated`` hook, in its own layout: an unconditional run's, then a
+    class-conditional run's (with its ``conditional`` section, documented in :mod:`ddpmkit.hookspecs`)."""
+    plain = {
+        "num_samples": 40,
+        "num_reference": 40,
+        "samples": {"fid": 12.5, "kid": 0.01, "precision": 0.5, "recall": 0.5, "confident_share": 0.9},
+        "floor": {"fid": 2.5, "kid": 0.001, "precision": 0.7, "recall": 0.7, "confident_share": 0.95},
+    }
+    per_class = [
+        {"class": k, "num": 10, "accuracy": 0.9, "fid": 20.0 + k, "floor_fid": 5.0} for k in range(len(classes))
+    ]
+    conditional = {
+        "class_accuracy": 0.9,
+        "classes_drawn": len(classes),
+        "mean_class_fid": sum(r["fid"] for r in per_class) / len(per_class),
+        "mean_class_floor_fid": 5.0,
+        "per_class": per_class,
+    }
+    return [plain, {**plain, "conditional": conditional}]
 
 
 def check_event_plugin(
     name: str, options: dict[str, Any] | None = None, *, steps: int = 3, only: Collection[str] | None = None
 ) -> list[CheckResult]:
-    """Drive the event plugin ``name`` through a short pretend run in a scratch folder (its hooks only): its
-    options validate; train_start, ``steps`` step_end calls with the documented metric keys,
-    checkpoint_written, samples_written, train_end and evaluated each run without an exception."""
+    """Drive the event plugin ``name`` through a real tiny class-conditional run in a scratch folder: its options
+    validate; its hooks run without an exception while the run trains ``steps`` steps, writes a real checkpoint
+    (``checkpoint_written``'s path loads with ``load_run``) and real samples; then ``evaluated`` is called with
+    results in eval's own layout, an unconditional one and a conditional one. A hook that raises does not stop the
+    probe: each is reported on its own line."""
     import tempfile
 
     from ddpmkit.registry import discovery
     from ddpmkit.run.config import config_from_dict
     from ddpmkit.run.events import RunInfo
+    from ddpmkit.training.runner import RunReport, run_config
 
     c = EventPluginChecks(name)
     chosen = {check for check, _ in c.select(only)}
@@ -1196,8 +1252,9 @@ def check_event_plugin(
     plugin = found["plugin"]
     with tempfile.TemporaryDirectory(prefix="ddpmkit-check-") as scratch:
         data = {
-            "run": {"dir": scratch, "name": "probe", "device": "cpu"},
-            "data": {"dataset": "synthetic", "num_samples": 8, "image_size": 8},
+            **PROBE_RUN,
+            "run": {**PROBE_RUN["run"], "dir": scratch},
+            "train": {**PROBE_RUN["train"], "max_steps": steps, "checkpoint_every": steps},
             "plugins": {plugin.name: dict(options or {})},
         }
         built: dict[str, Any] = {}
@@ -1210,58 +1267,63 @@ def check_event_plugin(
         if "cfg" not in built:
             return c.results
         cfg = built["cfg"]
+        calls: list[tuple[str, dict[str, Any], BaseException | None]] = []
+        originals = {}
+
+        def recorder(impl: Any, hook: str) -> Callable[..., Any]:
+            function = impl.function
+
+            def recorded(*args: Any) -> None:
+                given = dict(zip(impl.argnames, args))
+                try:
+                    function(*args)
+                except Exception as exc:  # recorded, and the probe run goes on
+                    calls.append((hook, given, exc))
+                    return
+                calls.append((hook, given, None))
+
+            return recorded
+
+        for hook, impls in found["impls"].items():
+            for impl in impls:
+                originals[id(impl)] = (impl, impl.function)
+                impl.function = recorder(impl, hook)
+        try:
+            code = run_config(cfg, report=RunReport(), fresh=True)
+            assert code == 0, f"the probe run ended with exit code {code}"
+        finally:
+            for impl, function in originals.values():
+                impl.function = function
         run_dir = cfg.run_dir
-        run_dir.mkdir(parents=True, exist_ok=True)
-        info = RunInfo(run_dir, cfg, "cpu", 0, steps)
-        args = {"run": info, "options": cfg.plugin_options(plugin)}
-        now = time.time()
-        calls = [("train_start", {})]
-        calls += [
-            (
-                "step_end",
-                {
-                    "step": k,
-                    "metrics": {
-                        "step": k,
-                        "epoch": 0,
-                        "loss": 1.0 / k,
-                        "lr": 1e-3,
-                        "images_per_s": 100.0,
-                        "time": now + k,
-                        "elapsed_s": 0.1 * k,
-                    },
-                },
-            )
-            for k in range(1, steps + 1)
-        ]
-        calls += [
-            ("checkpoint_written", {"step": steps, "path": run_dir / "checkpoints" / f"step-{steps:08d}"}),
-            ("samples_written", {"paths": []}),
-            ("train_end", {"step": steps, "interrupted": False}),
-            (
-                "evaluated",
-                {
-                    "result": {
-                        "num_samples": 10,
-                        "samples": {"fid": 12.5, "precision": 0.5, "recall": 0.5},
-                        "floor": {"fid": 2.5, "precision": 0.7, "recall": 0.7},
-                    }
-                },
-            ),
-        ]
-        for hook, kwargs in calls:
-            for impl in found["impls"].get(hook, []):
+        for hook, given, error in calls:
+            if hook not in chosen:
+                continue
+            label = hook if hook != "step_end" else f"step_end (step {given.get('step', '?')})"
 
-                def call(impl=impl, hook=hook, kwargs=kwargs) -> str:
-                    impl.function(*[{**args, **kwargs}[a] for a in impl.argnames])
-                    return ""
+            def outcome(error=error) -> str:
+                if error is not None:
+                    raise error
+                return ""
 
-                label = hook if hook != "step_end" else f"step_end (step {kwargs['step']})"
-                if hook in chosen:
+            c.attempt(label, outcome)
+        if "evaluated" in found["impls"]:
+            from ddpmkit.run.data import dataset_classes
+
+            classes = dataset_classes(cfg.data)
+            info = RunInfo(run_dir, cfg, "cpu", steps, steps)
+            for label, result in zip(("evaluated", "evaluated (class-conditional)"), _evaluated_results(classes)):
+                for impl in found["impls"]["evaluated"] if label in chosen else []:
+                    args = {"run": info, "options": cfg.plugin_options(plugin), "result": result}
+
+                    def call(impl=impl, args=args) -> str:
+                        impl.function(*[args[a] for a in impl.argnames])
+                        return ""
+
                     c.attempt(label, call)
         written = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file())
         if "files it wrote" in chosen:
-            c.attempt("files it wrote", lambda: ", ".join(written) or "none")
+            shown = [f for f in written if not f.startswith("checkpoints")]  # the run's own checkpoints aside
+            c.attempt("files it wrote", lambda: "in the probe run's folder: " + ", ".join(shown))
     return c.results
 
 
@@ -1281,8 +1343,17 @@ KITS: dict[str, type[Checks]] = {
 }
 
 
+#: Other names of the event-plugin kind that check_component and assert_conforms take.
+EVENT_KINDS = ("event plugin", "event", "events")
+
+
 def check_component(kind: str, name: str, options: dict[str, Any] | None = None, **kwargs: Any) -> list[CheckResult]:
-    """Run the conformance checks of ``kind`` on the installed component ``name`` (``only=[...]``: some of them)."""
+    """Run the conformance checks of ``kind`` on the installed component ``name`` (``only=[...]``: some of them);
+    ``kind`` is one of ``CHECKS`` or ``"event plugin"`` (also ``"event"``, ``"events"``)."""
+    if kind in EVENT_KINDS:
+        return check_event_plugin(name, options, **kwargs)
+    if kind not in CHECKS:
+        raise ValueError(f"kind {kind!r}: the kit checks {', '.join((*CHECKS, 'event plugin'))}")
     return CHECKS[kind](name, options, **kwargs)
 
 
@@ -1298,11 +1369,11 @@ def assert_conforms(
 ) -> None:
     """For a plugin's own tests: AssertionError listing every failed check of component ``name`` with ``options``.
 
-    ``image_shape`` (denoisers) and ``num_timesteps`` (denoisers and samplers) set what the checks build
-    for; ``only`` runs some checks alone (by name, e.g. ``only=["seeds reproduce"]``); every other keyword is an
-    option of the component.
+    ``kind`` is a component kind or ``"event plugin"``; ``image_shape`` (denoisers) and ``num_timesteps``
+    (denoisers and samplers) set what the checks build for; ``only`` runs some checks alone (by name, e.g.
+    ``only=["seeds reproduce"]``); every other keyword is an option of the component.
     """
-    extra: dict[str, Any] = {"device": device, "only": only}
+    extra: dict[str, Any] = {"only": only} if kind in EVENT_KINDS else {"device": device, "only": only}
     if image_shape is not None:
         if kind != "denoiser":
             raise TypeError("image_shape applies to denoisers only")

@@ -122,6 +122,36 @@ def step_end(step, metrics):
     assert [row["check"] for row in failed] == ["step_end (step 2)"] and "loss_ema" in failed[0]["detail"]
 
 
+def test_event_plugins_are_driven_through_a_real_conditional_run(plugin_module):
+    """A hook that loads the checkpoint it is told of, or reads the conditional section of an eval, meets the real
+    thing in the kit (it used to get a path that did not exist, and only an unconditional result)."""
+    plugin_module(
+        """
+from ddpmkit import hookimpl, load_run
+
+SEEN = []
+
+@hookimpl
+def checkpoint_written(path):
+    SEEN.append(load_run(path).classes)
+
+@hookimpl
+def evaluated(result):
+    SEEN.append(result["conditional"]["per_class"][0]["accuracy"])  # unguarded: an unconditional eval has none
+""",
+        name="loader",
+        distribution="ddpmkit-loader",
+    )
+    results = {r.check: r for r in check_event_plugin("loader")}
+    assert results["checkpoint_written"].passed, results["checkpoint_written"].detail
+    assert results["evaluated (class-conditional)"].passed
+    assert not results["evaluated"].passed and "conditional" in results["evaluated"].detail
+    with pytest.raises(AssertionError, match="evaluated: KeyError"):
+        assert_conforms("event", "loader")
+    with pytest.raises(ValueError, match="the kit checks schedule, denoiser, sampler, objective, event plugin"):
+        assert_conforms("logger", "loader")
+
+
 def test_an_error_a_set_caused_points_at_the_set(tmp_path, plugin_module):
     plugin_module("""
 import torch

@@ -32,9 +32,14 @@ LEVELS: list[dict[str, tuple[str, ...]]] = [
     {"runtime": ("runtime",)},
     {"registry": ("registry",)},
     {"run": ("run",)},
-    {"sampling": ("sampling",), "conformance kit": ("testing",)},
+    {"sampling": ("sampling",)},
     {"training": ("training",)},
-    {"evaluation": ("evaluation",), "benchmark": ("benchmark",), "serving": ("serving",)},
+    {
+        "evaluation": ("evaluation",),
+        "benchmark": ("benchmark",),
+        "serving": ("serving",),
+        "conformance kit": ("testing",),
+    },
     {"commands": ("commands",)},
     {"front door": ("__init__", "__main__")},
 ]

@@ -261,3 +261,35 @@ def test_a_ddpm_run_keeps_its_identity_so_older_checkpoints_resume():
     assert not any(k.startswith("objective") for k in cfg.identity())
     flow = config_from_dict({"objective": {"name": "flow"}})
     assert flow.identity()["objective.name"] == "ddpmkit:flow" and flow.num_timesteps == 1000
+
+
+COUPLED = """
+import torch
+from ddpmkit import hookimpl
+from ddpmkit_plugins.objectives import FlowObjective
+
+SEEN = []
+
+
+class SortedFlow(FlowObjective):
+    \"\"\"Rectified flow whose noise is paired with the images by rank of their means (a toy coupling).\"\"\"
+
+    def couple(self, x0, noise):
+        by_image = x0.flatten(1).mean(1).argsort().argsort()
+        paired = noise[noise.flatten(1).mean(1).argsort()][by_image]
+        SEEN.append((x0.flatten(1).mean(1).argsort() == paired.flatten(1).mean(1).argsort()).all().item())
+        return paired
+
+
+@hookimpl
+def register_objectives(register):
+    register("sorted-flow", SortedFlow)
+"""
+
+
+def test_an_objective_may_pair_the_noise_with_the_images(tmp_path, plugin_module):
+    module = plugin_module(COUPLED, name="coupled")
+    cfg = objective_config(tmp_path, "p", "sorted-flow", epochs=1, num_images=0, trajectory_images=0)
+    r = invoke("run", str(cfg))
+    assert r.exit_code == 0, r.output
+    assert module.SEEN and all(module.SEEN)  # every batch trained on the pairing the objective chose

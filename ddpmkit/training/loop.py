@@ -453,6 +453,7 @@ def train(
             if cfg.data.hflip:
                 x0 = trainer.batch_flips(x0, len(picked), mine)
             t, noise = trainer.batch_noise(batch, tuple(x0.shape[1:]), mine)
+            noise = trainer.objective.couple(x0, noise)  # the objective may pair noise with images (OT flow matching)
             cond = {"class": trainer.batch_labels(labels[picked], mine)} if labels is not None else None
             lr = learning_rate(cfg, trainer.step, decay_end)
             done = trainer.update(x0, t, noise, lr, cond)
