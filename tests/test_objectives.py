@@ -200,9 +200,15 @@ def test_flow_and_edm_runs_train_resume_exactly_and_sample_with_every_sampler(tm
 
     run = load_run(run_a)
     assert run.components.objective is not None and run.config.objective.name.endswith(name)
-    for sampler, steps in (("ddpm", None), ("ddim", 5)):
+    import importlib.util
+
+    samplers = [("ddpm", None), ("ddim", 5), ("heun", 3), ("dpmpp-2m", 5)]
+    if importlib.util.find_spec("diffusers"):  # the bridge: any diffusers scheduler on the objective's levels
+        samplers.append(("diffusers", 5))
+    for sampler, steps in samplers:
         images = run.sample(3, sampler=sampler, steps=steps, output="float")
-        assert images.shape == (3, 1, 8, 8) and torch.isfinite(images).all()
+        assert images.shape == (3, 1, 8, 8) and torch.isfinite(images).all(), sampler
+    images = run.sample(3, sampler="ddim", steps=5, output="float")
     edited = run.edit(images, strength=0.5)
     assert edited.shape == images.shape and torch.isfinite(edited).all()
     other = whole.with_name("other.toml")
