@@ -32,6 +32,7 @@ __all__ = [
     "Checks",
     "DenoiserChecks",
     "EventPluginChecks",
+    "GaussianDataChecks",
     "GaussianOracle",
     "ObjectiveChecks",
     "ObjectiveOracle",
@@ -516,7 +517,29 @@ class GaussianOracle(Denoiser):
         return out.to(x_t.dtype)
 
 
-class SamplerChecks(Checks):
+class GaussianDataChecks(Checks):
+    """Checks against the closed form for Gaussian data N(mu, s^2) per pixel, on a schedule named ``schedule`` at
+    ``num_timesteps`` (the samplers' and the objectives' kits)."""
+
+    def __init__(
+        self,
+        name: str,
+        options: dict[str, Any] | None = None,
+        *,
+        device: str = "cpu",
+        num_pixels: int = 16384,
+        mu: float = 0.3,
+        s: float = 0.2,
+        num_timesteps: int = 1000,
+        schedule: str = "linear",
+    ) -> None:
+        super().__init__(name)
+        self.options, self.device = dict(options or {}), device
+        self.num_pixels, self.mu, self.s = num_pixels, mu, s
+        self.num_timesteps, self.schedule_name = num_timesteps, schedule
+
+
+class SamplerChecks(GaussianDataChecks):
     """With the exact predictor of N(mu, s^2) data under ``schedule`` (an installed schedule's name, at
     ``num_timesteps``), samples match the exact answer for the sampler's own steps (or N(mu, s^2) within its
     declared tolerance); x0- and v-predicting denoisers give the same images; seeds reproduce; output in
@@ -547,22 +570,8 @@ class SamplerChecks(Checks):
     #: [-1, 1] (the samplers clip their output)
     MU_CLASS, S_CLASS = 0.0, 0.15
 
-    def __init__(
-        self,
-        name: str,
-        options: dict[str, Any] | None = None,
-        *,
-        device: str = "cpu",
-        num_pixels: int = 16384,
-        mu: float = 0.3,
-        s: float = 0.2,
-        num_timesteps: int = 1000,
-        schedule: str = "linear",
-    ) -> None:
-        super().__init__(name)
-        self.options, self.device = dict(options or {}), device
-        self.num_pixels, self.mu, self.s = num_pixels, mu, s
-        self.num_timesteps, self.schedule_name = num_timesteps, schedule
+    def __init__(self, name: str, options: dict[str, Any] | None = None, **settings: Any) -> None:
+        super().__init__(name, options, **settings)
         #: the first sample (seed 0, epsilon oracle), drawn once by the first check that needs it
         self._first: torch.Tensor | None = None
         self._first_failed = False
@@ -919,7 +928,7 @@ class _Fixed(torch.nn.Module):
         return self.output
 
 
-class ObjectiveChecks(Checks):
+class ObjectiveChecks(GaussianDataChecks):
     """An objective's conversions against each other and against the closed form for Gaussian data N(mu, s^2):
     its levels order the noise and its training levels stay among them; network times tell levels apart;
     ``split`` inverts ``target``; the ideal predictor has a lower loss than a perturbed one; through
@@ -937,23 +946,6 @@ class ObjectiveChecks(Checks):
         ("agrees with the Gaussian oracle", "oracle"),
         ("samplers reach the Gaussian answer", "samples"),
     )
-
-    def __init__(
-        self,
-        name: str,
-        options: dict[str, Any] | None = None,
-        *,
-        device: str = "cpu",
-        num_pixels: int = 16384,
-        mu: float = 0.3,
-        s: float = 0.2,
-        num_timesteps: int = 1000,
-        schedule: str = "linear",
-    ) -> None:
-        super().__init__(name)
-        self.options, self.device = dict(options or {}), device
-        self.num_pixels, self.mu, self.s = num_pixels, mu, s
-        self.num_timesteps, self.schedule_name = num_timesteps, schedule
 
     def build(self) -> str:
         from ddpmkit.registry.build import construct, validate_options

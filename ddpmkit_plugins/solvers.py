@@ -4,6 +4,7 @@ given, so they sample every objective (ddpm's schedule, or flow's and EDM's own 
 
 from __future__ import annotations
 
+import abc
 import math
 from typing import ClassVar, Literal
 
@@ -47,6 +48,32 @@ class _ODESolver(Sampler):
     def gaussian_answer(self, schedule: NoiseSchedule, mu: float, s: float) -> tuple[float, float]:
         return gaussian_solver_moments(schedule, self.timesteps(schedule), mu, s, self.solver)
 
+    @torch.no_grad()
+    def sample(
+        self,
+        denoiser: Denoiser,
+        schedule: NoiseSchedule,
+        shape: tuple[int, ...],
+        *,
+        generator: torch.Generator,
+        callback: SamplerCallback | None = None,
+    ) -> torch.Tensor:
+        s = schedule.to(denoiser.device)
+        x = torch.randn(shape, generator=generator, device=generator.device).to(denoiser.device)
+        memory: dict = {}
+        ts = self.timesteps(schedule)
+        for index, (t, t_next) in enumerate(zip(ts, [*ts[1:], -1])):
+            x, x0 = self.step(denoiser, s, x, t, t_next, memory)
+            self._report(callback, index, t, x, x0)
+        return x.clamp(-1.0, 1.0)
+
+    @abc.abstractmethod
+    def step(
+        self, denoiser: Denoiser, schedule: NoiseSchedule, x: torch.Tensor, t: int, t_next: int, memory: dict
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x at level ``t_next`` (-1: the data) from x at level ``t``, and the step's x_0 estimate; ``memory`` is what
+        a multistep method keeps between the steps of one draw."""
+
     def _report(self, callback: SamplerCallback | None, index: int, t: int, x: torch.Tensor, x0: torch.Tensor) -> None:
         if callback is None:
             return
@@ -67,32 +94,18 @@ class HeunSampler(_ODESolver):
     def num_evaluations(self, schedule: NoiseSchedule) -> int:
         return 2 * len(self.timesteps(schedule)) - 1
 
-    @torch.no_grad()
-    def sample(
-        self,
-        denoiser: Denoiser,
-        schedule: NoiseSchedule,
-        shape: tuple[int, ...],
-        *,
-        generator: torch.Generator,
-        callback: SamplerCallback | None = None,
-    ) -> torch.Tensor:
-        device = denoiser.device
-        s = schedule.to(device)
-        ts = self.timesteps(schedule)
-        x = torch.randn(shape, generator=generator, device=generator.device).to(device)
-        for index, (t, t_next) in enumerate(zip(ts, [*ts[1:], -1])):
-            root, root_next = alpha_bar(s, t) ** 0.5, alpha_bar(s, t_next) ** 0.5
-            sig, sig_next = ode_sigma(s, t), ode_sigma(s, t_next)
-            x0, eps = predict_x0_eps(denoiser, s, x, t)
-            y = x / root
-            y_next = y + (sig_next - sig) * eps
-            if t_next >= 0:
-                _, eps_next = predict_x0_eps(denoiser, s, y_next * root_next, t_next)
-                y_next = y + (sig_next - sig) * (eps + eps_next) / 2
-            x = y_next * root_next
-            self._report(callback, index, t, x, x0)
-        return x.clamp(-1.0, 1.0)
+    def step(
+        self, denoiser: Denoiser, schedule: NoiseSchedule, x: torch.Tensor, t: int, t_next: int, memory: dict
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        root, root_next = alpha_bar(schedule, t) ** 0.5, alpha_bar(schedule, t_next) ** 0.5
+        sig, sig_next = ode_sigma(schedule, t), ode_sigma(schedule, t_next)
+        x0, eps = predict_x0_eps(denoiser, schedule, x, t)
+        y = x / root
+        y_next = y + (sig_next - sig) * eps
+        if t_next >= 0:
+            _, eps_next = predict_x0_eps(denoiser, schedule, y_next * root_next, t_next)
+            y_next = y + (sig_next - sig) * (eps + eps_next) / 2
+        return y_next * root_next, x0
 
 
 class DPMSolverPP2M(_ODESolver):
@@ -103,33 +116,18 @@ class DPMSolverPP2M(_ODESolver):
     solver = "dpmpp-2m"
     order = 2
 
-    @torch.no_grad()
-    def sample(
-        self,
-        denoiser: Denoiser,
-        schedule: NoiseSchedule,
-        shape: tuple[int, ...],
-        *,
-        generator: torch.Generator,
-        callback: SamplerCallback | None = None,
-    ) -> torch.Tensor:
-        device = denoiser.device
-        s = schedule.to(device)
-        ts = self.timesteps(schedule)
-        x = torch.randn(shape, generator=generator, device=generator.device).to(device)
-        previous: tuple[torch.Tensor, float] | None = None
-        for index, (t, t_next) in enumerate(zip(ts, [*ts[1:], -1])):
-            x0, _ = predict_x0_eps(denoiser, s, x, t)
-            if t_next < 0:
-                x = x0
-            else:
-                ab, ab_next = alpha_bar(s, t), alpha_bar(s, t_next)
-                h = 0.5 * (math.log(ab_next / (1 - ab_next)) - math.log(ab / (1 - ab)))
-                estimate = x0
-                if previous is not None:
-                    r = previous[1] / h
-                    estimate = (1 + 1 / (2 * r)) * x0 - previous[0] / (2 * r)
-                x = ((1 - ab_next) / (1 - ab)) ** 0.5 * x - ab_next**0.5 * math.expm1(-h) * estimate
-                previous = (x0, h)
-            self._report(callback, index, t, x, x0)
-        return x.clamp(-1.0, 1.0)
+    def step(
+        self, denoiser: Denoiser, schedule: NoiseSchedule, x: torch.Tensor, t: int, t_next: int, memory: dict
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        x0, _ = predict_x0_eps(denoiser, schedule, x, t)
+        if t_next < 0:
+            return x0, x0
+        ab, ab_next = alpha_bar(schedule, t), alpha_bar(schedule, t_next)
+        h = 0.5 * (math.log(ab_next / (1 - ab_next)) - math.log(ab / (1 - ab)))
+        estimate = x0
+        previous = memory.get("previous")
+        if previous is not None:
+            r = previous[1] / h
+            estimate = (1 + 1 / (2 * r)) * x0 - previous[0] / (2 * r)
+        memory["previous"] = (x0, h)
+        return ((1 - ab_next) / (1 - ab)) ** 0.5 * x - ab_next**0.5 * math.expm1(-h) * estimate, x0
