@@ -59,6 +59,7 @@ __all__ = [
     "gaussian_reverse_moments",
     "gaussian_solver_moments",
     "ode_sigma",
+    "per_image",
     "predict_x0_eps",
     "q_posterior_mean_variance",
     "q_sample",
@@ -132,6 +133,11 @@ def _at(values: torch.Tensor, t: Step, like: torch.Tensor) -> torch.Tensor:
     if isinstance(t, int):
         return values[t]
     return values[t].view(-1, *([1] * (like.ndim - 1)))
+
+
+def per_image(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """One value per image ([B]) as float32 on ``like``'s device, shaped to broadcast against ``like`` ([B, ...])."""
+    return values.to(device=like.device, dtype=torch.float32).view(-1, *([1] * (like.ndim - 1)))
 
 
 def alpha_bar(schedule: ScheduleTables, t: int) -> float:

@@ -21,6 +21,7 @@ from ddpmkit.diffusion import (
     Start,
     StepHook,
     denoise,
+    per_image,
     run_reverse_steps,
     vp_coefficients,
 )
@@ -332,11 +333,6 @@ class LevelsSchedule(NoiseSchedule):
         return 1.0 - self._abar / previous
 
 
-def _per_image(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """[B] values as float32 shaped to broadcast against ``like`` ([B, ...])."""
-    return values.to(device=like.device, dtype=torch.float32).view(-1, *([1] * (like.ndim - 1)))
-
-
 class Objective(abc.ABC):
     """How a denoiser is trained and what its output means (plugin API 4): DDPM, flow matching, EDM, or a third
     party's.
@@ -430,7 +426,7 @@ class Objective(abc.ABC):
     def corrupt(self, x0: torch.Tensor, eps: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
         """x = a(tau) x_0 + b(tau) eps."""
         a, b = self.coefficients(tau)
-        return _per_image(a, x0) * x0 + _per_image(b, x0) * eps
+        return per_image(a, x0) * x0 + per_image(b, x0) * eps
 
     def draw_training(
         self, batch: int, shape: tuple[int, ...], generator: torch.Generator
@@ -444,7 +440,7 @@ class Objective(abc.ABC):
         self, denoiser: nn.Module, x_t: torch.Tensor, tau: torch.Tensor, cond: Cond | None = None
     ) -> torch.Tensor:
         """The network's raw output at (x_t, tau), checked to be shaped like x_t, in float32."""
-        scaled = _per_image(self.input_scale(tau), x_t) * x_t
+        scaled = per_image(self.input_scale(tau), x_t) * x_t
         return denoise(denoiser, scaled, self.network_time(tau), cond).float()  # type: ignore[arg-type]
 
     def training_loss(
@@ -511,6 +507,6 @@ class ObjectiveNetwork(Denoiser):
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond | None = None) -> torch.Tensor:
         t = t.long()
         tau = self.levels[t]
-        x = _per_image(self.scale[t], x_t) * x_t.float()
+        x = per_image(self.scale[t], x_t) * x_t.float()
         x0, eps = self.objective.predict(self.inner, x, tau, cond)
-        return _per_image(self.alpha[t], x_t) * eps - _per_image(self.sigma[t], x_t) * x0
+        return per_image(self.alpha[t], x_t) * eps - per_image(self.sigma[t], x_t) * x0

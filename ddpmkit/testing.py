@@ -36,6 +36,7 @@ __all__ = [
     "GaussianOracle",
     "ObjectiveChecks",
     "ObjectiveOracle",
+    "ideal_output",
     "SamplerChecks",
     "ScheduleChecks",
     "Skip",
@@ -909,12 +910,17 @@ class ObjectiveOracle(Denoiser):
         at = torch.searchsorted(self.times, t.double().cpu()).clamp(1, len(self.times) - 1)
         nearer_low = (t.double().cpu() - self.times[at - 1]).abs() <= (self.times[at] - t.double().cpu()).abs()
         tau = self.levels[torch.where(nearer_low, at - 1, at)].to(x_t.device)
-        column = (-1, *([1] * (x_t.ndim - 1)))
-        x = x_t.double() / o.input_scale(tau).double().view(column)
-        a, b = (c.double().view(column) for c in o.coefficients(tau))
-        x0 = self.mu + a * self.s**2 * (x - a * self.mu) / (a * a * self.s**2 + b * b)
-        eps = (x - a * x0) / b
-        return o.target(x0.float(), eps.float(), tau).to(x_t.dtype)
+        x = x_t.double() / o.input_scale(tau).double().view(-1, *([1] * (x_t.ndim - 1)))
+        return ideal_output(o, x, tau, self.mu, self.s).to(x_t.dtype)
+
+
+def ideal_output(objective: Any, x: torch.Tensor, tau: torch.Tensor, mu: float, s: float, shift: float = 0.0) -> Any:
+    """The objective's :meth:`target` at the posterior means of data N(mu, s^2) given x = a x_0 + b eps:
+    E[x_0 | x] = mu + a s^2 (x - a mu) / (a^2 s^2 + b^2) (moved by ``shift``) and eps = (x - a x_0) / b."""
+    a, b = (torch.as_tensor(c).double().view(-1, *([1] * (x.ndim - 1))) for c in objective.coefficients(tau))
+    x = x.double()
+    x0 = mu + a * s**2 * (x - a * mu) / (a * a * s**2 + b * b) + shift
+    return objective.target(x0.float(), ((x - a * x0) / b).float(), tau)
 
 
 class _Fixed(torch.nn.Module):
@@ -949,12 +955,12 @@ class ObjectiveChecks(GaussianDataChecks):
 
     def build(self) -> str:
         from ddpmkit.registry.build import construct, validate_options
-        from ddpmkit.registry.discovery import find
+        from ddpmkit.registry.discovery import find, load
 
         comp = find("objective", self.full_name)
         options = validate_options(comp, self.options)
         schedule = create_schedule(self.schedule_name, num_timesteps=self.num_timesteps)
-        predictions = PREDICTIONS if getattr(find_class(comp), "uses_schedule", False) else ("epsilon",)
+        predictions = PREDICTIONS if getattr(load(comp), "uses_schedule", False) else ("epsilon",)
         self.objectives = {p: construct(comp, options, schedule=schedule, prediction=p) for p in predictions}
         self.objective = self.objectives[predictions[0]]
         return f"{self.objective.num_levels} levels" + (
@@ -1038,18 +1044,14 @@ class ObjectiveChecks(GaussianDataChecks):
         for p, o in self.objectives.items():
             x0, eps, tau = self._batch(o, seed=1)
             x = o.corrupt(x0, eps, tau)
-            a, b = self.coefficients(o, tau)
-            a, b = a.view(-1, 1, 1, 1), b.view(-1, 1, 1, 1)
-            ideal = self.mu + a * self.s**2 * (x.double() - a * self.mu) / (a * a * self.s**2 + b * b)
 
-            def loss(x0_hat: torch.Tensor, o=o, x=x, a=a, b=b, x0=x0, eps=eps, tau=tau) -> float:
-                eps_hat = (x.double() - a * x0_hat) / b
-                out = o.target(x0_hat.float(), eps_hat.float(), tau)
+            def loss(shift: float, o=o, x=x, x0=x0, eps=eps, tau=tau) -> float:
+                out = ideal_output(o, x, tau, self.mu, self.s, shift)
                 return float(o.training_loss(_Fixed(out, o.prediction), x0, tau, eps))
 
-            best = loss(ideal)
+            best = loss(0.0)
             for shift in (-0.05, 0.05):
-                worse = loss(ideal + shift)
+                worse = loss(shift)
                 assert worse > best, (
                     f"the loss at the ideal predictor ({best:.5g}) is not below the loss with x_0 off by {shift:+g} "
                     f"({worse:.5g})" + (f" (prediction {p})" if len(self.objectives) > 1 else "")
@@ -1098,13 +1100,6 @@ class ObjectiveChecks(GaussianDataChecks):
             assert abs(s_hat - want_s) < tol_std, f"{name}: std {s_hat:.4f}, expected {want_s:.4f} +- {tol_std:.4f}"
             shown.append(f"{name} {len(steps)} steps: mean {m_hat:.4f} ({want_mu:.4f}), std {s_hat:.4f} ({want_s:.4f})")
         return "; ".join(shown)
-
-
-def find_class(component: Any) -> type:
-    """The class a registry entry names (imports it)."""
-    from ddpmkit.registry.discovery import load
-
-    return load(component)
 
 
 def check_objective(

@@ -15,16 +15,13 @@ from ddpmkit.diffusion import (
     flow_split,
     karras_sigmas,
     loss_weight,
+    per_image,
     split_prediction,
     training_loss,
     training_target,
 )
 from ddpmkit.errors import ConfigError
 from ddpmkit.interfaces import ComponentOptions, Denoiser, NoiseSchedule, Objective
-
-
-def _column(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return values.to(device=like.device, dtype=torch.float32).view(-1, *([1] * (like.ndim - 1)))
 
 
 class DDPMObjective(Objective):
@@ -128,7 +125,7 @@ class FlowObjective(Objective):
         return tau.float() * self.num_levels
 
     def split(self, x_t: torch.Tensor, tau: torch.Tensor, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return flow_split(x_t, _column(tau, x_t), output)
+        return flow_split(x_t, per_image(tau, x_t), output)
 
     def target(self, x0: torch.Tensor, eps: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
         return eps - x0
@@ -178,13 +175,13 @@ class EDMObjective(Objective):
         return edm_preconditioning(tau.float(), self.options.sigma_data)[2]
 
     def split(self, x_t: torch.Tensor, tau: torch.Tensor, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        sigma = _column(tau, x_t)
+        sigma = per_image(tau, x_t)
         c_skip, c_out, _ = edm_preconditioning(sigma, self.options.sigma_data)
         x0 = c_skip * x_t + c_out * output
         return x0, (x_t - x0) / sigma
 
     def target(self, x0: torch.Tensor, eps: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
-        sigma = _column(tau, x0)
+        sigma = per_image(tau, x0)
         c_skip, c_out, _ = edm_preconditioning(sigma, self.options.sigma_data)
         return (x0 - c_skip * (x0 + sigma * eps)) / c_out
 

@@ -282,9 +282,12 @@ class SortedFlow(FlowObjective):
 
     def couple(self, x0, noise):
         by_image = x0.flatten(1).mean(1).argsort().argsort()
-        paired = noise[noise.flatten(1).mean(1).argsort()][by_image]
-        SEEN.append((x0.flatten(1).mean(1).argsort() == paired.flatten(1).mean(1).argsort()).all().item())
-        return paired
+        self.paired = noise[noise.flatten(1).mean(1).argsort()][by_image]
+        return self.paired
+
+    def training_loss(self, denoiser, x0, tau, noise, cond=None):
+        SEEN.append(torch.equal(noise, self.paired))  # the loss is taken on the pairing couple() chose
+        return super().training_loss(denoiser, x0, tau, noise, cond)
 
 
 @hookimpl

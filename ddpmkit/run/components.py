@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ddpmkit.errors import ConfigError, PluginCodeError
@@ -31,11 +31,17 @@ class Components:
     sampler: Sampler
     refs: dict[str, Component]
     objective: Objective | None = None
+    _networks: dict[int, Denoiser] = field(default_factory=dict, repr=False)
 
     def network(self, denoiser: Denoiser | None = None) -> Denoiser:
-        """``denoiser`` (default: this run's) as samplers call it on :attr:`schedule` (itself under ddpm)."""
+        """``denoiser`` (default: this run's) as samplers call it on :attr:`schedule` (itself under ddpm); built once
+        per network, so that every draw calls (and a compiled draw compiles) the same module."""
         denoiser = self.denoiser if denoiser is None else denoiser
-        return denoiser if self.objective is None else self.objective.sampling_network(denoiser)
+        if self.objective is None:
+            return denoiser
+        if id(denoiser) not in self._networks:
+            self._networks[id(denoiser)] = self.objective.sampling_network(denoiser)
+        return self._networks[id(denoiser)]
 
     def timesteps(self) -> list[int]:
         """The t the sampler visits under this schedule, checked to lie in [0, T)."""

@@ -232,13 +232,14 @@ class _Trainer:
         world: World,
         resume: Checkpoint | None,
         denoiser_component: Component | None,
+        objective: Objective | None = None,
     ) -> None:
         self.cfg, self.tc, self.world, self.device = cfg, cfg.train, world, device
         self.modes = SpeedModes.for_run(self.tc, device)
         set_matmul_precision(device, self.modes)
         self.model = model.to(device, memory_format=memory_format(self.modes.channels_last))
         self.schedule = schedule.to(device)
-        self.objective = build_objective(cfg, self.schedule, model.prediction)
+        self.objective = objective if objective is not None else build_objective(cfg, self.schedule, model.prediction)
         self.optimizer = make_optimizer(model.parameters(), self.tc.lr, self.modes)
         self.scaler = grad_scaler(device, self.modes)
         self.ema = ModelEmaV3(model, decay=self.tc.ema_decay, use_warmup=self.tc.ema_warmup)
@@ -415,16 +416,18 @@ def train(
     events: TrainEvents | None = None,
     denoiser_component: Component | None = None,
     world: World | None = None,
+    objective: Objective | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``dataset`` as ``cfg.train`` says, checkpointing into ``run_dir``.
 
-    An exception in the forward pass or the loss is reported naming ``denoiser_component``. With a
-    multi-process ``world`` (torchrun) the model trains under DistributedDataParallel and only rank 0
-    writes (see ``ddpmkit.runtime.distributed``).
+    ``objective`` is the run's (:attr:`~ddpmkit.run.components.Components.objective`; built from ``cfg`` for the
+    ``schedule`` when not given). An exception in the forward pass or the loss is reported naming
+    ``denoiser_component``. With a multi-process ``world`` (torchrun) the model trains under
+    DistributedDataParallel and only rank 0 writes (see ``ddpmkit.runtime.distributed``).
     """
     world = world or World()
     events = events or TrainEvents()
-    trainer = _Trainer(cfg, model, schedule, device, world, resume, denoiser_component)
+    trainer = _Trainer(cfg, model, schedule, device, world, resume, denoiser_component, objective)
     images = dataset.images.to(device)
     labels = dataset.labels.to(device) if cfg.conditioning.enabled else None
     n = len(dataset)

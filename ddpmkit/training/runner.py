@@ -434,6 +434,7 @@ class RunJob:
                     resume=resume,
                     denoiser_component=prepared.built.refs["denoiser"],
                     world=world,
+                    objective=prepared.built.objective,
                     events=TrainEvents(
                         on_step=on_step,
                         on_measured=on_measured,
